@@ -1,0 +1,515 @@
+//! The simulated cluster: a whole wisp cluster on one machine, for tests and the demo.
+//!
+//! Every host (servers `srv1..srvM`, workstations `ws1..wsN`) gets its own network namespace
+//! `wisp-<cluster>-<host>`, joined by a veth pair to a bridge that lives in a namespace of its
+//! own (`wisp-<cluster>-br`), so the machine's own network never sees the cluster's addresses
+//! (10.99.0.0/24, private to each cluster's bridge). Each host also gets a mount and uts
+//! namespace, held open by an anchor process (`sleep infinity` under `unshare`); daemons and
+//! commands join all three with `nsenter`. A workstation's `wispd` mounts `/wisp` inside its
+//! host's mount namespace only.
+//!
+//! State (pids, addresses, key) is kept in `/run/wisp/<cluster>/state.json` so that
+//! `wisp cluster exec|status|down` work from any shell. [`down`] leaves nothing behind: it
+//! kills every process in the cluster's namespaces, deletes the namespaces and the state,
+//! and works from the namespace names alone, so it also cleans up after a crashed test.
+//!
+//! Architecture Invariant: the harness only starts the same binaries a real deployment runs,
+//! with the same flags; nothing in wisp knows it runs simulated.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wisp_proto::key::ClusterKey;
+
+/// Port every file server listens on inside its host.
+pub const SERVER_PORT: u16 = 7070;
+/// Where workstations mount the namespace.
+pub const MOUNTPOINT: &str = "/wisp";
+
+/// Errors of the harness; each names the command or host involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}`: {source} (is it installed? the README's test command installs iproute2, util-linux and fuse3)")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("no cluster named {0} is up (see `wisp cluster status`)")]
+    NotUp(String),
+    #[error("cluster {cluster} has no host {host}")]
+    NoHost { cluster: String, host: String },
+    #[error("binary {0} not found: build with `cargo build --release --bins` or set WISP_BIN_DIR")]
+    NoBinary(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("host {host}: {what} did not come up within {secs} s; log: {log}")]
+    Timeout { host: String, what: String, secs: u64, log: String },
+    #[error("bad state file {path}: {msg}")]
+    State { path: PathBuf, msg: String },
+}
+
+type Result<T> = std::result::Result<T, ClusterError>;
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    pub servers: usize,
+    pub workstations: usize,
+    /// Where servers keep their data (default `/var/tmp/wisp/<name>`).
+    pub data_root: Option<PathBuf>,
+    /// Directory holding `wisp-server` and `wispd` (default: see [`bin_dir`]).
+    pub bin_dir: Option<PathBuf>,
+    /// Extra arguments for every wispd.
+    pub wispd_args: Vec<String>,
+    /// Extra arguments for every wisp-server.
+    pub server_args: Vec<String>,
+    /// Log filter for the daemons (RUST_LOG syntax).
+    pub log: String,
+}
+
+impl Spec {
+    pub fn new(name: &str, servers: usize, workstations: usize) -> Self {
+        Spec {
+            name: name.into(),
+            servers,
+            workstations,
+            data_root: None,
+            bin_dir: None,
+            wispd_args: vec![],
+            server_args: vec![],
+            log: "info".into(),
+        }
+    }
+}
+
+/// Role of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Server,
+    Workstation,
+}
+
+/// One simulated host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub role: Role,
+    pub netns: String,
+    pub addr: Ipv4Addr,
+    /// Anchor process holding the host's mount and uts namespaces.
+    pub anchor: u32,
+    /// The host's daemon (wisp-server or wispd), if running.
+    pub daemon: Option<u32>,
+}
+
+/// A running cluster, as recorded in its state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cluster {
+    pub name: String,
+    pub hosts: Vec<Host>,
+    pub key_file: PathBuf,
+    pub data_root: PathBuf,
+    pub bin_dir: PathBuf,
+    pub wispd_args: Vec<String>,
+    pub server_args: Vec<String>,
+    pub log: String,
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    PathBuf::from("/run/wisp").join(name)
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let desc = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|source| ClusterError::Spawn { cmd: desc.clone(), source })?;
+    if !out.status.success() {
+        return Err(ClusterError::Command { cmd: desc, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// Where the wisp binaries are: `$WISP_BIN_DIR`, else next to the running program (or its
+/// parent, for test binaries in `target/*/deps`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("WISP_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn need_bin(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(ClusterError::NoBinary(p.display().to_string()))
+    }
+}
+
+/// Check that this machine can host a simulated cluster; the error says what is missing.
+pub fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ClusterError::Command { cmd: "preflight".into(), stderr: "the simulated cluster needs root (namespaces, FUSE mounts)".into() });
+    }
+    for tool in ["ip", "nsenter", "unshare"] {
+        run(Command::new("sh").args(["-c", &format!("command -v {tool}")])).map_err(|_| ClusterError::Spawn {
+            cmd: tool.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("{tool} not found")),
+        })?;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(ClusterError::Command { cmd: "preflight".into(), stderr: "/dev/fuse is missing: load the fuse module".into() });
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Bring a cluster up: namespaces, network, servers, then workstations with `/wisp`
+    /// mounted. On any failure everything made so far is torn down again.
+    pub fn up(spec: &Spec) -> Result<Cluster> {
+        preflight()?;
+        let bin_dir = match &spec.bin_dir {
+            Some(d) => d.clone(),
+            None => bin_dir()?,
+        };
+        need_bin(&bin_dir, "wisp-server")?;
+        need_bin(&bin_dir, "wispd")?;
+        if spec.name.is_empty() || spec.name.len() > 24 || !spec.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(ClusterError::Command { cmd: "cluster up".into(), stderr: format!("cluster name {:?} must be 1-24 letters, digits or '-'", spec.name) });
+        }
+        down(&spec.name)?; // leftovers of a crashed run with the same name
+        let sd = state_dir(&spec.name);
+        fs::create_dir_all(&sd)?;
+        let key_file = sd.join("cluster.key");
+        ClusterKey::generate().save(&key_file).map_err(|e| ClusterError::Command { cmd: "keygen".into(), stderr: e.to_string() })?;
+        let data_root = spec.data_root.clone().unwrap_or_else(|| PathBuf::from("/var/tmp/wisp").join(&spec.name));
+        let _ = fs::remove_dir_all(&data_root);
+        fs::create_dir_all(&data_root)?;
+        fs::create_dir_all(MOUNTPOINT)?;
+        let mut c = Cluster {
+            name: spec.name.clone(),
+            hosts: vec![],
+            key_file,
+            data_root,
+            bin_dir,
+            wispd_args: spec.wispd_args.clone(),
+            server_args: spec.server_args.clone(),
+            log: spec.log.clone(),
+        };
+        match c.build(spec) {
+            Ok(()) => Ok(c),
+            Err(e) => {
+                let _ = down(&spec.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, spec: &Spec) -> Result<()> {
+        let br = format!("wisp-{}-br", self.name);
+        ip(&["netns", "add", &br])?;
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        ip(&["-n", &br, "link", "set", "lo", "up"])?;
+        let mut names: Vec<(String, Role, u8)> = vec![];
+        for i in 1..=spec.servers {
+            names.push((format!("srv{i}"), Role::Server, 10 + i as u8));
+        }
+        for i in 1..=spec.workstations {
+            names.push((format!("ws{i}"), Role::Workstation, 100 + i as u8));
+        }
+        for (name, role, octet) in names {
+            let ns = format!("wisp-{}-{}", self.name, name);
+            let addr = Ipv4Addr::new(10, 99, 0, octet);
+            ip(&["netns", "add", &ns])?;
+            let peer = format!("v-{name}");
+            ip(&["-n", &br, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &br, "link", "set", &peer, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            let anchor = spawn_anchor(&ns, &name)?;
+            self.hosts.push(Host { name, role, netns: ns, addr, anchor, daemon: None });
+            self.save()?;
+        }
+        for i in 0..self.hosts.len() {
+            if self.hosts[i].role == Role::Server {
+                self.start_daemon(&self.hosts[i].name.clone())?;
+            }
+        }
+        for i in 0..self.hosts.len() {
+            if self.hosts[i].role == Role::Workstation {
+                self.start_daemon(&self.hosts[i].name.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = state_dir(&self.name).join("state.json");
+        let tmp = p.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self).expect("state encodes"))?;
+        fs::rename(tmp, p)?;
+        Ok(())
+    }
+
+    /// Load the state of a cluster that is up.
+    pub fn load(name: &str) -> Result<Cluster> {
+        let p = state_dir(name).join("state.json");
+        let bytes = fs::read(&p).map_err(|_| ClusterError::NotUp(name.into()))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClusterError::State { path: p, msg: e.to_string() })
+    }
+
+    /// Names of the clusters with a state file.
+    pub fn list() -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir("/run/wisp")
+            .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().join("state.json").exists()).filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.hosts.iter().find(|h| h.name == name).ok_or_else(|| ClusterError::NoHost { cluster: self.name.clone(), host: name.into() })
+    }
+
+    pub fn servers(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(|h| h.role == Role::Server)
+    }
+
+    pub fn workstations(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(|h| h.role == Role::Workstation)
+    }
+
+    /// `ADDR:PORT` of the first file server.
+    pub fn server_addr(&self) -> String {
+        let s = self.servers().next().expect("a cluster has a server");
+        format!("{}:{SERVER_PORT}", s.addr)
+    }
+
+    pub fn log_path(&self, host: &str) -> PathBuf {
+        state_dir(&self.name).join(format!("{host}.log"))
+    }
+
+    /// A command that runs `argv` on `host` (in its network, mount and uts namespaces).
+    pub fn command(&self, host: &str, argv: &[&str]) -> Result<Command> {
+        let h = self.host(host)?;
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &h.anchor.to_string(), "-n", "-m", "-u", "--"]);
+        c.args(argv);
+        Ok(c)
+    }
+
+    /// Run a shell command line on `host`; returns its output (stdout, stderr, status).
+    pub fn sh(&self, host: &str, script: &str) -> Result<Output> {
+        let mut c = self.command(host, &["sh", "-c", script])?;
+        c.stdin(Stdio::null());
+        c.output().map_err(|source| ClusterError::Spawn { cmd: format!("sh on {host}"), source })
+    }
+
+    /// Like [`Cluster::sh`] but fails unless the command succeeds; returns stdout.
+    pub fn sh_ok(&self, host: &str, script: &str) -> Result<String> {
+        let out = self.sh(host, script)?;
+        if !out.status.success() {
+            return Err(ClusterError::Command {
+                cmd: format!("on {host}: {script}"),
+                stderr: format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Start the daemon of `host` (wisp-server on servers, wispd on workstations) and wait
+    /// until it serves (a server accepts connections; a workstation has `/wisp` mounted).
+    pub fn start_daemon(&mut self, host: &str) -> Result<u32> {
+        let h = self.host(host)?.clone();
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(host))?;
+        let key = self.key_file.display().to_string();
+        let mut argv: Vec<String> = match h.role {
+            Role::Server => {
+                let data = self.data_root.join(host);
+                let mut v = vec![
+                    self.bin_dir.join("wisp-server").display().to_string(),
+                    "--data".into(),
+                    data.display().to_string(),
+                    "--listen".into(),
+                    format!("{}:{SERVER_PORT}", h.addr),
+                    "--key".into(),
+                    key,
+                ];
+                v.extend(self.server_args.iter().cloned());
+                v
+            }
+            Role::Workstation => {
+                let mut v = vec![
+                    self.bin_dir.join("wispd").display().to_string(),
+                    "--server".into(),
+                    self.server_addr(),
+                    "--mount".into(),
+                    MOUNTPOINT.into(),
+                    "--key".into(),
+                    key,
+                    "--name".into(),
+                    host.into(),
+                ];
+                v.extend(self.wispd_args.iter().cloned());
+                v
+            }
+        };
+        let refs: Vec<&str> = argv.iter_mut().map(|s| s.as_str()).collect();
+        let mut cmd = self.command(host, &refs)?;
+        cmd.env("RUST_LOG", &self.log).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // Own session: a signal to the caller's terminal does not reach the daemons.
+        unsafe_setsid(&mut cmd);
+        let child = cmd.spawn().map_err(|source| ClusterError::Spawn { cmd: refs.join(" "), source })?;
+        let pid = child.id();
+        std::mem::forget(child); // reaped by init when it exits; `down` kills it
+        if let Some(hm) = self.hosts.iter_mut().find(|x| x.name == host) {
+            hm.daemon = Some(pid);
+        }
+        self.save()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = match h.role {
+                // A listening socket on the server port in the host's own /proc/net/tcp.
+                Role::Server => self.sh(host, &format!("grep -q ':{SERVER_PORT:04X} 00000000:0000 0A' /proc/net/tcp")).map(|o| o.status.success()).unwrap_or(false),
+                Role::Workstation => self.sh(host, &format!("grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts")).map(|o| o.status.success()).unwrap_or(false),
+            };
+            if ready {
+                return Ok(pid);
+            }
+            if !pid_alive(pid) || Instant::now() > deadline {
+                let log = fs::read_to_string(self.log_path(host)).unwrap_or_default();
+                let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                return Err(ClusterError::Timeout { host: host.into(), what: "daemon".into(), secs: 30, log: tail });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill a host's daemon with `signal` and wait until it is gone.
+    pub fn kill_daemon(&mut self, host: &str, signal: i32) -> Result<()> {
+        let pid = self.host(host)?.daemon;
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) with a pid we started; a stale pid only yields ESRCH.
+            unsafe { libc::kill(pid as i32, signal) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(hm) = self.hosts.iter_mut().find(|x| x.name == host) {
+            hm.daemon = None;
+        }
+        self.save()
+    }
+
+    /// One line per host: name, role, address, daemon state.
+    pub fn status(&self) -> String {
+        let mut s = format!("cluster {}\n", self.name);
+        for h in &self.hosts {
+            let d = match h.daemon {
+                Some(p) if pid_alive(p) => format!("running (pid {p})"),
+                Some(p) => format!("DEAD (pid {p})"),
+                None => "stopped".into(),
+            };
+            s += &format!("  {:<6} {:<12} {:<12} {}\n", h.name, format!("{:?}", h.role).to_lowercase(), h.addr, d);
+        }
+        s
+    }
+}
+
+fn unsafe_setsid(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry: look at its state.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit(')').next().map(|r| !r.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn spawn_anchor(ns: &str, host: &str) -> Result<u32> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!("hostname {host} && exec sleep infinity"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe_setsid(&mut cmd);
+    let child = cmd.spawn().map_err(|source| ClusterError::Spawn { cmd: "ip netns exec ... unshare".into(), source })?;
+    let pid = child.id();
+    std::mem::forget(child);
+    // Wait until the anchor has its own uts namespace with the host name set.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(c) = fs::read_to_string(format!("/proc/{pid}/comm")) {
+            if c.trim() == "sleep" {
+                return Ok(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(ClusterError::Timeout { host: host.into(), what: "namespace anchor".into(), secs: 10, log: String::new() })
+}
+
+/// Tear a cluster down completely: every process in its namespaces, the namespaces, the
+/// state and the data. Works from namespace names alone (after a crash, with no state file).
+pub fn down(name: &str) -> Result<()> {
+    let prefix = format!("wisp-{name}-");
+    let out = run(Command::new("ip").args(["netns", "list"]))?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    let nss: Vec<String> = list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix)).map(String::from).collect();
+    let mut pids: Vec<i32> = Vec::new();
+    if let Ok(c) = Cluster::load(name) {
+        for h in &c.hosts {
+            pids.push(h.anchor as i32);
+            pids.extend(h.daemon.map(|d| d as i32));
+        }
+    }
+    for ns in &nss {
+        if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            pids.extend(String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+    }
+    // Daemons first, gently (wispd unmounts on SIGTERM), then everything else.
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        for p in &pids {
+            // SAFETY: kill(2); a pid that is gone only yields ESRCH.
+            unsafe { libc::kill(*p, sig) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|p| pid_alive(*p as u32)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for ns in &nss {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+    let _ = fs::remove_dir_all(state_dir(name));
+    let _ = fs::remove_dir_all(PathBuf::from("/var/tmp/wisp").join(name));
+    Ok(())
+}

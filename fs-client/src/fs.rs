@@ -1,0 +1,563 @@
+//! The FUSE file system: kernel requests in, wisp-proto requests out.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::*;
+use tracing::{debug, info};
+use wisp_proto::key::ClusterKey;
+use wisp_proto::msg::{self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq, Response as Rs, SetAttrs, SetTime};
+use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
+
+use crate::notify;
+use crate::CACHE_TTL;
+
+/// Errors mounting the file system.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot mount at {path}: {source}")]
+    Mount { path: PathBuf, source: std::io::Error },
+    #[error("cannot reach file server {addr}: {source}")]
+    Server { addr: String, source: RpcError },
+}
+
+/// What a workstation needs to mount a domain.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub server: String,
+    pub mountpoint: PathBuf,
+    pub key: ClusterKey,
+    /// Name this host gives the server (its host name).
+    pub host: String,
+    /// Bound on any one wait for the server; after it the caller gets EIO.
+    pub call_timeout: Duration,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// A mounted file system; dropping it unmounts.
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+    pub rpc: RpcClient,
+    pub stats: Arc<ClientStats>,
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// Unmount and wait for the FUSE session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Wait until the FUSE session ends (someone unmounted it).
+    pub fn join(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Counters a client keeps (exported as metrics).
+#[derive(Default, Debug)]
+pub struct ClientStats {
+    pub rpcs: AtomicU64,
+    pub callbacks: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+struct Handle {
+    ino: u64,
+    mode: OpenMode,
+    append: bool,
+}
+
+struct WispFs {
+    rpc: RpcClient,
+    stats: Arc<ClientStats>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn cred(req: &Request) -> Cred {
+    Cred { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+}
+
+fn systime(t: msg::Time) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsecs)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+    }
+}
+
+fn wtime(t: SystemTime) -> msg::Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => msg::Time { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+        Err(e) => msg::Time { secs: -(e.duration().as_secs() as i64), nsecs: 0 },
+    }
+}
+
+fn ftype(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn fattr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: systime(a.ctime),
+        kind: ftype(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+fn errno(e: &RpcError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(s) => SetTime::At(wtime(s)),
+    }
+}
+
+fn open_mode(flags: i32) -> OpenMode {
+    let acc = flags & libc::O_ACCMODE;
+    OpenMode {
+        read: acc == libc::O_RDONLY || acc == libc::O_RDWR,
+        write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
+        truncate: flags & libc::O_TRUNC != 0,
+    }
+}
+
+impl WispFs {
+    fn call(&self, r: Rq) -> Result<Rs, RpcError> {
+        self.stats.rpcs.fetch_add(1, Ordering::Relaxed);
+        self.rpc.call_blocking(r)
+    }
+
+    fn entry(&self, r: Rq, reply: ReplyEntry) {
+        match self.call(r) {
+            Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => reply.entry(&CACHE_TTL, &fattr(&a), Generation(0)),
+            Ok(other) => unexpected(other, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn empty(&self, r: Rq, reply: ReplyEmpty) {
+        match self.call(r) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn new_handle(&self, ino: u64, flags: i32) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Handle { ino, mode: open_mode(flags), append: flags & libc::O_APPEND != 0 },
+        );
+        fh
+    }
+}
+
+trait ErrReply {
+    fn error(self, e: Errno);
+}
+macro_rules! err_reply {
+    ($($t:ty),*) => {$( impl ErrReply for $t { fn error(self, e: Errno) { <$t>::error(self, e) } } )*};
+}
+err_reply!(ReplyEntry, ReplyAttr, ReplyEmpty, ReplyData, ReplyOpen, ReplyWrite, ReplyCreate, ReplyXattr, ReplyStatfs, ReplyDirectory, ReplyDirectoryPlus);
+
+fn unexpected<R: ErrReply>(r: Rs, reply: R) {
+    tracing::error!("server sent an unexpected reply {r:?}");
+    reply.error(Errno::EIO)
+}
+
+impl Filesystem for WispFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        for cap in [
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if name.len() > msg::NAME_MAX {
+            return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
+        }
+        self.entry(Rq::Lookup { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.call(Rq::GetAttr { ino: ino.0 }) {
+            Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &fattr(&a)),
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttrs { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
+        match self.call(Rq::SetAttr { cred: cred(req), ino: ino.0, set }) {
+            Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &fattr(&a)),
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.call(Rq::ReadLink { ino: ino.0 }) {
+            Ok(Rs::Data(d)) => reply.data(&d),
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let mode = mode & !(umask & 0o777);
+        self.entry(Rq::MkNod { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec(), mode, rdev }, reply)
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let mode = mode & !(umask & 0o777);
+        self.entry(Rq::Mkdir { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec(), mode }, reply)
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(Rq::Unlink { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(Rq::Rmdir { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(
+            Rq::Symlink {
+                cred: cred(req),
+                parent: parent.0,
+                name: link_name.as_bytes().to_vec(),
+                target: target.as_os_str().as_bytes().to_vec(),
+            },
+            reply,
+        )
+    }
+
+    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+        self.empty(
+            Rq::Rename {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                new_parent: newparent.0,
+                new_name: newname.as_bytes().to_vec(),
+                flags: flags.bits(),
+            },
+            reply,
+        )
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(Rq::Link { cred: cred(req), ino: ino.0, new_parent: newparent.0, new_name: newname.as_bytes().to_vec() }, reply)
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = open_mode(flags.0);
+        match self.call(Rq::Open { cred: cred(req), ino: ino.0, mode }) {
+            Ok(Rs::Attr(_)) => {
+                let fh = self.new_handle(ino.0, flags.0);
+                // The server calls us back before any cached page goes stale, so the
+                // kernel's page cache stays valid across opens.
+                let f = if mode.truncate { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
+                reply.opened(FileHandle(fh), f)
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        match self.call(Rq::Read { ino: ino.0, offset, size }) {
+            Ok(Rs::Data(d)) => {
+                self.stats.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
+                reply.data(&d)
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        let append = self.handles.lock().unwrap().get(&fh.0).map(|h| h.append).unwrap_or(flags.0 & libc::O_APPEND != 0);
+        match self.call(Rq::Write { ino: ino.0, offset, data: data.to_vec(), append }) {
+            Ok(Rs::Written { size, .. }) => {
+                self.stats.bytes_written.fetch_add(size as u64, Ordering::Relaxed);
+                reply.written(size)
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        // Writes go through to the server as they happen; nothing is buffered here.
+        reply.ok()
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let h = self.handles.lock().unwrap().remove(&fh.0);
+        match h {
+            Some(h) => self.empty(Rq::Close { ino: h.ino, mode: h.mode }, reply),
+            None => {
+                debug!(ino = ino.0, fh = fh.0, "release of unknown handle");
+                reply.ok()
+            }
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.empty(Rq::Fsync { ino: ino.0 }, reply)
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.empty(Rq::Fsync { ino: ino.0 }, reply)
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.call(Rq::ReadDir { ino: ino.0, offset, max: 512 }) {
+            Ok(Rs::Entries(es)) => {
+                for e in es {
+                    if reply.add(INodeNo(e.attr.ino), e.cookie, ftype(e.attr.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.call(Rq::ReadDir { ino: ino.0, offset, max: 256 }) {
+            Ok(Rs::Entries(es)) => {
+                for e in es {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.attr.ino), e.cookie, name, &CACHE_TTL, &fattr(&e.attr), Generation(0)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.call(Rq::StatFs) {
+            Ok(Rs::StatFs { blocks, bfree, bavail, files, ffree, bsize, namelen }) => {
+                reply.statfs(blocks, bfree, bavail, files, ffree, bsize, namelen, bsize)
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        self.empty(
+            Rq::SetXattr { cred: cred(req), ino: ino.0, name: name.as_bytes().to_vec(), value: value.to_vec(), flags },
+            reply,
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.call(Rq::GetXattr { ino: ino.0, name: name.as_bytes().to_vec() }), size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(self.call(Rq::ListXattr { ino: ino.0 }), size, reply)
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.empty(Rq::RemoveXattr { cred: cred(req), ino: ino.0, name: name.as_bytes().to_vec() }, reply)
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.call(Rq::GetAttr { ino: ino.0 }) {
+            Ok(Rs::Attr(a)) => {
+                if access_ok(&a, req.uid(), req.gid(), mask.bits()) {
+                    reply.ok()
+                } else {
+                    reply.error(Errno::from_i32(libc::EACCES))
+                }
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        if name.len() > msg::NAME_MAX {
+            return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
+        }
+        let mode = mode & !(umask & 0o777);
+        let mode_open = open_mode(flags);
+        let r = self.call(Rq::Create {
+            cred: cred(req),
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            mode,
+            excl: flags & libc::O_EXCL != 0,
+            mode_open,
+        });
+        match r {
+            Ok(Rs::Entry(a)) => {
+                let fh = self.new_handle(a.ino, flags);
+                reply.created(&CACHE_TTL, &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        self.empty(Rq::Fallocate { ino: ino.0, offset, length, mode }, reply)
+    }
+}
+
+fn xattr_reply(r: Result<Rs, RpcError>, size: u32, reply: ReplyXattr) {
+    match r {
+        Ok(Rs::Xattr(v)) => {
+            if size == 0 {
+                reply.size(v.len() as u32)
+            } else if v.len() > size as usize {
+                reply.error(Errno::from_i32(libc::ERANGE))
+            } else {
+                reply.data(&v)
+            }
+        }
+        Ok(o) => unexpected(o, reply),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// The classic owner/group/other check of access(2) (root may do anything but execute a
+/// file that has no execute bit at all).
+pub(crate) fn access_ok(a: &Attr, uid: u32, gid: u32, mask: i32) -> bool {
+    if mask == libc::F_OK {
+        return true;
+    }
+    let perm = a.perm as i32;
+    if uid == 0 {
+        return mask & libc::X_OK == 0 || perm & 0o111 != 0 || a.kind == Kind::Dir;
+    }
+    let bits = if uid == a.uid {
+        (perm >> 6) & 7
+    } else if gid == a.gid {
+        (perm >> 3) & 7
+    } else {
+        perm & 7
+    };
+    bits & mask == mask
+}
+
+/// Mount the domain served at `opts.server` on `opts.mountpoint`. Returns once the kernel
+/// has the mount; FUSE requests are served by background threads.
+pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, MountError> {
+    let stats = Arc::new(ClientStats::default());
+    let notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>> = Arc::new(OnceLock::new());
+    let n2 = notifier.clone();
+    let s2 = stats.clone();
+    let handler: CallbackHandler = Arc::new(move |cb: Callback| {
+        s2.callbacks.fetch_add(1, Ordering::Relaxed);
+        match n2.get() {
+            Some(tx) => notify::apply(tx, cb, Duration::from_secs(5)),
+            None => Ok(()), // not mounted yet: the kernel holds nothing to invalidate
+        }
+    });
+    let rpc = RpcClient::start(rt, opts.server.clone(), opts.key.clone(), opts.host.clone(), opts.call_timeout, handler);
+    // Fail early with a clear message when the server is unreachable or refuses our key.
+    rpc.call_blocking(Rq::Ping).map_err(|source| MountError::Server { addr: opts.server.clone(), source })?;
+    let fs = WispFs { rpc: rpc.clone(), stats: stats.clone(), handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("wisp@{}", opts.server)),
+        MountOption::Subtype("wisp".into()),
+        MountOption::DefaultPermissions,
+        MountOption::CUSTOM("allow_other".into()),
+        MountOption::Exec,
+        MountOption::Suid,
+        MountOption::Dev,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(2));
+    config.clone_fd = true;
+    let session = Session::new(fs, &opts.mountpoint, &config)
+        .map_err(|source| MountError::Mount { path: opts.mountpoint.clone(), source })?;
+    let _ = notifier.set(notify::start(session.notifier()));
+    let bg = session.spawn().map_err(|source| MountError::Mount { path: opts.mountpoint.clone(), source })?;
+    info!(server = %opts.server, mountpoint = %opts.mountpoint.display(), "mounted");
+    Ok(Mounted { session: Some(bg), rpc, stats, mountpoint: opts.mountpoint })
+}

@@ -1,0 +1,970 @@
+//! wisp file server: serves one domain of the `/wisp` namespace.
+//!
+//! Owns the domain's durable state (metadata in redb via [`store`], contents in local files
+//! via [`objects`]), answers the file system requests of `wisp-proto`, and tracks which
+//! clients hold each file open. Every request arrives already authenticated and size-bounded
+//! by the rpc layer.
+//!
+//! Architecture Invariant: this crate knows nothing of FUSE or of the kernel of any client;
+//! it speaks inode numbers and POSIX errnos. It knows nothing of Raft: the registry replica
+//! it may host is plugged in as an opaque [`NamingHandler`].
+
+pub mod objects;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracing::{info, warn};
+use wisp_proto::msg::*;
+use wisp_proto::rpc::{PeerHandle, Service};
+use wisp_proto::MAX_IO;
+
+use objects::Objects;
+use store::{InodeRec, Store, StoreError};
+
+/// Errors starting a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open metadata database in {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+}
+
+/// Handles registry requests for a replica hosted in this server process.
+pub type NamingHandler = Arc<dyn Fn(Vec<u8>) -> Result<Vec<u8>, WireError> + Send + Sync>;
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    callbacks: AtomicU64,
+}
+
+/// Per-client open counts of one inode.
+#[derive(Default, Clone, Copy, Debug)]
+struct OpenCount {
+    readers: u32,
+    writers: u32,
+}
+
+/// The file server of one domain.
+pub struct FsServer {
+    store: Store,
+    objects: Objects,
+    data_dir: PathBuf,
+    /// ino -> session -> opens.
+    opens: Mutex<HashMap<Ino, HashMap<u64, OpenCount>>>,
+    /// Serialises appends and truncates so O_APPEND writes from many hosts never interleave.
+    append_lock: Mutex<()>,
+    counters: Counters,
+    peers: Mutex<HashMap<u64, Arc<PeerHandle>>>,
+    naming: RwLock<Option<NamingHandler>>,
+    interest: Mutex<Interest>,
+}
+
+/// Which clients may hold cached copies (the server's half of the consistency protocol).
+#[derive(Default)]
+struct Interest {
+    /// ino -> sessions that were given its attributes or data since their last callback.
+    cachers: HashMap<Ino, std::collections::HashSet<u64>>,
+    /// directory ino -> sessions that looked names up in it (and may cache those entries).
+    dirs: HashMap<Ino, std::collections::HashSet<u64>>,
+}
+
+fn io_err(e: std::io::Error) -> WireError {
+    WireError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+}
+
+impl From<StoreError> for WireError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Errno(n, m) => WireError::new(n, m),
+            other => WireError::new(libc::EIO, other.to_string()),
+        }
+    }
+}
+
+type R<T> = Result<T, WireError>;
+
+fn check_name(name: &[u8]) -> R<()> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(WireError::new(libc::EINVAL, format!("invalid file name {:?}", String::from_utf8_lossy(name))));
+    }
+    if name.len() > NAME_MAX {
+        return Err(WireError::new(
+            libc::ENAMETOOLONG,
+            format!("file name of {} bytes is longer than {NAME_MAX}", name.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn kind_of_mode(mode: u32) -> R<Kind> {
+    Ok(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFIFO => Kind::Fifo,
+        libc::S_IFSOCK => Kind::Socket,
+        libc::S_IFCHR => Kind::CharDev,
+        libc::S_IFBLK => Kind::BlockDev,
+        other => return Err(WireError::new(libc::EINVAL, format!("unknown file type {other:o}"))),
+    })
+}
+
+impl FsServer {
+    /// Open the domain stored in `data_dir` (created if new), sweeping inodes and objects
+    /// left behind by a crash (unlinked-while-open files, objects of uncommitted creates).
+    pub fn open(data_dir: &Path) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir { path: data_dir.into(), source })?;
+        let db = data_dir.join("meta.redb");
+        let store = Store::open(&db).map_err(|source| ServerError::Store { path: db.clone(), source })?;
+        let objects = Objects::open(&data_dir.join("objects"))
+            .map_err(|source| ServerError::DataDir { path: data_dir.into(), source })?;
+        let s = FsServer {
+            store,
+            objects,
+            data_dir: data_dir.into(),
+            opens: Mutex::new(HashMap::new()),
+            append_lock: Mutex::new(()),
+            counters: Counters::default(),
+            peers: Mutex::new(HashMap::new()),
+            naming: RwLock::new(None),
+            interest: Mutex::new(Interest::default()),
+        };
+        s.sweep().map_err(|source| ServerError::Store { path: db, source })?;
+        Ok(s)
+    }
+
+    fn sweep(&self) -> Result<(), StoreError> {
+        let inodes = self.store.all_inodes()?;
+        let mut live = std::collections::HashSet::new();
+        let mut orphans = Vec::new();
+        for (ino, rec) in &inodes {
+            if rec.nlink == 0 {
+                orphans.push(*ino);
+            } else {
+                live.insert(*ino);
+            }
+        }
+        if !orphans.is_empty() {
+            let mut t = self.store.begin()?;
+            for ino in &orphans {
+                t.remove_inode(*ino)?;
+            }
+            t.commit()?;
+        }
+        let mut removed = 0;
+        for ino in self.objects.all().unwrap_or_default() {
+            if !live.contains(&ino) {
+                let _ = self.objects.remove(ino);
+                removed += 1;
+            }
+        }
+        info!(inodes = inodes.len(), orphans = orphans.len(), stray_objects = removed, "domain opened");
+        Ok(())
+    }
+
+    /// Plug in the registry replica hosted by this server.
+    pub fn set_naming_handler(&self, h: NamingHandler) {
+        *self.naming.write().unwrap() = Some(h);
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Attributes of `ino` as clients see them.
+    pub fn attr(&self, ino: Ino, rec: &InodeRec) -> R<Attr> {
+        let (size, blocks, atime, mtime, ctime) = match rec.kind {
+            Kind::File => {
+                let o = self.objects.stat(ino).map_err(io_err)?;
+                (o.size, o.blocks, o.atime, o.mtime, rec.ctime.max(o.ctime))
+            }
+            Kind::Dir => (4096, 8, rec.atime, rec.mtime, rec.ctime),
+            Kind::Symlink => (rec.target.len() as u64, 0, rec.atime, rec.mtime, rec.ctime),
+            _ => (0, 0, rec.atime, rec.mtime, rec.ctime),
+        };
+        Ok(Attr {
+            ino,
+            kind: rec.kind,
+            perm: rec.perm,
+            nlink: rec.nlink,
+            uid: rec.uid,
+            gid: rec.gid,
+            rdev: rec.rdev,
+            size,
+            blocks,
+            atime,
+            mtime,
+            ctime,
+            version: rec.version,
+        })
+    }
+
+    fn getattr(&self, ino: Ino) -> R<Attr> {
+        let rec = self.store.get(ino)?;
+        self.attr(ino, &rec)
+    }
+
+    fn is_open(&self, ino: Ino) -> bool {
+        self.opens.lock().unwrap().get(&ino).is_some_and(|m| !m.is_empty())
+    }
+
+    /// Remove an inode whose last link went away, unless some client still has it open.
+    fn maybe_reap(&self, ino: Ino) -> R<()> {
+        if self.is_open(ino) {
+            return Ok(());
+        }
+        let mut t = self.store.begin()?;
+        match t.get(ino) {
+            Ok(rec) if rec.nlink == 0 => {
+                t.remove_inode(ino)?;
+                t.commit()?;
+                self.objects.remove(ino).map_err(io_err)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn new_child(&self, cred: Cred, parent: Ino, name: &[u8], kind: Kind, mode: u32, rdev: u32, target: &[u8], excl: bool) -> R<(Attr, bool)> {
+        check_name(name)?;
+        let mut t = self.store.begin()?;
+        let mut prec = t.get(parent)?;
+        if prec.kind != Kind::Dir {
+            return Err(WireError::new(libc::ENOTDIR, format!("inode {parent} is not a directory")));
+        }
+        if prec.nlink == 0 {
+            return Err(WireError::new(libc::ENOENT, "directory was removed"));
+        }
+        if let Some((existing, _)) = t.lookup(parent, name)? {
+            if excl || kind != Kind::File {
+                return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(name))));
+            }
+            drop(t);
+            let rec = self.store.get(existing)?;
+            if rec.kind == Kind::Dir {
+                return Err(WireError::new(libc::EISDIR, "is a directory"));
+            }
+            return Ok((self.attr(existing, &rec)?, false));
+        }
+        let ino = t.alloc_ino()?;
+        let gid = if prec.perm & 0o2000 != 0 { prec.gid } else { cred.gid };
+        let mut perm = (mode & 0o7777) as u16;
+        if kind == Kind::Dir && prec.perm & 0o2000 != 0 {
+            perm |= 0o2000;
+        }
+        let mut rec = InodeRec::new(kind, perm, cred.uid, gid, parent);
+        rec.rdev = rdev;
+        rec.target = target.to_vec();
+        t.link(parent, &mut prec, name, ino)?;
+        if kind == Kind::Dir {
+            prec.nlink += 1;
+        }
+        let now = Time::now();
+        prec.mtime = now;
+        prec.ctime = now;
+        t.put(parent, &prec)?;
+        t.put(ino, &rec)?;
+        if kind == Kind::File {
+            self.objects.handle(ino).map_err(io_err)?;
+        }
+        t.commit()?;
+        Ok((self.attr(ino, &rec)?, true))
+    }
+
+    fn unlink(&self, parent: Ino, name: &[u8], want_dir: bool) -> R<Ino> {
+        check_name(name)?;
+        if name == b"." || name == b".." {
+            return Err(WireError::new(if want_dir { libc::EINVAL } else { libc::EISDIR }, "cannot remove . or .."));
+        }
+        let mut t = self.store.begin()?;
+        let mut prec = t.get(parent)?;
+        if prec.kind != Kind::Dir {
+            return Err(WireError::new(libc::ENOTDIR, "not a directory"));
+        }
+        let (child, _) = t.lookup(parent, name)?.ok_or_else(|| {
+            WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(name)))
+        })?;
+        let mut crec = t.get(child)?;
+        if want_dir {
+            if crec.kind != Kind::Dir {
+                return Err(WireError::new(libc::ENOTDIR, "not a directory"));
+            }
+            if crec.entries > 0 {
+                return Err(WireError::new(libc::ENOTEMPTY, "directory not empty"));
+            }
+        } else if crec.kind == Kind::Dir {
+            return Err(WireError::new(libc::EISDIR, "is a directory"));
+        }
+        t.unlink(parent, &mut prec, name)?;
+        let now = Time::now();
+        prec.mtime = now;
+        prec.ctime = now;
+        if want_dir {
+            prec.nlink -= 1;
+            crec.nlink = 0;
+        } else {
+            crec.nlink = crec.nlink.saturating_sub(1);
+        }
+        crec.ctime = now;
+        t.put(parent, &prec)?;
+        t.put(child, &crec)?;
+        t.commit()?;
+        if crec.nlink == 0 {
+            self.maybe_reap(child)?;
+        }
+        Ok(child)
+    }
+
+    fn rename(&self, parent: Ino, name: &[u8], np: Ino, nn: &[u8], flags: u32) -> R<(Ino, Option<Ino>)> {
+        check_name(name)?;
+        check_name(nn)?;
+        const NOREPLACE: u32 = 1;
+        const EXCHANGE: u32 = 2;
+        if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
+            return Err(WireError::new(libc::EINVAL, format!("unsupported rename flags {flags:#x}")));
+        }
+        let mut t = self.store.begin()?;
+        let (src, _) = t
+            .lookup(parent, name)?
+            .ok_or_else(|| WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(name))))?;
+        let srec = t.get(src)?;
+        let dst = t.lookup(np, nn)?.map(|x| x.0);
+        if dst == Some(src) {
+            return Ok((src, dst)); // same inode: POSIX says do nothing
+        }
+        let nprec0 = t.get(np)?;
+        if nprec0.kind != Kind::Dir {
+            return Err(WireError::new(libc::ENOTDIR, "target parent is not a directory"));
+        }
+        // A directory may not move into itself or below itself.
+        if srec.kind == Kind::Dir {
+            let mut cur = np;
+            loop {
+                if cur == src {
+                    return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
+                }
+                if cur == ROOT_INO {
+                    break;
+                }
+                cur = t.get(cur)?.parent;
+            }
+        }
+        if flags & EXCHANGE != 0 {
+            let dst = dst.ok_or_else(|| WireError::new(libc::ENOENT, "exchange target does not exist"))?;
+            let drec = t.get(dst)?;
+            if drec.kind == Kind::Dir {
+                let mut cur = parent;
+                loop {
+                    if cur == dst {
+                        return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
+                    }
+                    if cur == ROOT_INO {
+                        break;
+                    }
+                    cur = t.get(cur)?.parent;
+                }
+            }
+            let mut prec = t.get(parent)?;
+            t.unlink(parent, &mut prec, name)?;
+            t.put(parent, &prec)?;
+            let mut nprec = t.get(np)?;
+            t.unlink(np, &mut nprec, nn)?;
+            t.link(np, &mut nprec, nn, src)?;
+            t.put(np, &nprec)?;
+            let mut prec = t.get(parent)?;
+            t.link(parent, &mut prec, name, dst)?;
+            if srec.kind == Kind::Dir && drec.kind != Kind::Dir && parent != np {
+                prec.nlink -= 1;
+                nprec.nlink += 1;
+            } else if drec.kind == Kind::Dir && srec.kind != Kind::Dir && parent != np {
+                prec.nlink += 1;
+                nprec.nlink -= 1;
+            }
+            t.put(parent, &prec)?;
+            if parent != np {
+                t.put(np, &nprec)?;
+            }
+            let now = Time::now();
+            for (ino, newp) in [(src, np), (dst, parent)] {
+                let mut r = t.get(ino)?;
+                r.ctime = now;
+                if r.kind == Kind::Dir {
+                    r.parent = newp;
+                }
+                t.put(ino, &r)?;
+            }
+            t.commit()?;
+            return Ok((src, Some(dst)));
+        }
+        let mut reap = None;
+        if let Some(dst) = dst {
+            if flags & NOREPLACE != 0 {
+                return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(nn))));
+            }
+            let mut drec = t.get(dst)?;
+            match (srec.kind == Kind::Dir, drec.kind == Kind::Dir) {
+                (true, false) => return Err(WireError::new(libc::ENOTDIR, "cannot replace a non-directory with a directory")),
+                (false, true) => return Err(WireError::new(libc::EISDIR, "cannot replace a directory with a non-directory")),
+                (true, true) if drec.entries > 0 => return Err(WireError::new(libc::ENOTEMPTY, "target directory not empty")),
+                _ => {}
+            }
+            let mut nprec = t.get(np)?;
+            t.unlink(np, &mut nprec, nn)?;
+            if drec.kind == Kind::Dir {
+                nprec.nlink -= 1;
+                drec.nlink = 0;
+            } else {
+                drec.nlink = drec.nlink.saturating_sub(1);
+            }
+            drec.ctime = Time::now();
+            t.put(np, &nprec)?;
+            t.put(dst, &drec)?;
+            if drec.nlink == 0 {
+                reap = Some(dst);
+            }
+        }
+        let now = Time::now();
+        let mut prec = t.get(parent)?;
+        t.unlink(parent, &mut prec, name)?;
+        prec.mtime = now;
+        prec.ctime = now;
+        if parent == np {
+            t.link(np, &mut prec, nn, src)?;
+            t.put(parent, &prec)?;
+        } else {
+            if srec.kind == Kind::Dir {
+                prec.nlink -= 1;
+            }
+            t.put(parent, &prec)?;
+            let mut nprec = t.get(np)?;
+            t.link(np, &mut nprec, nn, src)?;
+            if srec.kind == Kind::Dir {
+                nprec.nlink += 1;
+            }
+            nprec.mtime = now;
+            nprec.ctime = now;
+            t.put(np, &nprec)?;
+        }
+        let mut srec = t.get(src)?;
+        srec.ctime = now;
+        if srec.kind == Kind::Dir {
+            srec.parent = np;
+        }
+        t.put(src, &srec)?;
+        t.commit()?;
+        if let Some(d) = reap {
+            self.maybe_reap(d)?;
+        }
+        Ok((src, dst))
+    }
+
+    fn setattr(&self, ino: Ino, set: SetAttrs) -> R<Attr> {
+        let mut t = self.store.begin()?;
+        let mut rec = t.get(ino)?;
+        if let Some(size) = set.size {
+            match rec.kind {
+                Kind::File => {
+                    let _g = self.append_lock.lock().unwrap();
+                    self.objects.truncate(ino, size).map_err(io_err)?;
+                }
+                Kind::Dir => return Err(WireError::new(libc::EISDIR, "cannot truncate a directory")),
+                _ => return Err(WireError::new(libc::EINVAL, "cannot truncate this kind of file")),
+            }
+        }
+        if let Some(mode) = set.mode {
+            rec.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            rec.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            rec.gid = gid;
+        }
+        let resolve = |s: Option<SetTime>| s.map(|s| match s {
+            SetTime::Now => None,
+            SetTime::At(t) => Some(t),
+        });
+        let (at, mt) = (resolve(set.atime), resolve(set.mtime));
+        if rec.kind == Kind::File {
+            if at.is_some() || mt.is_some() {
+                self.objects.set_times(ino, at, mt).map_err(io_err)?;
+            }
+        } else {
+            let now = Time::now();
+            if let Some(a) = at {
+                rec.atime = a.unwrap_or(now);
+            }
+            if let Some(m) = mt {
+                rec.mtime = m.unwrap_or(now);
+            }
+        }
+        rec.ctime = Time::now();
+        t.put(ino, &rec)?;
+        t.commit()?;
+        self.attr(ino, &rec)
+    }
+
+    fn open_file(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<Attr> {
+        let mut rec = self.store.get(ino)?;
+        if rec.kind == Kind::Dir && mode.write {
+            return Err(WireError::new(libc::EISDIR, "cannot open a directory for writing"));
+        }
+        if mode.write {
+            let mut t = self.store.begin()?;
+            rec = t.get(ino)?;
+            rec.version += 1;
+            t.put(ino, &rec)?;
+            t.commit()?;
+        }
+        if mode.truncate && rec.kind == Kind::File {
+            let _g = self.append_lock.lock().unwrap();
+            self.objects.truncate(ino, 0).map_err(io_err)?;
+        }
+        {
+            let mut opens = self.opens.lock().unwrap();
+            let c = opens.entry(ino).or_default().entry(peer).or_default();
+            if mode.write {
+                c.writers += 1;
+            } else {
+                c.readers += 1;
+            }
+        }
+        self.attr(ino, &rec)
+    }
+
+    fn close(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<()> {
+        {
+            let mut opens = self.opens.lock().unwrap();
+            if let Some(m) = opens.get_mut(&ino) {
+                if let Some(c) = m.get_mut(&peer) {
+                    if mode.write {
+                        c.writers = c.writers.saturating_sub(1);
+                    } else {
+                        c.readers = c.readers.saturating_sub(1);
+                    }
+                    if c.readers == 0 && c.writers == 0 {
+                        m.remove(&peer);
+                    }
+                }
+                if m.is_empty() {
+                    opens.remove(&ino);
+                }
+            }
+        }
+        match self.store.get(ino) {
+            Ok(rec) if rec.nlink == 0 => self.maybe_reap(ino),
+            _ => Ok(()),
+        }
+    }
+
+    fn write(&self, ino: Ino, offset: u64, data: &[u8], append: bool) -> R<Response> {
+        if data.len() > MAX_IO {
+            return Err(WireError::new(libc::EINVAL, format!("write of {} bytes exceeds {MAX_IO}", data.len())));
+        }
+        let rec = self.store.get(ino)?;
+        if rec.kind != Kind::File {
+            return Err(WireError::new(libc::EISDIR, "not a regular file"));
+        }
+        if append {
+            let _g = self.append_lock.lock().unwrap();
+            self.objects.append(ino, data).map_err(io_err)?;
+        } else {
+            offset.checked_add(data.len() as u64).filter(|e| *e <= i64::MAX as u64).ok_or_else(|| WireError::new(libc::EFBIG, "offset too large"))?;
+            self.objects.write(ino, offset, data).map_err(io_err)?;
+        }
+        self.counters.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(Response::Written { size: data.len() as u32, attr: self.attr(ino, &rec)? })
+    }
+
+    fn readdir(&self, ino: Ino, offset: u64, max: u32) -> R<Vec<DirEntry>> {
+        let rec = self.store.get(ino)?;
+        if rec.kind != Kind::Dir {
+            return Err(WireError::new(libc::ENOTDIR, "not a directory"));
+        }
+        let max = max.clamp(1, 4096) as usize;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push(DirEntry { name: b".".to_vec(), cookie: 1, attr: self.attr(ino, &rec)? });
+        }
+        if offset < 2 {
+            let p = self.store.get(rec.parent)?;
+            out.push(DirEntry { name: b"..".to_vec(), cookie: 2, attr: self.attr(rec.parent, &p)? });
+        }
+        for (cookie, name, child) in self.store.list(ino, offset.max(2), max)? {
+            match self.store.get(child) {
+                Ok(c) => out.push(DirEntry { name, cookie, attr: self.attr(child, &c)? }),
+                Err(e) => warn!(ino, child, "dangling directory entry: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn statfs(&self) -> R<Response> {
+        let mut s: libc::statvfs = unsafe_zeroed_statvfs();
+        let p = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes()).map_err(|_| WireError::new(libc::EINVAL, "data dir path"))?;
+        // SAFETY: `p` is a valid NUL-terminated path and `s` a writable statvfs.
+        if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+        let used = self.store.inode_count()?;
+        Ok(Response::StatFs {
+            blocks: s.f_blocks * s.f_frsize / 4096,
+            bfree: s.f_bfree * s.f_frsize / 4096,
+            bavail: s.f_bavail * s.f_frsize / 4096,
+            files: used + s.f_ffree,
+            ffree: s.f_ffree,
+            bsize: 4096,
+            namelen: NAME_MAX as u32,
+        })
+    }
+
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(WireError::new(libc::ERANGE, "xattr name must be 1 to 255 bytes"));
+        }
+        if value.len() > 65536 {
+            return Err(WireError::new(libc::E2BIG, "xattr value larger than 64 KiB"));
+        }
+        let mut t = self.store.begin()?;
+        let mut rec = t.get(ino)?;
+        let exists = t.get_xattr(ino, name)?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(WireError::new(libc::EEXIST, "xattr exists"));
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(WireError::new(libc::ENODATA, "no such xattr"));
+        }
+        t.set_xattr(ino, name, value)?;
+        rec.ctime = Time::now();
+        t.put(ino, &rec)?;
+        t.commit()?;
+        Ok(())
+    }
+
+    fn dispatch(&self, peer: &Arc<PeerHandle>, req: Request) -> R<Response> {
+        Ok(match req {
+            Request::Ping => Response::Pong,
+            Request::Lookup { parent, name, .. } => {
+                if name.len() > NAME_MAX {
+                    return Err(WireError::new(libc::ENAMETOOLONG, format!("file name of {} bytes is longer than {NAME_MAX}", name.len())));
+                }
+                let prec = self.store.get(parent)?;
+                if prec.kind != Kind::Dir {
+                    return Err(WireError::new(libc::ENOTDIR, "not a directory"));
+                }
+                let ino = match name.as_slice() {
+                    b"." => parent,
+                    b".." => prec.parent,
+                    _ => self.store.lookup(parent, &name)?.ok_or_else(|| WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(&name))))?,
+                };
+                Response::Entry(self.getattr(ino)?)
+            }
+            Request::GetAttr { ino } => Response::Attr(self.getattr(ino)?),
+            Request::SetAttr { ino, set, .. } => {
+                let a = self.setattr(ino, set)?;
+                self.changed(peer, &[ino], &[]);
+                Response::Attr(a)
+            }
+            Request::ReadLink { ino } => {
+                let rec = self.store.get(ino)?;
+                if rec.kind != Kind::Symlink {
+                    return Err(WireError::new(libc::EINVAL, "not a symlink"));
+                }
+                Response::Data(rec.target)
+            }
+            Request::MkNod { cred, parent, name, mode, rdev } => {
+                self.changed(peer, &[parent], &[]);
+                let kind = kind_of_mode(mode)?;
+                if kind == Kind::Dir || kind == Kind::Symlink {
+                    return Err(WireError::new(libc::EINVAL, "use mkdir or symlink"));
+                }
+                Response::Entry(self.new_child(cred, parent, &name, kind, mode, rdev, &[], true)?.0)
+            }
+            Request::Mkdir { cred, parent, name, mode } => {
+                self.changed(peer, &[parent], &[]);
+                Response::Entry(self.new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?.0)
+            }
+            Request::Create { cred, parent, name, mode, excl, mode_open } => {
+                self.changed(peer, &[parent], &[]);
+                let (attr, _) = self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
+                Response::Entry(self.open_file(peer.session, attr.ino, mode_open)?)
+            }
+            Request::Symlink { cred, parent, name, target } => {
+                if target.is_empty() || target.len() > 4095 {
+                    return Err(WireError::new(libc::ENAMETOOLONG, "symlink target must be 1 to 4095 bytes"));
+                }
+                self.changed(peer, &[parent], &[]);
+                Response::Entry(self.new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?.0)
+            }
+            Request::Link { ino, new_parent, new_name, .. } => {
+                check_name(&new_name)?;
+                let mut t = self.store.begin()?;
+                let mut rec = t.get(ino)?;
+                if rec.kind == Kind::Dir {
+                    return Err(WireError::new(libc::EPERM, "cannot hard-link a directory"));
+                }
+                if rec.nlink == 0 {
+                    return Err(WireError::new(libc::ENOENT, "file was removed"));
+                }
+                let mut prec = t.get(new_parent)?;
+                if prec.kind != Kind::Dir {
+                    return Err(WireError::new(libc::ENOTDIR, "not a directory"));
+                }
+                if t.lookup(new_parent, &new_name)?.is_some() {
+                    return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(&new_name))));
+                }
+                t.link(new_parent, &mut prec, &new_name, ino)?;
+                let now = Time::now();
+                prec.mtime = now;
+                prec.ctime = now;
+                rec.nlink += 1;
+                rec.ctime = now;
+                t.put(new_parent, &prec)?;
+                t.put(ino, &rec)?;
+                t.commit()?;
+                self.changed(peer, &[ino, new_parent], &[]);
+                Response::Entry(self.attr(ino, &rec)?)
+            }
+            Request::Unlink { parent, name, .. } => {
+                let child = self.unlink(parent, &name, false)?;
+                self.changed(peer, &[parent, child], &[(parent, name)]);
+                Response::Ok
+            }
+            Request::Rmdir { parent, name, .. } => {
+                let child = self.unlink(parent, &name, true)?;
+                self.changed(peer, &[parent, child], &[(parent, name)]);
+                Response::Ok
+            }
+            Request::Rename { parent, name, new_parent, new_name, flags, .. } => {
+                let (src, dst) = self.rename(parent, &name, new_parent, &new_name, flags)?;
+                let mut inos = vec![parent, new_parent, src];
+                inos.extend(dst);
+                self.changed(peer, &inos, &[(parent, name), (new_parent, new_name)]);
+                Response::Ok
+            }
+            Request::Open { ino, mode, .. } => {
+                let a = self.open_file(peer.session, ino, mode)?;
+                if mode.truncate {
+                    self.changed(peer, &[ino], &[]);
+                }
+                Response::Attr(a)
+            }
+            Request::Close { ino, mode } => {
+                self.close(peer.session, ino, mode)?;
+                Response::Ok
+            }
+            Request::Read { ino, offset, size } => {
+                let rec = self.store.get(ino)?;
+                if rec.kind != Kind::File {
+                    return Err(WireError::new(libc::EISDIR, "not a regular file"));
+                }
+                let data = self.objects.read(ino, offset, (size as usize).min(MAX_IO)).map_err(io_err)?;
+                self.counters.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                Response::Data(data)
+            }
+            Request::Write { ino, offset, data, append } => {
+                let r = self.write(ino, offset, &data, append)?;
+                self.changed(peer, &[ino], &[]);
+                r
+            }
+            Request::Fsync { ino } => {
+                if self.store.get(ino)?.kind == Kind::File {
+                    self.objects.sync(ino).map_err(io_err)?;
+                }
+                self.store.sync()?;
+                Response::Ok
+            }
+            Request::ReadDir { ino, offset, max } => Response::Entries(self.readdir(ino, offset, max)?),
+            Request::StatFs => self.statfs()?,
+            Request::SetXattr { ino, name, value, flags, .. } => {
+                self.setxattr(ino, &name, &value, flags)?;
+                Response::Ok
+            }
+            Request::GetXattr { ino, name } => {
+                self.store.get(ino)?;
+                Response::Xattr(self.store.get_xattr(ino, &name)?.ok_or_else(|| WireError::new(libc::ENODATA, "no such xattr"))?)
+            }
+            Request::ListXattr { ino } => {
+                self.store.get(ino)?;
+                let mut out = Vec::new();
+                for n in self.store.list_xattrs(ino)? {
+                    out.extend_from_slice(&n);
+                    out.push(0);
+                }
+                Response::Xattr(out)
+            }
+            Request::RemoveXattr { ino, name, .. } => {
+                let mut t = self.store.begin()?;
+                if !t.remove_xattr(ino, &name)? {
+                    return Err(WireError::new(libc::ENODATA, "no such xattr"));
+                }
+                let mut rec = t.get(ino)?;
+                rec.ctime = Time::now();
+                t.put(ino, &rec)?;
+                t.commit()?;
+                Response::Ok
+            }
+            Request::Fallocate { ino, offset, length, mode } => {
+                if self.store.get(ino)?.kind != Kind::File {
+                    return Err(WireError::new(libc::ENODEV, "not a regular file"));
+                }
+                self.objects.fallocate(ino, mode, offset, length).map_err(io_err)?;
+                self.changed(peer, &[ino], &[]);
+                Response::Ok
+            }
+            Request::Stats => Response::Stats(self.stats()),
+            Request::Naming(payload) => {
+                let h = self.naming.read().unwrap().clone();
+                match h {
+                    Some(h) => Response::Naming(h(payload)?),
+                    None => return Err(WireError::new(libc::EOPNOTSUPP, "this server hosts no registry replica")),
+                }
+            }
+        })
+    }
+
+    /// Call back every other client that may cache one of `inos` or one of `entries`, and
+    /// wait until each has dropped its copy (bounded by the rpc callback timeout). Called
+    /// after the change is committed and with no lock held, so a client's kernel may take
+    /// its own locks and call us while it invalidates.
+    fn changed(&self, origin: &Arc<PeerHandle>, inos: &[Ino], entries: &[(Ino, Vec<u8>)]) {
+        let mut calls: Vec<(u64, Callback)> = Vec::new();
+        {
+            let mut interest = self.interest.lock().unwrap();
+            for ino in inos {
+                if let Some(set) = interest.cachers.get_mut(ino) {
+                    let others: Vec<u64> = set.iter().copied().filter(|s| *s != origin.session).collect();
+                    for s in others {
+                        set.remove(&s);
+                        calls.push((s, Callback::InvalidateInode { ino: *ino }));
+                    }
+                }
+            }
+            for (dir, name) in entries {
+                if let Some(set) = interest.dirs.get(dir) {
+                    for s in set.iter().filter(|s| **s != origin.session) {
+                        calls.push((*s, Callback::InvalidateEntry { parent: *dir, name: name.clone() }));
+                    }
+                }
+            }
+        }
+        if calls.is_empty() {
+            return;
+        }
+        let peers = self.peers.lock().unwrap().clone();
+        let futs: Vec<_> = calls
+            .into_iter()
+            .filter_map(|(s, cb)| peers.get(&s).cloned().map(|p| (p, cb)))
+            .map(|(p, cb)| async move {
+                if let Err(e) = p.callback(cb.clone()).await {
+                    warn!(peer = %p.name, "callback {cb:?} failed: {e}");
+                }
+            })
+            .collect();
+        self.counters.callbacks.fetch_add(futs.len() as u64, Ordering::Relaxed);
+        tokio::runtime::Handle::current().block_on(futures::future::join_all(futs));
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            bytes_read: self.counters.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.counters.bytes_written.load(Ordering::Relaxed),
+            callbacks: self.counters.callbacks.load(Ordering::Relaxed),
+            clients: self.peers.lock().unwrap().len() as u64,
+        }
+    }
+}
+
+fn unsafe_zeroed_statvfs() -> libc::statvfs {
+    // SAFETY: statvfs is a plain C struct of integers; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+impl Service for FsServer {
+    fn call(&self, peer: &Arc<PeerHandle>, req: Request) -> Result<Response, WireError> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.peers.lock().unwrap().entry(peer.session).or_insert_with(|| peer.clone());
+        let dir = match &req {
+            Request::Lookup { parent, .. } => Some(*parent),
+            Request::ReadDir { ino, .. } => Some(*ino),
+            _ => None,
+        };
+        let read = match &req {
+            Request::Read { ino, .. } => Some(*ino),
+            _ => None,
+        };
+        let resp = self.dispatch(peer, req)?;
+        let s = peer.session;
+        let mut interest = self.interest.lock().unwrap();
+        if let Some(d) = dir {
+            interest.dirs.entry(d).or_default().insert(s);
+        }
+        if let Some(i) = read {
+            interest.cachers.entry(i).or_default().insert(s);
+        }
+        match &resp {
+            Response::Attr(a) | Response::Entry(a) | Response::Written { attr: a, .. } => {
+                interest.cachers.entry(a.ino).or_default().insert(s);
+            }
+            Response::Entries(es) => {
+                for e in es {
+                    interest.cachers.entry(e.attr.ino).or_default().insert(s);
+                }
+            }
+            _ => {}
+        }
+        Ok(resp)
+    }
+
+    fn disconnected(&self, peer: &Arc<PeerHandle>) {
+        self.peers.lock().unwrap().remove(&peer.session);
+        {
+            let mut i = self.interest.lock().unwrap();
+            i.cachers.retain(|_, s| {
+                s.remove(&peer.session);
+                !s.is_empty()
+            });
+            i.dirs.retain(|_, s| {
+                s.remove(&peer.session);
+                !s.is_empty()
+            });
+        }
+        let closed: Vec<Ino> = {
+            let mut opens = self.opens.lock().unwrap();
+            let mut closed = Vec::new();
+            opens.retain(|ino, m| {
+                if m.remove(&peer.session).is_some() {
+                    closed.push(*ino);
+                }
+                !m.is_empty()
+            });
+            closed
+        };
+        for ino in closed {
+            if let Ok(rec) = self.store.get(ino) {
+                if rec.nlink == 0 {
+                    let _ = self.maybe_reap(ino);
+                }
+            }
+        }
+    }
+}
+
+/// Run a server on `listener` until `shutdown` resolves.
+pub async fn run(
+    server: Arc<FsServer>,
+    listener: tokio::net::TcpListener,
+    key: wisp_proto::key::ClusterKey,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    wisp_proto::rpc::serve(listener, key, server, shutdown).await
+}

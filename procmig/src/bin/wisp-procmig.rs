@@ -1,0 +1,168 @@
+//! `wisp-procmig`: thin CLI over the procmig library.
+//!
+//! ```text
+//! wisp-procmig run [--stdin F] [--stdout F] [--stderr F] [--wait] -- CMD...
+//!     start CMD as pid 2 of a new pid + uts namespace; prints "<pid> <init-pid>"
+//! wisp-procmig dump --pid P --dir D [--leave-frozen | --kill | --resume]
+//!     write the image of P into D; by default P is left frozen (SIGSTOP) for the caller
+//!     to kill once the target confirms, or to resume if restore failed
+//! wisp-procmig restore --dir D [--any-pid] [--wait]
+//!     restore the image in D; prints "<pid> <ns-pid|-> <init-pid|->"
+//! wisp-procmig resume --pid P        wisp-procmig kill --pid P
+//!     resolve a frozen source after a restore failed / succeeded
+//! ```
+//! Exit codes: 0 ok, 2 usage, 3 unsupported process, 4 bad image, 1 other errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "wisp-procmig", about = "live process migration through files")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a command in a new pid + uts namespace sandbox.
+    Run(RunArgs),
+    /// Freeze a process and write its image.
+    Dump(DumpArgs),
+    /// Recreate a process from an image.
+    Restore(RestoreArgs),
+    /// Resume a source left frozen by `dump`.
+    Resume(PidArgs),
+    /// Kill a source left frozen by `dump`.
+    Kill(PidArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long)]
+    stdin: Option<PathBuf>,
+    #[arg(long)]
+    stdout: Option<PathBuf>,
+    #[arg(long)]
+    stderr: Option<PathBuf>,
+    /// Wait for the command and exit with its status.
+    #[arg(long)]
+    wait: bool,
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[arg(long)]
+    pid: i32,
+    #[arg(long)]
+    dir: PathBuf,
+    /// Leave the source frozen in a SIGSTOP stop (the default).
+    #[arg(long, conflicts_with_all = ["kill", "resume"])]
+    leave_frozen: bool,
+    /// Kill the source once the image is complete.
+    #[arg(long, conflicts_with = "resume")]
+    kill: bool,
+    /// Let the source run on (checkpoint only).
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Do not recreate the pid namespace; accept any pid.
+    #[arg(long)]
+    any_pid: bool,
+    /// Wait for the restored process (its namespace init) and exit with its status.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Args)]
+struct PidArgs {
+    #[arg(long)]
+    pid: i32,
+}
+
+fn code_for(e: &anyhow::Error) -> u8 {
+    for c in e.chain() {
+        if let Some(wisp_procmig::DumpError::Unsupported { .. }) = c.downcast_ref() {
+            return 3;
+        }
+        if c.downcast_ref::<wisp_procmig::ImageError>().is_some() {
+            return 4;
+        }
+    }
+    1
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.cmd {
+        Cmd::Run(a) => {
+            let sb = wisp_procmig::run_sandboxed(&a.cmd, [a.stdin.as_deref(), a.stdout.as_deref(), a.stderr.as_deref()])
+                .with_context(|| format!("cannot start {:?}", a.cmd))?;
+            println!("{} {}", sb.pid, sb.init_pid);
+            if a.wait {
+                return Ok(sb.wait()?.clamp(0, 255) as u8);
+            }
+        }
+        Cmd::Dump(a) => {
+            let info = wisp_procmig::dump(a.pid, &a.dir).with_context(|| format!("dump of pid {} into {}", a.pid, a.dir.display()))?;
+            eprintln!(
+                "dumped pid {}: {} vmas, {} pages ({} bytes), {} fds, frozen {} ms{}",
+                info.pid,
+                info.vmas,
+                info.pages,
+                info.bytes,
+                info.fds,
+                info.frozen_ms,
+                if info.syscall_note.is_empty() { String::new() } else { format!("; {}", info.syscall_note) }
+            );
+            if a.kill {
+                info.frozen.kill().with_context(|| format!("kill of pid {}", a.pid))?;
+            } else if a.resume {
+                info.frozen.resume().with_context(|| format!("resume of pid {}", a.pid))?;
+            } else {
+                info.frozen.release_stopped().with_context(|| format!("leaving pid {} frozen", a.pid))?;
+            }
+        }
+        Cmd::Restore(a) => {
+            let opts = wisp_procmig::RestoreOptions {
+                pid_mode: if a.any_pid { wisp_procmig::PidMode::Any } else { wisp_procmig::PidMode::Auto },
+                inherit_fds: Vec::new(),
+            };
+            let r = wisp_procmig::restore_with(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            let show = |o: Option<i32>| o.map_or("-".to_string(), |p| p.to_string());
+            println!("{} {} {}", r.pid, show(r.ns_pid), show(r.init_pid));
+            if a.wait {
+                let waited = r.init_pid.unwrap_or(r.pid);
+                let sb = wisp_procmig::Sandbox { init_pid: waited, pid: r.pid };
+                return Ok(sb.wait()?.clamp(0, 255) as u8);
+            }
+        }
+        Cmd::Resume(a) => wisp_procmig::resume_stopped(a.pid).with_context(|| format!("resume of pid {}", a.pid))?,
+        Cmd::Kill(a) => wisp_procmig::kill_stopped(a.pid).with_context(|| format!("kill of pid {}", a.pid))?,
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(c) => ExitCode::from(c),
+        Err(e) => {
+            eprintln!("wisp-procmig: {e:#}");
+            ExitCode::from(code_for(&e))
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! Restore (target side): create a new process (fork, or clone3 with set_tid inside a
+//! fresh pid + uts namespace so the pid is exactly the old one), seize it while it waits
+//! in a tiny trampoline page, and rebuild it by injected syscalls: drop the inherited
+//! rseq registration and descriptors, unmap everything but the trampoline and the kernel's
+//! vdso/vvar pages, move those to their old addresses, map every VMA at its exact address
+//! (files MAP_PRIVATE/MAP_SHARED at their offset), write the stored pages over them
+//! through /proc/<pid>/mem, then mm fields (PR_SET_MM_MAP), signal state, descriptors, cwd,
+//! umask, timers, rlimits, creds, rseq/robust list/tid address, registers and xstate, and
+//! detach. On any failure the half-built process is killed; the source is never touched.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+
+use crate::image::{self, FdKind, ImageError, ImageMeta, VmaKind, PAGE};
+use crate::inject::{InjectError, Injector};
+use crate::procfs::{self, ProcError};
+use crate::sys::{self, SysError, Wait};
+
+/// Errors of a restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error("{path}: {what}")]
+    File { path: String, what: String },
+    #[error("fd {fd}: {what}")]
+    Fd { fd: i32, what: String },
+    #[error("pid {pid}: cannot be recreated: {what}")]
+    Pid { pid: i32, what: String },
+    #[error("vdso of this host differs from the source's: {what}")]
+    Vdso { what: String },
+    #[error("no free address range for the restore trampoline")]
+    NoTrampolineSpace,
+    #[error("restored process {pid}: injected {step} returned {got:#x}, expected {want:#x}")]
+    Mismatch { pid: i32, step: String, got: u64, want: u64 },
+    #[error("cannot read pages file {path}: {source}")]
+    Pages {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restore helper for pid {pid} failed: {what}")]
+    Helper { pid: i32, what: String },
+}
+
+type Result<T> = std::result::Result<T, RestoreError>;
+
+/// How the restored process gets its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PidMode {
+    /// New pid namespace when the source was in one (keeps getpid()), else any pid.
+    #[default]
+    Auto,
+    /// Always a fresh pid + uts namespace with clone3 set_tid = the innermost old pid.
+    NewNamespace,
+    /// Plain fork: any pid.
+    Any,
+}
+
+/// Options of [`restore_with`].
+#[derive(Debug, Default)]
+pub struct RestoreOptions {
+    pub pid_mode: PidMode,
+    /// Descriptors supplied by the caller for pipe ends: (image fd number, descriptor).
+    /// Pipes not listed here are reopened from the frozen source's /proc/<pid>/fd/<n>
+    /// (same host only).
+    pub inherit_fds: Vec<(i32, RawFd)>,
+}
+
+/// Result of a restore.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// Pid in the restorer's pid namespace.
+    pub pid: i32,
+    /// Pid inside the new namespace (equal to the image's innermost pid), if one was made.
+    pub ns_pid: Option<i32>,
+    /// The namespace's init (reaper), a child of the restorer, if one was made.
+    pub init_pid: Option<i32>,
+    /// Things that could not be restored exactly (e.g. a raised hard rlimit).
+    pub warnings: Vec<String>,
+}
+
+/// Restore the image in `dir` with default options; returns the new pid.
+pub fn restore(dir: &Path) -> Result<i32> {
+    restore_with(dir, &RestoreOptions::default()).map(|r| r.pid)
+}
+
+const TRAMP_CODE: &[u8] = &[0x0f, 0x05, 0xcc, 0xcc]; // syscall; int3
+const TRAMP_LEN: u64 = 16 * PAGE; // code page + 15 scratch pages
+const SCRATCH_OFF: u64 = PAGE;
+
+fn fid_ok(path: &str, want: &Option<image::FileId>) -> Result<()> {
+    let m = std::fs::metadata(path).map_err(|e| RestoreError::File { path: path.into(), what: format!("cannot stat: {e}") })?;
+    if let Some(w) = want {
+        if m.size() != w.size || m.mtime() != w.mtime_sec || m.mtime_nsec() != w.mtime_nsec {
+            return Err(RestoreError::File {
+                path: path.into(),
+                what: format!("differs from the dumped file (size {} vs {}, mtime {} vs {})", m.size(), w.size, m.mtime(), w.mtime_sec),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Restore the image in `dir`.
+pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    let meta = image::load(dir)?;
+    let pages_path = dir.join(image::PAGES_FILE);
+    let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages { path: pages_path.clone(), source })?;
+
+    // ---- preflight: everything that can fail without creating anything -----------------
+    for v in &meta.vmas {
+        if matches!(v.kind, VmaKind::FilePrivate | VmaKind::FileShared) {
+            fid_ok(&v.name, &v.file)?;
+        }
+    }
+    fid_ok(&meta.exe, &meta.exe_file)?;
+    let own_maps = procfs::maps(std::process::id() as i32)?;
+    let own_vdso = own_maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or_else(|| RestoreError::Vdso { what: "this process has no [vdso]".into() })?;
+    let mut vb = vec![0u8; (own_vdso.end - own_vdso.start) as usize];
+    File::open("/proc/self/mem")
+        .and_then(|f| f.read_exact_at(&mut vb, own_vdso.start))
+        .map_err(|e| RestoreError::Vdso { what: format!("cannot read own vdso: {e}") })?;
+    if sha2::Sha256::digest(&vb).as_slice() != meta.vdso_sha256.as_slice() {
+        return Err(RestoreError::Vdso { what: "vdso contents differ (different kernel build)".into() });
+    }
+    let own_specials: Vec<_> = own_maps.iter().filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar")).cloned().collect();
+    for s in &own_specials {
+        let img = meta.vmas.iter().find(|v| v.name == s.name);
+        match img {
+            Some(v) if v.end - v.start == s.end - s.start => {}
+            _ => return Err(RestoreError::Vdso { what: format!("{} has a different size or is missing in the image", s.name) }),
+        }
+    }
+    if meta.vmas.iter().filter(|v| v.kind == VmaKind::Special).count() != own_specials.len() {
+        return Err(RestoreError::Vdso { what: "different set of vdso/vvar mappings".into() });
+    }
+    // Pipe ends: inherited or reopened from the frozen source.
+    let mut pass: Vec<(i32, OwnedFd)> = Vec::new();
+    for f in &meta.fds {
+        match &f.kind {
+            FdKind::Pipe { .. } => {
+                let fd = if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
+                    sys::dup_owned(*raw).map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot dup inherited fd {raw}: {e}") })?
+                } else {
+                    let src = format!("/proc/{}/fd/{}", meta.pid, f.fd);
+                    let acc = f.flags & libc::O_ACCMODE as u32;
+                    let file = std::fs::OpenOptions::new()
+                        .read(acc != libc::O_WRONLY as u32)
+                        .write(acc != libc::O_RDONLY as u32)
+                        .open(&src)
+                        .map_err(|e| RestoreError::Fd {
+                            fd: f.fd,
+                            what: format!("pipe {} is not inherited and cannot be reopened from {src}: {e}", f.path),
+                        })?;
+                    let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
+                    if (FdKind::Pipe { ino }) != f.kind {
+                        return Err(RestoreError::Fd { fd: f.fd, what: format!("{src} is no longer {}", f.path) });
+                    }
+                    OwnedFd::from(file)
+                };
+                pass.push((f.fd, fd));
+            }
+            FdKind::Regular => fid_ok(&f.path, &f.file)?,
+            FdKind::CharDev => {
+                if !Path::new(&f.path).exists() {
+                    return Err(RestoreError::Fd { fd: f.fd, what: format!("{} does not exist here", f.path) });
+                }
+            }
+        }
+    }
+
+    // ---- trampoline address: free in the image and in our own (= the child's) layout ----
+    let mut busy: Vec<(u64, u64)> = meta.vmas.iter().map(|v| (v.start, v.end)).collect();
+    busy.extend(own_maps.iter().map(|m| (m.start, m.end)));
+    let tramp = find_gap(&busy, TRAMP_LEN + 2 * PAGE, 0x1000_0000).ok_or(RestoreError::NoTrampolineSpace)? + PAGE;
+
+    let mode = match opts.pid_mode {
+        PidMode::Auto if meta.ns_pids.len() > 1 => PidMode::NewNamespace,
+        PidMode::Auto => PidMode::Any,
+        m => m,
+    };
+    let want_ns_pid = *meta.ns_pids.last().unwrap_or(&meta.pid);
+
+    let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
+    let cleanup = |e: RestoreError| -> RestoreError {
+        let _ = sys::kill(pid, libc::SIGKILL);
+        if let Some(i) = init_pid {
+            let _ = sys::kill(i, libc::SIGKILL);
+            let _ = sys::wait(i);
+        } else {
+            let _ = sys::wait(pid);
+        }
+        e
+    };
+    let mut warnings = Vec::new();
+    let r = (|| -> Result<()> {
+        sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
+        sys::interrupt(pid)?;
+        loop {
+            match sys::wait(pid)? {
+                Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => break,
+                Wait::Stopped { .. } => sys::cont(pid, 0)?,
+                other => return Err(RestoreError::Helper { pid, what: format!("restore child ended early: {other:?}") }),
+            }
+        }
+        let base = sys::get_regs(pid)?;
+        let mut inj = Injector::new(pid, tramp, base)?;
+        build(&mut inj, &meta, &pages, &pages_path, tramp, &pass, &mut warnings)?;
+        Ok(())
+    })();
+    if let Err(e) = r {
+        return Err(cleanup(e));
+    }
+    drop(pass);
+    Ok(Restored {
+        pid,
+        ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid),
+        init_pid,
+        warnings,
+    })
+}
+
+/// Lowest gap of `len` bytes at or above `min`, not overlapping any busy range.
+fn find_gap(busy: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
+    let mut b = busy.to_vec();
+    b.sort_unstable();
+    let mut cand = min;
+    for (s, e) in b {
+        if e <= cand {
+            continue;
+        }
+        if s >= cand + len {
+            return Some(cand);
+        }
+        cand = cand.max(e);
+    }
+    (cand + len <= 0x7fff_0000_0000).then_some(cand)
+}
+
+/// Create the child that waits in the trampoline. Returns (pid, init pid).
+fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32, Option<i32>)> {
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| RestoreError::Helper { pid: ns_pid, what: format!("pipe: {e}") })?;
+    let wr_raw = wr.as_raw_fd();
+    let host = hostname.as_bytes().to_vec();
+    let (pid, init) = if mode == PidMode::NewNamespace {
+        let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
+        if init == 0 {
+            // Child: pid 1 of the new namespace. Only async-signal-safe calls from here.
+            sys::child_sethostname(&host);
+            match sys::fork_with_tid(ns_pid) {
+                Ok(0) => sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw),
+                Ok(t) => {
+                    sys::child_init_reap(t);
+                }
+                Err(_) => {
+                    let b = [2u8];
+                    let _ = nix::unistd::write(&wr, &b);
+                    sys::child_exit(122);
+                }
+            }
+        }
+        drop(wr);
+        let st = read_sync(&rd, init)?;
+        if st != 0 {
+            let _ = sys::wait(init);
+            return Err(RestoreError::Pid {
+                pid: ns_pid,
+                what: if st == 2 { "clone3 with set_tid failed in the new pid namespace".into() } else { "trampoline mapping failed".into() },
+            });
+        }
+        let kids = procfs::children_of(init);
+        if kids.len() != 1 {
+            let _ = sys::kill(init, libc::SIGKILL);
+            let _ = sys::wait(init);
+            return Err(RestoreError::Helper { pid: init, what: format!("expected one child of the namespace init, found {kids:?}") });
+        }
+        (kids[0], Some(init))
+    } else {
+        let t = sys::fork_with_flags(0)?;
+        if t == 0 {
+            sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw);
+        }
+        drop(wr);
+        let st = read_sync(&rd, t)?;
+        if st != 0 {
+            let _ = sys::wait(t);
+            return Err(RestoreError::Helper { pid: t, what: "trampoline mapping failed".into() });
+        }
+        (t, None)
+    };
+    Ok((pid, init))
+}
+
+fn read_sync(rd: &OwnedFd, pid: i32) -> Result<u8> {
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(rd.as_raw_fd(), &mut b) {
+            Ok(1) => return Ok(b[0]),
+            Ok(_) => return Err(RestoreError::Helper { pid, what: "child exited before reporting".into() }),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(RestoreError::Helper { pid, what: format!("sync read: {e}") }),
+        }
+    }
+}
+
+struct Scratch {
+    base: u64,
+    len: u64,
+}
+
+impl Scratch {
+    /// Place `data` at the start of scratch + `off`; returns the address.
+    fn put(&self, inj: &Injector, off: u64, data: &[u8]) -> Result<u64> {
+        if off + data.len() as u64 > self.len {
+            return Err(RestoreError::Helper { pid: inj.pid(), what: format!("scratch overflow ({} bytes)", data.len()) });
+        }
+        inj.write(self.base + off, data)?;
+        Ok(self.base + off)
+    }
+
+    fn cstr(&self, inj: &Injector, off: u64, s: &str) -> Result<u64> {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.put(inj, off, &b)
+    }
+}
+
+fn mmap_at(inj: &mut Injector, what: &str, start: u64, len: u64, prot: u32, flags: i32, fd: u64, off: u64) -> Result<()> {
+    let got = inj.call("mmap", libc::SYS_mmap, [start, len, prot as u64, (flags | libc::MAP_FIXED) as u64, fd, off])?;
+    if got != start {
+        return Err(RestoreError::Mismatch { pid: inj.pid(), step: format!("mmap of {what}"), got, want: start });
+    }
+    Ok(())
+}
+
+fn build(
+    inj: &mut Injector,
+    meta: &ImageMeta,
+    pages: &File,
+    pages_path: &Path,
+    tramp: u64,
+    pass: &[(i32, OwnedFd)],
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let pid = inj.pid();
+    let sc = Scratch { base: tramp + SCRATCH_OFF, len: TRAMP_LEN - SCRATCH_OFF };
+    let nr = |n: libc::c_long| n as i64;
+
+    // 1. Drop the rseq registration inherited from the restorer (it points into memory
+    //    that is about to disappear).
+    let cfg = sys::get_rseq(pid)?;
+    if cfg.abi_size > 0 {
+        inj.call("rseq(unregister)", nr(libc::SYS_rseq), [cfg.abi_pointer, cfg.abi_size as u64, 1, cfg.signature as u64, 0, 0])?;
+    }
+
+    // 2. Descriptors: keep only the pipe ends we pass, parked above every wanted number.
+    let hi = meta.fds.iter().map(|f| f.fd).chain(pass.iter().map(|(_, o)| o.as_raw_fd())).max().unwrap_or(0) as u64 + 1;
+    let mut parked: BTreeMap<i32, u64> = BTreeMap::new();
+    for (want, o) in pass {
+        let t = inj.call("fcntl(F_DUPFD)", nr(libc::SYS_fcntl), [o.as_raw_fd() as u64, libc::F_DUPFD as u64, hi, 0, 0, 0])?;
+        parked.insert(*want, t);
+    }
+    for fd in procfs::fds(pid)? {
+        if !parked.values().any(|p| *p == fd as u64) {
+            inj.call("close", nr(libc::SYS_close), [fd as u64, 0, 0, 0, 0, 0])?;
+        }
+    }
+
+    // 3. Address space: unmap all but the trampoline and the vdso/vvar pages.
+    let cur = procfs::maps(pid)?;
+    for m in &cur {
+        let special = m.name == "[vdso]" || m.name.starts_with("[vvar") || m.name == "[vsyscall]";
+        if special || (m.start >= tramp && m.end <= tramp + TRAMP_LEN) {
+            continue;
+        }
+        inj.call("munmap", nr(libc::SYS_munmap), [m.start, m.end - m.start, 0, 0, 0, 0])?;
+    }
+    // Move vdso/vvar to their old addresses, through a free parking area.
+    let specials: Vec<_> = cur.iter().filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar")).cloned().collect();
+    let total: u64 = specials.iter().map(|m| m.end - m.start).sum();
+    let mut busy: Vec<(u64, u64)> = meta.vmas.iter().map(|v| (v.start, v.end)).collect();
+    busy.extend(specials.iter().map(|m| (m.start, m.end)));
+    busy.push((tramp, tramp + TRAMP_LEN));
+    let park = find_gap(&busy, total + PAGE, 0x2000_0000).ok_or(RestoreError::NoTrampolineSpace)?;
+    let mut at = park;
+    let mut parked_specials = Vec::new();
+    for m in &specials {
+        let len = m.end - m.start;
+        let got = inj.call("mremap(park)", nr(libc::SYS_mremap), [m.start, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at, 0])?;
+        if got != at {
+            return Err(RestoreError::Mismatch { pid, step: format!("mremap of {}", m.name), got, want: at });
+        }
+        parked_specials.push((m.name.clone(), at, len));
+        at += len;
+    }
+    for (name, from, len) in parked_specials {
+        let v = meta.vmas.iter().find(|v| v.name == name).ok_or_else(|| RestoreError::Vdso { what: format!("{name} missing in image") })?;
+        let got = inj.call("mremap", nr(libc::SYS_mremap), [from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, v.start, 0])?;
+        if got != v.start {
+            return Err(RestoreError::Mismatch { pid, step: format!("mremap of {name}"), got, want: v.start });
+        }
+    }
+
+    // 4. Recreate every VMA at its address.
+    for v in &meta.vmas {
+        let len = v.end - v.start;
+        match v.kind {
+            VmaKind::AnonPrivate => {
+                let mut fl = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+                if v.growsdown {
+                    fl |= libc::MAP_GROWSDOWN;
+                }
+                mmap_at(inj, &format!("anonymous {:#x}", v.start), v.start, len, v.prot, fl, u64::MAX, 0)?;
+            }
+            VmaKind::AnonShared => {
+                mmap_at(inj, &format!("shared anonymous {:#x}", v.start), v.start, len, v.prot, libc::MAP_SHARED | libc::MAP_ANONYMOUS, u64::MAX, 0)?;
+            }
+            VmaKind::FilePrivate | VmaKind::FileShared => {
+                let shared = v.kind == VmaKind::FileShared;
+                let oflags = if shared && v.maywrite { libc::O_RDWR } else { libc::O_RDONLY };
+                let p = sc.cstr(inj, 0, &v.name)?;
+                let fd = inj
+                    .call("openat(mapping)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, (oflags | libc::O_CLOEXEC) as u64, 0, 0, 0])
+                    .map_err(|e| RestoreError::File { path: v.name.clone(), what: format!("cannot open for mapping: {e}") })?;
+                let fl = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let r = mmap_at(inj, &v.name, v.start, len, v.prot, fl, fd, v.offset);
+                inj.call("close", nr(libc::SYS_close), [fd, 0, 0, 0, 0, 0])?;
+                r?;
+            }
+            VmaKind::Special | VmaKind::Vsyscall => {}
+        }
+    }
+
+    // 5. Page contents from the swap file.
+    let mut buf = vec![0u8; 4 << 20];
+    for r in &meta.page_runs {
+        let mut done = 0u64;
+        let total = r.npages * PAGE;
+        while done < total {
+            let n = (total - done).min(buf.len() as u64) as usize;
+            pages
+                .read_exact_at(&mut buf[..n], r.offset + done)
+                .map_err(|source| RestoreError::Pages { path: pages_path.to_path_buf(), source })?;
+            inj.write(r.vaddr + done, &buf[..n])?;
+            done += n as u64;
+        }
+    }
+
+    // 6. mm fields and exe link.
+    let p = sc.cstr(inj, 0, &meta.exe)?;
+    let exe_fd = inj
+        .call("openat(exe)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])
+        .map_err(|e| RestoreError::File { path: meta.exe.clone(), what: format!("cannot open executable: {e}") })?;
+    let auxv_addr = sc.put(inj, 0x1000, &meta.mm.auxv)?;
+    let m = &meta.mm;
+    let mut mm = Vec::with_capacity(104);
+    for w in [m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack, m.arg_start, m.arg_end, m.env_start, m.env_end, auxv_addr] {
+        mm.extend_from_slice(&w.to_le_bytes());
+    }
+    mm.extend_from_slice(&(m.auxv.len() as u32).to_le_bytes());
+    mm.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    let mm_addr = sc.put(inj, 0x2000, &mm)?;
+    let r = inj.call("prctl(PR_SET_MM_MAP)", nr(libc::SYS_prctl), [libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, mm_addr, mm.len() as u64, 0, 0]);
+    inj.call("close", nr(libc::SYS_close), [exe_fd, 0, 0, 0, 0, 0])?;
+    r?;
+
+    // 7. Descriptors.
+    for f in &meta.fds {
+        let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
+        let tmp = match &f.kind {
+            FdKind::Pipe { .. } => *parked.get(&f.fd).ok_or_else(|| RestoreError::Fd { fd: f.fd, what: "pipe end not available".into() })?,
+            FdKind::Regular | FdKind::CharDev => {
+                let p = sc.cstr(inj, 0, &f.path)?;
+                let fl = (f.flags as i32) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC) | libc::O_CLOEXEC;
+                inj.call("openat(fd)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, fl as u64, 0, 0, 0])
+                    .map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot reopen {}: {e}", f.path) })?
+            }
+        };
+        if tmp != f.fd as u64 {
+            inj.call("dup3", nr(libc::SYS_dup3), [tmp, f.fd as u64, if cloexec { libc::O_CLOEXEC as u64 } else { 0 }, 0, 0, 0])?;
+            inj.call("close", nr(libc::SYS_close), [tmp, 0, 0, 0, 0, 0])?;
+        } else if !cloexec {
+            inj.call("fcntl(F_SETFD)", nr(libc::SYS_fcntl), [tmp, libc::F_SETFD as u64, 0, 0, 0, 0])?;
+        }
+        let status_flags = f.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME) as u32;
+        inj.call("fcntl(F_SETFL)", nr(libc::SYS_fcntl), [f.fd as u64, libc::F_SETFL as u64, status_flags as u64, 0, 0, 0])?;
+        if f.kind == FdKind::Regular && f.pos != 0 {
+            let got = inj.call("lseek", nr(libc::SYS_lseek), [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0])?;
+            if got != f.pos {
+                return Err(RestoreError::Mismatch { pid, step: format!("lseek of fd {}", f.fd), got, want: f.pos });
+            }
+        }
+    }
+
+    // 8. Process attributes.
+    let p = sc.cstr(inj, 0, &meta.cwd)?;
+    inj.call("chdir", nr(libc::SYS_chdir), [p, 0, 0, 0, 0, 0])
+        .map_err(|e| RestoreError::File { path: meta.cwd.clone(), what: format!("cannot chdir: {e}") })?;
+    inj.call("umask", nr(libc::SYS_umask), [meta.umask as u64, 0, 0, 0, 0, 0])?;
+    inj.call("personality", nr(libc::SYS_personality), [meta.personality as u64, 0, 0, 0, 0, 0])?;
+    let p = sc.cstr(inj, 0, &meta.comm)?;
+    inj.call("prctl(PR_SET_NAME)", nr(libc::SYS_prctl), [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0])?;
+    for t in &meta.itimers {
+        let mut b = Vec::new();
+        for w in [t.interval_usec / 1_000_000, t.interval_usec % 1_000_000, t.value_usec / 1_000_000, t.value_usec % 1_000_000] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let a = sc.put(inj, 0, &b)?;
+        inj.call("setitimer", nr(libc::SYS_setitimer), [t.which as u64, a, 0, 0, 0, 0])?;
+    }
+    for rl in &meta.rlimits {
+        if let Err(e) = sys::prlimit(pid, rl.resource, Some((rl.cur, rl.max))) {
+            // Raising a hard limit needs CAP_SYS_RESOURCE; keep the soft one if possible.
+            let (_, curmax) = sys::prlimit(pid, rl.resource, None)?;
+            let cur = rl.cur.min(curmax);
+            let _ = sys::prlimit(pid, rl.resource, Some((cur, curmax)));
+            warnings.push(format!("rlimit {}: wanted {}/{}, got {}/{} ({e})", rl.resource, rl.cur, rl.max, cur, curmax));
+        }
+    }
+
+    // 9. Signals.
+    for a in &meta.sigactions {
+        let mut b = Vec::with_capacity(32);
+        for w in [a.handler, a.flags, a.restorer, a.mask] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let addr = sc.put(inj, 0, &b)?;
+        inj.call("rt_sigaction", nr(libc::SYS_rt_sigaction), [a.signo as u64, addr, 0, 8, 0, 0])?;
+    }
+    let mut b = Vec::new();
+    let st = &meta.altstack;
+    let (sp, flags, size) = if st.flags & libc::SS_DISABLE != 0 { (0, libc::SS_DISABLE, 0) } else { (st.sp, 0, st.size) };
+    b.extend_from_slice(&sp.to_le_bytes());
+    b.extend_from_slice(&(flags as u64).to_le_bytes());
+    b.extend_from_slice(&size.to_le_bytes());
+    let a = sc.put(inj, 0, &b)?;
+    inj.call("sigaltstack", nr(libc::SYS_sigaltstack), [a, 0, 0, 0, 0, 0])?;
+    let a = sc.put(inj, 0, &meta.sigmask.to_le_bytes())?;
+    inj.call("rt_sigprocmask", nr(libc::SYS_rt_sigprocmask), [libc::SIG_SETMASK as u64, a, 0, 8, 0, 0])?;
+
+    // 10. Per-thread kernel pointers into user memory.
+    inj.call("set_robust_list", nr(libc::SYS_set_robust_list), [meta.robust_list, meta.robust_list_len, 0, 0, 0, 0])?;
+    inj.call("set_tid_address", nr(libc::SYS_set_tid_address), [meta.clear_child_tid, 0, 0, 0, 0, 0])?;
+    if let Some(rs) = &meta.rseq {
+        inj.call("rseq(register)", nr(libc::SYS_rseq), [rs.addr, rs.len as u64, 0, rs.sig as u64, 0, 0])?;
+    }
+
+    // 11. Credentials (last privileged step).
+    let c = &meta.creds;
+    if c.uids != [0; 4] || c.gids != [0; 4] || !c.groups.is_empty() {
+        let mut g = Vec::new();
+        for x in &c.groups {
+            g.extend_from_slice(&x.to_le_bytes());
+        }
+        let a = sc.put(inj, 0, &g)?;
+        inj.call("setgroups", nr(libc::SYS_setgroups), [c.groups.len() as u64, a, 0, 0, 0, 0])?;
+        inj.call("setresgid", nr(libc::SYS_setresgid), [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0])?;
+        inj.call("setresuid", nr(libc::SYS_setresuid), [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0])?;
+    }
+
+    // 12. Drop the trampoline, load registers, let it go.
+    inj.call("munmap(trampoline)", nr(libc::SYS_munmap), [tramp, TRAMP_LEN, 0, 0, 0, 0])?;
+    let regs = meta.regs().ok_or_else(|| RestoreError::Helper { pid, what: "bad register block".into() })?;
+    sys::set_xstate(pid, &meta.xstate)?;
+    sys::set_regs(pid, &regs)?;
+    let suppressed = std::mem::take(&mut inj.suppressed);
+    sys::detach(pid, 0)?;
+    for s in meta.pending.iter().map(|s| *s as i32).chain(suppressed) {
+        let _ = sys::kill(pid, s);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_gap;
+
+    #[test]
+    fn gap_finding() {
+        let busy = [(0x1000_0000, 0x1001_0000), (0x1002_0000, 0x1003_0000)];
+        assert_eq!(find_gap(&busy, 0x10000, 0x1000_0000), Some(0x1001_0000));
+        assert_eq!(find_gap(&busy, 0x20000, 0x1000_0000), Some(0x1003_0000));
+        assert_eq!(find_gap(&busy, 0x1000, 0x2000_0000), Some(0x2000_0000));
+    }
+}

@@ -1,0 +1,221 @@
+//! Messages carried in frames after the handshake.
+//!
+//! Every frame holds one postcard-encoded [`Message`]. Calls flow client -> server and
+//! callbacks server -> client over the same connection; each carries an id that its reply
+//! repeats, so many calls can be in flight at once in both directions.
+//! See docs/protocol.md for the meaning of each request.
+
+use serde::{Deserialize, Serialize};
+
+/// Inode number on a file server. 1 is the root of the domain.
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// One frame's content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Message {
+    Call { id: u64, req: Request },
+    Reply { id: u64, resp: Result<Response, WireError> },
+    Callback { id: u64, cb: Callback },
+    CallbackReply { id: u64, resp: Result<(), WireError> },
+}
+
+/// An error sent over the wire: a POSIX errno and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{msg} (errno {errno})")]
+pub struct WireError {
+    pub errno: i32,
+    pub msg: String,
+}
+
+impl WireError {
+    pub fn new(errno: i32, msg: impl Into<String>) -> Self {
+        WireError { errno, msg: msg.into() }
+    }
+}
+
+/// Identity of the process making a file system request, as the kernel gave it to FUSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Cred {
+    pub const ROOT: Cred = Cred { uid: 0, gid: 0, pid: 0 };
+}
+
+/// File type, as in `st_mode & S_IFMT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// A point in time: seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Time {
+    pub secs: i64,
+    pub nsecs: u32,
+}
+
+impl Time {
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() }
+    }
+}
+
+/// Attributes of an inode (the fields of `struct stat`), plus the data version that the
+/// consistency protocol compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    /// Bytes actually allocated on the server (sparse files report less than `size`).
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    /// Bumped by every open for writing (Sprite's version number).
+    pub version: u64,
+}
+
+/// A time to set: a given time, or the server's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// Attribute changes for `SetAttr`; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    /// Cookie to pass as `offset` to continue after this entry.
+    pub cookie: u64,
+    pub attr: Attr,
+}
+
+/// Open mode, as far as the server cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenMode {
+    pub read: bool,
+    pub write: bool,
+    pub truncate: bool,
+}
+
+/// Client -> server requests. Names are raw bytes (Unix names need not be UTF-8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and round-trip probe.
+    Ping,
+    Lookup { cred: Cred, parent: Ino, name: Vec<u8> },
+    GetAttr { ino: Ino },
+    SetAttr { cred: Cred, ino: Ino, set: SetAttrs },
+    ReadLink { ino: Ino },
+    MkNod { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32, rdev: u32 },
+    Mkdir { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32 },
+    /// Create a regular file; with `excl` an existing name is EEXIST (O_EXCL).
+    Create { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32, excl: bool, mode_open: OpenMode },
+    Symlink { cred: Cred, parent: Ino, name: Vec<u8>, target: Vec<u8> },
+    Link { cred: Cred, ino: Ino, new_parent: Ino, new_name: Vec<u8> },
+    Unlink { cred: Cred, parent: Ino, name: Vec<u8> },
+    Rmdir { cred: Cred, parent: Ino, name: Vec<u8> },
+    /// `flags` are renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+    Rename { cred: Cred, parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
+    /// Register an open with the server (consistency tracking); returns current attributes.
+    Open { cred: Cred, ino: Ino, mode: OpenMode },
+    /// The matching close of an `Open` (or `Create`).
+    Close { ino: Ino, mode: OpenMode },
+    Read { ino: Ino, offset: u64, size: u32 },
+    /// With `append`, the data goes at the server's end of file and `offset` is ignored.
+    Write {
+        ino: Ino,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        append: bool,
+    },
+    /// Make the file's data and metadata durable on the server's disk.
+    Fsync { ino: Ino },
+    /// Entries after cookie `offset` (0 = from the start), at most `max` of them.
+    ReadDir { ino: Ino, offset: u64, max: u32 },
+    StatFs,
+    SetXattr { cred: Cred, ino: Ino, name: Vec<u8>, #[serde(with = "serde_bytes")] value: Vec<u8>, flags: i32 },
+    GetXattr { ino: Ino, name: Vec<u8> },
+    ListXattr { ino: Ino },
+    RemoveXattr { cred: Cred, ino: Ino, name: Vec<u8> },
+    /// `mode` as fallocate(2): 0 or FALLOC_FL_KEEP_SIZE / PUNCH_HOLE|KEEP_SIZE.
+    Fallocate { ino: Ino, offset: u64, length: u64, mode: i32 },
+    /// Server-side byte statistics (for tests and `wisp status`).
+    Stats,
+    /// A request for the cluster registry (naming crate); the payload is that crate's own
+    /// postcard-encoded message, opaque to this crate.
+    Naming(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// Server -> client replies, one variant per kind of answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Pong,
+    Attr(Attr),
+    /// A new or looked-up entry.
+    Entry(Attr),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Written { size: u32, attr: Attr },
+    Entries(Vec<DirEntry>),
+    StatFs { blocks: u64, bfree: u64, bavail: u64, files: u64, ffree: u64, bsize: u32, namelen: u32 },
+    Xattr(#[serde(with = "serde_bytes")] Vec<u8>),
+    Ok,
+    Stats(ServerStats),
+    /// The naming crate's reply to a [`Request::Naming`], opaque here.
+    Naming(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// Counters a server keeps since it started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerStats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub callbacks: u64,
+    pub clients: u64,
+}
+
+/// Server -> client callbacks (the consistency protocol).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Callback {
+    /// Drop cached data and attributes of an inode.
+    InvalidateInode { ino: Ino },
+    /// Drop a cached name in a directory.
+    InvalidateEntry { parent: Ino, name: Vec<u8> },
+}
+
+/// Largest name component, as on ext4.
+pub const NAME_MAX: usize = 255;

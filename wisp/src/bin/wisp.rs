@@ -1,0 +1,138 @@
+//! `wisp`: the command-line front end (keys, the simulated cluster, the demo, benchmarks).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use wisp_cluster::{Cluster, Spec};
+
+/// wisp: make a set of Linux workstations behave like one machine.
+///
+/// One namespace (/wisp, consistent on every host), remote execution on idle hosts, and
+/// process migration. See README.md and docs/ for the whole story.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a new random cluster key to FILE (mode 0600). Copy it to every host.
+    Keygen(Keygen),
+    /// Run a simulated cluster on this machine (needs root).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Parser, Debug)]
+struct Keygen {
+    /// Where to write the key; the file must not exist yet.
+    file: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Bring up servers srv1..srvM and workstations ws1..wsN, each in its own network,
+    /// mount and uts namespace, with /wisp mounted on every workstation.
+    Up(Up),
+    /// Tear a cluster down: processes, mounts, namespaces, state. Safe after a crash.
+    Down(Down),
+    /// Run a command on a host of the cluster, e.g. `wisp cluster exec ws1 -- ls /wisp`.
+    Exec(Exec),
+    /// List the clusters and their hosts.
+    Status(Status),
+}
+
+#[derive(Parser, Debug)]
+struct Up {
+    /// Cluster name (namespaces are called wisp-NAME-HOST).
+    #[arg(long, default_value = "sim")]
+    name: String,
+    /// Number of workstations.
+    #[arg(long, default_value_t = 3)]
+    workstations: usize,
+    /// Number of file servers.
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
+}
+
+#[derive(Parser, Debug)]
+struct Down {
+    /// Cluster name.
+    #[arg(long, default_value = "sim")]
+    name: String,
+}
+
+#[derive(Parser, Debug)]
+struct Exec {
+    /// Cluster name.
+    #[arg(long, default_value = "sim")]
+    name: String,
+    /// Host to run on (srv1, ws1, ...).
+    host: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+#[derive(Parser, Debug)]
+struct Status {
+    /// Only this cluster.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    wisp::init_logging("warn");
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wisp: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Keygen(k) => {
+            wisp_proto::key::ClusterKey::generate().save(&k.file)?;
+            println!("wrote a new cluster key to {}; copy it (mode 0600) to every host", k.file.display());
+        }
+        Cmd::Cluster(ClusterCmd::Up(u)) => {
+            let c = Cluster::up(&Spec::new(&u.name, u.servers, u.workstations)).context("cluster up")?;
+            print!("{}", c.status());
+            println!("run commands with: wisp cluster exec --name {} ws1 -- ls {}", c.name, wisp_cluster::MOUNTPOINT);
+        }
+        Cmd::Cluster(ClusterCmd::Down(d)) => {
+            wisp_cluster::down(&d.name)?;
+            println!("cluster {} is down", d.name);
+        }
+        Cmd::Cluster(ClusterCmd::Exec(e)) => {
+            let c = Cluster::load(&e.name)?;
+            let argv: Vec<&str> = e.argv.iter().map(|s| s.as_str()).collect();
+            let status = c.command(&e.host, &argv)?.status().with_context(|| format!("run on {}", e.host))?;
+            return Ok(ExitCode::from(status.code().unwrap_or(128) as u8));
+        }
+        Cmd::Cluster(ClusterCmd::Status(s)) => {
+            let names = match s.name {
+                Some(n) => vec![n],
+                None => Cluster::list(),
+            };
+            if names.is_empty() {
+                println!("no cluster is up; start one with `wisp cluster up`");
+            }
+            for n in names {
+                match Cluster::load(&n) {
+                    Ok(c) => print!("{}", c.status()),
+                    Err(e) => bail!("{e}"),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

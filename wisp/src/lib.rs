@@ -1,0 +1,22 @@
+//! Shared plumbing of the wisp binaries: logging setup and signal waiting.
+//!
+//! Architecture Invariant: binaries are thin. Each command parses its flags (one clap struct
+//! per subcommand) and calls library code; no mechanism lives here.
+
+/// Start structured logging at `level` (RUST_LOG, if set, wins).
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Resolve when SIGTERM or SIGINT arrives.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
