@@ -10,3 +10,10 @@ pub mod store;
 pub mod wire;
 pub mod network;
 pub mod node;
+pub mod client;
+
+pub use client::RegistryClient;
+pub use node::{NamingConfig, NamingNode};
+pub use prefix::{longest_prefix, PrefixTable, Route};
+pub use registry::{Command, Registry, RegistryError, Reply};
+pub use wire::{NamingError, NodeId, NodeStatus};

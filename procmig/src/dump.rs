@@ -382,15 +382,19 @@ fn dump_frozen(
     let smaps = procfs::smaps(pid)?;
     let mut vmas = Vec::new();
     for m in &smaps {
-        if m.has_flag("io") || m.has_flag("pf") && m.name.is_empty() {
+        let special = m.name == "[vdso]" || m.name.starts_with("[vvar") || m.name == "[vsyscall]";
+        if !special && (m.has_flag("io") || m.has_flag("pf")) {
             return Err(DumpError::Unsupported { pid, what: format!("device mapping {:#x}-{:#x} {}", m.start, m.end, m.name) });
         }
         if m.name.ends_with(" (deleted)") && !m.name.starts_with("/dev/zero") && !m.name.starts_with("/SYSV") {
             return Err(DumpError::Unsupported { pid, what: format!("mapping of deleted file {}", m.name) });
         }
-        let prot = (m.read as u32) * libc::PROT_READ as u32
-            | (m.write as u32) * libc::PROT_WRITE as u32
-            | (m.exec as u32) * libc::PROT_EXEC as u32;
+        let mut prot = 0u32;
+        for (on, bit) in [(m.read, libc::PROT_READ), (m.write, libc::PROT_WRITE), (m.exec, libc::PROT_EXEC)] {
+            if on {
+                prot |= bit as u32;
+            }
+        }
         let (kind, file) = if m.name == "[vsyscall]" {
             (VmaKind::Vsyscall, None)
         } else if m.name == "[vdso]" || m.name.starts_with("[vvar") {
@@ -608,6 +612,7 @@ fn dump_pages(pid: i32, mem: &File, vmas: &[Vma], pf: &mut File, path: &Path) ->
             VmaKind::FilePrivate => false,
             _ => continue,
         };
+        let first_run_of_vma = runs.len();
         let mut a = v.start;
         while a < v.end {
             let e = (a + CHUNK_PAGES * PAGE).min(v.end);
@@ -639,9 +644,15 @@ fn dump_pages(pid: i32, mem: &File, vmas: &[Vma], pf: &mut File, path: &Path) ->
                     let off = PAGES_DATA_OFFSET + written * PAGE;
                     pf.write_all(page).map_err(|source| DumpError::Write { path: path.to_path_buf(), source })?;
                     written += 1;
-                    match runs.last_mut() {
-                        Some(r) if r.vaddr + r.npages * PAGE == va && r.offset + r.npages * PAGE == off => r.npages += 1,
-                        _ => runs.push(PageRun { vaddr: va, npages: 1, offset: off }),
+                    // Runs never cross a VMA boundary (restore and lazy paging rely on it).
+                    let n = runs.len();
+                    if n > first_run_of_vma
+                        && runs[n - 1].vaddr + runs[n - 1].npages * PAGE == va
+                        && runs[n - 1].offset + runs[n - 1].npages * PAGE == off
+                    {
+                        runs[n - 1].npages += 1;
+                    } else {
+                        runs.push(PageRun { vaddr: va, npages: 1, offset: off });
                     }
                 }
             }

@@ -427,7 +427,7 @@ pub fn validate(path: &Path, m: &ImageMeta) -> Result<()> {
         }
         prev = vend;
     }
-    if m.mm.auxv.len() > 8 * 2 * 64 || m.mm.auxv.len() % 16 != 0 {
+    if m.mm.auxv.len() > 8 * 2 * 64 || m.mm.auxv.len() & 15 != 0 {
         return Err(invalid(path, format!("auxv is {} bytes (must be pairs of u64, at most 64 pairs)", m.mm.auxv.len())));
     }
     for fd in &m.fds {

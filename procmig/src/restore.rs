@@ -340,6 +340,7 @@ impl Scratch {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // mirrors mmap(2) plus a label for errors
 fn mmap_at(inj: &mut Injector, what: &str, start: u64, len: u64, prot: u32, flags: i32, fd: u64, off: u64) -> Result<()> {
     let got = inj.call("mmap", libc::SYS_mmap, [start, len, prot as u64, (flags | libc::MAP_FIXED) as u64, fd, off])?;
     if got != start {
@@ -359,7 +360,7 @@ fn build(
 ) -> Result<()> {
     let pid = inj.pid();
     let sc = Scratch { base: tramp + SCRATCH_OFF, len: TRAMP_LEN - SCRATCH_OFF };
-    let nr = |n: libc::c_long| n as i64;
+    let nr = |n: libc::c_long| -> i64 { n };
 
     // 1. Drop the rseq registration inherited from the restorer (it points into memory
     //    that is about to disappear).

@@ -74,10 +74,7 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
     let envs: Vec<CString> = std::env::vars()
         .map(|(k, v)| cstring(&format!("{k}={v}")))
         .collect::<Result<_, _>>()?;
-    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argp.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = envs.iter().map(|a| a.as_ptr()).collect();
-    envp.push(std::ptr::null());
+    let exec = sys::ExecArgs::new(path, args, envs);
     let mut files = Vec::new();
     let mut fds = [-1i32; 3];
     for (i, p) in stdio.iter().enumerate() {
@@ -96,7 +93,7 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
     if init == 0 {
         // pid 1 of the new namespace: only async-signal-safe calls from here on.
         match sys::fork_with_flags(0) {
-            Ok(0) => sys::child_exec(fds, path.as_ptr(), argp.as_ptr(), envp.as_ptr()),
+            Ok(0) => sys::child_exec(fds, &exec),
             Ok(main) => sys::child_init_reap(main),
             Err(_) => sys::child_exit(126),
         }

@@ -369,23 +369,45 @@ pub fn child_sethostname(name: &[u8]) {
     }
 }
 
-/// Child body for `run`: redirect stdio from prepared fds (-1 = keep), then execve.
-/// `path`, `argv`, `envp` are NUL-terminated and prepared before the fork. Never returns.
-pub fn child_exec(
-    stdio: [i32; 3],
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) -> ! {
-    // SAFETY: async-signal-safe calls only; pointers were built by the parent before the fork
-    // and stay valid in the copy-on-write child image.
+/// A prepared execve(2) call: owned strings plus the NULL-terminated pointer arrays
+/// into them, built before a fork so that the child does not allocate.
+pub struct ExecArgs {
+    path: std::ffi::CString,
+    _args: Vec<std::ffi::CString>,
+    _envs: Vec<std::ffi::CString>,
+    argp: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecArgs {
+    pub fn new(path: std::ffi::CString, args: Vec<std::ffi::CString>, envs: Vec<std::ffi::CString>) -> Self {
+        let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argp.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = envs.iter().map(|a| a.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        // The CStrings' heap buffers do not move when the Vecs holding them move.
+        ExecArgs { path, _args: args, _envs: envs, argp, envp }
+    }
+}
+
+/// Child body for `run`: redirect stdio from prepared fds (-1 = keep), reset SIGPIPE and
+/// the signal mask, then execve. Never returns (exit 127 when execve fails).
+pub fn child_exec(stdio: [i32; 3], exec: &ExecArgs) -> ! {
+    // SAFETY: async-signal-safe calls only; every pointer comes from `exec`, whose strings
+    // and NULL-terminated arrays are owned by it and alive for the call.
     unsafe {
+        // The Rust runtime ignores SIGPIPE and exec keeps ignored dispositions: undo that,
+        // and start with an empty signal mask.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         for (target, fd) in stdio.iter().enumerate() {
             if *fd >= 0 {
                 libc::dup2(*fd, target as i32);
             }
         }
-        libc::execve(path, argv, envp);
+        libc::execve(exec.path.as_ptr(), exec.argp.as_ptr(), exec.envp.as_ptr());
         libc::_exit(127);
     }
 }

@@ -95,7 +95,9 @@ fn code_for(e: &anyhow::Error) -> u8 {
         if let Some(wisp_procmig::DumpError::Unsupported { .. }) = c.downcast_ref() {
             return 3;
         }
-        if c.downcast_ref::<wisp_procmig::ImageError>().is_some() {
+        if c.downcast_ref::<wisp_procmig::ImageError>().is_some()
+            || matches!(c.downcast_ref(), Some(wisp_procmig::RestoreError::Image(_)))
+        {
             return 4;
         }
     }

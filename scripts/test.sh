@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run wisp's whole test suite the way CI does: install dependencies, build, test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "error: the tests build simulated clusters (namespaces, FUSE): run as root" >&2; exit 1; }
+scripts/deps.sh
+cargo build --release --bins --locked
+# Leftovers of an interrupted run must not break this one.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^wisp-t' || true); do ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$ns" 2>/dev/null || true; done
+cargo test --release --locked --workspace -- --test-threads=2
