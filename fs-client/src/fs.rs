@@ -15,7 +15,7 @@ use wisp_proto::msg::{self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq,
 use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
 
 use crate::notify;
-use crate::CACHE_TTL;
+use crate::{CACHE_TTL, ENTRY_TTL};
 
 /// Errors mounting the file system.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,8 @@ struct Handle {
     ino: u64,
     mode: OpenMode,
     append: bool,
+    /// A cluster pipe: blocking reads and writes are re-asked until they complete.
+    pipe: bool,
 }
 
 struct WispFs {
@@ -120,6 +122,7 @@ fn ftype(k: Kind) -> FileType {
         Kind::Socket => FileType::Socket,
         Kind::CharDev => FileType::CharDevice,
         Kind::BlockDev => FileType::BlockDevice,
+        Kind::Pipe => FileType::RegularFile,
     }
 }
 
@@ -160,6 +163,7 @@ fn open_mode(flags: i32) -> OpenMode {
         read: acc == libc::O_RDONLY || acc == libc::O_RDWR,
         write: acc == libc::O_WRONLY || acc == libc::O_RDWR,
         truncate: flags & libc::O_TRUNC != 0,
+        nonblock: flags & libc::O_NONBLOCK != 0,
     }
 }
 
@@ -171,7 +175,7 @@ impl WispFs {
 
     fn entry(&self, r: Rq, reply: ReplyEntry) {
         match self.call(r) {
-            Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => reply.entry(&CACHE_TTL, &fattr(&a), Generation(0)),
+            Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &fattr(&a), Generation(0)),
             Ok(other) => unexpected(other, reply),
             Err(e) => reply.error(errno(&e)),
         }
@@ -184,13 +188,23 @@ impl WispFs {
         }
     }
 
-    fn new_handle(&self, ino: u64, flags: i32) -> u64 {
+    fn new_handle(&self, ino: u64, flags: i32, pipe: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(
             fh,
-            Handle { ino, mode: open_mode(flags), append: flags & libc::O_APPEND != 0 },
+            Handle { ino, mode: open_mode(flags), append: flags & libc::O_APPEND != 0, pipe },
         );
         fh
+    }
+
+    /// Keep asking while a blocking pipe operation reports "still waiting" (EAGAIN).
+    fn call_pipe(&self, blocking: bool, r: Rq) -> Result<Rs, RpcError> {
+        loop {
+            match self.call(r.clone()) {
+                Err(RpcError::Remote(w)) if blocking && w.errno == libc::EAGAIN => continue,
+                other => return other,
+            }
+        }
     }
 }
 
@@ -324,21 +338,34 @@ impl Filesystem for WispFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mode = open_mode(flags.0);
-        match self.call(Rq::Open { cred: cred(req), ino: ino.0, mode }) {
-            Ok(Rs::Attr(_)) => {
-                let fh = self.new_handle(ino.0, flags.0);
-                // The server calls us back before any cached page goes stale, so the
-                // kernel's page cache stays valid across opens.
-                let f = if mode.truncate { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
-                reply.opened(FileHandle(fh), f)
+        let r = match self.call(Rq::Open { cred: cred(req), ino: ino.0, mode }) {
+            // A blocking open of a cluster pipe: registered; wait for the other end.
+            Err(RpcError::Remote(w)) if w.errno == libc::EAGAIN && !mode.nonblock => {
+                match self.call_pipe(true, Rq::PipeAwait { ino: ino.0, writer: mode.write }) {
+                    Ok(_) => self.call(Rq::GetAttr { ino: ino.0 }).map(|r| match r {
+                        Rs::Attr(attr) => Rs::Opened { attr, cache: false },
+                        o => o,
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match r {
+            Ok(Rs::Opened { attr, cache }) => {
+                let pipe = attr.kind == Kind::Pipe;
+                let fh = self.new_handle(ino.0, flags.0, pipe);
+                reply.opened(FileHandle(fh), fopen_flags(&attr, cache, mode, flags.0 & libc::O_APPEND != 0))
             }
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        match self.call(Rq::Read { ino: ino.0, offset, size }) {
+    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+        let pipe = self.handles.lock().unwrap().get(&fh.0).is_some_and(|h| h.pipe);
+        match self.call_pipe(pipe && !nonblock, Rq::Read { ino: ino.0, offset, size, nonblock }) {
             Ok(Rs::Data(d)) => {
                 self.stats.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
                 reply.data(&d)
@@ -348,15 +375,29 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn write(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
-        let append = self.handles.lock().unwrap().get(&fh.0).map(|h| h.append).unwrap_or(flags.0 & libc::O_APPEND != 0);
-        match self.call(Rq::Write { ino: ino.0, offset, data: data.to_vec(), append }) {
+    fn write(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+        let (append, pipe) = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .map(|h| (h.append, h.pipe))
+            .unwrap_or((flags.0 & libc::O_APPEND != 0, false));
+        let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+        match self.call_pipe(pipe && !nonblock, Rq::Write { ino: ino.0, offset, data: data.to_vec(), append, nonblock }) {
             Ok(Rs::Written { size, .. }) => {
                 self.stats.bytes_written.fetch_add(size as u64, Ordering::Relaxed);
                 reply.written(size)
             }
             Ok(o) => unexpected(o, reply),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                if e.errno() == libc::EPIPE {
+                    // A pipe with no reader: like the kernel does for local pipes.
+                    // SAFETY: kill(2) on the pid the kernel gave us for this request.
+                    unsafe { libc::kill(req.pid() as i32, libc::SIGPIPE) };
+                }
+                reply.error(errno(&e))
+            }
         }
     }
 
@@ -404,7 +445,7 @@ impl Filesystem for WispFs {
             Ok(Rs::Entries(es)) => {
                 for e in es {
                     let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.attr.ino), e.cookie, name, &CACHE_TTL, &fattr(&e.attr), Generation(0)) {
+                    if reply.add(INodeNo(e.attr.ino), e.cookie, name, &ENTRY_TTL, &fattr(&e.attr), Generation(0)) {
                         break;
                     }
                 }
@@ -473,9 +514,10 @@ impl Filesystem for WispFs {
             mode_open,
         });
         match r {
-            Ok(Rs::Entry(a)) => {
-                let fh = self.new_handle(a.ino, flags);
-                reply.created(&CACHE_TTL, &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            Ok(Rs::Opened { attr, cache }) => {
+                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe);
+                // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
+                reply.created(&ENTRY_TTL, &fattr(&attr), Generation(0), FileHandle(fh), fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0))
             }
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
@@ -484,6 +526,24 @@ impl Filesystem for WispFs {
 
     fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
         self.empty(Rq::Fallocate { ino: ino.0, offset, length, mode }, reply)
+    }
+}
+
+/// How the kernel should treat an open: cluster pipes are streams; a write-shared file is
+/// read and written straight through to the server; otherwise the page cache is kept
+/// across opens, because the server calls us back before any cached page goes stale.
+///
+/// O_APPEND writes bypass the page cache too: the server places them at its own end of
+/// file, which may not be where this kernel believes the end is.
+fn fopen_flags(attr: &Attr, cache: bool, mode: OpenMode, append: bool) -> FopenFlags {
+    if attr.kind == Kind::Pipe {
+        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE | FopenFlags::FOPEN_STREAM
+    } else if !cache || append {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else if mode.truncate {
+        FopenFlags::empty()
+    } else {
+        FopenFlags::FOPEN_KEEP_CACHE
     }
 }
 

@@ -23,6 +23,7 @@ use wisp_proto::rpc::{PeerHandle, Service};
 use wisp_proto::MAX_IO;
 
 use objects::Objects;
+use wisp_pseudodev::pipe::{Pipe, PipeError};
 use store::{InodeRec, Store, StoreError};
 
 /// Errors starting a server.
@@ -50,6 +51,8 @@ struct Counters {
 struct OpenCount {
     readers: u32,
     writers: u32,
+    /// Opens made while the file was write-shared (served uncached).
+    uncached: u32,
 }
 
 /// The file server of one domain.
@@ -65,15 +68,18 @@ pub struct FsServer {
     peers: Mutex<HashMap<u64, Arc<PeerHandle>>>,
     naming: RwLock<Option<NamingHandler>>,
     interest: Mutex<Interest>,
+    /// Buffers of the cluster pipes served here, by inode.
+    pipes: Mutex<HashMap<Ino, Arc<Pipe>>>,
 }
+
+/// How long one pipe request may wait on the server before the client asks again.
+const PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Which clients may hold cached copies (the server's half of the consistency protocol).
 #[derive(Default)]
 struct Interest {
     /// ino -> sessions that were given its attributes or data since their last callback.
     cachers: HashMap<Ino, std::collections::HashSet<u64>>,
-    /// directory ino -> sessions that looked names up in it (and may cache those entries).
-    dirs: HashMap<Ino, std::collections::HashSet<u64>>,
 }
 
 fn io_err(e: std::io::Error) -> WireError {
@@ -136,6 +142,7 @@ impl FsServer {
             peers: Mutex::new(HashMap::new()),
             naming: RwLock::new(None),
             interest: Mutex::new(Interest::default()),
+            pipes: Mutex::new(HashMap::new()),
         };
         s.sweep().map_err(|source| ServerError::Store { path: db, source })?;
         Ok(s)
@@ -512,12 +519,19 @@ impl FsServer {
         self.attr(ino, &rec)
     }
 
-    fn open_file(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<Attr> {
+    fn pipe(&self, ino: Ino) -> Arc<Pipe> {
+        self.pipes.lock().unwrap().entry(ino).or_default().clone()
+    }
+
+    /// Register an open. Returns the attributes, whether the client may cache the file
+    /// for this open, and the other sessions that held it open when write-sharing began
+    /// (they must drop their cached pages).
+    fn open_file(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<(Attr, bool, Vec<u64>)> {
         let mut rec = self.store.get(ino)?;
         if rec.kind == Kind::Dir && mode.write {
             return Err(WireError::new(libc::EISDIR, "cannot open a directory for writing"));
         }
-        if mode.write {
+        if mode.write && rec.kind == Kind::File {
             let mut t = self.store.begin()?;
             rec = t.get(ino)?;
             rec.version += 1;
@@ -528,48 +542,95 @@ impl FsServer {
             let _g = self.append_lock.lock().unwrap();
             self.objects.truncate(ino, 0).map_err(io_err)?;
         }
-        {
+        let (cache, sharers) = {
             let mut opens = self.opens.lock().unwrap();
-            let c = opens.entry(ino).or_default().entry(peer).or_default();
+            let m = opens.entry(ino).or_default();
+            let others: Vec<(u64, OpenCount)> = m.iter().filter(|(s, _)| **s != peer).map(|(s, c)| (*s, *c)).collect();
+            let other_writer = others.iter().any(|(_, c)| c.writers > 0);
+            let shared = other_writer || (mode.write && !others.is_empty());
+            let c = m.entry(peer).or_default();
+            let was_shared_for_me = c.uncached > 0;
             if mode.write {
                 c.writers += 1;
             } else {
                 c.readers += 1;
             }
+            if shared {
+                c.uncached += 1;
+            }
+            // Write-sharing begins now: holders that were caching must drop their pages.
+            let sharers = if shared && !was_shared_for_me { others.iter().map(|(s, _)| *s).collect() } else { vec![] };
+            (!shared, sharers)
+        };
+        if rec.kind == Kind::Pipe {
+            let p = self.pipe(ino);
+            let deadline = std::time::Instant::now() + PIPE_WAIT;
+            let r = match (mode.read, mode.write) {
+                (true, true) => {
+                    p.open_read(true, deadline).and_then(|_| p.open_write(true, deadline))
+                }
+                (_, true) => p.open_write(mode.nonblock, deadline),
+                _ => p.open_read(mode.nonblock, deadline),
+            };
+            match r {
+                Ok(()) => {}
+                Err(PipeError::Again) => {
+                    return Err(WireError::new(libc::EAGAIN, "pipe open registered; waiting for the other end"))
+                }
+                Err(e) => {
+                    self.forget_open(peer, ino, mode);
+                    return Err(WireError::new(e.errno(), e.to_string()));
+                }
+            }
+            return Ok((self.attr(ino, &rec)?, false, vec![]));
         }
-        self.attr(ino, &rec)
+        Ok((self.attr(ino, &rec)?, cache, sharers))
+    }
+
+    fn forget_open(&self, peer: u64, ino: Ino, mode: OpenMode) {
+        let mut opens = self.opens.lock().unwrap();
+        if let Some(m) = opens.get_mut(&ino) {
+            if let Some(c) = m.get_mut(&peer) {
+                if mode.write {
+                    c.writers = c.writers.saturating_sub(1);
+                } else {
+                    c.readers = c.readers.saturating_sub(1);
+                }
+                if c.readers == 0 && c.writers == 0 {
+                    m.remove(&peer);
+                }
+            }
+            if m.is_empty() {
+                opens.remove(&ino);
+            }
+        }
     }
 
     fn close(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<()> {
-        {
-            let mut opens = self.opens.lock().unwrap();
-            if let Some(m) = opens.get_mut(&ino) {
-                if let Some(c) = m.get_mut(&peer) {
-                    if mode.write {
-                        c.writers = c.writers.saturating_sub(1);
-                    } else {
-                        c.readers = c.readers.saturating_sub(1);
-                    }
-                    if c.readers == 0 && c.writers == 0 {
-                        m.remove(&peer);
-                    }
-                }
-                if m.is_empty() {
-                    opens.remove(&ino);
-                }
-            }
-        }
+        self.forget_open(peer, ino, mode);
         match self.store.get(ino) {
+            Ok(rec) if rec.kind == Kind::Pipe => {
+                self.pipe(ino).close(mode.read, mode.write);
+                Ok(())
+            }
             Ok(rec) if rec.nlink == 0 => self.maybe_reap(ino),
             _ => Ok(()),
         }
     }
 
-    fn write(&self, ino: Ino, offset: u64, data: &[u8], append: bool) -> R<Response> {
+    fn write(&self, ino: Ino, offset: u64, data: &[u8], append: bool, nonblock: bool) -> R<Response> {
         if data.len() > MAX_IO {
             return Err(WireError::new(libc::EINVAL, format!("write of {} bytes exceeds {MAX_IO}", data.len())));
         }
         let rec = self.store.get(ino)?;
+        if rec.kind == Kind::Pipe {
+            let n = self
+                .pipe(ino)
+                .write(data, nonblock, std::time::Instant::now() + PIPE_WAIT)
+                .map_err(|e| WireError::new(e.errno(), e.to_string()))?;
+            self.counters.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(Response::Written { size: n as u32, attr: self.attr(ino, &rec)? });
+        }
         if rec.kind != Kind::File {
             return Err(WireError::new(libc::EISDIR, "not a regular file"));
         }
@@ -627,6 +688,22 @@ impl FsServer {
     }
 
     fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        if name == PIPE_XATTR {
+            let mut t = self.store.begin()?;
+            let mut rec = t.get(ino)?;
+            match rec.kind {
+                Kind::Pipe => return Ok(()),
+                Kind::File if self.objects.stat(ino).map_err(io_err)?.size == 0 => {
+                    rec.kind = Kind::Pipe;
+                    rec.ctime = Time::now();
+                    t.put(ino, &rec)?;
+                    t.commit()?;
+                    let _ = self.objects.remove(ino);
+                    return Ok(());
+                }
+                _ => return Err(WireError::new(libc::EINVAL, "only an empty regular file can become a cluster pipe")),
+            }
+        }
         if name.is_empty() || name.len() > 255 {
             return Err(WireError::new(libc::ERANGE, "xattr name must be 1 to 255 bytes"));
         }
@@ -695,7 +772,9 @@ impl FsServer {
             Request::Create { cred, parent, name, mode, excl, mode_open } => {
                 self.changed(peer, &[parent], &[]);
                 let (attr, _) = self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
-                Response::Entry(self.open_file(peer.session, attr.ino, mode_open)?)
+                let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
+                self.call_back(&sharers, attr.ino);
+                Response::Opened { attr, cache }
             }
             Request::Symlink { cred, parent, name, target } => {
                 if target.is_empty() || target.len() > 4095 {
@@ -751,18 +830,27 @@ impl FsServer {
                 Response::Ok
             }
             Request::Open { ino, mode, .. } => {
-                let a = self.open_file(peer.session, ino, mode)?;
+                let (attr, cache, sharers) = self.open_file(peer.session, ino, mode)?;
                 if mode.truncate {
                     self.changed(peer, &[ino], &[]);
                 }
-                Response::Attr(a)
+                self.call_back(&sharers, ino);
+                Response::Opened { attr, cache }
             }
             Request::Close { ino, mode } => {
                 self.close(peer.session, ino, mode)?;
                 Response::Ok
             }
-            Request::Read { ino, offset, size } => {
+            Request::Read { ino, offset, size, nonblock } => {
                 let rec = self.store.get(ino)?;
+                if rec.kind == Kind::Pipe {
+                    let d = self
+                        .pipe(ino)
+                        .read((size as usize).min(MAX_IO), nonblock, std::time::Instant::now() + PIPE_WAIT)
+                        .map_err(|e| WireError::new(e.errno(), e.to_string()))?;
+                    self.counters.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    return Ok(Response::Data(d));
+                }
                 if rec.kind != Kind::File {
                     return Err(WireError::new(libc::EISDIR, "not a regular file"));
                 }
@@ -770,10 +858,19 @@ impl FsServer {
                 self.counters.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
                 Response::Data(data)
             }
-            Request::Write { ino, offset, data, append } => {
-                let r = self.write(ino, offset, &data, append)?;
-                self.changed(peer, &[ino], &[]);
+            Request::Write { ino, offset, data, append, nonblock } => {
+                let r = self.write(ino, offset, &data, append, nonblock)?;
+                if !matches!(&r, Response::Written { attr, .. } if attr.kind == Kind::Pipe) {
+                    self.changed(peer, &[ino], &[]);
+                }
                 r
+            }
+            Request::PipeAwait { ino, writer } => {
+                let p = self.pipe(ino);
+                let deadline = std::time::Instant::now() + PIPE_WAIT;
+                let r = if writer { p.await_reader(deadline) } else { p.await_writer(deadline) };
+                r.map_err(|e| WireError::new(e.errno(), "still waiting for the other end of the pipe"))?;
+                Response::Ok
             }
             Request::Fsync { ino } => {
                 if self.store.get(ino)?.kind == Kind::File {
@@ -828,14 +925,21 @@ impl FsServer {
                     None => return Err(WireError::new(libc::EOPNOTSUPP, "this server hosts no registry replica")),
                 }
             }
+            Request::Exec(_) | Request::JobWait { .. } | Request::JobSignal { .. } | Request::JobList => {
+                return Err(WireError::new(libc::EOPNOTSUPP, "this is a file server, not a workstation agent (port 7071)"))
+            }
         })
     }
 
-    /// Call back every other client that may cache one of `inos` or one of `entries`, and
+    /// Call back every other client that may cache attributes or pages of one of `inos`, and
     /// wait until each has dropped its copy (bounded by the rpc callback timeout). Called
-    /// after the change is committed and with no lock held, so a client's kernel may take
-    /// its own locks and call us while it invalidates.
-    fn changed(&self, origin: &Arc<PeerHandle>, inos: &[Ino], entries: &[(Ino, Vec<u8>)]) {
+    /// after the change is committed and with no lock held.
+    ///
+    /// Names are not called back: clients do not cache name lookups at all (entry TTL 0, as
+    /// Sprite clients did not cache directories), because a kernel's entry invalidation
+    /// takes the directory lock and two hosts changing one directory would wait on each
+    /// other. `_entries` documents which names changed.
+    fn changed(&self, origin: &Arc<PeerHandle>, inos: &[Ino], _entries: &[(Ino, Vec<u8>)]) {
         let mut calls: Vec<(u64, Callback)> = Vec::new();
         {
             let mut interest = self.interest.lock().unwrap();
@@ -845,13 +949,6 @@ impl FsServer {
                     for s in others {
                         set.remove(&s);
                         calls.push((s, Callback::InvalidateInode { ino: *ino }));
-                    }
-                }
-            }
-            for (dir, name) in entries {
-                if let Some(set) = interest.dirs.get(dir) {
-                    for s in set.iter().filter(|s| **s != origin.session) {
-                        calls.push((*s, Callback::InvalidateEntry { parent: *dir, name: name.clone() }));
                     }
                 }
             }
@@ -866,6 +963,25 @@ impl FsServer {
             .map(|(p, cb)| async move {
                 if let Err(e) = p.callback(cb.clone()).await {
                     warn!(peer = %p.name, "callback {cb:?} failed: {e}");
+                }
+            })
+            .collect();
+        self.counters.callbacks.fetch_add(futs.len() as u64, Ordering::Relaxed);
+        tokio::runtime::Handle::current().block_on(futures::future::join_all(futs));
+    }
+
+    /// Tell `sessions` to drop their cached copy of `ino` (write-sharing began).
+    fn call_back(&self, sessions: &[u64], ino: Ino) {
+        if sessions.is_empty() {
+            return;
+        }
+        let peers = self.peers.lock().unwrap().clone();
+        let futs: Vec<_> = sessions
+            .iter()
+            .filter_map(|s| peers.get(s).cloned())
+            .map(|p| async move {
+                if let Err(e) = p.callback(Callback::InvalidateInode { ino }).await {
+                    warn!(peer = %p.name, ino, "write-sharing callback failed: {e}");
                 }
             })
             .collect();
@@ -893,11 +1009,6 @@ impl Service for FsServer {
     fn call(&self, peer: &Arc<PeerHandle>, req: Request) -> Result<Response, WireError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.peers.lock().unwrap().entry(peer.session).or_insert_with(|| peer.clone());
-        let dir = match &req {
-            Request::Lookup { parent, .. } => Some(*parent),
-            Request::ReadDir { ino, .. } => Some(*ino),
-            _ => None,
-        };
         let read = match &req {
             Request::Read { ino, .. } => Some(*ino),
             _ => None,
@@ -905,14 +1016,11 @@ impl Service for FsServer {
         let resp = self.dispatch(peer, req)?;
         let s = peer.session;
         let mut interest = self.interest.lock().unwrap();
-        if let Some(d) = dir {
-            interest.dirs.entry(d).or_default().insert(s);
-        }
         if let Some(i) = read {
             interest.cachers.entry(i).or_default().insert(s);
         }
         match &resp {
-            Response::Attr(a) | Response::Entry(a) | Response::Written { attr: a, .. } => {
+            Response::Attr(a) | Response::Entry(a) | Response::Written { attr: a, .. } | Response::Opened { attr: a, .. } => {
                 interest.cachers.entry(a.ino).or_default().insert(s);
             }
             Response::Entries(es) => {
@@ -933,23 +1041,27 @@ impl Service for FsServer {
                 s.remove(&peer.session);
                 !s.is_empty()
             });
-            i.dirs.retain(|_, s| {
-                s.remove(&peer.session);
-                !s.is_empty()
-            });
         }
-        let closed: Vec<Ino> = {
+        let closed: Vec<(Ino, OpenCount)> = {
             let mut opens = self.opens.lock().unwrap();
             let mut closed = Vec::new();
             opens.retain(|ino, m| {
-                if m.remove(&peer.session).is_some() {
-                    closed.push(*ino);
+                if let Some(c) = m.remove(&peer.session) {
+                    closed.push((*ino, c));
                 }
                 !m.is_empty()
             });
             closed
         };
-        for ino in closed {
+        for (ino, c) in closed {
+            if let Some(p) = self.pipes.lock().unwrap().get(&ino).cloned() {
+                for _ in 0..c.readers {
+                    p.close(true, false);
+                }
+                for _ in 0..c.writers {
+                    p.close(false, true);
+                }
+            }
             if let Ok(rec) = self.store.get(ino) {
                 if rec.nlink == 0 {
                     let _ = self.maybe_reap(ino);

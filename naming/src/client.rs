@@ -8,8 +8,10 @@
 //! across the replicas until [`RegistryClient::with_timeouts`]'s `retry_for` runs out; a
 //! refusal by the registry itself ([`NamingError::Registry`]) is returned at once.
 //!
-//! A write whose answer was lost (replica died after committing) is sent again and may be
-//! applied twice; see the crate docs for which commands tolerate that.
+//! Every write carries an [`Origin`] (this client's random id and a request number), so a
+//! write whose answer was lost (a replica died after committing it, a connection dropped) is
+//! sent again safely: the registry applies it once and answers the retry with the first
+//! reply.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use wisp_proto::key::ClusterKey;
 
 use crate::network::ClientPool;
 use crate::prefix::DomainSource;
-use crate::registry::{Command, Host, IdlePolicy, Job, JobId, Lease, LeaseId, Load, Millis, MovePhase, Registry, Reply, Role};
+use crate::registry::{Origin, Command, Host, IdlePolicy, Job, JobId, Lease, LeaseId, Load, Millis, MovePhase, Registry, Reply, Role};
 use crate::wire::{NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus};
 
 /// A client of the replicated registry.
@@ -32,6 +34,8 @@ pub struct RegistryClient {
     pool: Arc<ClientPool>,
     call_timeout: Duration,
     retry_for: Duration,
+    client_id: u64,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -48,6 +52,16 @@ fn response_error(r: &NamingResponse) -> Option<&NamingError> {
     }
 }
 
+/// A client id unlikely to collide with any other client's: std's per-process random hash
+/// keys, mixed with the time and the process id.
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 fn unexpected(what: &str) -> NamingError {
     NamingError::Malformed(format!("unexpected reply to {what}"))
 }
@@ -56,7 +70,8 @@ impl RegistryClient {
     /// A client of the registry replicas at `servers` ("ip:port" of their wisp-proto
     /// listeners), authenticating with `key` under the name `name` (the host name).
     pub fn new(rt: tokio::runtime::Handle, servers: Vec<String>, key: ClusterKey, name: String) -> Self {
-        let call_timeout = Duration::from_secs(6);
+        // Past a replica's own write timeout (5 s) plus one forwarding hop.
+        let call_timeout = Duration::from_secs(8);
         RegistryClient {
             pool: ClientPool::new(rt.clone(), key, name, call_timeout),
             rt,
@@ -65,12 +80,15 @@ impl RegistryClient {
             suspect: Mutex::new(Default::default()),
             call_timeout,
             retry_for: Duration::from_secs(20),
+            client_id: random_id(),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
     /// Bound one call to one replica by `call`, and keep retrying across replicas for
     /// `retry_for` in all. `call` should exceed the replicas' write timeout (5 s by default)
-    /// so that their own "no quorum" answer arrives.
+    /// plus a forwarding hop, so that their own "no quorum" answer arrives. A replica that
+    /// does not answer costs up to `call` once; it is then tried last until it answers again.
     pub fn with_timeouts(mut self, call: Duration, retry_for: Duration) -> Self {
         self.call_timeout = call;
         self.retry_for = retry_for;
@@ -118,18 +136,19 @@ impl RegistryClient {
     /// Send `req` to some replica, following leader hints and retrying what can be retried.
     pub async fn request(&self, req: NamingRequest) -> Result<NamingResponse, NamingError> {
         let deadline = tokio::time::Instant::now() + self.retry_for;
-        let mut tried: Vec<String> = Vec::new();
-        let mut last = String::from("no replica configured");
+        // Last failure of each replica tried, in the order first tried.
+        let mut errors: Vec<(String, String)> = Vec::new();
+        let mut note = |addr: &str, e: String| match errors.iter_mut().find(|(a, _)| a == addr) {
+            Some(slot) => slot.1 = e,
+            None => errors.push((addr.to_string(), e)),
+        };
         loop {
             let mut hinted = false;
             for addr in self.order() {
-                if !tried.contains(&addr) {
-                    tried.push(addr.clone());
-                }
                 match self.pool.call(&addr, &req, self.call_timeout).await {
                     Err(e) => {
                         self.mark(&addr, false);
-                        last = e.to_string();
+                        note(&addr, e.to_string());
                     }
                     Ok(r) => match response_error(&r) {
                         None => {
@@ -140,12 +159,12 @@ impl RegistryClient {
                         Some(e) if !e.is_retryable() => return Err(e.clone()),
                         Some(NamingError::NotLeader { leader: Some((_, l)), .. }) if *l != addr => {
                             self.mark(l, true);
-                            last = format!("{addr}: not the leader, trying {l}");
+                            note(&addr, format!("not the leader, sent on to {l}"));
                             self.prefer(l);
                             hinted = true;
                             break;
                         }
-                        Some(e) => last = format!("{addr}: {e}"),
+                        Some(e) => note(&addr, e.to_string()),
                     },
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -153,7 +172,10 @@ impl RegistryClient {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(NamingError::Unavailable { tried, last });
+                if errors.is_empty() {
+                    errors.push(("(none)".into(), "no registry replica configured".into()));
+                }
+                return Err(NamingError::Unavailable { errors: errors.into_iter().map(|(a, e)| format!("{a}: {e}")).collect() });
             }
             if !hinted {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -161,9 +183,11 @@ impl RegistryClient {
         }
     }
 
-    /// Commit one registry command.
+    /// Commit one registry command (exactly once, however often it has to be sent).
     pub async fn write(&self, cmd: Command) -> Result<Reply, NamingError> {
-        match self.request(NamingRequest::Write { cmd, forwarded: false }).await? {
+        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let origin = Origin { client: self.client_id, seq };
+        match self.request(NamingRequest::Write { cmd, origin: Some(origin), forwarded: false }).await? {
             NamingResponse::Write(r) => r,
             _ => Err(unexpected("a write")),
         }

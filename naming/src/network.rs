@@ -5,8 +5,13 @@
 //! Raft network, the forwarding of client requests to the leader, and [`crate::RegistryClient`].
 //! A peer that answers "node stopped" (a replica shut down behind a live listener) has its
 //! connection dropped, so the next call opens a fresh one to whatever serves that address now.
+//!
+//! [`Faults`] injects failures into one replica's outgoing Raft traffic (drops before or
+//! after delivery, random delays that reorder concurrent messages, partitions from chosen
+//! peers), from a seeded generator: tests of replication under a bad network, and chaos
+//! drills on a real cluster. Client traffic is never touched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,17 +120,112 @@ impl ClientPool {
     }
 }
 
+/// What happens to one outgoing Raft message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Deliver { delay_ms: u64 },
+    /// Lost on the way: the peer never sees it.
+    DropRequest,
+    /// Delivered and handled, but the answer is lost.
+    DropReply { delay_ms: u64 },
+}
+
+#[derive(Debug)]
+struct FaultState {
+    drop_per_mille: u32,
+    max_delay_ms: u64,
+    blocked: BTreeSet<NodeId>,
+    rng: u64,
+    dropped: u64,
+}
+
+/// Failure injection for one replica's outgoing Raft messages.
+#[derive(Debug)]
+pub struct Faults {
+    st: Mutex<FaultState>,
+}
+
+impl Faults {
+    /// No faults yet; `seed` drives every random choice.
+    pub fn new(seed: u64) -> Arc<Self> {
+        Arc::new(Faults {
+            st: Mutex::new(FaultState { drop_per_mille: 0, max_delay_ms: 0, blocked: BTreeSet::new(), rng: seed | 1, dropped: 0 }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lose this share of messages (per mille), half before and half after delivery.
+    pub fn set_drop(&self, per_mille: u32) {
+        self.lock().drop_per_mille = per_mille.min(1000);
+    }
+
+    /// Delay each message by a random time up to `ms` (so concurrent messages reorder).
+    pub fn set_delay(&self, ms: u64) {
+        self.lock().max_delay_ms = ms;
+    }
+
+    /// Cut this replica off from `peer` (messages to it are lost).
+    pub fn block(&self, peer: NodeId) {
+        self.lock().blocked.insert(peer);
+    }
+
+    /// Undo every fault.
+    pub fn heal(&self) {
+        let mut st = self.lock();
+        st.blocked.clear();
+        st.drop_per_mille = 0;
+        st.max_delay_ms = 0;
+    }
+
+    /// Messages lost so far.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Decide the fate of one message to `target`.
+    pub fn decide(&self, target: NodeId) -> Fate {
+        let mut st = self.lock();
+        // xorshift64*
+        let mut next = || {
+            st.rng ^= st.rng >> 12;
+            st.rng ^= st.rng << 25;
+            st.rng ^= st.rng >> 27;
+            st.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let (roll, delay_roll) = (next(), next());
+        let delay_ms = if st.max_delay_ms == 0 { 0 } else { delay_roll % (st.max_delay_ms + 1) };
+        if st.blocked.contains(&target) {
+            st.dropped += 1;
+            return Fate::DropRequest;
+        }
+        let r = (roll % 2000) as u32;
+        if r < st.drop_per_mille {
+            st.dropped += 1;
+            return Fate::DropRequest;
+        }
+        if r >= 1000 && r - 1000 < st.drop_per_mille {
+            st.dropped += 1;
+            return Fate::DropReply { delay_ms };
+        }
+        Fate::Deliver { delay_ms }
+    }
+}
+
 /// Creates a [`PeerNetwork`] per Raft peer.
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub(crate) pool: Arc<ClientPool>,
+    pub(crate) faults: Option<Arc<Faults>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
-        PeerNetwork { pool: self.pool.clone(), target, addr: node.addr.clone() }
+        PeerNetwork { pool: self.pool.clone(), target, addr: node.addr.clone(), faults: self.faults.clone() }
     }
 }
 
@@ -134,6 +234,7 @@ pub struct PeerNetwork {
     pool: Arc<ClientPool>,
     target: NodeId,
     addr: String,
+    faults: Option<Arc<Faults>>,
 }
 
 impl PeerNetwork {
@@ -142,7 +243,26 @@ impl PeerNetwork {
         req: NamingRequest,
         option: &RPCOption,
     ) -> Result<NamingResponse, RPCError<NodeId, BasicNode, E>> {
-        match self.pool.call(&self.addr, &req, option.hard_ttl()).await {
+        let fate = self.faults.as_ref().map(|f| f.decide(self.target)).unwrap_or(Fate::Deliver { delay_ms: 0 });
+        let lost = || {
+            let e = NetError::Unreachable { addr: self.addr.clone(), msg: "message lost (fault injection)".into() };
+            RPCError::Unreachable(Unreachable::new(&e))
+        };
+        match fate {
+            Fate::DropRequest => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                return Err(lost());
+            }
+            Fate::Deliver { delay_ms } | Fate::DropReply { delay_ms } if delay_ms > 0 => {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await
+            }
+            _ => {}
+        }
+        let res = self.pool.call(&self.addr, &req, option.hard_ttl()).await;
+        if matches!(fate, Fate::DropReply { .. }) {
+            return Err(lost());
+        }
+        match res {
             Ok(r) => Ok(r),
             Err(e @ NetError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),

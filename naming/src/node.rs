@@ -21,8 +21,8 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, SnapshotPolicy};
 use wisp_proto::key::ClusterKey;
 
-use crate::network::{ClientPool, NetworkFactory};
-use crate::registry::{Command, Registry, Reply, Stamped};
+use crate::network::{ClientPool, Faults, NetworkFactory};
+use crate::registry::{Command, Origin, Registry, Reply, Stamped};
 use crate::store::{open_db, LogStore, SmState, StateMachineStore, StoreError, MAX_SNAPSHOT};
 use crate::wire::{decode, encode, NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus, TypeConfig};
 
@@ -42,6 +42,8 @@ pub struct NamingConfig {
     pub write_timeout: Duration,
     /// Bound on one call to another replica.
     pub peer_timeout: Duration,
+    /// Failure injection on this replica's outgoing Raft traffic (tests, chaos drills).
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for NamingConfig {
@@ -55,6 +57,7 @@ impl Default for NamingConfig {
             tick_interval: Duration::from_secs(2),
             write_timeout: Duration::from_secs(5),
             peer_timeout: Duration::from_secs(2),
+            faults: None,
         }
     }
 }
@@ -123,7 +126,7 @@ impl NamingNode {
         }
         .validate()
         .map_err(|e| NamingError::Raft { node: id, msg: format!("bad raft configuration: {e}") })?;
-        let raft = Raft::new(id, Arc::new(config), NetworkFactory { pool: pool.clone() }, log, sm)
+        let raft = Raft::new(id, Arc::new(config), NetworkFactory { pool: pool.clone(), faults: cfg.faults.clone() }, log, sm)
             .await
             .map_err(|e| NamingError::Raft { node: id, msg: e.to_string() })?;
         let node = Arc::new(NamingNode {
@@ -148,7 +151,7 @@ impl NamingNode {
                     return;
                 }
                 if n.raft.metrics().borrow().current_leader == Some(n.id) {
-                    if let Err(e) = n.write_inner(Command::Tick, true).await {
+                    if let Err(e) = n.write_inner(Command::Tick, None, true).await {
                         tracing::debug!(node = n.id, "tick not committed: {e}");
                     }
                 }
@@ -242,14 +245,21 @@ impl NamingNode {
         Some((id, addr))
     }
 
-    /// Commit a registry command (linearizable) and return its result.
+    /// Commit a registry command (linearizable) and return its result. Not deduplicated:
+    /// use [`NamingNode::write_once`] for a command that may be sent again.
     pub async fn write(&self, cmd: Command) -> Result<Reply, NamingError> {
-        self.write_inner(cmd, false).await
+        self.write_inner(cmd, None, false).await
     }
 
-    async fn write_inner(&self, cmd: Command, forwarded: bool) -> Result<Reply, NamingError> {
+    /// [`NamingNode::write`] with an origin: sent again with the same origin, the command is
+    /// applied once and the retry gets the first reply.
+    pub async fn write_once(&self, cmd: Command, origin: Origin) -> Result<Reply, NamingError> {
+        self.write_inner(cmd, Some(origin), false).await
+    }
+
+    async fn write_inner(&self, cmd: Command, origin: Option<Origin>, forwarded: bool) -> Result<Reply, NamingError> {
         self.check_running()?;
-        let stamped = Stamped { now_ms: now_ms(), cmd };
+        let stamped = Stamped { now_ms: now_ms(), cmd, origin };
         let res = match tokio::time::timeout(self.cfg.write_timeout, self.raft.client_write(stamped.clone())).await {
             Err(_) => return Err(NamingError::NoQuorum { node: self.id, ms: self.cfg.write_timeout.as_millis() as u64 }),
             Ok(r) => r,
@@ -260,8 +270,8 @@ impl NamingNode {
                 let hint = self.leader_hint(f.leader_id, f.leader_node);
                 match hint {
                     Some((lid, addr)) if !forwarded && lid != self.id => {
-                        let req = NamingRequest::Write { cmd: stamped.cmd, forwarded: true };
-                        match self.pool.call(&addr, &req, self.cfg.write_timeout).await? {
+                        let req = NamingRequest::Write { cmd: stamped.cmd, origin, forwarded: true };
+                        match self.pool.call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1)).await? {
                             NamingResponse::Write(r) => r,
                             NamingResponse::Error(e) => Err(e),
                             _ => Err(NamingError::Rpc { addr, msg: "unexpected reply to a forwarded write".into() }),
@@ -297,7 +307,7 @@ impl NamingNode {
                 match self.leader_hint(f.leader_id, f.leader_node) {
                     Some((lid, addr)) if !forwarded && lid != self.id => {
                         let req = NamingRequest::Read { linearizable: true, forwarded: true };
-                        match self.pool.call(&addr, &req, self.cfg.write_timeout).await? {
+                        match self.pool.call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1)).await? {
                             NamingResponse::Read(r) => r.map(|b| *b),
                             NamingResponse::Error(e) => Err(e),
                             _ => Err(NamingError::Rpc { addr, msg: "unexpected reply to a forwarded read".into() }),
@@ -437,7 +447,9 @@ impl NamingNode {
                 }
                 NamingResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
             }
-            NamingRequest::Write { cmd, forwarded } => NamingResponse::Write(self.write_inner(cmd, forwarded).await),
+            NamingRequest::Write { cmd, origin, forwarded } => {
+                NamingResponse::Write(self.write_inner(cmd, origin, forwarded).await)
+            }
             NamingRequest::Read { linearizable: false, .. } => NamingResponse::Read(Ok(Box::new(self.read_local()))),
             NamingRequest::Read { linearizable: true, forwarded } => {
                 NamingResponse::Read(self.read_lin_inner(forwarded).await.map(Box::new))

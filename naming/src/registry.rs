@@ -191,11 +191,46 @@ pub enum Command {
     Tick,
 }
 
-/// A command with the time the leader proposed it at: the only clock `apply` sees.
+/// Who sent a command: a client's random id and its request number. A command sent again
+/// with the same origin (a retry after a lost answer) is not applied twice: the registry
+/// answers it with the reply it gave the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub client: u64,
+    pub seq: u64,
+}
+
+/// Replies remembered per client, for its most recent requests (more than one client keeps
+/// in flight at once).
+pub const SESSION_WINDOW: usize = 64;
+/// A client silent this long is forgotten (its retries would then apply again).
+pub const SESSION_TTL_MS: Millis = 600_000;
+
+impl Command {
+    /// Whether applying the command twice leaves the same state and reply as once (then its
+    /// origin is not remembered: heartbeats from every host would fill the sessions).
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Command::Tick | Command::Heartbeat { .. } | Command::SetOwnerActivity { .. } | Command::SetPolicy(_) | Command::RegisterHost { .. }
+        )
+    }
+}
+
+/// A command with the time the leader proposed it at (the only clock `apply` sees) and,
+/// for client requests, its origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stamped {
     pub now_ms: Millis,
     pub cmd: Command,
+    pub origin: Option<Origin>,
+}
+
+/// The recent replies to one client.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ClientSession {
+    pub last_ms: Millis,
+    pub replies: BTreeMap<u64, Result<Reply, RegistryError>>,
 }
 
 /// The result of a successful command.
@@ -240,6 +275,8 @@ pub enum RegistryError {
     HostDown { host: String, action: String },
     #[error("bad policy: {why}")]
     BadPolicy { why: String },
+    #[error("request {seq} of client {client:x} is older than the replies kept for it; it may have been applied")]
+    StaleRequest { client: u64, seq: u64 },
 }
 
 /// The whole replicated registry.
@@ -257,6 +294,8 @@ pub struct Registry {
     pub waiting: BTreeMap<u32, Want>,
     pub next_job: JobId,
     pub next_lease: LeaseId,
+    /// Recent replies per client id, so retried requests apply once.
+    pub sessions: BTreeMap<u64, ClientSession>,
 }
 
 fn check_host_name(name: &str) -> Result<(), RegistryError> {
@@ -313,7 +352,29 @@ impl Registry {
         if self.next_lease == 0 {
             self.next_lease = 1;
         }
-        match &s.cmd {
+        let Some(o) = s.origin.filter(|_| !s.cmd.is_idempotent()) else { return self.execute(now, &s.cmd) };
+        if let Some(sess) = self.sessions.get_mut(&o.client) {
+            sess.last_ms = now;
+            if let Some(r) = sess.replies.get(&o.seq) {
+                return r.clone();
+            }
+            let oldest = sess.replies.keys().next().copied().unwrap_or(0);
+            if sess.replies.len() >= SESSION_WINDOW && o.seq < oldest {
+                return Err(RegistryError::StaleRequest { client: o.client, seq: o.seq });
+            }
+        }
+        let r = self.execute(now, &s.cmd);
+        let sess = self.sessions.entry(o.client).or_default();
+        sess.last_ms = now;
+        sess.replies.insert(o.seq, r.clone());
+        while sess.replies.len() > SESSION_WINDOW {
+            sess.replies.pop_first();
+        }
+        r
+    }
+
+    fn execute(&mut self, now: Millis, cmd: &Command) -> Result<Reply, RegistryError> {
+        match cmd {
             Command::Tick => Ok(Reply::Done),
             Command::RegisterHost { name, addr, role } => {
                 check_host_name(name)?;
@@ -522,6 +583,7 @@ impl Registry {
             Some(e) => now.saturating_sub(e) <= keep,
             None => true,
         });
+        self.sessions.retain(|_, s| now.saturating_sub(s.last_ms) <= SESSION_TTL_MS);
     }
 
     /// Whether `h` may be lent out at `now` under the policy (ignoring leases).
@@ -615,7 +677,7 @@ mod tests {
     const T0: Millis = 1_000_000_000;
 
     fn at(now_ms: Millis, cmd: Command) -> Stamped {
-        Stamped { now_ms, cmd }
+        Stamped { now_ms, cmd, origin: None }
     }
 
     fn idle_load() -> Load {
@@ -668,10 +730,7 @@ mod tests {
                 .unwrap();
         }
         assert!(alloc(&mut r, T0, 1, 3, "x").is_empty());
-        let mut p = IdlePolicy::default();
-        p.max_load1 = 2.5;
-        p.max_load5 = 2.75;
-        p.max_load15 = 3.0;
+        let p = IdlePolicy { max_load1: 2.5, max_load5: 2.75, max_load15: 3.0, ..IdlePolicy::default() };
         r.apply(&at(T0, Command::SetPolicy(p))).unwrap();
         assert_eq!(alloc(&mut r, T0, 1, 3, "x").len(), 3);
     }
@@ -840,7 +899,7 @@ mod tests {
                     3 => Command::JobStart { owner_uid: 1, home: "ws0".into(), host: h },
                     _ => Command::ReleaseHosts { user: (i % 3) as u32, leases: vec![i / 2] },
                 };
-                at(T0 + i * 700, c)
+                Stamped { now_ms: T0 + i * 700, cmd: c, origin: Some(Origin { client: i % 2, seq: i / 3 }) }
             })
             .collect();
         let run = || {
@@ -860,5 +919,38 @@ mod tests {
         assert_eq!(r.lookup_domain("/home/alice/x"), Some(("/home/alice", "10.0.0.3:1")));
         assert_eq!(r.lookup_domain("/home/bob"), Some(("/home", "10.0.0.2:1")));
         assert_eq!(r.lookup_domain("/homework"), Some(("/", "10.0.0.1:1")));
+    }
+
+    #[test]
+    fn retried_request_applies_once() {
+        let mut r = cluster(&[100, 200, 300]);
+        let o = Origin { client: 0xabc, seq: 7 };
+        let cmd = Command::AllocateHosts { user: 1, n: 1, requester: "x".into(), include_requester: false };
+        let first = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(o) }).unwrap();
+        let again = r.apply(&Stamped { now_ms: T0 + 5, cmd: cmd.clone(), origin: Some(o) }).unwrap();
+        assert_eq!(first, again, "the retry gets the first answer");
+        assert_eq!(r.leases.len(), 1, "and allocates nothing more");
+        let other = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(Origin { seq: 8, ..o }) }).unwrap();
+        assert_ne!(other, first);
+        assert_eq!(r.leases.len(), 2);
+        // A refusal is remembered too.
+        let bad = Command::RemoveDomain { prefix: "/x".into() };
+        let e1 = r.apply(&Stamped { now_ms: T0, cmd: bad.clone(), origin: Some(Origin { seq: 9, ..o }) }).unwrap_err();
+        let e2 = r.apply(&Stamped { now_ms: T0, cmd: bad, origin: Some(Origin { seq: 9, ..o }) }).unwrap_err();
+        assert_eq!(e1, e2);
+        // Only a window of replies is kept; older requests are refused, not re-applied.
+        for seq in 100..100 + SESSION_WINDOW as u64 {
+            let cmd = Command::ReleaseHosts { user: 1, leases: vec![] };
+            r.apply(&Stamped { now_ms: T0, cmd, origin: Some(Origin { seq, ..o }) }).unwrap();
+        }
+        // Idempotent commands are not remembered.
+        let hb = Command::Heartbeat { host: "ws0".into(), load: idle_load(), owner_idle_secs: 100 };
+        r.apply(&Stamped { now_ms: T0, cmd: hb, origin: Some(Origin { seq: 10_000, ..o }) }).unwrap();
+        assert!(!r.sessions[&0xabc].replies.contains_key(&10_000));
+        let e = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(o) }).unwrap_err();
+        assert_eq!(e, RegistryError::StaleRequest { client: 0xabc, seq: 7 });
+        // Sessions of silent clients are forgotten.
+        r.apply(&at(T0 + 5 + SESSION_TTL_MS + 1, Command::Tick)).unwrap();
+        assert!(r.sessions.is_empty());
     }
 }

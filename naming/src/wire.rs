@@ -20,7 +20,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{Command, Registry, RegistryError, Reply, Stamped};
+use crate::registry::{Command, Origin, Registry, RegistryError, Reply, Stamped};
 
 /// A registry replica's id (stable across restarts; part of the Raft membership).
 pub type NodeId = u64;
@@ -54,8 +54,9 @@ pub enum NamingError {
     Storage { path: String, msg: String },
     #[error("malformed naming message: {0}")]
     Malformed(String),
-    #[error("no registry replica answered (tried {}): {last}", tried.join(", "))]
-    Unavailable { tried: Vec<String>, last: String },
+    /// Every replica tried failed; `errors` holds each one's last failure, "addr: error".
+    #[error("no registry replica could serve the request: {}", errors.join("; "))]
+    Unavailable { errors: Vec<String> },
     #[error("registry replica {addr}: {msg}")]
     Rpc { addr: String, msg: String },
 }
@@ -87,8 +88,9 @@ pub enum NamingRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A registry command, committed through the leader.
-    Write { cmd: Command, forwarded: bool },
+    /// A registry command, committed through the leader. With an `origin`, a repeat of the
+    /// same request is answered from the registry's memory instead of applied again.
+    Write { cmd: Command, origin: Option<Origin>, forwarded: bool },
     /// The whole registry; `linearizable` confirms leadership first (forwarded to the leader),
     /// otherwise the receiving replica answers from its own copy (a hint).
     Read { linearizable: bool, forwarded: bool },

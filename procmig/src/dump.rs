@@ -75,15 +75,25 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 
 /// Apply the kernel's syscall-restart rules to registers captured at an interrupt stop.
 /// Returns the adjusted registers and a note on what was done.
-pub fn normalize_restart(r: &Regs) -> (Regs, String) {
+///
+/// `hint`: the syscall a `restart_syscall` (219) stands for, when known (pre-copy saw the
+/// original sleep interrupted); its arguments are still in the registers.
+pub fn normalize_restart(r: &Regs, hint: Option<i64>) -> (Regs, String) {
     let mut n = *r;
-    let nr = r.orig_rax as i64;
+    let mut nr = r.orig_rax as i64;
+    if nr == libc::SYS_restart_syscall {
+        if let Some(h) = hint {
+            nr = h;
+            n.orig_rax = h as u64;
+        }
+    }
+    let r = &n.clone();
     let ret = r.rax as i64;
     let mut note = String::new();
     if nr >= 0 {
         match -ret {
             ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
-                n.rax = r.orig_rax;
+                n.rax = nr as u64;
                 n.rip = r.rip.wrapping_sub(2);
                 note = format!("syscall {nr} interrupted, will be re-executed");
             }
@@ -96,7 +106,7 @@ pub fn normalize_restart(r: &Regs) -> (Regs, String) {
                     _ => None,
                 };
                 if relative_with_rem.is_some() {
-                    n.rax = r.orig_rax;
+                    n.rax = nr as u64;
                     n.rip = r.rip.wrapping_sub(2);
                     note = format!("sleep syscall {nr} interrupted, will sleep the remaining time");
                 } else {
@@ -117,8 +127,12 @@ pub struct DumpInfo {
     pub pid: i32,
     pub dir: PathBuf,
     pub vmas: usize,
+    /// Pages copied while the process was frozen.
     pub pages: u64,
+    /// Bytes copied while frozen.
     pub bytes: u64,
+    /// Pages referenced by the image (including those pre-copied while it ran).
+    pub image_pages: u64,
     pub fds: usize,
     /// Time the process was frozen before the image was complete.
     pub frozen_ms: u64,
@@ -236,10 +250,18 @@ const ALLOWED_CHARDEVS: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/
 
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
+    dump_with(pid, dir, None, None)
+}
+
+fn dump_with(pid: i32, dir: &Path, store: Option<PageStore>, restart_hint: Option<i64>) -> Result<DumpInfo> {
     let t0 = sys::monotonic_ns();
     let threads = procfs::threads(pid)?;
     if threads.len() != 1 {
         return Err(DumpError::Unsupported { pid, what: format!("{} threads (only single-threaded processes migrate)", threads.len()) });
+    }
+    let kids = procfs::children_of(pid);
+    if !kids.is_empty() {
+        return Err(DumpError::Unsupported { pid, what: format!("has child processes {kids:?} (process trees do not migrate)") });
     }
     std::fs::create_dir_all(dir).map_err(|source| DumpError::Write { path: dir.to_path_buf(), source })?;
 
@@ -253,16 +275,17 @@ pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
             return Err(e);
         }
     };
-    let (norm, note) = normalize_restart(&regs);
+    let (norm, note) = normalize_restart(&regs, restart_hint);
     let mut frozen =
         Frozen { pid, resume_regs: norm, suppressed, state: FrozenState::Traced, _not_send: PhantomData };
-    match dump_frozen(pid, dir, &regs, &norm, &note, &mut frozen) {
-        Ok((vmas, pages, fds)) => Ok(DumpInfo {
+    match dump_frozen(pid, dir, &regs, &norm, &note, &mut frozen, store) {
+        Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
             pid,
             dir: dir.to_path_buf(),
             vmas,
             pages,
             bytes: pages * PAGE,
+            image_pages,
             fds,
             frozen_ms: (sys::monotonic_ns() - t0) / 1_000_000,
             syscall_note: note,
@@ -300,7 +323,8 @@ fn dump_frozen(
     norm: &Regs,
     note: &str,
     frozen: &mut Frozen,
-) -> Result<(usize, u64, usize)> {
+    store: Option<PageStore>,
+) -> Result<(usize, u64, usize, u64)> {
     let xstate = sys::get_xstate(pid)?;
     let rseq = match sys::get_rseq(pid) {
         Ok(c) if c.abi_size > 0 => Some(Rseq { addr: c.abi_pointer, len: c.abi_size, sig: c.signature }),
@@ -371,11 +395,7 @@ fn dump_frozen(
     }
     let exe_file = std::fs::metadata(&exe).ok().map(|m| file_id(&m));
     let cwd = procfs::read_link(pid, "cwd")?;
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        let (cur, max) = sys::prlimit(pid, res, None)?;
-        rlimits.push(Rlimit { resource: res, cur, max });
-    }
+    let rlimits = q.rlimits;
     let fds = dump_fds(pid)?;
 
     // --- memory -----------------------------------------------------------------------
@@ -429,13 +449,16 @@ fn dump_frozen(
         });
     }
 
-    let image_id = random_u64();
-    let pages_path = dir.join(image::PAGES_FILE);
-    let mut pf = File::create(&pages_path).map_err(|source| DumpError::Write { path: pages_path.clone(), source })?;
-    pf.write_all(&image::pages_header(image_id)).map_err(|source| DumpError::Write { path: pages_path.clone(), source })?;
-    let (page_runs, pages) = dump_pages(pid, &memf, &vmas, &mut pf, &pages_path)?;
-    pf.sync_all().map_err(|source| DumpError::Write { path: pages_path.clone(), source })?;
-    let pages_file_len = PAGES_DATA_OFFSET + pages * PAGE;
+    let precopied = store.is_some();
+    let mut store = match store {
+        Some(s) => s,
+        None => PageStore::create(dir)?,
+    };
+    let (pages, in_image) = store.collect(pid, &memf, &vmas, precopied, false)?;
+    let page_runs = runs_from(&in_image);
+    store.flush()?;
+    let image_id = store.image_id;
+    let pages_file_len = PAGES_DATA_OFFSET + store.written * PAGE;
 
     let meta = ImageMeta {
         image_id,
@@ -475,7 +498,8 @@ fn dump_frozen(
     };
     image::validate(&dir.join(image::META_FILE), &meta)?;
     image::write_meta(dir, &meta)?;
-    Ok((meta.vmas.len(), pages, fds.len()))
+    let image_pages = meta.page_runs.iter().map(|r| r.npages).sum();
+    Ok((meta.vmas.len(), pages, fds.len(), image_pages))
 }
 
 struct Queried {
@@ -487,6 +511,8 @@ struct Queried {
     hostname: String,
     release: String,
     personality: u32,
+    /// Queried from inside: prlimit on another uid needs CAP_SYS_RESOURCE.
+    rlimits: Vec<Rlimit>,
 }
 
 fn cstr_at(b: &[u8]) -> String {
@@ -548,7 +574,13 @@ fn injected_queries(inj: &mut Injector) -> std::result::Result<Queried, InjectEr
         let hostname = cstr_at(&u[65..130]);
         let release = cstr_at(&u[130..195]);
         let personality = inj.call("personality", libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0])? as u32;
-        Ok(Queried { brk, sigactions, altstack, clear_child_tid, itimers, hostname, release, personality })
+        let mut rlimits = Vec::new();
+        for res in 0..16u64 {
+            inj.call("prlimit64", libc::SYS_prlimit64, [0, res, 0, scratch, 0, 0])?;
+            let b = inj.read(scratch, 16)?;
+            rlimits.push(Rlimit { resource: res as u32, cur: le_u64(&b, 0), max: le_u64(&b, 8) });
+        }
+        Ok(Queried { brk, sigactions, altstack, clear_child_tid, itimers, hostname, release, personality, rlimits })
     })();
     let un = inj.call("munmap(scratch)", libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
     let q = r?;
@@ -598,68 +630,339 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b) ^ sys::monotonic_ns()
 }
 
-/// Copy the pages that a fresh mapping would not reproduce into the pages file.
-fn dump_pages(pid: i32, mem: &File, vmas: &[Vma], pf: &mut File, path: &Path) -> Result<(Vec<PageRun>, u64)> {
-    let pm = procfs::open_pagemap(pid)?;
-    let mut runs: Vec<PageRun> = Vec::new();
-    let mut written: u64 = 0;
-    let mut ents = Vec::new();
-    const CHUNK_PAGES: u64 = 4096; // 16 MiB of address space per pagemap read
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for v in vmas {
-        let anon = match v.kind {
-            VmaKind::AnonPrivate | VmaKind::AnonShared => true,
-            VmaKind::FilePrivate => false,
-            _ => continue,
-        };
-        let first_run_of_vma = runs.len();
-        let mut a = v.start;
-        while a < v.end {
-            let e = (a + CHUNK_PAGES * PAGE).min(v.end);
-            procfs::read_pagemap(pid, &pm, a, e, &mut ents)?;
-            // Contiguous candidate spans inside this chunk.
-            let mut i = 0usize;
-            while i < ents.len() {
-                let want = |x: u64| {
-                    let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
-                    present && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0)
-                };
-                if !want(ents[i]) {
-                    i += 1;
-                    continue;
-                }
-                let s = i;
-                while i < ents.len() && want(ents[i]) {
-                    i += 1;
-                }
-                let span_addr = a + s as u64 * PAGE;
-                let span_len = ((i - s) as u64 * PAGE) as usize;
-                let data = &mut buf[..span_len];
-                mem.read_exact_at(data, span_addr).map_err(|source| DumpError::ReadMem { pid, addr: span_addr, source })?;
-                for (k, page) in data.chunks_exact(PAGE as usize).enumerate() {
-                    if anon && page.iter().all(|b| *b == 0) {
+/// Where the latest copy of a page is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// All zero: a fresh anonymous mapping reproduces it.
+    Zero,
+    /// Byte offset in pages.img.
+    At(u64),
+}
+
+/// Pages that belong in an image: (vaddr, where its copy is, index of its VMA).
+type ImagePages = Vec<(u64, Slot, usize)>;
+
+/// The pages file being written, with the latest copy of every page seen so far.
+#[derive(Debug)]
+pub(crate) struct PageStore {
+    /// Buffered: the swap file usually lives on the cluster FUSE mount, where small
+    /// writes are expensive.
+    file: std::io::BufWriter<File>,
+    path: PathBuf,
+    image_id: u64,
+    /// Pages written so far (the file is PAGES_DATA_OFFSET + written * PAGE long).
+    written: u64,
+    index: std::collections::BTreeMap<u64, Slot>,
+}
+
+impl PageStore {
+    pub(crate) fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| DumpError::Write { path: dir.to_path_buf(), source })?;
+        let image_id = random_u64();
+        let path = dir.join(image::PAGES_FILE);
+        let mut file = File::create(&path).map_err(|source| DumpError::Write { path: path.clone(), source })?;
+        file.write_all(&image::pages_header(image_id)).map_err(|source| DumpError::Write { path: path.clone(), source })?;
+        let file = std::io::BufWriter::with_capacity(1 << 20, file);
+        Ok(PageStore { file, path, image_id, written: 0, index: Default::default() })
+    }
+
+    /// Flush the buffer and fsync the pages file.
+    fn flush(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.file.flush().map_err(|source| DumpError::Write { path: path.clone(), source })?;
+        self.file.get_ref().sync_all().map_err(|source| DumpError::Write { path, source })
+    }
+
+    fn append(&mut self, page: &[u8]) -> Result<u64> {
+        let off = PAGES_DATA_OFFSET + self.written * PAGE;
+        self.file.write_all(page).map_err(|source| DumpError::Write { path: self.path.clone(), source })?;
+        self.written += 1;
+        Ok(off)
+    }
+
+    /// Copy pages of `vmas` into the store. With `only_dirty`, a page already copied whose
+    /// soft-dirty bit is clear is kept as is. With `running`, read failures (the process
+    /// unmapped memory under us) skip the span instead of failing: those pages are either
+    /// gone or new, and the frozen pass picks them up. Returns (pages copied, the list of
+    /// (vaddr, slot, vma index) of every page that belongs in the image).
+    fn collect(
+        &mut self,
+        pid: i32,
+        mem: &File,
+        vmas: &[Vma],
+        only_dirty: bool,
+        running: bool,
+    ) -> Result<(u64, ImagePages)> {
+        let pm = procfs::open_pagemap(pid)?;
+        let mut copied = 0u64;
+        let mut out = Vec::new();
+        let mut ents = Vec::new();
+        const CHUNK_PAGES: u64 = 4096; // 16 MiB of address space per pagemap read
+        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+        for (vi, v) in vmas.iter().enumerate() {
+            let anon = match v.kind {
+                VmaKind::AnonPrivate | VmaKind::AnonShared => true,
+                VmaKind::FilePrivate => false,
+                _ => continue,
+            };
+            let want = |x: u64| {
+                let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
+                present && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0)
+            };
+            let mut a = v.start;
+            while a < v.end {
+                let e = (a + CHUNK_PAGES * PAGE).min(v.end);
+                match procfs::read_pagemap(pid, &pm, a, e, &mut ents) {
+                    Ok(()) => {}
+                    Err(_) if running => {
+                        a = e;
                         continue;
                     }
-                    let va = span_addr + k as u64 * PAGE;
-                    let off = PAGES_DATA_OFFSET + written * PAGE;
-                    pf.write_all(page).map_err(|source| DumpError::Write { path: path.to_path_buf(), source })?;
-                    written += 1;
-                    // Runs never cross a VMA boundary (restore and lazy paging rely on it).
-                    let n = runs.len();
-                    if n > first_run_of_vma
-                        && runs[n - 1].vaddr + runs[n - 1].npages * PAGE == va
-                        && runs[n - 1].offset + runs[n - 1].npages * PAGE == off
+                    Err(err) => return Err(err.into()),
+                }
+                let mut i = 0usize;
+                while i < ents.len() {
+                    let va = a + i as u64 * PAGE;
+                    if !want(ents[i]) {
+                        i += 1;
+                        continue;
+                    }
+                    let keep = only_dirty && ents[i] & procfs::PM_SOFT_DIRTY == 0;
+                    if keep {
+                        if let Some(slot) = self.index.get(&va) {
+                            out.push((va, *slot, vi));
+                            i += 1;
+                            continue;
+                        }
+                    }
+                    // A span of pages to (re)copy.
+                    let s = i;
+                    while i < ents.len()
+                        && want(ents[i])
+                        && !(only_dirty && ents[i] & procfs::PM_SOFT_DIRTY == 0 && self.index.contains_key(&(a + i as u64 * PAGE)))
                     {
-                        runs[n - 1].npages += 1;
-                    } else {
-                        runs.push(PageRun { vaddr: va, npages: 1, offset: off });
+                        i += 1;
+                    }
+                    let span_addr = a + s as u64 * PAGE;
+                    let data = &mut buf[..((i - s) as u64 * PAGE) as usize];
+                    match mem.read_exact_at(data, span_addr) {
+                        Ok(()) => {}
+                        Err(_) if running => continue,
+                        Err(source) => return Err(DumpError::ReadMem { pid, addr: span_addr, source }),
+                    }
+                    for (k, page) in data.chunks_exact(PAGE as usize).enumerate() {
+                        let pva = span_addr + k as u64 * PAGE;
+                        let slot = if anon && page.iter().all(|b| *b == 0) {
+                            Slot::Zero
+                        } else {
+                            copied += 1;
+                            Slot::At(self.append(page)?)
+                        };
+                        self.index.insert(pva, slot);
+                        out.push((pva, slot, vi));
                     }
                 }
+                a = e;
             }
-            a = e;
         }
+        Ok((copied, out))
     }
-    Ok((runs, written))
+}
+
+impl PageStore {
+    /// Pages of `vmas` that must be (re)copied: present, not reproduced by a fresh mapping,
+    /// and soft-dirty or never copied. Call with the process frozen.
+    fn targets(&self, pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, bool)>> {
+        let pm = procfs::open_pagemap(pid)?;
+        let mut out = Vec::new();
+        let mut ents = Vec::new();
+        for v in vmas {
+            let anon = match v.kind {
+                VmaKind::AnonPrivate | VmaKind::AnonShared => true,
+                VmaKind::FilePrivate => false,
+                _ => continue,
+            };
+            let mut a = v.start;
+            while a < v.end {
+                let e = (a + 4096 * PAGE).min(v.end);
+                procfs::read_pagemap(pid, &pm, a, e, &mut ents)?;
+                for (i, x) in ents.iter().enumerate() {
+                    let va = a + i as u64 * PAGE;
+                    let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
+                    let wanted = present && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0);
+                    if wanted && (x & procfs::PM_SOFT_DIRTY != 0 || !self.index.contains_key(&va)) {
+                        out.push((va, anon));
+                    }
+                }
+                a = e;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copy the given pages of a running process; unreadable ones (unmapped meanwhile) are
+    /// skipped and forgotten, so the frozen pass copies them if they still exist.
+    fn copy_targets(&mut self, pid: i32, mem: &File, targets: &[(u64, bool)]) -> Result<u64> {
+        let mut page = vec![0u8; PAGE as usize];
+        let mut n = 0;
+        for (va, anon) in targets {
+            if mem.read_exact_at(&mut page, *va).is_err() {
+                self.index.remove(va);
+                continue;
+            }
+            let slot = if *anon && page.iter().all(|b| *b == 0) {
+                Slot::Zero
+            } else {
+                n += 1;
+                Slot::At(self.append(&page)?)
+            };
+            self.index.insert(*va, slot);
+        }
+        let _ = pid;
+        Ok(n)
+    }
+}
+
+/// Page runs from the pages that belong in the image (vaddr order), never crossing a VMA.
+fn runs_from(pages: &[(u64, Slot, usize)]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    let mut last_vma = usize::MAX;
+    for (va, slot, vi) in pages {
+        let Slot::At(off) = slot else { continue };
+        let n = runs.len();
+        if n > 0
+            && last_vma == *vi
+            && runs[n - 1].vaddr + runs[n - 1].npages * PAGE == *va
+            && runs[n - 1].offset + runs[n - 1].npages * PAGE == *off
+        {
+            runs[n - 1].npages += 1;
+        } else {
+            runs.push(PageRun { vaddr: *va, npages: 1, offset: *off });
+        }
+        last_vma = *vi;
+    }
+    runs
+}
+
+/// Iterative pre-copy of a running process (soft-dirty tracking): [`PreCopy::start`]
+/// clears the soft-dirty bits and copies every page while the process runs; each
+/// [`PreCopy::round`] copies only the pages dirtied since the previous round;
+/// [`PreCopy::finish`] freezes the process and copies what is still dirty, so the
+/// freeze time depends on the dirtying rate, not on the size of memory.
+#[derive(Debug)]
+pub struct PreCopy {
+    pid: i32,
+    dir: PathBuf,
+    store: PageStore,
+    mem: File,
+    /// Pages copied by each round so far.
+    pub rounds: Vec<u64>,
+    /// The sleep syscall seen interrupted by a brief freeze (the kernel then continues it
+    /// as restart_syscall, whose meaning the final dump must know).
+    restart_hint: Option<i64>,
+}
+
+fn clear_soft_dirty(pid: i32) -> Result<()> {
+    let p = PathBuf::from(format!("/proc/{pid}/clear_refs"));
+    std::fs::write(&p, b"4").map_err(|source| DumpError::Write { path: p, source })
+}
+
+fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
+    Ok(procfs::smaps(pid)?
+        .into_iter()
+        .map(|m| Vma {
+            start: m.start,
+            end: m.end,
+            prot: 0,
+            kind: if m.name.starts_with('/') && !m.shared {
+                VmaKind::FilePrivate
+            } else if m.name.is_empty() || m.name == "[heap]" || m.name == "[stack]" {
+                if m.shared { VmaKind::AnonShared } else { VmaKind::AnonPrivate }
+            } else {
+                VmaKind::Special
+            },
+            name: m.name,
+            offset: m.offset,
+            file: None,
+            growsdown: false,
+            maywrite: false,
+        })
+        .collect())
+}
+
+impl PreCopy {
+    /// First round: start tracking and copy all memory of the running `pid` into `dir`.
+    pub fn start(pid: i32, dir: &Path) -> Result<Self> {
+        let threads = procfs::threads(pid)?;
+        if threads.len() != 1 {
+            return Err(DumpError::Unsupported { pid, what: format!("{} threads (only single-threaded processes migrate)", threads.len()) });
+        }
+        let store = PageStore::create(dir)?;
+        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem { pid, addr: 0, source })?;
+        let mut pc = PreCopy { pid, dir: dir.to_path_buf(), store, mem, rounds: Vec::new(), restart_hint: None };
+        clear_soft_dirty(pid)?;
+        let vmas = vmas_of(pid)?;
+        let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, false, true)?;
+        pc.rounds.push(n);
+        Ok(pc)
+    }
+
+    /// Another round: freeze the process for a moment to read which pages were dirtied
+    /// since the last round and to clear the soft-dirty bits (both while frozen, so no
+    /// write can slip between the two), let it run, then copy those pages. A page written
+    /// again during the copy has its bit set again and is copied by the next round or by
+    /// [`PreCopy::finish`]. Returns the number of pages copied.
+    pub fn round(&mut self) -> Result<u64> {
+        let pid = self.pid;
+        let vmas = vmas_of(pid)?;
+        let hint = &mut self.restart_hint;
+        let store = &self.store;
+        let targets = with_brief_freeze(pid, || {
+            let r = sys::get_regs(pid)?;
+            let nr = r.orig_rax as i64;
+            let in_restart_block = r.rax as i64 == -ERESTART_RESTARTBLOCK;
+            if !in_restart_block {
+                *hint = None;
+            } else if nr != libc::SYS_restart_syscall {
+                *hint = Some(nr);
+            }
+            let t = store.targets(pid, &vmas)?;
+            clear_soft_dirty(pid)?;
+            Ok(t)
+        })?;
+        let n = self.store.copy_targets(pid, &self.mem, &targets)?;
+        self.rounds.push(n);
+        Ok(n)
+    }
+
+    /// Freeze the process and complete the image (same result as [`dump`]).
+    pub fn finish(self) -> Result<DumpInfo> {
+        let PreCopy { pid, dir, store, restart_hint, .. } = self;
+        dump_with(pid, &dir, Some(store), restart_hint)
+    }
+}
+
+/// Stop `pid` with PTRACE_SEIZE + PTRACE_INTERRUPT, run `f`, detach. Registers are not
+/// touched, so the kernel's own syscall-restart logic applies on detach.
+fn with_brief_freeze<T>(pid: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    sys::seize(pid, 0).map_err(|source| DumpError::Freeze { pid, source })?;
+    let stopped = (|| {
+        sys::interrupt(pid).map_err(|source| DumpError::Freeze { pid, source })?;
+        loop {
+            match sys::wait(pid).map_err(|source| DumpError::Freeze { pid, source })? {
+                Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => return Ok(()),
+                // A signal arrived first: deliver it normally and wait for our trap.
+                Wait::Stopped { sig, .. } => sys::cont(pid, sig).map_err(|source| DumpError::Freeze { pid, source })?,
+                Wait::Exited(c) => return Err(DumpError::Vanished { pid, what: format!("exited with {c}") }),
+                Wait::Signaled(s) => return Err(DumpError::Vanished { pid, what: format!("killed by signal {s}") }),
+            }
+        }
+    })();
+    let r = stopped.and_then(|_| f());
+    let d = sys::detach(pid, 0);
+    let v = r?;
+    d?;
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -676,7 +979,7 @@ mod tests {
         r.orig_rax = libc::SYS_read as u64;
         r.rax = (-ERESTARTSYS) as u64;
         r.rip = 0x1002;
-        let (n, _) = normalize_restart(&r);
+        let (n, _) = normalize_restart(&r, None);
         assert_eq!((n.rax, n.rip, n.orig_rax), (libc::SYS_read as u64, 0x1000, u64::MAX));
 
         r.orig_rax = libc::SYS_clock_nanosleep as u64;
@@ -684,16 +987,25 @@ mod tests {
         r.rsi = 0;
         r.rdx = 0x5000;
         r.r10 = 0x6000;
-        let (n, _) = normalize_restart(&r);
+        let (n, _) = normalize_restart(&r, None);
         assert_eq!((n.rax, n.rip, n.rdx), (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000));
 
         r.r10 = 0;
-        let (n, _) = normalize_restart(&r);
+        let (n, _) = normalize_restart(&r, None);
         assert_eq!((n.rax as i64, n.rip), (-(libc::EINTR as i64), 0x1002));
 
         r.orig_rax = u64::MAX;
         r.rax = 7;
-        let (n, _) = normalize_restart(&r);
+        let (n, _) = normalize_restart(&r, None);
         assert_eq!((n.rax, n.rip), (7, 0x1002));
+
+        // restart_syscall standing for a clock_nanosleep seen during pre-copy.
+        r.orig_rax = libc::SYS_restart_syscall as u64;
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        r.r10 = 0x6000;
+        let (n, _) = normalize_restart(&r, Some(libc::SYS_clock_nanosleep));
+        assert_eq!((n.rax, n.rip, n.rdx, n.orig_rax), (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000, u64::MAX));
+        let (n, _) = normalize_restart(&r, None);
+        assert_eq!(n.rax as i64, -(libc::EINTR as i64));
     }
 }

@@ -112,9 +112,9 @@ pub enum VmaKind {
     FilePrivate,
     /// MAP_SHARED of a file: the file holds the contents, nothing stored.
     FileShared,
-    /// Kernel special mappings ([vdso], [vvar], [vvar_vclock]): moved, not stored.
+    /// Kernel special mappings (`[vdso]`, `[vvar]`, `[vvar_vclock]`): moved, not stored.
     Special,
-    /// [vsyscall]: fixed by the kernel, ignored.
+    /// `[vsyscall]`: fixed by the kernel, ignored.
     Vsyscall,
 }
 
@@ -126,7 +126,7 @@ pub struct Vma {
     /// PROT_READ | PROT_WRITE | PROT_EXEC bits.
     pub prot: u32,
     pub kind: VmaKind,
-    /// Path for file-backed mappings, pseudo name ("[heap]", "[stack]", "[vdso]") otherwise.
+    /// Path for file-backed mappings, pseudo name (`[heap]`, `[stack]`, `[vdso]`) otherwise.
     pub name: String,
     pub offset: u64,
     pub file: Option<FileId>,
@@ -188,7 +188,7 @@ pub enum FdKind {
     /// An allowed character device (/dev/null, /dev/zero, /dev/urandom, /dev/random, /dev/full).
     CharDev,
     /// A pipe end; reconnected from an inherited descriptor or, on the same host, from
-    /// the frozen source's /proc/<pid>/fd/<fd>.
+    /// the frozen source's `/proc/<pid>/fd/<fd>.`
     Pipe { ino: u64 },
 }
 
@@ -266,7 +266,7 @@ pub struct ImageMeta {
     pub page_runs: Vec<PageRun>,
     /// Exact size of pages.img.
     pub pages_file_len: u64,
-    /// SHA-256 of the source's [vdso] bytes: restore requires the same vdso.
+    /// SHA-256 of the source's `[vdso]` bytes: restore requires the same vdso.
     pub vdso_sha256: Vec<u8>,
     pub mm: MmFields,
     pub sigactions: Vec<SigAction>,

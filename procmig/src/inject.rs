@@ -1,7 +1,7 @@
 //! Syscall injection into a ptrace-stopped tracee: point its rip at a `syscall`
 //! instruction, load the syscall number and arguments, run it between the syscall-entry
 //! and syscall-exit stops (PTRACE_SYSCALL), read the result. Memory of the tracee is read
-//! and written through /proc/<pid>/mem (FOLL_FORCE: protection bits do not get in the way).
+//! and written through `/proc/<pid>/mem` (FOLL_FORCE: protection bits do not get in the way).
 //!
 //! The tracee is left in a syscall-exit stop after each call. Signals that arrive for the
 //! tracee while it runs an injected call are suppressed and remembered in
@@ -145,13 +145,13 @@ impl Injector {
         Ok(u64::from_le_bytes(a))
     }
 
-    /// The /proc/<pid>/mem handle (for bulk page transfer).
+    /// The `/proc/<pid>/mem` handle (for bulk page transfer).
     pub fn mem(&self) -> &File {
         &self.mem
     }
 }
 
-/// Find a `syscall` instruction (0f 05) inside the tracee's [vdso].
+/// Find a `syscall` instruction (0f 05) inside the tracee's `[vdso]`.
 pub fn find_syscall_in_vdso(pid: i32, mem: &File, start: u64, end: u64) -> Option<u64> {
     let mut buf = vec![0u8; (end - start) as usize];
     mem.read_exact_at(&mut buf, start).ok()?;

@@ -1,25 +1,57 @@
 //! wisp-procmig: live migration of a single-threaded Linux process through files, with
-//! no kernel patch and no CRIU: the source is frozen over ptrace, its state and pages go to
-//! an image directory (metadata + swap file, see [`image`]), and the target rebuilds the
-//! process by injecting system calls into a fresh child ([`restore`]).
+//! no kernel patch and no CRIU. The source is frozen over ptrace, its state and pages go to
+//! an image directory (metadata + swap file, format in [`image`]), and the target rebuilds
+//! the process by injecting system calls into a fresh child ([`restore()`]).
 //!
-//! Invariant: a migration never ends with the process running twice or nowhere. The
-//! source stays frozen ([`Frozen`]) until the caller kills it after the target is up, or
-//! resumes it when restore failed; a failed dump resumes the source itself.
+//! # Flow
+//! 1. [`run_sandboxed`] starts a job as pid 2 of its own pid + uts namespace, so its pid
+//!    can be recreated anywhere.
+//! 2. [`dump()`] (or [`PreCopy`] for iterative pre-copy with soft-dirty tracking) writes
+//!    `image.meta` + `pages.img` into a directory (on the cluster: `/wisp/.swap/<job>/`)
+//!    and returns the source still frozen in a [`Frozen`].
+//! 3. [`restore_with`] / [`restore_lazy`] recreate the process from the directory (same pid
+//!    inside a fresh namespace via clone3 `set_tid`), eagerly or with userfaultfd demand
+//!    paging ([`lazy`]).
+//! 4. The caller kills the frozen source once the target runs ([`Frozen::kill`]), or
+//!    resumes it if restore failed ([`Frozen::resume`]).
 //!
-//! Module map: [`sys`] is the only place with raw system calls; [`inject`] runs syscalls
-//! inside a tracee; [`procfs`] parses /proc; [`dump`], [`restore`] and [`sandbox`] are the
-//! operations; the binary `wisp-procmig` is a thin CLI over them.
+//! # Invariants
+//! - Architecture Invariant: a migration never ends with the process running twice or
+//!   nowhere. A failed dump resumes the source itself; a successful one leaves it frozen
+//!   until the caller decides; a failed restore kills only what it created.
+//! - Architecture Invariant: bad input (corrupt, truncated, foreign or inconsistent image)
+//!   is rejected by [`image::load`] with an error naming the file and the field, before
+//!   any process is created.
+//! - Architecture Invariant: raw system calls live in [`sys`] only; [`inject`] is the only
+//!   way to act inside another process.
+//! - Architecture Invariant: procmig reaches files by path only (the shared namespace); it
+//!   knows nothing of the file server, Raft, or the wire protocol.
+//! - API Boundary: [`dump()`], [`PreCopy`], [`Frozen`], [`restore()`], [`restore_with`],
+//!   [`restore_lazy`], [`run_sandboxed`], and the `wisp-procmig` binary (thin CLI).
+//!
+//! # Limits (checked, with a clear `unsupported` error)
+//! Single-threaded processes without children; descriptors must be regular files or
+//! directories, /dev/{null,zero,random,urandom,full}, or pipes (reconnected from
+//! descriptors the caller passes, or on the same host from the frozen source); no sockets,
+//! ttys, eventfd/epoll/signalfd/inotify, memfd or deleted files; the target must run the
+//! same kernel build (vdso checked) on a CPU with the same xstate layout, and see the
+//! same files (size and mtime checked).
+//!
+//! Module map: [`sys`] raw system calls; [`inject`] syscalls inside a tracee; [`procfs`]
+//! /proc parsing; [`image`] the on-disk format; [`mod@dump`], [`mod@restore`], [`lazy`] and
+//! [`sandbox`] the operations.
 
 pub mod dump;
 pub mod image;
 pub mod inject;
+pub mod lazy;
 pub mod procfs;
 pub mod restore;
 pub mod sandbox;
 pub mod sys;
 
-pub use dump::{dump, kill_stopped, resume_stopped, DumpError, DumpInfo, Frozen};
+pub use dump::{dump, kill_stopped, resume_stopped, DumpError, DumpInfo, Frozen, PreCopy};
 pub use image::{ImageError, ImageMeta};
-pub use restore::{restore, restore_with, PidMode, RestoreError, RestoreOptions, Restored};
+pub use lazy::{LazyError, LazyPager, LazyStats};
+pub use restore::{restore, restore_lazy, restore_with, PidMode, RestoreError, RestoreOptions, Restored};
 pub use sandbox::{run_sandboxed, Sandbox, SandboxError};

@@ -4,7 +4,7 @@
 //! rseq registration and descriptors, unmap everything but the trampoline and the kernel's
 //! vdso/vvar pages, move those to their old addresses, map every VMA at its exact address
 //! (files MAP_PRIVATE/MAP_SHARED at their offset), write the stored pages over them
-//! through /proc/<pid>/mem, then mm fields (PR_SET_MM_MAP), signal state, descriptors, cwd,
+//! through `/proc/<pid>/mem`, then mm fields (PR_SET_MM_MAP), signal state, descriptors, cwd,
 //! umask, timers, rlimits, creds, rseq/robust list/tid address, registers and xstate, and
 //! detach. On any failure the half-built process is killed; the source is never touched.
 
@@ -19,7 +19,8 @@ use sha2::Digest;
 use crate::image::{self, FdKind, ImageError, ImageMeta, VmaKind, PAGE};
 use crate::inject::{InjectError, Injector};
 use crate::procfs::{self, ProcError};
-use crate::sys::{self, SysError, Wait};
+use crate::lazy::LazyPager;
+use crate::sys::{self, uffd, SysError, Wait};
 
 /// Errors of a restore.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +74,21 @@ pub enum PidMode {
 pub struct RestoreOptions {
     pub pid_mode: PidMode,
     /// Descriptors supplied by the caller for pipe ends: (image fd number, descriptor).
-    /// Pipes not listed here are reopened from the frozen source's /proc/<pid>/fd/<n>
+    /// Pipes not listed here are reopened from the frozen source's `/proc/<pid>/fd/<n>`
     /// (same host only).
     pub inherit_fds: Vec<(i32, RawFd)>,
+    /// Lazy restore only: answer page faults only (pure demand paging) for this long
+    /// before pushing the remaining pages in the background.
+    pub lazy_push_delay: std::time::Duration,
+}
+
+/// Restore with lazy (post-copy) paging of the anonymous memory: the process runs as soon
+/// as its registers are loaded; the returned [`LazyPager`] serves its page faults from the
+/// swap file and pushes the rest in the background. Keep the calling process alive until
+/// [`LazyPager::wait`] returns (then the process no longer depends on the image).
+pub fn restore_lazy(dir: &Path, opts: &RestoreOptions) -> Result<(Restored, LazyPager)> {
+    let (r, pager) = restore_impl(dir, opts, true)?;
+    Ok((r, pager.unwrap_or_else(LazyPager::idle)))
 }
 
 /// Result of a restore.
@@ -115,6 +128,10 @@ fn fid_ok(path: &str, want: &Option<image::FileId>) -> Result<()> {
 
 /// Restore the image in `dir`.
 pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    restore_impl(dir, opts, false).map(|r| r.0)
+}
+
+fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restored, Option<LazyPager>)> {
     let meta = image::load(dir)?;
     let pages_path = dir.join(image::PAGES_FILE);
     let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages { path: pages_path.clone(), source })?;
@@ -152,28 +169,28 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // Pipe ends: inherited or reopened from the frozen source.
     let mut pass: Vec<(i32, OwnedFd)> = Vec::new();
     for f in &meta.fds {
+        if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
+            let fd = sys::dup_owned(*raw).map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot dup inherited fd {raw}: {e}") })?;
+            pass.push((f.fd, fd));
+            continue;
+        }
         match &f.kind {
             FdKind::Pipe { .. } => {
-                let fd = if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
-                    sys::dup_owned(*raw).map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot dup inherited fd {raw}: {e}") })?
-                } else {
-                    let src = format!("/proc/{}/fd/{}", meta.pid, f.fd);
-                    let acc = f.flags & libc::O_ACCMODE as u32;
-                    let file = std::fs::OpenOptions::new()
-                        .read(acc != libc::O_WRONLY as u32)
-                        .write(acc != libc::O_RDONLY as u32)
-                        .open(&src)
-                        .map_err(|e| RestoreError::Fd {
-                            fd: f.fd,
-                            what: format!("pipe {} is not inherited and cannot be reopened from {src}: {e}", f.path),
-                        })?;
-                    let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
-                    if (FdKind::Pipe { ino }) != f.kind {
-                        return Err(RestoreError::Fd { fd: f.fd, what: format!("{src} is no longer {}", f.path) });
-                    }
-                    OwnedFd::from(file)
-                };
-                pass.push((f.fd, fd));
+                let src = format!("/proc/{}/fd/{}", meta.pid, f.fd);
+                let acc = f.flags & libc::O_ACCMODE as u32;
+                let file = std::fs::OpenOptions::new()
+                    .read(acc != libc::O_WRONLY as u32)
+                    .write(acc != libc::O_RDONLY as u32)
+                    .open(&src)
+                    .map_err(|e| RestoreError::Fd {
+                        fd: f.fd,
+                        what: format!("pipe {} is not inherited and cannot be reopened from {src}: {e}", f.path),
+                    })?;
+                let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
+                if (FdKind::Pipe { ino }) != f.kind {
+                    return Err(RestoreError::Fd { fd: f.fd, what: format!("{src} is no longer {}", f.path) });
+                }
+                pass.push((f.fd, OwnedFd::from(file)));
             }
             FdKind::Regular => fid_ok(&f.path, &f.file)?,
             FdKind::CharDev => {
@@ -208,7 +225,7 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         e
     };
     let mut warnings = Vec::new();
-    let r = (|| -> Result<()> {
+    let r = (|| -> Result<Option<LazyPager>> {
         sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
         sys::interrupt(pid)?;
         loop {
@@ -220,19 +237,17 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         let base = sys::get_regs(pid)?;
         let mut inj = Injector::new(pid, tramp, base)?;
-        build(&mut inj, &meta, &pages, &pages_path, tramp, &pass, &mut warnings)?;
-        Ok(())
+        build(&mut inj, &meta, &pages, &pages_path, tramp, &pass, &mut warnings, lazy, opts.lazy_push_delay)
     })();
-    if let Err(e) = r {
-        return Err(cleanup(e));
-    }
+    let pager = match r {
+        Ok(p) => p,
+        Err(e) => return Err(cleanup(e)),
+    };
     drop(pass);
-    Ok(Restored {
-        pid,
-        ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid),
-        init_pid,
-        warnings,
-    })
+    Ok((
+        Restored { pid, ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid), init_pid, warnings },
+        pager,
+    ))
 }
 
 /// Lowest gap of `len` bytes at or above `min`, not overlapping any busy range.
@@ -257,6 +272,7 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
     let (rd, wr) = nix::unistd::pipe().map_err(|e| RestoreError::Helper { pid: ns_pid, what: format!("pipe: {e}") })?;
     let wr_raw = wr.as_raw_fd();
     let host = hostname.as_bytes().to_vec();
+    let rseq = sys::glibc_rseq();
     let (pid, init) = if mode == PidMode::NewNamespace {
         let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
         if init == 0 {
@@ -265,7 +281,7 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
             match sys::fork_with_tid(ns_pid) {
                 Ok(0) => sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw),
                 Ok(t) => {
-                    sys::child_init_reap(t);
+                    sys::child_become_reaper(t, rseq);
                 }
                 Err(_) => {
                     let b = [2u8];
@@ -349,6 +365,7 @@ fn mmap_at(inj: &mut Injector, what: &str, start: u64, len: u64, prot: u32, flag
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; the state of one restore
 fn build(
     inj: &mut Injector,
     meta: &ImageMeta,
@@ -357,7 +374,9 @@ fn build(
     tramp: u64,
     pass: &[(i32, OwnedFd)],
     warnings: &mut Vec<String>,
-) -> Result<()> {
+    lazy: bool,
+    push_delay: std::time::Duration,
+) -> Result<Option<LazyPager>> {
     let pid = inj.pid();
     let sc = Scratch { base: tramp + SCRATCH_OFF, len: TRAMP_LEN - SCRATCH_OFF };
     let nr = |n: libc::c_long| -> i64 { n };
@@ -447,9 +466,20 @@ fn build(
         }
     }
 
-    // 5. Page contents from the swap file.
+    // 5. Page contents from the swap file (lazy VMAs: only remembered for the pager).
+    let is_lazy = |v: &image::Vma| {
+        lazy && v.kind == VmaKind::AnonPrivate && !v.growsdown && v.prot & libc::PROT_WRITE as u32 != 0
+    };
+    let lazy_vmas: Vec<&image::Vma> = meta.vmas.iter().filter(|v| is_lazy(v)).collect();
+    let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
     let mut buf = vec![0u8; 4 << 20];
     for r in &meta.page_runs {
+        if lazy_vmas.iter().any(|v| v.start <= r.vaddr && r.vaddr < v.end) {
+            for k in 0..r.npages {
+                pending.insert(r.vaddr + k * PAGE, r.offset + k * PAGE);
+            }
+            continue;
+        }
         let mut done = 0u64;
         let total = r.npages * PAGE;
         while done < total {
@@ -460,6 +490,29 @@ fn build(
             inj.write(r.vaddr + done, &buf[..n])?;
             done += n as u64;
         }
+    }
+    let mut pager = None;
+    if lazy && !lazy_vmas.is_empty() {
+        let fd_t = inj.call("userfaultfd", nr(libc::SYS_userfaultfd), [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])?;
+        let mut api = Vec::new();
+        let features = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+        for w in [uffd::API, features, 0] {
+            api.extend_from_slice(&w.to_le_bytes());
+        }
+        let a = sc.put(inj, 0, &api)?;
+        inj.call("ioctl(UFFDIO_API)", nr(libc::SYS_ioctl), [fd_t, uffd::IOC_API, a, 0, 0, 0])?;
+        for v in &lazy_vmas {
+            let mut reg = Vec::new();
+            for w in [v.start, v.end - v.start, uffd::REGISTER_MODE_MISSING, 0] {
+                reg.extend_from_slice(&w.to_le_bytes());
+            }
+            let a = sc.put(inj, 0, &reg)?;
+            inj.call("ioctl(UFFDIO_REGISTER)", nr(libc::SYS_ioctl), [fd_t, uffd::IOC_REGISTER, a, 0, 0, 0])?;
+        }
+        let owned = sys::steal_fd(pid, fd_t as i32)?;
+        inj.call("close(userfaultfd)", nr(libc::SYS_close), [fd_t, 0, 0, 0, 0, 0])?;
+        let pf = pages.try_clone().map_err(|source| RestoreError::Pages { path: pages_path.to_path_buf(), source })?;
+        pager = Some(crate::lazy::start(pid, owned, pf, pages_path.to_path_buf(), pending, push_delay));
     }
 
     // 6. mm fields and exe link.
@@ -483,9 +536,10 @@ fn build(
     // 7. Descriptors.
     for f in &meta.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
-        let tmp = match &f.kind {
-            FdKind::Pipe { .. } => *parked.get(&f.fd).ok_or_else(|| RestoreError::Fd { fd: f.fd, what: "pipe end not available".into() })?,
-            FdKind::Regular | FdKind::CharDev => {
+        let tmp = match (&f.kind, parked.get(&f.fd)) {
+            (_, Some(p)) => *p,
+            (FdKind::Pipe { .. }, None) => return Err(RestoreError::Fd { fd: f.fd, what: "pipe end not available".into() }),
+            (FdKind::Regular | FdKind::CharDev, None) => {
                 let p = sc.cstr(inj, 0, &f.path)?;
                 let fl = (f.flags as i32) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC) | libc::O_CLOEXEC;
                 inj.call("openat(fd)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, fl as u64, 0, 0, 0])
@@ -500,7 +554,7 @@ fn build(
         }
         let status_flags = f.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME) as u32;
         inj.call("fcntl(F_SETFL)", nr(libc::SYS_fcntl), [f.fd as u64, libc::F_SETFL as u64, status_flags as u64, 0, 0, 0])?;
-        if f.kind == FdKind::Regular && f.pos != 0 {
+        if f.kind == FdKind::Regular && f.pos != 0 && !parked.contains_key(&f.fd) {
             let got = inj.call("lseek", nr(libc::SYS_lseek), [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0])?;
             if got != f.pos {
                 return Err(RestoreError::Mismatch { pid, step: format!("lseek of fd {}", f.fd), got, want: f.pos });
@@ -584,7 +638,7 @@ fn build(
     for s in meta.pending.iter().map(|s| *s as i32).chain(suppressed) {
         let _ = sys::kill(pid, s);
     }
-    Ok(())
+    Ok(pager)
 }
 
 #[cfg(test)]

@@ -89,12 +89,13 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
             files.push(f);
         }
     }
+    let rseq = sys::glibc_rseq();
     let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
     if init == 0 {
         // pid 1 of the new namespace: only async-signal-safe calls from here on.
         match sys::fork_with_flags(0) {
             Ok(0) => sys::child_exec(fds, &exec),
-            Ok(main) => sys::child_init_reap(main),
+            Ok(main) => sys::child_become_reaper(main, rseq),
             Err(_) => sys::child_exit(126),
         }
     }

@@ -351,6 +351,125 @@ pub fn child_init_reap(main: i32) -> ! {
     }
 }
 
+/// Position-independent x86_64 code of the sandbox init, entered as
+/// `extern "C" fn(main_pid, page_base, page_len) -> !`: it unmaps every user mapping but
+/// its own page (so the init keeps no copy-on-write copy of the process that forked it),
+/// then loops on wait4(-1, page_base + 0x800, 0, NULL) and exit_group()s with the status
+/// of `main_pid` (exit code, or 128 + signal), or 0 when it has no children left.
+/// Source (GNU as, Intel syntax) in the comment of [`child_become_reaper`].
+const REAPER_CODE: [u8; 132] = [
+    0x49, 0x89, 0xfc, 0x49, 0x89, 0xf5, 0x49, 0x89, 0xd6, 0x31, 0xff, 0x4c, 0x89, 0xee, 0xb8, 0x0b, 0x00, 0x00, 0x00,
+    0x0f, 0x05, 0x4b, 0x8d, 0x7c, 0x35, 0x00, 0x48, 0xbe, 0x00, 0xf0, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x00, 0x48, 0x29,
+    0xfe, 0xb8, 0x0b, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0xc7, 0xc7, 0xff, 0xff, 0xff, 0xff, 0x49, 0x8d, 0xb5, 0x00,
+    0x08, 0x00, 0x00, 0x31, 0xd2, 0x45, 0x31, 0xd2, 0xb8, 0x3d, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x83, 0xf8, 0xfc,
+    0x74, 0xe0, 0x48, 0x85, 0xc0, 0x78, 0x27, 0x4c, 0x39, 0xe0, 0x75, 0xd6, 0x41, 0x8b, 0xbd, 0x00, 0x08, 0x00, 0x00,
+    0x89, 0xf8, 0x83, 0xe0, 0x7f, 0x74, 0x09, 0x05, 0x80, 0x00, 0x00, 0x00, 0x89, 0xc7, 0xeb, 0x0d, 0xc1, 0xef, 0x08,
+    0x81, 0xe7, 0xff, 0x00, 0x00, 0x00, 0xeb, 0x02, 0x31, 0xff, 0xb8, 0xe7, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xf4,
+];
+
+/// Child body of a sandbox init (pid 1 of a pid namespace), light version: reset signal
+/// dispositions and mask, close every descriptor, then jump into `REAPER_CODE` in a
+/// fresh page, which drops all other memory and reaps. Never returns. Falls back to
+/// [`child_init_reap`] if the page cannot be mapped.
+///
+/// ```text
+///   mov r12, rdi ; mov r13, rsi ; mov r14, rdx
+///   xor edi, edi ; mov rsi, r13 ; mov eax, 11 ; syscall            # munmap(0, base)
+///   lea rdi, [r13+r14] ; movabs rsi, 0x7ffffffff000 ; sub rsi, rdi
+///   mov eax, 11 ; syscall                                          # munmap(end, top-end)
+/// top:
+///   mov rdi, -1 ; lea rsi, [r13+0x800] ; xor edx, edx ; xor r10d, r10d
+///   mov eax, 61 ; syscall                                          # wait4(-1, &st, 0, 0)
+///   cmp rax, -4 ; je top ; test rax, rax ; js done0 ; cmp rax, r12 ; jne top
+///   mov edi, [r13+0x800] ; mov eax, edi ; and eax, 0x7f ; jz exited
+///   add eax, 128 ; mov edi, eax ; jmp out
+/// exited: shr edi, 8 ; and edi, 0xff ; jmp out
+/// done0:  xor edi, edi
+/// out:    mov eax, 231 ; syscall ; hlt                             # exit_group(code)
+/// ```
+pub fn child_become_reaper(main: i32, rseq: Option<GlibcRseq>) -> ! {
+    // The kernel writes into the rseq area on return to user space; that area is about to
+    // be unmapped, so the registration must go first (or the init would die of SIGSEGV).
+    if !child_unregister_rseq(rseq) {
+        child_init_reap(main);
+    }
+    // SAFETY: async-signal-safe raw calls only. The code page is freshly mapped RWX and
+    // holds exactly REAPER_CODE, whose only memory accesses are to that page; it never
+    // returns, so no Rust state is used after the jump. Signal handlers are reset first so
+    // that no handler address into the unmapped memory can be invoked.
+    unsafe {
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        let len = 4096usize;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            child_init_reap(main);
+        }
+        std::ptr::copy_nonoverlapping(REAPER_CODE.as_ptr(), p as *mut u8, REAPER_CODE.len());
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        let entry: extern "C" fn(u64, u64, u64) -> ! = std::mem::transmute::<*mut libc::c_void, extern "C" fn(u64, u64, u64) -> !>(p);
+        entry(main as u64, p as u64, len as u64)
+    }
+}
+
+/// Where glibc keeps the calling thread's rseq area: (`__rseq_offset` from the thread
+/// pointer, `__rseq_size`). Resolved before a fork with dlsym, which is not
+/// async-signal-safe.
+#[derive(Debug, Clone, Copy)]
+pub struct GlibcRseq {
+    offset: isize,
+    size: u32,
+}
+
+/// Look up glibc's rseq symbols (None on a libc without them).
+pub fn glibc_rseq() -> Option<GlibcRseq> {
+    // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names; the results are checked for
+    // null before they are read as the types glibc documents for these symbols.
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr());
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr());
+        if off.is_null() || size.is_null() {
+            return None;
+        }
+        Some(GlibcRseq { offset: *(off as *const isize), size: *(size as *const u32) })
+    }
+}
+
+/// Child body: unregister the thread's rseq area. True when nothing is registered any
+/// more (or nothing was).
+fn child_unregister_rseq(rseq: Option<GlibcRseq>) -> bool {
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    let Some(r) = rseq else { return false };
+    if r.size == 0 {
+        return true; // glibc did not register
+    }
+    let tp: u64;
+    // SAFETY: on x86_64 glibc, %fs:0 holds the thread pointer (TCB self pointer).
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    let area = tp.wrapping_add(r.offset as u64);
+    for len in [32u32, r.size] {
+        // SAFETY: rseq(UNREGISTER) only compares the arguments with the registration.
+        let ret = unsafe { libc::syscall(libc::SYS_rseq, area, len, 1u32, RSEQ_SIG) };
+        if ret == 0 {
+            return true;
+        }
+    }
+    false
+}
+
 /// Child body: leave immediately with `code` (no atexit handlers, no unwinding).
 pub fn child_exit(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and never returns.
@@ -419,6 +538,101 @@ pub fn dup_owned(raw: i32) -> Result<std::os::fd::OwnedFd> {
     check("fcntl(F_DUPFD_CLOEXEC)", 0, r as libc::c_long)?;
     // SAFETY: `r` is a fresh descriptor owned by nobody else.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r) })
+}
+
+/// pidfd_open(pid) + pidfd_getfd(fd): take a copy of another process's descriptor.
+pub fn steal_fd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes no pointers.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    check("pidfd_open", pid, pidfd)?;
+    // SAFETY: `pidfd` is the descriptor just returned; pidfd_getfd takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0u32) };
+    let err = (r < 0).then(|| SysError::last("pidfd_getfd", pid));
+    // SAFETY: closing the pidfd we own and no longer need.
+    unsafe { libc::close(pidfd as i32) };
+    if let Some(e) = err {
+        return Err(e);
+    }
+    // SAFETY: `r` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// userfaultfd ioctl numbers and structures (linux/userfaultfd.h).
+pub mod uffd {
+    pub const API: u64 = 0xAA;
+    pub const IOC_API: u64 = 0xC018_AA3F;
+    pub const IOC_REGISTER: u64 = 0xC020_AA00;
+    pub const IOC_WAKE: u64 = 0x8010_AA02;
+    pub const IOC_COPY: u64 = 0xC028_AA03;
+    pub const IOC_ZEROPAGE: u64 = 0xC020_AA04;
+    pub const REGISTER_MODE_MISSING: u64 = 1;
+    pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
+    pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+    pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+    pub const EVENT_PAGEFAULT: u8 = 0x12;
+    pub const EVENT_FORK: u8 = 0x13;
+    pub const EVENT_REMAP: u8 = 0x14;
+    pub const EVENT_REMOVE: u8 = 0x15;
+    pub const EVENT_UNMAP: u8 = 0x16;
+    /// Size of struct uffd_msg.
+    pub const MSG_LEN: usize = 32;
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZero {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// UFFDIO_COPY of `src` to `dst` in the userfaultfd's mm. Returns Ok(bytes copied) or
+/// Err((errno, bytes copied before the error)).
+pub fn uffd_copy(uffd: i32, dst: u64, src: &[u8]) -> std::result::Result<u64, (i32, u64)> {
+    let mut c = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
+    // SAFETY: `c` is a live repr(C) uffdio_copy; the kernel reads `src.len()` bytes from
+    // `src`, which is borrowed for the call, and writes only `c.copy`.
+    let r = unsafe { libc::ioctl(uffd, uffd::IOC_COPY as _, &mut c as *mut UffdioCopy) };
+    if r < 0 {
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        return Err((e, c.copy.max(0) as u64));
+    }
+    Ok(c.copy as u64)
+}
+
+/// UFFDIO_ZEROPAGE of one range. Err(errno) on failure.
+pub fn uffd_zeropage(uffd: i32, start: u64, len: u64) -> std::result::Result<(), i32> {
+    let mut z = UffdioZero { start, len, mode: 0, zeropage: 0 };
+    // SAFETY: `z` is a live repr(C) uffdio_zeropage for the call.
+    let r = unsafe { libc::ioctl(uffd, uffd::IOC_ZEROPAGE as _, &mut z as *mut UffdioZero) };
+    if r < 0 {
+        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+    }
+    Ok(())
+}
+
+/// UFFDIO_WAKE of one range.
+pub fn uffd_wake(uffd: i32, start: u64, len: u64) {
+    let range: [u64; 2] = [start, len];
+    // SAFETY: `range` is a live struct uffdio_range (two u64) for the call.
+    unsafe { libc::ioctl(uffd, uffd::IOC_WAKE as _, range.as_ptr()) };
+}
+
+/// poll(fd, POLLIN, timeout_ms): true when readable.
+pub fn poll_in(fd: i32, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// Current time on CLOCK_MONOTONIC in nanoseconds (for durations in reports).

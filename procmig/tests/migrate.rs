@@ -35,14 +35,46 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Complete lines of a file (a last line still being written is left out).
 fn lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p).unwrap_or_default().lines().map(str::to_string).collect()
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete.lines().map(str::to_string).collect()
 }
 
 fn ns_pid_of(pid: i32) -> Vec<i32> {
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let l = st.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     l[6..].split_whitespace().map(|x| x.parse().unwrap()).collect()
+}
+
+/// Kills (and reaps) the listed children when a test ends, passing or failing, so that no
+/// test program outlives its test. Only pids that are still our children are touched.
+struct Reap(std::cell::RefCell<Vec<i32>>);
+
+impl Reap {
+    fn new() -> Self {
+        Reap(std::cell::RefCell::new(Vec::new()))
+    }
+    fn add(&self, pid: i32) {
+        self.0.borrow_mut().push(pid);
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let me = std::process::id().to_string();
+        for pid in self.0.borrow().iter() {
+            let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let ppid = st.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).unwrap_or("");
+            if ppid == me {
+                kill_reap(*pid);
+            }
+        }
+    }
 }
 
 fn kill_reap(pid: i32) {
@@ -102,6 +134,8 @@ fn counter_migrates_with_same_pid_offset_and_heap() {
     let out = tmp.path().join("out.txt");
     let null = Path::new("/dev/null");
     let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
     assert_eq!(ns_pid_of(sb.pid).last(), Some(&2));
     wait_for("first output", Duration::from_secs(5), || lines(&out).len() >= 20);
 
@@ -113,6 +147,7 @@ fn counter_migrates_with_same_pid_offset_and_heap() {
     assert!(info.pages > 0);
 
     let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
     assert_eq!(r.ns_pid, Some(2));
     assert_eq!(ns_pid_of(r.pid).last(), Some(&2), "restored process has another pid in its namespace");
     info.frozen.kill().unwrap();
@@ -122,6 +157,9 @@ fn counter_migrates_with_same_pid_offset_and_heap() {
     check_counter(&out, 2, at_dump + 30);
     let exe_link = std::fs::read_link(format!("/proc/{}/exe", r.pid)).unwrap();
     assert_eq!(exe_link, exe);
+    // The namespace init keeps no copy of the restorer's memory: one code page (+ vsyscall).
+    let init_maps = std::fs::read_to_string(format!("/proc/{}/maps", r.init_pid.unwrap())).unwrap();
+    assert!(init_maps.lines().count() <= 2, "init still maps the restorer's memory:\n{init_maps}");
     kill_reap(r.init_pid.unwrap());
 }
 
@@ -138,11 +176,14 @@ fn restore_without_namespace_gets_new_pid_and_continues() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let reap = Reap::new();
+    reap.add(child.id() as i32);
     wait_for("first output", Duration::from_secs(5), || lines(&out).len() >= 10);
     let img = tmp.path().join("img");
     let info = dump(child.id() as i32, &img).unwrap();
     let at_dump = lines(&out).len();
-    let r = restore_with(&img, &RestoreOptions { pid_mode: PidMode::Any, inherit_fds: vec![] }).unwrap();
+    let r = restore_with(&img, &RestoreOptions { pid_mode: PidMode::Any, ..Default::default() }).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
     assert_eq!(r.ns_pid, None);
     info.frozen.kill().unwrap();
     let _ = child.wait();
@@ -191,6 +232,8 @@ fn big_memory_and_nanosleep_survive() {
     let out = tmp.path().join("out.txt");
     let null = Path::new("/dev/null");
     let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
     wait_for("ready line", Duration::from_secs(20), || lines(&out).first().is_some_and(|l| l.starts_with("ready")));
     std::thread::sleep(Duration::from_millis(200));
     let img = tmp.path().join("img");
@@ -198,6 +241,7 @@ fn big_memory_and_nanosleep_survive() {
     assert!(info.syscall_note.contains("sleep"), "expected to catch it in nanosleep: {:?}", info.syscall_note);
     assert!(info.pages >= 16384, "64 MiB buffer not in the image: {} pages", info.pages);
     let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
     info.frozen.kill().unwrap();
     kill_reap(sb.init_pid);
     wait_for("sum line", Duration::from_secs(30), || lines(&out).len() >= 3);
@@ -239,12 +283,19 @@ fn pipe_case(inherit: bool) {
     let rd_path = PathBuf::from(format!("/proc/self/fd/{}", rd.as_raw_fd()));
     let null = Path::new("/dev/null");
     let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(&rd_path), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
     wait_for("reader blocked in read", Duration::from_secs(5), || blocked_in_read(sb.pid));
     let img = tmp.path().join("img");
     let info = dump(sb.pid, &img).unwrap();
     assert!(info.syscall_note.contains("syscall 0"), "expected read to be interrupted: {:?}", info.syscall_note);
-    let opts = RestoreOptions { pid_mode: PidMode::Auto, inherit_fds: if inherit { vec![(0, rd.as_raw_fd())] } else { vec![] } };
+    let opts = RestoreOptions {
+        pid_mode: PidMode::Auto,
+        inherit_fds: if inherit { vec![(0, rd.as_raw_fd())] } else { vec![] },
+        ..Default::default()
+    };
     let r = restore_with(&img, &opts).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
     info.frozen.kill().unwrap();
     kill_reap(sb.init_pid);
     drop(rd);
@@ -275,6 +326,8 @@ fn corrupt_image_fails_clearly_and_source_resumes() {
     let out = tmp.path().join("out.txt");
     let null = Path::new("/dev/null");
     let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
     wait_for("first output", Duration::from_secs(5), || lines(&out).len() >= 10);
     let img = tmp.path().join("img");
     let info = dump(sb.pid, &img).unwrap();
@@ -349,6 +402,21 @@ fn unsupported_processes_are_rejected_and_keep_running() {
     assert!(std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().contains("TracerPid:\t0"));
     let _ = child.kill();
     let _ = child.wait();
+
+    // A process with children: process trees are rejected.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "sleep 30 & wait"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    wait_for("shell child", Duration::from_secs(5), || !wisp_procmig::procfs::children_of(pid).is_empty());
+    let grandchild = wisp_procmig::procfs::children_of(pid)[0];
+    let e = dump(pid, &tmp.path().join("img3")).unwrap_err();
+    assert!(e.to_string().contains("child processes"), "{e}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(grandchild), nix::sys::signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
@@ -392,4 +460,358 @@ fn cli_run_dump_restore() {
     let o = std::process::Command::new(bin).args(["restore", "--dir"]).arg(&img).output().unwrap();
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("image.meta"));
+}
+
+const STATEFUL: &str = r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <signal.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/resource.h>
+#include <sys/time.h>
+#include <sys/prctl.h>
+static volatile sig_atomic_t usr1, alrm;
+static void on_usr1(int s) { (void)s; usr1++; }
+static void on_alrm(int s) { (void)s; alrm++; }
+static char altstack_mem[65536];
+int main(int argc, char **argv) {
+  FILE *o = fopen(argv[1], "w"); setvbuf(o, NULL, _IONBF, 0);
+  int app = open(argv[2], O_WRONLY|O_CREAT|O_APPEND, 0600);
+  int shf = open(argv[3], O_RDWR|O_CREAT|O_TRUNC, 0600); ftruncate(shf, 8192);
+  char *sh = mmap(0, 8192, PROT_READ|PROT_WRITE, MAP_SHARED, shf, 0);
+  char *ro = mmap(0, 3 * 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+  strcpy(ro, "read-only data"); strcpy(ro + 4096, "no access data"); strcpy(ro + 8192, "exec data");
+  mprotect(ro, 4096, PROT_READ); mprotect(ro + 4096, 4096, PROT_NONE); mprotect(ro + 8192, 4096, PROT_READ|PROT_EXEC);
+  struct sigaction sa = {0}; sa.sa_handler = on_usr1; sa.sa_flags = SA_RESTART | SA_ONSTACK; sigaction(SIGUSR1, &sa, 0);
+  sa.sa_handler = on_alrm; sigaction(SIGALRM, &sa, 0);
+  signal(SIGHUP, SIG_IGN);
+  stack_t ss = { .ss_sp = altstack_mem, .ss_size = sizeof altstack_mem, .ss_flags = 0 }; sigaltstack(&ss, 0);
+  sigset_t m; sigemptyset(&m); sigaddset(&m, SIGUSR2); sigprocmask(SIG_BLOCK, &m, 0);
+  umask(0027);
+  mkdir(argv[4], 0755); chdir(argv[4]);
+  struct rlimit rl = { 200, 4096 }; setrlimit(RLIMIT_NOFILE, &rl);
+  struct itimerval it = { {0, 50000}, {0, 50000} }; setitimer(ITIMER_REAL, &it, 0);
+  prctl(PR_SET_NAME, "stateful-x");
+  strcpy(sh, "shared-before");
+  long round = 0; int last_alrm = 0;
+  for (;;) {
+    while (usr1 == round) pause();
+    round = usr1;
+    mprotect(ro + 4096, 4096, PROT_READ);
+    char cwd[256]; getcwd(cwd, sizeof cwd);
+    mode_t um = umask(0); umask(um);
+    getrlimit(RLIMIT_NOFILE, &rl);
+    sigset_t cur; sigprocmask(SIG_BLOCK, 0, &cur);
+    stack_t cs; sigaltstack(0, &cs);
+    struct sigaction q; sigaction(SIGHUP, 0, &q);
+    char name[32] = {0}; prctl(PR_GET_NAME, name);
+    dprintf(app, "round %ld\n", round);
+    fprintf(o, "r=%ld cwd=%s umask=%o nofile=%ld/%ld usr2blocked=%d alt=%d hup_ign=%d name=%s ro=%s na=%s ex=%s sh=%s alarms=%d pid=%d\n",
+      round, strrchr(cwd, '/'), um, (long)rl.rlim_cur, (long)rl.rlim_max, sigismember(&cur, SIGUSR2),
+      cs.ss_sp == altstack_mem && cs.ss_size == sizeof altstack_mem, q.sa_handler == SIG_IGN, name, ro, ro + 4096, ro + 8192, sh, alrm != last_alrm, getpid());
+    last_alrm = alrm;
+    mprotect(ro + 4096, 4096, PROT_NONE);
+    strcpy(sh, "shared-after");
+  }
+}
+"#;
+
+#[test]
+fn process_state_survives() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "stateful", STATEFUL, &[]);
+    let out = tmp.path().join("out.txt");
+    let app = tmp.path().join("append.txt");
+    let shm = tmp.path().join("shared.bin");
+    let wd = tmp.path().join("workdir");
+    let null = Path::new("/dev/null");
+    let args: Vec<String> = [&exe, &out, &app, &shm, &wd].iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let sb = run_sandboxed(&args, [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    let usr1 = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGUSR1).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    usr1(sb.pid);
+    wait_for("first report", Duration::from_secs(5), || !lines(&out).is_empty());
+    let before = lines(&out)[0].clone();
+    assert!(before.contains("r=1 cwd=/workdir umask=27 nofile=200/4096 usr2blocked=1 alt=1 hup_ign=1 name=stateful-x"), "{before}");
+    assert!(before.contains("ro=read-only data na=no access data ex=exec data sh=shared-before alarms=1 pid=2"), "{before}");
+
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    std::thread::sleep(Duration::from_millis(200));
+    usr1(r.pid);
+    wait_for("report after restore", Duration::from_secs(5), || lines(&out).len() >= 2);
+    let after = lines(&out)[1].clone();
+    let expect = before.replace("r=1", "r=2").replace("sh=shared-before", "sh=shared-after");
+    assert_eq!(after, expect);
+    assert_eq!(std::fs::read_to_string(&app).unwrap(), "round 1\nround 2\n");
+    assert_eq!(std::fs::read_to_string(format!("/proc/{}/comm", r.pid)).unwrap(), "stateful-x\n");
+    kill_reap(r.init_pid.unwrap());
+}
+
+const DIRTIER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+#define SZ (64UL << 20)
+#define HOT 4096UL
+static volatile sig_atomic_t check;
+static void on_usr1(int s) { (void)s; check = 1; }
+static unsigned long pat(unsigned long i) { return i * 2654435761UL ^ 0x5bd1e995UL; }
+int main(int argc, char **argv) {
+  FILE *o = fopen(argv[1], "w"); setvbuf(o, NULL, _IONBF, 0);
+  signal(SIGUSR1, on_usr1);
+  unsigned long *b = malloc(SZ);
+  for (unsigned long i = 0; i < SZ / 8; i++) b[i] = pat(i);
+  fprintf(o, "ready\n");
+  for (unsigned long c = 0;; c++) {
+    b[(c * 512) % HOT] = c;           /* dirties one of 8 pages per step */
+    if (check) {
+      check = 0;
+      unsigned long bad = 0;
+      for (unsigned long i = 0; i < SZ / 8; i++) {
+        unsigned long want = pat(i);
+        if (i < HOT && i % 512 == 0) {
+          unsigned long k = i / 512, last = (c / 8) * 8 + k;
+          if (last > c) last -= 8;
+          if (last <= c && (last * 512) % HOT == i) want = last;
+        }
+        if (b[i] != want) bad++;
+      }
+      fprintf(o, "check c=%lu bad=%lu\n", c, bad);
+    }
+    usleep(200);
+  }
+}
+"#;
+
+#[test]
+fn precopy_with_soft_dirty_freezes_only_dirty_pages() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "dirtier", DIRTIER, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("ready", Duration::from_secs(20), || lines(&out).first().is_some_and(|l| l == "ready"));
+    let usr1 = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGUSR1).unwrap();
+    usr1(sb.pid);
+    wait_for("self-check before", Duration::from_secs(10), || lines(&out).len() >= 2);
+    assert!(lines(&out)[1].ends_with(" bad=0"), "self-check broken before migration: {}", lines(&out)[1]);
+
+    let img = tmp.path().join("img");
+    let mut pc = wisp_procmig::PreCopy::start(sb.pid, &img).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    pc.round().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    pc.round().unwrap();
+    let rounds = pc.rounds.clone();
+    assert!(rounds[0] >= 16384, "first round copied only {} pages", rounds[0]);
+    let info = pc.finish().unwrap();
+    let (info_pages, info_image_pages) = (info.pages, info.image_pages);
+    assert!(info.pages < 1000, "frozen pass copied {} pages, pre-copy did not help (rounds {rounds:?})", info.pages);
+    assert!(info.image_pages >= 16384);
+
+    let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    usr1(r.pid);
+    wait_for("self-check after", Duration::from_secs(10), || lines(&out).len() >= 3);
+    let l = lines(&out)[2].clone();
+    assert!(
+        l.ends_with(" bad=0"),
+        "memory differs after pre-copy migration: {l} (rounds {rounds:?}, frozen pass {} pages, image {} pages)",
+        info_pages,
+        info_image_pages
+    );
+    kill_reap(r.init_pid.unwrap());
+}
+
+#[test]
+fn lazy_restore_pages_in_over_userfaultfd() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "bigmem", BIGMEM, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("ready line", Duration::from_secs(20), || lines(&out).first().is_some_and(|l| l.starts_with("ready")));
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    let (r, pager) = wisp_procmig::restore_lazy(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    let stats = pager.wait().unwrap();
+    assert!(stats.faults + stats.pushed >= 16384, "pager moved too few pages: {stats:?}");
+    // The image can go away now: the process depends on nothing but itself.
+    std::fs::remove_dir_all(&img).unwrap();
+    wait_for("sum line", Duration::from_secs(30), || lines(&out).len() >= 3);
+    let ls = lines(&out);
+    assert_eq!(ls[1], "woke rc=0 errno=0");
+    assert_eq!(ls[0].strip_prefix("ready ").unwrap(), ls[2].strip_prefix("sum ").unwrap(), "checksum changed across lazy migration");
+    let init = r.init_pid.unwrap();
+    let st = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None).unwrap();
+    assert_eq!(st, nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(init), 0));
+}
+
+#[test]
+fn lazy_restore_serves_faults_of_a_running_process() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "dirtier", DIRTIER, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("ready", Duration::from_secs(20), || lines(&out).first().is_some_and(|l| l == "ready"));
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    // Pure demand paging for the first second: the self-check below must fault its pages in.
+    let opts = RestoreOptions { lazy_push_delay: Duration::from_millis(1000), ..Default::default() };
+    let (r, pager) = wisp_procmig::restore_lazy(&img, &opts).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), nix::sys::signal::SIGUSR1).unwrap();
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    let stats = pager.wait().unwrap();
+    eprintln!("lazy stats: {stats:?}");
+    assert!(stats.faults > 8000, "the self-check did not fault its memory in: {stats:?}");
+    wait_for("self-check after", Duration::from_secs(10), || lines(&out).len() >= 2);
+    let l = lines(&out)[1].clone();
+    assert!(l.ends_with(" bad=0"), "memory differs after lazy migration: {l}");
+    kill_reap(r.init_pid.unwrap());
+}
+
+const RUST_COUNTER: &str = r#"
+use std::io::Write;
+fn main() {
+    let path = std::env::args().nth(1).unwrap();
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path).unwrap();
+    let v: Vec<u64> = (0..1_000_000u64).map(|i| i * 7).collect();
+    let want: u64 = v.iter().sum();
+    let mut map = std::collections::HashMap::new();
+    for i in 0u64.. {
+        map.insert(i % 1000, i);
+        let sum: u64 = v.iter().sum();
+        writeln!(f, "{} {} {}", i, std::process::id(), (sum == want) as u8 + (map.len() as u64 == (i + 1).min(1000)) as u8).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+"#;
+
+#[test]
+fn rust_program_migrates() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("rc.rs");
+    std::fs::write(&src, RUST_COUNTER).unwrap();
+    let exe = tmp.path().join("rc");
+    let o = std::process::Command::new("rustc").args(["-O", "-o"]).arg(&exe).arg(&src).output().expect("rustc is needed to build the Rust test program");
+    assert!(o.status.success(), "rustc failed: {}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("first output", Duration::from_secs(10), || lines(&out).len() >= 10);
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    let at_dump = lines(&out).len();
+    let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    wait_for("restored output", Duration::from_secs(10), || lines(&out).len() >= at_dump + 20);
+    for (i, l) in lines(&out).iter().enumerate() {
+        assert_eq!(l, &format!("{i} 2 2"), "line {i} wrong");
+    }
+    kill_reap(r.init_pid.unwrap());
+}
+
+#[test]
+fn migrates_again_and_again() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "counter", COUNTER, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(&[exe.to_string_lossy().into(), out.to_string_lossy().into()], [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    let (mut pid, mut init) = (sb.pid, sb.init_pid);
+    for hop in 0..4 {
+        let n = lines(&out).len();
+        wait_for("progress", Duration::from_secs(5), || lines(&out).len() >= n + 5);
+        let img = tmp.path().join(format!("img{hop}"));
+        let info = dump(pid, &img).unwrap();
+        let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+        reap.add(r.init_pid.unwrap());
+        info.frozen.kill().unwrap();
+        kill_reap(init);
+        pid = r.pid;
+        init = r.init_pid.unwrap();
+    }
+    let n = lines(&out).len();
+    wait_for("progress after the last hop", Duration::from_secs(5), || lines(&out).len() >= n + 10);
+    check_counter(&out, 2, n + 10);
+}
+
+#[test]
+fn unprivileged_process_keeps_its_credentials() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let exe = compile(tmp.path(), "counter", COUNTER, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let setpriv = "/usr/bin/setpriv";
+    assert!(Path::new(setpriv).exists(), "this test needs setpriv (util-linux) to drop privileges");
+    let args: Vec<String> = [setpriv, "--reuid=65534", "--regid=65534", "--groups=65534,100", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([exe.to_string_lossy().into_owned(), out.to_string_lossy().into_owned()])
+        .collect();
+    let sb = run_sandboxed(&args, [Some(null), Some(null), Some(null)]).unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("first output", Duration::from_secs(5), || lines(&out).len() >= 10);
+    let creds = |pid: i32| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:") || l.starts_with("CapEff:"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let before = creds(sb.pid);
+    assert!(before.contains(&"Uid: 65534 65534 65534 65534".to_string()), "{before:?}");
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    let at_dump = lines(&out).len();
+    let r = restore_with(&img, &RestoreOptions::default()).unwrap();
+    reap.add(r.init_pid.unwrap());
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    assert_eq!(creds(r.pid), before);
+    wait_for("restored output", Duration::from_secs(5), || lines(&out).len() >= at_dump + 10);
+    check_counter(&out, 2, at_dump + 10);
 }

@@ -56,6 +56,9 @@ pub enum Kind {
     Socket,
     CharDev,
     BlockDev,
+    /// A cluster pipe (pseudodev): FIFO semantics between processes on any hosts. Shown to
+    /// the kernel as a regular file opened in direct, non-seekable mode.
+    Pipe,
 }
 
 /// A point in time: seconds and nanoseconds since the epoch.
@@ -128,6 +131,8 @@ pub struct OpenMode {
     pub read: bool,
     pub write: bool,
     pub truncate: bool,
+    /// O_NONBLOCK (matters for cluster pipes).
+    pub nonblock: bool,
 }
 
 /// Client -> server requests. Names are raw bytes (Unix names need not be UTF-8).
@@ -153,7 +158,7 @@ pub enum Request {
     Open { cred: Cred, ino: Ino, mode: OpenMode },
     /// The matching close of an `Open` (or `Create`).
     Close { ino: Ino, mode: OpenMode },
-    Read { ino: Ino, offset: u64, size: u32 },
+    Read { ino: Ino, offset: u64, size: u32, nonblock: bool },
     /// With `append`, the data goes at the server's end of file and `offset` is ignored.
     Write {
         ino: Ino,
@@ -161,7 +166,11 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         append: bool,
+        nonblock: bool,
     },
+    /// A blocking open of a cluster pipe whose `Open` answered EAGAIN ("registered, peer
+    /// not there yet") waits for the peer with this, as often as needed.
+    PipeAwait { ino: Ino, writer: bool },
     /// Make the file's data and metadata durable on the server's disk.
     Fsync { ino: Ino },
     /// Entries after cookie `offset` (0 = from the start), at most `max` of them.
@@ -178,6 +187,46 @@ pub enum Request {
     /// A request for the cluster registry (naming crate); the payload is that crate's own
     /// postcard-encoded message, opaque to this crate.
     Naming(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Agent (wispd): start a job on this host.
+    Exec(ExecSpec),
+    /// Agent: wait (bounded; EAGAIN means ask again) for a job to end.
+    JobWait { job: u64 },
+    /// Agent: deliver a signal to a job's process group.
+    JobSignal { job: u64, signal: i32 },
+    /// Agent: the jobs running on this host.
+    JobList,
+}
+
+/// Everything a host needs to run a command as if it ran on the submitting host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Cluster-wide job id.
+    pub job: u64,
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Working directory; must be inside the cluster namespace.
+    pub cwd: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub umask: u32,
+    /// Cluster pipes (paths in the namespace) to connect as fds 0, 1 and 2.
+    pub stdin: Vec<u8>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The submitting (home) host.
+    pub home: String,
+}
+
+/// A job as an agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobInfo {
+    pub job: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub home: String,
+    pub argv0: String,
+    pub running: bool,
 }
 
 /// Server -> client replies, one variant per kind of answer.
@@ -187,6 +236,10 @@ pub enum Response {
     Attr(Attr),
     /// A new or looked-up entry.
     Entry(Attr),
+    /// An open (or create) was registered. `cache` is false while the file is write-shared
+    /// with another host: the client must then bypass its caches for this open (Sprite's
+    /// concurrent write-sharing).
+    Opened { attr: Attr, cache: bool },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written { size: u32, attr: Attr },
     Entries(Vec<DirEntry>),
@@ -196,6 +249,11 @@ pub enum Response {
     Stats(ServerStats),
     /// The naming crate's reply to a [`Request::Naming`], opaque here.
     Naming(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A job was started with this local pid.
+    Started { pid: u32 },
+    /// A job ended: exit code, or the signal that killed it (then `code` is 128 + signal).
+    Exited { code: i32, signal: i32 },
+    Jobs(Vec<JobInfo>),
 }
 
 /// Counters a server keeps since it started.
@@ -216,6 +274,10 @@ pub enum Callback {
     /// Drop a cached name in a directory.
     InvalidateEntry { parent: Ino, name: Vec<u8> },
 }
+
+/// The extended attribute that turns an empty regular file into a cluster pipe
+/// (`wisp mkpipe` sets it).
+pub const PIPE_XATTR: &[u8] = b"user.wisp.pipe";
 
 /// Largest name component, as on ext4.
 pub const NAME_MAX: usize = 255;

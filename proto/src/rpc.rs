@@ -12,6 +12,12 @@
 //! stays away longer, the call fails with ETIMEDOUT instead of hanging its caller forever.
 //! A call whose connection dropped before the reply is sent again on the next connection,
 //! so requests must be safe to repeat or tolerate a repeat (see docs/protocol.md).
+//!
+//! Lifetimes: when [`serve`]'s shutdown future completes, the listener closes and so does
+//! every live connection (each connection task sees the shutdown signal, stops reading,
+//! runs `Service::disconnected` and drops its socket), so clients notice at once and
+//! reconnect to whatever serves the address next. An [`RpcClient`]'s background connection
+//! task ends (and closes its socket) when the last clone of that client is dropped.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -114,7 +120,21 @@ impl PeerHandle {
     }
 }
 
-/// Serve `service` on `listener` until `shutdown` completes.
+/// How long [`serve`] waits, after its shutdown, for connection tasks to wind down before
+/// aborting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Aborts a spawned task when dropped (a connection's writer must not outlive its reader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serve `service` on `listener` until `shutdown` completes; then close the listener and
+/// every live connection (see the module documentation) before returning.
 pub async fn serve<S: Service>(
     listener: TcpListener,
     key: ClusterKey,
@@ -123,14 +143,19 @@ pub async fn serve<S: Service>(
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let sessions = AtomicU64::new(1);
+    // `true` once shutdown completed; every connection task watches it.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Reap finished connection tasks so the set does not grow without bound.
+        while conns.try_join_next().is_some() {}
         let permit = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (sock, addr) = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
@@ -140,16 +165,32 @@ pub async fn serve<S: Service>(
         let session = sessions.fetch_add(1, Ordering::Relaxed);
         let key = key.clone();
         let service = service.clone();
-        tokio::spawn(async move {
+        let mut stop = stop_rx.clone();
+        conns.spawn(async move {
             let _permit = permit;
-            match server_handshake(sock, &key, session).await {
+            let hs = tokio::select! {
+                r = server_handshake(sock, &key, session) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match hs {
                 Ok((framed, peer)) => {
                     info!(peer = %peer.name, %addr, session, "client authenticated");
-                    run_server_conn(framed, peer, service).await;
+                    run_server_conn(framed, peer, service, stop).await;
                 }
                 Err(e) => warn!(%addr, "dropping connection before any request: {e}"),
             }
         });
+    }
+    drop(listener);
+    stop_tx.send_replace(true);
+    let live = conns.len();
+    if live > 0 {
+        debug!(live, "closing live connections");
+    }
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(left = conns.len(), "connections still open {} ms after shutdown; aborting them", SHUTDOWN_GRACE.as_millis());
+        conns.shutdown().await;
     }
 }
 
@@ -157,6 +198,7 @@ async fn run_server_conn<S: Service>(
     framed: tokio_util::codec::Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
     peer: crate::auth::Peer,
     service: Arc<S>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let (mut sink, mut stream) = framed.split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
@@ -167,15 +209,23 @@ async fn run_server_conn<S: Service>(
         next_cb: AtomicU64::new(1),
         pending: Mutex::new(HashMap::new()),
     });
-    let writer = tokio::spawn(async move {
+    let writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
             if sink.send(b).await.is_err() {
                 break;
             }
         }
-    });
+    }));
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    while let Some(frame) = stream.next().await {
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = stop.wait_for(|s| *s) => {
+                debug!(peer = %peer.name, "server shutting down: closing connection");
+                break;
+            }
+        };
+        let Some(frame) = frame else { break };
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -218,7 +268,7 @@ async fn run_server_conn<S: Service>(
     debug!(peer = %peer.name, "connection closed");
     handle.pending.lock().unwrap().clear();
     service.disconnected(&handle);
-    writer.abort();
+    drop(writer);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -242,11 +292,14 @@ struct ClientInner {
     reconnects: AtomicU64,
 }
 
-/// A reconnecting, multiplexing client connection to one server.
+/// A reconnecting, multiplexing client connection to one server. Clones share the
+/// connection; it is closed when the last clone is dropped.
 #[derive(Clone)]
 pub struct RpcClient {
     inner: Arc<ClientInner>,
     rt: tokio::runtime::Handle,
+    /// Dropped with the last clone: the connection task sees its receiver close and ends.
+    _alive: Arc<oneshot::Sender<()>>,
 }
 
 impl RpcClient {
@@ -270,8 +323,16 @@ impl RpcClient {
             reconnects: AtomicU64::new(0),
         });
         let i2 = inner.clone();
-        rt.spawn(async move { connection_loop(i2, key, name, callbacks).await });
-        RpcClient { inner, rt }
+        let (alive, closed) = oneshot::channel::<()>();
+        rt.spawn(async move {
+            let addr = i2.addr.clone();
+            tokio::select! {
+                // Only ever an error: the sender is never used, only dropped.
+                _ = closed => debug!(%addr, "last client handle dropped: connection closed"),
+                _ = connection_loop(i2, key, name, callbacks) => {}
+            }
+        });
+        RpcClient { inner, rt, _alive: Arc::new(alive) }
     }
 
     pub fn addr(&self) -> &str {
@@ -359,13 +420,13 @@ async fn connection_loop(inner: Arc<ClientInner>, key: ClusterKey, name: String,
         info!(addr = %inner.addr, generation, "connected to server");
         let (mut sink, mut stream) = framed.split();
         let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-        let writer = tokio::spawn(async move {
+        let writer = AbortOnDrop(tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
                 if sink.send(b).await.is_err() {
                     break;
                 }
             }
-        });
+        }));
         inner.state.send_replace(ConnState::Up { tx: tx.clone() });
         while let Some(frame) = stream.next().await {
             let Ok(frame) = frame else { break };
@@ -399,9 +460,100 @@ async fn connection_loop(inner: Arc<ClientInner>, key: ClusterKey, name: String,
             }
         }
         inner.state.send_replace(ConnState::Down);
-        writer.abort();
+        drop(writer);
         // Wake every waiter: their calls are sent again on the next connection.
         inner.pending.lock().unwrap().clear();
         warn!(addr = %inner.addr, "connection to server lost; reconnecting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers Ping, counts disconnects.
+    struct Echo {
+        gone: AtomicU64,
+    }
+
+    impl Service for Echo {
+        fn call(&self, _peer: &Arc<PeerHandle>, req: Request) -> Result<Response, WireError> {
+            match req {
+                Request::Ping => Ok(Response::Pong),
+                _ => Err(WireError::new(38, "not implemented in this test")),
+            }
+        }
+        fn disconnected(&self, _peer: &Arc<PeerHandle>) {
+            self.gone.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn client(addr: &str, key: &ClusterKey) -> RpcClient {
+        RpcClient::start(tokio::runtime::Handle::current(), addr.into(), key.clone(), "t".into(), Duration::from_secs(3), Arc::new(|_| Ok(())))
+    }
+
+    /// Established connections of this process to `port` (either end), from /proc/net/tcp.
+    fn established(port: u16) -> usize {
+        let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let p = format!(":{port:04X}");
+        t.lines().skip(1).filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[3] == "01" && (f[1].ends_with(&p) || f[2].ends_with(&p))
+        }).count()
+    }
+
+    async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_closes_live_connections() {
+        let key = ClusterKey::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = Arc::new(Echo { gone: AtomicU64::new(0) });
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, key.clone(), svc.clone(), async {
+            let _ = rx.await;
+        }));
+        let c = client(&addr.to_string(), &key);
+        assert!(matches!(c.call(Request::Ping).await, Ok(Response::Pong)));
+        assert_eq!(c.connections(), 1);
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server).await.expect("serve returned after shutdown").unwrap();
+        // The live connection was closed by the server, not left to its client.
+        assert_eq!(svc.gone.load(Ordering::SeqCst), 1, "the connection was not closed at shutdown");
+        wait_until("no connection to the stopped server is left", || established(addr.port()) == 0).await;
+        // A new server on the same port gets the client back.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let (_tx2, rx2) = oneshot::channel::<()>();
+        tokio::spawn(serve(listener, key.clone(), svc.clone(), async {
+            let _ = rx2.await;
+        }));
+        assert!(matches!(c.call(Request::Ping).await, Ok(Response::Pong)));
+        assert_eq!(c.connections(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_last_client_closes_its_connection() {
+        let key = ClusterKey::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = Arc::new(Echo { gone: AtomicU64::new(0) });
+        tokio::spawn(serve(listener, key.clone(), svc.clone(), std::future::pending()));
+        let c = client(&addr.to_string(), &key);
+        let c2 = c.clone();
+        assert!(matches!(c.call(Request::Ping).await, Ok(Response::Pong)));
+        drop(c);
+        // A clone is still alive: the connection stays.
+        assert!(matches!(c2.call(Request::Ping).await, Ok(Response::Pong)));
+        assert_eq!(svc.gone.load(Ordering::SeqCst), 0);
+        drop(c2);
+        wait_until("the server saw the client go", || svc.gone.load(Ordering::SeqCst) == 1).await;
+        wait_until("no connection is left", || established(addr.port()) == 0).await;
     }
 }

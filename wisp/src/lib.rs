@@ -1,7 +1,17 @@
-//! Shared plumbing of the wisp binaries: logging setup and signal waiting.
+//! Shared plumbing of the wisp binaries: logging setup and signal waiting, plus the modules
+//! the binaries share: [`owner`] (owner activity on a workstation, for wispd's heartbeats)
+//! and [`registry_cli`] (`wisp hosts|domains|registry|owner`).
 //!
 //! Architecture Invariant: binaries are thin. Each command parses its flags (one clap struct
 //! per subcommand) and calls library code; no mechanism lives here.
+
+pub mod owner;
+pub mod registry_cli;
+
+/// The port a workstation's wispd is recorded at in the registry (`wispd --advertise`
+/// defaults to its address toward the registry on this port). wispd itself does not listen
+/// on it yet: it is the address rexec and migration will reach it at.
+pub const WISPD_PORT: u16 = 7071;
 
 /// Start structured logging at `level` (RUST_LOG, if set, wins).
 pub fn init_logging(level: &str) {
@@ -20,3 +30,5 @@ pub async fn terminated() {
         _ = int.recv() => {}
     }
 }
+
+pub use wisp_rexec::client::mkpipe;

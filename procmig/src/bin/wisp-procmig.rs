@@ -3,11 +3,12 @@
 //! ```text
 //! wisp-procmig run [--stdin F] [--stdout F] [--stderr F] [--wait] -- CMD...
 //!     start CMD as pid 2 of a new pid + uts namespace; prints "<pid> <init-pid>"
-//! wisp-procmig dump --pid P --dir D [--leave-frozen | --kill | --resume]
+//! wisp-procmig dump --pid P --dir D [--leave-frozen | --kill | --resume] [--precopy-rounds N]
 //!     write the image of P into D; by default P is left frozen (SIGSTOP) for the caller
 //!     to kill once the target confirms, or to resume if restore failed
-//! wisp-procmig restore --dir D [--any-pid] [--wait]
-//!     restore the image in D; prints "<pid> <ns-pid|-> <init-pid|->"
+//! wisp-procmig restore --dir D [--any-pid] [--wait] [--lazy] [--inherit-fd N=FD]...
+//!     restore the image in D; prints "<pid> <ns-pid|-> <init-pid|->"; with --lazy the
+//!     command stays until all anonymous memory is paged in
 //! wisp-procmig resume --pid P        wisp-procmig kill --pid P
 //!     resolve a frozen source after a restore failed / succeeded
 //! ```
@@ -70,6 +71,9 @@ struct DumpArgs {
     /// Let the source run on (checkpoint only).
     #[arg(long)]
     resume: bool,
+    /// Pre-copy rounds (soft-dirty) while the process runs before the final freeze.
+    #[arg(long, default_value_t = 0)]
+    precopy_rounds: u32,
 }
 
 #[derive(Args)]
@@ -82,12 +86,30 @@ struct RestoreArgs {
     /// Wait for the restored process (its namespace init) and exit with its status.
     #[arg(long)]
     wait: bool,
+    /// Give the restored process descriptor FD of this command as its fd N (pipe ends,
+    /// e.g. cluster pipes held by the caller): `--inherit-fd N=FD`, repeatable.
+    #[arg(long, value_parser = parse_inherit)]
+    inherit_fd: Vec<(i32, i32)>,
+    /// Post-copy: start at once and page anonymous memory in over userfaultfd; the command
+    /// stays until every page is in the process.
+    #[arg(long)]
+    lazy: bool,
+    /// With --lazy: only answer faults for this many milliseconds before pushing the rest.
+    #[arg(long, default_value_t = 0, requires = "lazy")]
+    lazy_push_delay_ms: u64,
 }
 
 #[derive(Args)]
 struct PidArgs {
     #[arg(long)]
     pid: i32,
+}
+
+fn parse_inherit(s: &str) -> Result<(i32, i32), String> {
+    let (n, fd) = s.split_once('=').ok_or_else(|| format!("expected N=FD, got {s:?}"))?;
+    let n = n.parse().map_err(|_| format!("bad fd number {n:?}"))?;
+    let fd = fd.parse().map_err(|_| format!("bad descriptor {fd:?}"))?;
+    Ok((n, fd))
 }
 
 fn code_for(e: &anyhow::Error) -> u8 {
@@ -115,7 +137,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Cmd::Dump(a) => {
-            let info = wisp_procmig::dump(a.pid, &a.dir).with_context(|| format!("dump of pid {} into {}", a.pid, a.dir.display()))?;
+            let info = if a.precopy_rounds > 0 {
+                let mut pc = wisp_procmig::PreCopy::start(a.pid, &a.dir)
+                    .with_context(|| format!("pre-copy of pid {} into {}", a.pid, a.dir.display()))?;
+                for _ in 1..a.precopy_rounds {
+                    pc.round().with_context(|| format!("pre-copy round of pid {}", a.pid))?;
+                }
+                eprintln!("pre-copy rounds (pages): {:?}", pc.rounds);
+                pc.finish()
+            } else {
+                wisp_procmig::dump(a.pid, &a.dir)
+            }
+            .with_context(|| format!("dump of pid {} into {}", a.pid, a.dir.display()))?;
             eprintln!(
                 "dumped pid {}: {} vmas, {} pages ({} bytes), {} fds, frozen {} ms{}",
                 info.pid,
@@ -137,14 +170,26 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Restore(a) => {
             let opts = wisp_procmig::RestoreOptions {
                 pid_mode: if a.any_pid { wisp_procmig::PidMode::Any } else { wisp_procmig::PidMode::Auto },
-                inherit_fds: Vec::new(),
+                inherit_fds: a.inherit_fd.clone(),
+                lazy_push_delay: std::time::Duration::from_millis(a.lazy_push_delay_ms),
             };
-            let r = wisp_procmig::restore_with(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?;
+            let (r, pager) = if a.lazy {
+                let (r, p) = wisp_procmig::restore_lazy(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?;
+                (r, Some(p))
+            } else {
+                (wisp_procmig::restore_with(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?, None)
+            };
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
             let show = |o: Option<i32>| o.map_or("-".to_string(), |p| p.to_string());
             println!("{} {} {}", r.pid, show(r.ns_pid), show(r.init_pid));
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            if let Some(p) = pager {
+                let st = p.wait().with_context(|| format!("lazy paging of pid {}", r.pid))?;
+                eprintln!("lazy paging done: {} faults, {} pages pushed", st.faults, st.pushed);
+            }
             if a.wait {
                 let waited = r.init_pid.unwrap_or(r.pid);
                 let sb = wisp_procmig::Sandbox { init_pid: waited, pid: r.pid };

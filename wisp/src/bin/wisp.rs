@@ -25,6 +25,30 @@ enum Cmd {
     /// Run a simulated cluster on this machine (needs root).
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Check a file server's health: round trip, clients, request and byte counters.
+    Status(ServerStatus),
+    /// Make a cluster pipe at PATH (in /wisp): a FIFO that processes on any hosts can share,
+    /// with local FIFO semantics (blocking, back-pressure, EOF, EPIPE, atomic PIPE_BUF writes).
+    Mkpipe(Mkpipe),
+}
+
+#[derive(Parser, Debug)]
+struct Mkpipe {
+    /// Path of the new pipe; must be inside a wisp mount and must not exist.
+    path: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+struct ServerStatus {
+    /// File server address.
+    #[arg(long, value_name = "ADDR")]
+    server: String,
+    /// Cluster key file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/wisp/cluster.key")]
+    key: PathBuf,
+    /// Print the counters as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser, Debug)]
@@ -118,6 +142,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = c.command(&e.host, &argv)?.status().with_context(|| format!("run on {}", e.host))?;
             return Ok(ExitCode::from(status.code().unwrap_or(128) as u8));
         }
+        Cmd::Mkpipe(m) => {
+            wisp::mkpipe(&m.path).with_context(|| format!("cannot make a cluster pipe at {}", m.path.display()))?;
+        }
+        Cmd::Status(st) => {
+            let key = wisp_proto::key::ClusterKey::load(&st.key)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rpc = wisp_proto::rpc::RpcClient::start(
+                rt.handle().clone(),
+                st.server.clone(),
+                key,
+                "wisp-status".into(),
+                std::time::Duration::from_secs(5),
+                std::sync::Arc::new(|_| Ok(())),
+            );
+            let t0 = std::time::Instant::now();
+            rt.block_on(rpc.call(wisp_proto::msg::Request::Ping)).with_context(|| format!("file server {} is not answering", st.server))?;
+            let rtt = t0.elapsed();
+            let stats = match rt.block_on(rpc.call(wisp_proto::msg::Request::Stats))? {
+                wisp_proto::msg::Response::Stats(s) => s,
+                other => bail!("unexpected reply {other:?}"),
+            };
+            if st.json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("server {} up, round trip {:.2} ms", st.server, rtt.as_secs_f64() * 1e3);
+                println!("  clients {}  requests {}  bytes read {}  bytes written {}  callbacks {}", stats.clients, stats.requests, stats.bytes_read, stats.bytes_written, stats.callbacks);
+            }
+        }
+        Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),
+        Cmd::Domains(a) => return wisp::registry_cli::domains(a),
+        Cmd::Registry(a) => return wisp::registry_cli::registry(a),
+        Cmd::Owner(a) => return wisp::registry_cli::owner(a),
         Cmd::Cluster(ClusterCmd::Status(s)) => {
             let names = match s.name {
                 Some(n) => vec![n],

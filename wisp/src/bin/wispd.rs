@@ -1,18 +1,35 @@
-//! `wispd`: the workstation daemon. Mounts the cluster namespace with FUSE.
+//! `wispd`: the workstation daemon. Mounts the cluster namespace with FUSE, registers the
+//! host with the cluster registry and reports its load and owner activity every few seconds.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
+use wisp::owner::{owner_file, OwnerMonitor, INPUT_DEVICES};
+use wisp_naming::registry::{Load, RegistryError, Role};
+use wisp_naming::{NamingError, RegistryClient};
 
-/// The wisp workstation daemon: mounts the cluster namespace at MOUNT.
+/// The wisp workstation daemon: mounts the cluster namespace at MOUNT and keeps this host
+/// known to the cluster registry.
 ///
 /// Every file operation under MOUNT is served by the file server at ADDR, with caches kept
 /// consistent by the server's callbacks: a write on any host is seen by a read on any other
-/// at once. Unmounts on SIGTERM or SIGINT.
+/// at once.
+///
+/// Once mounted, wispd registers the host (name, address, role workstation) with the
+/// registry and sends a heartbeat every --heartbeat seconds: load averages and runnable
+/// processes from /proc/loadavg, and how long the owner has been away from keyboard and
+/// mouse. Owner activity comes from, in this order: the override file written by
+/// `wisp owner HOST active|idle` (--owner-file); the input devices (--input-devices), whose
+/// key, button and motion events count as the owner; with no input device at all, the host
+/// counts as idle since wispd started. A registry that cannot be reached is retried in the
+/// background; the mount does not depend on it. A host whose heartbeats stop is marked
+/// down by the registry (10 s by default).
+///
+/// Unmounts on SIGTERM or SIGINT.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, verbatim_doc_comment)]
 struct Args {
     /// File server address, e.g. 10.0.0.1:7070.
     #[arg(long, value_name = "ADDR")]
@@ -32,6 +49,25 @@ struct Args {
     /// FUSE worker threads (requests served in parallel).
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Registry replicas (file servers running with --registry-id), comma separated
+    /// (default: the --server address).
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    registry: Vec<String>,
+    /// Address recorded for this host in the registry (default: this host's address toward
+    /// the registry, port 7071).
+    #[arg(long, value_name = "IP:PORT")]
+    advertise: Option<String>,
+    /// Seconds between heartbeats.
+    #[arg(long, value_name = "SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
+    heartbeat: u64,
+    /// Input devices whose events mean the owner is at the keyboard: DIR/PREFIX*, or
+    /// `none` (then the host counts as idle since wispd started).
+    #[arg(long, value_name = "PATTERN", default_value = INPUT_DEVICES)]
+    input_devices: String,
+    /// Override file for owner activity (default: /run/wisp-owner/NAME), written by
+    /// `wisp owner NAME active|idle`.
+    #[arg(long, value_name = "FILE")]
+    owner_file: Option<PathBuf>,
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -41,25 +77,136 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
+/// Load averages and runnable scheduling entities from /proc/loadavg
+/// ("0.08 0.03 0.01 2/345 6789").
+fn read_load() -> Result<Load> {
+    let t = std::fs::read_to_string("/proc/loadavg").context("cannot read /proc/loadavg")?;
+    parse_loadavg(&t).with_context(|| format!("unexpected /proc/loadavg contents {t:?}"))
+}
+
+fn parse_loadavg(t: &str) -> Option<Load> {
+    let f: Vec<&str> = t.split_whitespace().collect();
+    let runnable = f.get(3)?.split('/').next()?.parse().ok()?;
+    Some(Load { load1: f.first()?.parse().ok()?, load5: f.get(1)?.parse().ok()?, load15: f.get(2)?.parse().ok()?, runnable })
+}
+
+/// This host's address on the way to `peer` (no packet is sent).
+fn local_ip_toward(peer: &str) -> Result<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").context("udp socket")?;
+    s.connect(peer).with_context(|| format!("no route to the registry at {peer}"))?;
+    Ok(s.local_addr()?.ip())
+}
+
+/// Register, then heartbeat forever. Errors are logged (once per kind of error, and again
+/// when things recover) and retried; the registry losing the host re-registers it.
+async fn registry_loop(client: RegistryClient, name: String, addr: String, owner: OwnerMonitor, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registered = false;
+    let mut last_err: Option<String> = None;
+    let mut report = |r: Result<(), String>, what: &str| match r {
+        Ok(()) => {
+            if last_err.take().is_some() {
+                tracing::info!("registry reachable again: {what} ok");
+            }
+        }
+        Err(e) => {
+            if last_err.as_deref() != Some(e.as_str()) {
+                tracing::warn!("registry {what} failed (retrying every {} s): {e}", every.as_secs());
+                last_err = Some(e);
+            }
+        }
+    };
+    loop {
+        tick.tick().await;
+        if !registered {
+            match client.register_host(&name, &addr, Role::Workstation).await {
+                Ok(()) => {
+                    registered = true;
+                    tracing::info!(host = %name, %addr, "registered with the cluster registry");
+                }
+                Err(e) => {
+                    report(Err(e.to_string()), "registration");
+                    continue;
+                }
+            }
+        }
+        let load = match read_load() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                Load::default()
+            }
+        };
+        let (idle, source) = owner.idle_secs();
+        tracing::debug!(idle, source, load1 = load.load1, "heartbeat");
+        match client.heartbeat(&name, load, idle).await {
+            Ok(()) => report(Ok(()), "heartbeat"),
+            Err(NamingError::Registry(RegistryError::UnknownHost { .. })) => {
+                tracing::warn!(host = %name, "the registry forgot this host; registering again");
+                registered = false;
+            }
+            Err(e) => report(Err(e.to_string()), "heartbeat"),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     wisp::init_logging(&args.log_level);
     let key = wisp_proto::key::ClusterKey::load(&args.key)?;
+    let name = args.name.clone().unwrap_or_else(hostname);
+    if name.is_empty() {
+        bail!("this host has no name: give --name");
+    }
+    let registry: Vec<String> = if args.registry.is_empty() { vec![args.server.clone()] } else { args.registry.clone() };
+    for r in &registry {
+        wisp_naming::registry::check_addr("--registry", r).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let advertise = match &args.advertise {
+        Some(a) => a.clone(),
+        None => {
+            let ip = local_ip_toward(&registry[0]).context("cannot tell this host's address: give --advertise IP:PORT")?;
+            format!("{ip}:{}", wisp::WISPD_PORT)
+        }
+    };
+    wisp_naming::registry::check_addr("--advertise", &advertise).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let devices = match args.input_devices.as_str() {
+        "none" | "" => None,
+        p => Some(p),
+    };
+    let owner = OwnerMonitor::start(args.owner_file.clone().unwrap_or_else(|| owner_file(&name)), devices)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     std::fs::create_dir_all(&args.mount).with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
     let opts = wisp_fs_client::MountOptions {
         server: args.server.clone(),
         mountpoint: args.mount.clone(),
-        key,
-        host: args.name.clone().unwrap_or_else(hostname),
+        key: key.clone(),
+        host: name.clone(),
         call_timeout: Duration::from_secs(args.timeout),
         threads: args.threads,
     };
     let mounted = wisp_fs_client::mount(rt.handle().clone(), opts)
         .with_context(|| format!("cannot mount {} from {}", args.mount.display(), args.server))?;
     tracing::info!(mount = %args.mount.display(), server = %args.server, "wispd running");
+    let client = RegistryClient::new(rt.handle().clone(), registry.clone(), key, name.clone());
+    tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
+    rt.spawn(registry_loop(client, name, advertise, owner, Duration::from_secs(args.heartbeat)));
     rt.block_on(wisp::terminated());
     tracing::info!("unmounting {}", args.mount.display());
     mounted.unmount().context("unmount")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_loadavg;
+
+    #[test]
+    fn loadavg() {
+        let l = parse_loadavg("0.08 0.03 1.50 2/345 6789\n").unwrap();
+        assert_eq!((l.load1, l.load5, l.load15, l.runnable), (0.08, 0.03, 1.5, 2));
+        assert!(parse_loadavg("0.08 0.03").is_none());
+        assert!(parse_loadavg("a b c 1/2 3").is_none());
+    }
 }

@@ -1,0 +1,103 @@
+//! `rexec`: run a command on an idle host of the cluster, as if it ran here.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Run a command on an idle host of the cluster, as if it ran here.
+///
+/// The command sees the same files (the current directory must be inside /wisp), the same
+/// environment, umask, user and groups. Its stdin, stdout and stderr are connected to this
+/// terminal through cluster pipes, signals sent to rexec (INT, TERM, HUP, QUIT, TSTP, CONT,
+/// WINCH, USR1, USR2) reach it, and rexec exits with its exit status (128+N if signal N
+/// killed it). The host comes from the cluster registry (idle owner, low load, never
+/// oversubscribed); if none is free the command runs here (say so with -v), or rexec waits
+/// with --wait.
+///
+/// As a make shell: `make -j16 SHELL=rexec` (make runs `rexec -c RECIPE`).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, trailing_var_arg = true)]
+struct Args {
+    /// Run on this host instead of asking the registry.
+    #[arg(long)]
+    host: Option<String>,
+    /// When no host is idle, wait for one instead of running here.
+    #[arg(long)]
+    wait: bool,
+    /// Say where the command runs and how it ended.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Cluster key file (default $WISP_KEY, else /etc/wisp/cluster.key).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Registry servers, ADDR[,ADDR...] (default $WISP_REGISTRY).
+    #[arg(long, value_name = "ADDRS")]
+    registry: Option<String>,
+    /// Where the cluster namespace is mounted.
+    #[arg(long, default_value = "/wisp")]
+    mount: PathBuf,
+    /// Run `sh -c CMD` (how make calls its SHELL).
+    #[arg(short = 'c', value_name = "CMD")]
+    command: Option<OsString>,
+    /// The command and its arguments.
+    #[arg(allow_hyphen_values = true)]
+    argv: Vec<OsString>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    wisp::init_logging("warn");
+    let argv = match &a.command {
+        Some(c) => {
+            let mut v = vec![OsString::from("/bin/sh"), OsString::from("-c"), c.clone()];
+            v.extend(a.argv.iter().cloned());
+            v
+        }
+        None => a.argv.clone(),
+    };
+    if argv.is_empty() {
+        eprintln!("rexec: no command given; try `rexec --help`");
+        return ExitCode::from(2);
+    }
+    let key_path = a.key.clone().or_else(|| std::env::var_os("WISP_KEY").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("/etc/wisp/cluster.key"));
+    let key = match wisp_proto::key::ClusterKey::load(&key_path) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("rexec: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let registry: Vec<String> = a
+        .registry
+        .clone()
+        .or_else(|| std::env::var("WISP_REGISTRY").ok())
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    if registry.is_empty() {
+        eprintln!("rexec: no registry given; pass --registry ADDR or set WISP_REGISTRY");
+        return ExitCode::from(2);
+    }
+    let opts = wisp_rexec::client::Options {
+        argv,
+        host: a.host.clone(),
+        wait: a.wait,
+        verbose: a.verbose,
+        key,
+        registry,
+        mount: a.mount.clone(),
+        home: std::env::var("WISP_HOST").unwrap_or_else(|_| hostname()),
+    };
+    match wisp_rexec::client::run(opts) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("rexec: {e}");
+            ExitCode::from(255)
+        }
+    }
+}
