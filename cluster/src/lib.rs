@@ -13,6 +13,16 @@
 //! kills every process in the cluster's namespaces, deletes the namespaces and the state,
 //! and works from the namespace names alone, so it also cleans up after a crashed test.
 //!
+//! The cluster registry: every server hosts a replica (`--registry-id i` on `srv<i>`, the
+//! peers being every server's address; `srv1` alone gets `--init-registry`, which is a no-op
+//! on its restarts). Once the servers are up, the harness registers the root domain `/` ->
+//! srv1 and raises the idle policy's load limits with the `wisp` CLI, run on srv1 like an
+//! operator would: simulated hosts share one kernel, hence one load average, so load cannot
+//! tell them apart. Workstations run wispd with `--registry` naming every server and
+//! `--input-devices none` (a simulated host has no keyboard of its own: its owner is played
+//! with `wisp owner --cluster NAME HOST active|idle`, through the override file
+//! [`Cluster::owner_file`], private to the cluster so that clusters run side by side).
+//!
 //! Architecture Invariant: the harness only starts the same binaries a real deployment runs,
 //! with the same flags; nothing in wisp knows it runs simulated.
 
@@ -188,6 +198,7 @@ impl Cluster {
         };
         need_bin(&bin_dir, "wisp-server")?;
         need_bin(&bin_dir, "wispd")?;
+        need_bin(&bin_dir, "wisp")?;
         if spec.name.is_empty() || spec.name.len() > 24 || !spec.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(ClusterError::Command { cmd: "cluster up".into(), stderr: format!("cluster name {:?} must be 1-24 letters, digits or '-'", spec.name) });
         }
@@ -251,11 +262,44 @@ impl Cluster {
                 self.start_daemon(&self.hosts[i].name.clone())?;
             }
         }
+        self.setup_registry()?;
         for i in 0..self.hosts.len() {
             if self.hosts[i].role == Role::Workstation {
                 self.start_daemon(&self.hosts[i].name.clone())?;
             }
         }
+        Ok(())
+    }
+
+    /// `ADDR:PORT` of every server (the registry replicas), comma separated.
+    pub fn registry_addrs(&self) -> String {
+        self.servers().map(|h| format!("{}:{SERVER_PORT}", h.addr)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Run the `wisp` CLI on `host` against this cluster's registry; returns its stdout.
+    pub fn wisp_cli(&self, host: &str, args: &[&str]) -> Result<String> {
+        let wisp = self.bin_dir.join("wisp").display().to_string();
+        let key = self.key_file.display().to_string();
+        let reg = self.registry_addrs();
+        let mut argv: Vec<&str> = vec![&wisp];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--registry", &reg, "--key", &key]);
+        let mut c = self.command(host, &argv)?;
+        c.stdin(Stdio::null());
+        let desc = argv.join(" ");
+        let out = c.output().map_err(|source| ClusterError::Spawn { cmd: desc.clone(), source })?;
+        if !out.status.success() {
+            return Err(ClusterError::Command { cmd: format!("on {host}: {desc}"), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The root domain on srv1, and load limits that ignore the shared load average.
+    fn setup_registry(&self) -> Result<()> {
+        let Some(srv1) = self.servers().next() else { return Ok(()) };
+        let (name, root) = (srv1.name.clone(), self.server_addr());
+        self.wisp_cli(&name, &["domains", "add", "/", &root])?;
+        self.wisp_cli(&name, &["registry", "policy", "--max-load", "1000,1000,1000"])?;
         Ok(())
     }
 
@@ -301,6 +345,23 @@ impl Cluster {
         format!("{}:{SERVER_PORT}", s.addr)
     }
 
+    /// The owner-activity override file of workstation `host` (wispd --owner-file).
+    pub fn owner_file(&self, host: &str) -> PathBuf {
+        state_dir(&self.name).join("owner").join(host)
+    }
+
+    /// The registry replica id of server `host`: N for srvN.
+    pub fn registry_id(&self, host: &str) -> Result<u64> {
+        host.strip_prefix("srv")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| ClusterError::NoHost { cluster: self.name.clone(), host: format!("{host} (not a server)") })
+    }
+
+    /// The server whose registry replica has id `id`.
+    pub fn server_of_replica(&self, id: u64) -> Option<&Host> {
+        self.servers().find(|h| self.registry_id(&h.name).ok() == Some(id))
+    }
+
     pub fn log_path(&self, host: &str) -> PathBuf {
         state_dir(&self.name).join(format!("{host}.log"))
     }
@@ -311,6 +372,9 @@ impl Cluster {
         let mut c = Command::new("nsenter");
         c.args(["-t", &h.anchor.to_string(), "-n", "-m", "-u", "--"]);
         c.args(argv);
+        // What rexec and the wisp CLI need to find the cluster from inside a host.
+        c.env("WISP_KEY", &self.key_file).env("WISP_HOST", host).env("WISP_REGISTRY", self.registry_addrs());
+        c.env("PATH", format!("{}:{}", self.bin_dir.display(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())));
         Ok(c)
     }
 
@@ -342,6 +406,11 @@ impl Cluster {
         let mut argv: Vec<String> = match h.role {
             Role::Server => {
                 let data = self.data_root.join(host);
+                let id = self.registry_id(host)?;
+                let peers: Vec<String> = self
+                    .servers()
+                    .map(|s| Ok(format!("{}={}:{SERVER_PORT}", self.registry_id(&s.name)?, s.addr)))
+                    .collect::<Result<_>>()?;
                 let mut v = vec![
                     self.bin_dir.join("wisp-server").display().to_string(),
                     "--data".into(),
@@ -350,7 +419,14 @@ impl Cluster {
                     format!("{}:{SERVER_PORT}", h.addr),
                     "--key".into(),
                     key,
+                    "--registry-id".into(),
+                    id.to_string(),
+                    "--registry-peers".into(),
+                    peers.join(","),
                 ];
+                if id == 1 {
+                    v.push("--init-registry".into());
+                }
                 v.extend(self.server_args.iter().cloned());
                 v
             }
@@ -365,6 +441,12 @@ impl Cluster {
                     key,
                     "--name".into(),
                     host.into(),
+                    "--registry".into(),
+                    self.registry_addrs(),
+                    "--input-devices".into(),
+                    "none".into(),
+                    "--owner-file".into(),
+                    self.owner_file(host).display().to_string(),
                 ];
                 v.extend(self.wispd_args.iter().cloned());
                 v
@@ -399,6 +481,14 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Cut `host` off the cluster's network (its port on the bridge goes down), or join it
+    /// back: a network partition of that one host. Its processes keep running.
+    pub fn set_partitioned(&self, host: &str, partitioned: bool) -> Result<()> {
+        self.host(host)?;
+        let br = format!("wisp-{}-br", self.name);
+        ip(&["-n", &br, "link", "set", &format!("v-{host}"), if partitioned { "down" } else { "up" }])
     }
 
     /// Kill a host's daemon with `signal` and wait until it is gone.

@@ -925,7 +925,7 @@ impl FsServer {
                     None => return Err(WireError::new(libc::EOPNOTSUPP, "this server hosts no registry replica")),
                 }
             }
-            Request::Exec(_) | Request::JobWait { .. } | Request::JobSignal { .. } | Request::JobList => {
+            Request::Exec(_) | Request::JobWait { .. } | Request::JobSignal { .. } | Request::JobList | Request::MigrateOut { .. } | Request::MigrateIn { .. } => {
                 return Err(WireError::new(libc::EOPNOTSUPP, "this is a file server, not a workstation agent (port 7071)"))
             }
         })

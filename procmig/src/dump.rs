@@ -1,4 +1,4 @@
-//! Dump (source side): freeze a single-threaded process with PTRACE_SEIZE +
+//! Dump (source side): freeze a process (every thread) with PTRACE_SEIZE +
 //! PTRACE_INTERRUPT, collect its state from registers, /proc and a few injected syscalls,
 //! copy its private pages into the swap file and write the metadata. The process stays
 //! frozen afterwards: the caller gets a [`Frozen`] handle and decides between
@@ -13,6 +13,12 @@
 //! `rem` pointer re-executes it with `req := rem` (the kernel stored the remaining time
 //! there), any other -ERESTART_RESTARTBLOCK returns -EINTR (the kernel restart block does
 //! not migrate). orig_rax is set to -1 so the kernel does not restart a second time.
+//!
+//! Pre-copy ([`PreCopy`]): pages are copied while the process runs, then only the pages
+//! written since are copied at the freeze. Writes are tracked with soft-dirty bits when
+//! the kernel has them (CONFIG_MEM_SOFT_DIRTY), otherwise with a userfaultfd in
+//! write-protect async mode registered inside the process and read with the PAGEMAP_SCAN
+//! ioctl (Linux 6.7+); the kernel this was developed on has only the latter.
 
 use std::fs::File;
 use std::io::Write;
@@ -23,8 +29,8 @@ use std::path::{Path, PathBuf};
 use sha2::Digest;
 
 use crate::image::{
-    self, AltStack, Creds, FdEntry, FdKind, FileId, ITimer, ImageMeta, MmFields, PageRun, Rlimit, Rseq, SigAction,
-    Vma, VmaKind, PAGE, PAGES_DATA_OFFSET,
+    self, AltStack, Creds, FdEntry, FdKind, FileId, ITimer, ImageMeta, MmFields, PageRun, Rlimit,
+    Rseq, SigAction, ThreadImage, Vma, VmaKind, PAGE, PAGES_DATA_OFFSET,
 };
 use crate::inject::{self, InjectError, Injector};
 use crate::procfs::{self, ProcError};
@@ -101,7 +107,8 @@ pub fn normalize_restart(r: &Regs, hint: Option<i64>) -> (Regs, String) {
                 let relative_with_rem = match nr {
                     x if x == libc::SYS_nanosleep => (r.rsi != 0).then(|| n.rdi = r.rsi),
                     x if x == libc::SYS_clock_nanosleep => {
-                        (r.rsi & libc::TIMER_ABSTIME as u64 == 0 && r.r10 != 0).then(|| n.rdx = r.r10)
+                        (r.rsi & libc::TIMER_ABSTIME as u64 == 0 && r.r10 != 0)
+                            .then(|| n.rdx = r.r10)
                     }
                     _ => None,
                 };
@@ -154,7 +161,11 @@ enum FrozenState {
 pub struct Frozen {
     pid: i32,
     resume_regs: Regs,
+    /// Threads other than the leader, with the registers to resume them with.
+    others: Vec<(i32, Regs)>,
     suppressed: Vec<i32>,
+    /// (tid, signal) dequeued from non-leader threads, re-sent to them on release.
+    thread_suppressed: Vec<(i32, i32)>,
     state: FrozenState,
     _not_send: PhantomData<*const ()>,
 }
@@ -164,14 +175,25 @@ impl Frozen {
         self.pid
     }
 
-    /// Let the source run on (restore failed or this was a checkpoint).
-    pub fn resume(mut self) -> Result<()> {
-        self.state = FrozenState::Released;
-        sys::set_regs(self.pid, &self.resume_regs)?;
-        sys::detach(self.pid, 0)?;
+    fn resend(&self) {
         for s in &self.suppressed {
             let _ = sys::kill(self.pid, *s);
         }
+        for (tid, s) in &self.thread_suppressed {
+            let _ = sys::tgkill(self.pid, *tid, *s);
+        }
+    }
+
+    /// Let the source run on (restore failed or this was a checkpoint).
+    pub fn resume(mut self) -> Result<()> {
+        self.state = FrozenState::Released;
+        for (tid, regs) in &self.others {
+            sys::set_regs(*tid, regs)?;
+            sys::detach(*tid, 0)?;
+        }
+        sys::set_regs(self.pid, &self.resume_regs)?;
+        sys::detach(self.pid, 0)?;
+        self.resend();
         Ok(())
     }
 
@@ -179,6 +201,12 @@ impl Frozen {
     pub fn kill(mut self) -> Result<()> {
         self.state = FrozenState::Released;
         sys::kill(self.pid, libc::SIGKILL)?;
+        // Each traced thread reports its death to us; the leader's comes last.
+        for (tid, _) in &self.others {
+            while let Ok(Wait::Stopped { .. }) = sys::wait(*tid) {
+                let _ = sys::cont(*tid, 0);
+            }
+        }
         loop {
             match sys::wait(self.pid) {
                 Ok(Wait::Exited(_)) | Ok(Wait::Signaled(_)) => return Ok(()),
@@ -201,11 +229,13 @@ impl Frozen {
     fn release_stopped_inner(&mut self) -> Result<()> {
         self.state = FrozenState::Released;
         sys::kill(self.pid, libc::SIGSTOP)?;
+        for (tid, regs) in &self.others {
+            sys::set_regs(*tid, regs)?;
+            sys::detach(*tid, 0)?;
+        }
         sys::set_regs(self.pid, &self.resume_regs)?;
         sys::detach(self.pid, 0)?;
-        for s in &self.suppressed {
-            let _ = sys::kill(self.pid, *s);
-        }
+        self.resend();
         // Wait until the group-stop is visible.
         for _ in 0..200 {
             if process_state(self.pid) == Some('T') {
@@ -213,7 +243,10 @@ impl Frozen {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        Err(DumpError::Vanished { pid: self.pid, what: "did not enter the stopped state after release".into() })
+        Err(DumpError::Vanished {
+            pid: self.pid,
+            what: "did not enter the stopped state after release".into(),
+        })
     }
 }
 
@@ -243,29 +276,45 @@ pub fn kill_stopped(pid: i32) -> Result<()> {
 }
 
 fn file_id(meta: &std::fs::Metadata) -> FileId {
-    FileId { size: meta.size(), mtime_sec: meta.mtime(), mtime_nsec: meta.mtime_nsec() }
+    FileId {
+        size: meta.size(),
+        mtime_sec: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec(),
+    }
 }
 
-const ALLOWED_CHARDEVS: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"];
+const ALLOWED_CHARDEVS: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/full",
+];
 
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
     dump_with(pid, dir, None, None)
 }
 
-fn dump_with(pid: i32, dir: &Path, store: Option<PageStore>, restart_hint: Option<i64>) -> Result<DumpInfo> {
+fn dump_with(
+    pid: i32,
+    dir: &Path,
+    store: Option<(PageStore, Tracker)>,
+    restart_hint: Option<i64>,
+) -> Result<DumpInfo> {
     let t0 = sys::monotonic_ns();
-    let threads = procfs::threads(pid)?;
-    if threads.len() != 1 {
-        return Err(DumpError::Unsupported { pid, what: format!("{} threads (only single-threaded processes migrate)", threads.len()) });
-    }
+    procfs::threads(pid)?;
     let kids = procfs::children_of(pid);
     if !kids.is_empty() {
-        return Err(DumpError::Unsupported { pid, what: format!("has child processes {kids:?} (process trees do not migrate)") });
+        return Err(DumpError::Unsupported {
+            pid,
+            what: format!("has child processes {kids:?} (process trees do not migrate)"),
+        });
     }
-    std::fs::create_dir_all(dir).map_err(|source| DumpError::Write { path: dir.to_path_buf(), source })?;
+    image::create_private_dir(dir)?;
 
-    sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD).map_err(|source| DumpError::Freeze { pid, source })?;
+    sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD)
+        .map_err(|source| DumpError::Freeze { pid, source })?;
     let mut suppressed = Vec::new();
     let stop = freeze(pid, &mut suppressed);
     let regs = match stop.and_then(|_| Ok(sys::get_regs(pid)?)) {
@@ -276,8 +325,15 @@ fn dump_with(pid: i32, dir: &Path, store: Option<PageStore>, restart_hint: Optio
         }
     };
     let (norm, note) = normalize_restart(&regs, restart_hint);
-    let mut frozen =
-        Frozen { pid, resume_regs: norm, suppressed, state: FrozenState::Traced, _not_send: PhantomData };
+    let mut frozen = Frozen {
+        pid,
+        resume_regs: norm,
+        others: Vec::new(),
+        suppressed,
+        thread_suppressed: Vec::new(),
+        state: FrozenState::Traced,
+        _not_send: PhantomData,
+    };
     match dump_frozen(pid, dir, &regs, &norm, &note, &mut frozen, store) {
         Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
             pid,
@@ -293,7 +349,10 @@ fn dump_with(pid: i32, dir: &Path, store: Option<PageStore>, restart_hint: Optio
         }),
         Err(e) => {
             if let Err(re) = frozen.resume() {
-                tracing::error!(pid, "dump failed ({e}) and resuming the source failed too: {re}");
+                tracing::error!(
+                    pid,
+                    "dump failed ({e}) and resuming the source failed too: {re}"
+                );
             }
             Err(e)
         }
@@ -310,8 +369,18 @@ fn freeze(pid: i32, suppressed: &mut Vec<i32>) -> Result<()> {
                 suppressed.push(sig);
                 sys::cont(pid, 0).map_err(|source| DumpError::Freeze { pid, source })?;
             }
-            Wait::Exited(c) => return Err(DumpError::Vanished { pid, what: format!("exited with {c}") }),
-            Wait::Signaled(s) => return Err(DumpError::Vanished { pid, what: format!("killed by signal {s}") }),
+            Wait::Exited(c) => {
+                return Err(DumpError::Vanished {
+                    pid,
+                    what: format!("exited with {c}"),
+                })
+            }
+            Wait::Signaled(s) => {
+                return Err(DumpError::Vanished {
+                    pid,
+                    what: format!("killed by signal {s}"),
+                })
+            }
         }
     }
 }
@@ -323,11 +392,15 @@ fn dump_frozen(
     norm: &Regs,
     note: &str,
     frozen: &mut Frozen,
-    store: Option<PageStore>,
+    store: Option<(PageStore, Tracker)>,
 ) -> Result<(usize, u64, usize, u64)> {
     let xstate = sys::get_xstate(pid)?;
     let rseq = match sys::get_rseq(pid) {
-        Ok(c) if c.abi_size > 0 => Some(Rseq { addr: c.abi_pointer, len: c.abi_size, sig: c.signature }),
+        Ok(c) if c.abi_size > 0 => Some(Rseq {
+            addr: c.abi_pointer,
+            len: c.abi_size,
+            sig: c.signature,
+        }),
         Ok(_) => None,
         Err(e) => return Err(e.into()),
     };
@@ -337,14 +410,37 @@ fn dump_frozen(
     let vdso = maps0
         .iter()
         .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| DumpError::Unsupported { pid, what: "no [vdso] mapping".into() })?;
-    let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem { pid, addr: 0, source })?;
-    let syscall_ip = inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end)
-        .ok_or_else(|| DumpError::Unsupported { pid, what: "no syscall instruction found in [vdso]".into() })?;
+        .ok_or_else(|| DumpError::Unsupported {
+            pid,
+            what: "no [vdso] mapping".into(),
+        })?;
+    let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
+        pid,
+        addr: 0,
+        source,
+    })?;
+    let syscall_ip =
+        inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end).ok_or_else(|| {
+            DumpError::Unsupported {
+                pid,
+                what: "no syscall instruction found in [vdso]".into(),
+            }
+        })?;
     let mut vdso_bytes = vec![0u8; (vdso.end - vdso.start) as usize];
     memf.read_exact_at(&mut vdso_bytes, vdso.start)
-        .map_err(|source| DumpError::ReadMem { pid, addr: vdso.start, source })?;
+        .map_err(|source| DumpError::ReadMem {
+            pid,
+            addr: vdso.start,
+            source,
+        })?;
     let vdso_sha256 = sha2::Sha256::digest(&vdso_bytes).to_vec();
+
+    // --- other threads: freeze each, collect its own state ---------------------------
+    let threads = freeze_other_threads(pid, frozen)?;
+    let mut thread_images = Vec::new();
+    for (tid, tregs) in threads {
+        thread_images.push(thread_state(pid, tid, syscall_ip, &tregs, frozen)?);
+    }
 
     // --- injected queries -------------------------------------------------------------
     let mut inj = Injector::new(pid, syscall_ip, *regs)?;
@@ -357,20 +453,33 @@ fn dump_frozen(
     let sigmask = procfs::hex_u64(pid, "SigBlk", procfs::status_get(pid, &st, "SigBlk")?)?;
     let pnd = procfs::hex_u64(pid, "SigPnd", procfs::status_get(pid, &st, "SigPnd")?)?
         | procfs::hex_u64(pid, "ShdPnd", procfs::status_get(pid, &st, "ShdPnd")?)?;
-    let mut pending: Vec<u32> = (1..=64u32).filter(|s| pnd & (1u64 << (s - 1)) != 0).collect();
+    let mut pending: Vec<u32> = (1..=64u32)
+        .filter(|s| pnd & (1u64 << (s - 1)) != 0)
+        .collect();
     pending.extend(frozen.suppressed.iter().map(|s| *s as u32));
     pending.sort_unstable();
     pending.dedup();
-    let umask = u32::from_str_radix(procfs::status_get(pid, &st, "Umask")?, 8)
-        .map_err(|_| DumpError::Unsupported { pid, what: "unparsable Umask".into() })?;
+    let umask = u32::from_str_radix(procfs::status_get(pid, &st, "Umask")?, 8).map_err(|_| {
+        DumpError::Unsupported {
+            pid,
+            what: "unparsable Umask".into(),
+        }
+    })?;
     let uids: Vec<u32> = procfs::nums(pid, "Uid", procfs::status_get(pid, &st, "Uid")?)?;
     let gids: Vec<u32> = procfs::nums(pid, "Gid", procfs::status_get(pid, &st, "Gid")?)?;
     let groups: Vec<u32> = procfs::nums(pid, "Groups", procfs::status_get(pid, &st, "Groups")?)?;
     let ns_pids: Vec<i32> = procfs::nums(pid, "NSpid", procfs::status_get(pid, &st, "NSpid")?)?;
     if uids.len() != 4 || gids.len() != 4 {
-        return Err(DumpError::Unsupported { pid, what: "unexpected Uid/Gid lines in status".into() });
+        return Err(DumpError::Unsupported {
+            pid,
+            what: "unexpected Uid/Gid lines in status".into(),
+        });
     }
-    let creds = Creds { uids: [uids[0], uids[1], uids[2], uids[3]], gids: [gids[0], gids[1], gids[2], gids[3]], groups };
+    let creds = Creds {
+        uids: [uids[0], uids[1], uids[2], uids[3]],
+        gids: [gids[0], gids[1], gids[2], gids[3]],
+        groups,
+    };
 
     let sf = procfs::stat_fields(pid)?;
     let f = |n| procfs::stat_field(pid, &sf, n);
@@ -388,10 +497,15 @@ fn dump_frozen(
         env_end: f(51)?,
         auxv: procfs::read_bytes(pid, "auxv")?,
     };
-    let comm = procfs::read_string(pid, "comm")?.trim_end_matches('\n').to_string();
+    let comm = procfs::read_string(pid, "comm")?
+        .trim_end_matches('\n')
+        .to_string();
     let exe = procfs::read_link(pid, "exe")?;
     if exe.ends_with(" (deleted)") {
-        return Err(DumpError::Unsupported { pid, what: format!("executable {exe} is deleted") });
+        return Err(DumpError::Unsupported {
+            pid,
+            what: format!("executable {exe} is deleted"),
+        });
     }
     let exe_file = std::fs::metadata(&exe).ok().map(|m| file_id(&m));
     let cwd = procfs::read_link(pid, "cwd")?;
@@ -404,13 +518,26 @@ fn dump_frozen(
     for m in &smaps {
         let special = m.name == "[vdso]" || m.name.starts_with("[vvar") || m.name == "[vsyscall]";
         if !special && (m.has_flag("io") || m.has_flag("pf")) {
-            return Err(DumpError::Unsupported { pid, what: format!("device mapping {:#x}-{:#x} {}", m.start, m.end, m.name) });
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("device mapping {:#x}-{:#x} {}", m.start, m.end, m.name),
+            });
         }
-        if m.name.ends_with(" (deleted)") && !m.name.starts_with("/dev/zero") && !m.name.starts_with("/SYSV") {
-            return Err(DumpError::Unsupported { pid, what: format!("mapping of deleted file {}", m.name) });
+        if m.name.ends_with(" (deleted)")
+            && !m.name.starts_with("/dev/zero")
+            && !m.name.starts_with("/SYSV")
+        {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("mapping of deleted file {}", m.name),
+            });
         }
         let mut prot = 0u32;
-        for (on, bit) in [(m.read, libc::PROT_READ), (m.write, libc::PROT_WRITE), (m.exec, libc::PROT_EXEC)] {
+        for (on, bit) in [
+            (m.read, libc::PROT_READ),
+            (m.write, libc::PROT_WRITE),
+            (m.exec, libc::PROT_EXEC),
+        ] {
             if on {
                 prot |= bit as u32;
             }
@@ -419,7 +546,10 @@ fn dump_frozen(
             (VmaKind::Vsyscall, None)
         } else if m.name == "[vdso]" || m.name.starts_with("[vvar") {
             (VmaKind::Special, None)
-        } else if m.name.starts_with("/dev/zero") || m.name.starts_with("/SYSV") || (m.shared && m.inode == 0) {
+        } else if m.name.starts_with("/dev/zero")
+            || m.name.starts_with("/SYSV")
+            || (m.shared && m.inode == 0)
+        {
             if !m.shared {
                 (VmaKind::AnonPrivate, None)
             } else {
@@ -430,11 +560,25 @@ fn dump_frozen(
                 pid,
                 what: format!("mapped file {} cannot be inspected: {source}", m.name),
             })?;
-            (if m.shared { VmaKind::FileShared } else { VmaKind::FilePrivate }, Some(file_id(&meta)))
-        } else if m.name.is_empty() || m.name == "[heap]" || m.name == "[stack]" || m.name.starts_with("[anon") {
+            (
+                if m.shared {
+                    VmaKind::FileShared
+                } else {
+                    VmaKind::FilePrivate
+                },
+                Some(file_id(&meta)),
+            )
+        } else if m.name.is_empty()
+            || m.name == "[heap]"
+            || m.name == "[stack]"
+            || m.name.starts_with("[anon")
+        {
             (VmaKind::AnonPrivate, None)
         } else {
-            return Err(DumpError::Unsupported { pid, what: format!("mapping {:#x}-{:#x} of kind {}", m.start, m.end, m.name) });
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("mapping {:#x}-{:#x} of kind {}", m.start, m.end, m.name),
+            });
         };
         vmas.push(Vma {
             start: m.start,
@@ -446,15 +590,23 @@ fn dump_frozen(
             file,
             growsdown: m.has_flag("gd"),
             maywrite: m.has_flag("mw"),
+            noreserve: m.has_flag("nr"),
         });
     }
 
-    let precopied = store.is_some();
-    let mut store = match store {
-        Some(s) => s,
-        None => PageStore::create(dir)?,
+    let (mut store, dirty) = match store {
+        Some((s, Tracker::SoftDirty)) => (s, Some(Dirty::SoftDirty)),
+        Some((s, Tracker::UffdWp { pagemap, .. })) => {
+            let tracked: Vec<(u64, u64)> = smaps
+                .iter()
+                .filter(|m| m.has_flag("uw"))
+                .map(|m| (m.start, m.end))
+                .collect();
+            (s, Some(written_pages(pid, &pagemap)?.with_tracked(tracked)))
+        }
+        None => (PageStore::create(dir)?, None),
     };
-    let (pages, in_image) = store.collect(pid, &memf, &vmas, precopied, false)?;
+    let (pages, in_image) = store.collect(pid, &memf, &vmas, dirty.as_ref(), false)?;
     let page_runs = runs_from(&in_image);
     store.flush()?;
     let image_id = store.image_id;
@@ -462,7 +614,10 @@ fn dump_frozen(
 
     let meta = ImageMeta {
         image_id,
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         pid,
         ns_pids,
         hostname: q.hostname,
@@ -495,11 +650,180 @@ fn dump_frozen(
         personality: q.personality,
         itimers: q.itimers,
         syscall_note: note.to_string(),
+        threads: thread_images,
     };
     image::validate(&dir.join(image::META_FILE), &meta)?;
     image::write_meta(dir, &meta)?;
     let image_pages = meta.page_runs.iter().map(|r| r.npages).sum();
     Ok((meta.vmas.len(), pages, fds.len(), image_pages))
+}
+
+/// Seize and stop every thread but the leader (repeating until no new thread shows up),
+/// recording each in `frozen` so that any later failure resumes it. Returns the threads
+/// with their registers as captured.
+fn freeze_other_threads(pid: i32, frozen: &mut Frozen) -> Result<Vec<(i32, Regs)>> {
+    let mut out: Vec<(i32, Regs)> = Vec::new();
+    loop {
+        let mut new = false;
+        for tid in procfs::threads(pid)? {
+            if tid == pid || out.iter().any(|(t, _)| *t == tid) {
+                continue;
+            }
+            new = true;
+            match sys::seize(tid, libc::PTRACE_O_TRACESYSGOOD) {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(libc::ESRCH) => continue, // exited meanwhile
+                Err(source) => return Err(DumpError::Freeze { pid: tid, source }),
+            }
+            let mut sup = Vec::new();
+            if let Err(e) = freeze(tid, &mut sup) {
+                let _ = sys::detach(tid, 0);
+                return Err(e);
+            }
+            let regs = match sys::get_regs(tid) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = sys::detach(tid, 0);
+                    return Err(e.into());
+                }
+            };
+            let (norm, _) = normalize_restart(&regs, None);
+            frozen.others.push((tid, norm));
+            // Thread-directed signals dequeued by the freeze go back to that thread only.
+            frozen
+                .thread_suppressed
+                .extend(sup.into_iter().map(|s| (tid, s)));
+            out.push((tid, regs));
+        }
+        if !new {
+            return Ok(out);
+        }
+    }
+}
+
+/// State of one non-leader thread (frozen), with injected sigaltstack and
+/// PR_GET_TID_ADDRESS queries run in that thread.
+fn thread_state(
+    pid: i32,
+    tid: i32,
+    syscall_ip: u64,
+    regs: &Regs,
+    frozen: &mut Frozen,
+) -> Result<ThreadImage> {
+    let rel = format!("task/{tid}/status");
+    let text = procfs::read_string(pid, &rel)?;
+    let get = |k: &str| -> Result<String> {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(k)
+                    .map(|v| v.trim_start_matches(':').trim().to_string())
+            })
+            .ok_or_else(|| DumpError::Unsupported {
+                pid,
+                what: format!("thread {tid}: no {k} in status"),
+            })
+    };
+    let leader = procfs::read_string(pid, "status")?;
+    for k in ["Uid:", "Gid:", "Groups:"] {
+        let line = |t: &str| t.lines().find(|l| l.starts_with(k)).map(str::to_string);
+        if line(&text) != line(&leader) {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("thread {tid} has other credentials than the leader ({k})"),
+            });
+        }
+    }
+    let sigmask = procfs::hex_u64(pid, "SigBlk", &get("SigBlk")?)?;
+    let pnd = procfs::hex_u64(pid, "SigPnd", &get("SigPnd")?)?;
+    let mut pending: Vec<u32> = (1..=64u32)
+        .filter(|s| pnd & (1u64 << (s - 1)) != 0)
+        .collect();
+    pending.extend(
+        frozen
+            .thread_suppressed
+            .iter()
+            .filter(|(t, _)| *t == tid)
+            .map(|(_, s)| *s as u32),
+    );
+    pending.sort_unstable();
+    pending.dedup();
+    let ns_tid = *procfs::nums::<i32>(pid, "NSpid", &get("NSpid")?)?
+        .last()
+        .unwrap_or(&tid);
+    let comm = procfs::read_string(pid, &format!("task/{tid}/comm"))?
+        .trim_end_matches('\n')
+        .to_string();
+    let xstate = sys::get_xstate(tid)?;
+    let rseq = match sys::get_rseq(tid)? {
+        c if c.abi_size > 0 => Some(Rseq {
+            addr: c.abi_pointer,
+            len: c.abi_size,
+            sig: c.signature,
+        }),
+        _ => None,
+    };
+    let (robust_list, robust_list_len) = sys::get_robust_list(tid)?;
+    let mut inj = Injector::new(tid, syscall_ip, *regs)?;
+    let q = (|| -> std::result::Result<(AltStack, u64), InjectError> {
+        let scratch = inj.call(
+            "mmap(scratch)",
+            libc::SYS_mmap,
+            [
+                0,
+                4096,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        let r = (|| -> std::result::Result<(AltStack, u64), InjectError> {
+            inj.call(
+                "sigaltstack",
+                libc::SYS_sigaltstack,
+                [0, scratch, 0, 0, 0, 0],
+            )?;
+            let b = inj.read(scratch, 24)?;
+            let alt = AltStack {
+                sp: le_u64(&b, 0),
+                flags: (le_u64(&b, 8) as u32 as i32) & !libc::SS_ONSTACK,
+                size: le_u64(&b, 16),
+            };
+            inj.call(
+                "prctl(PR_GET_TID_ADDRESS)",
+                libc::SYS_prctl,
+                [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
+            )?;
+            Ok((alt, inj.read_u64(scratch)?))
+        })();
+        let un = inj.call(
+            "munmap(scratch)",
+            libc::SYS_munmap,
+            [scratch, 4096, 0, 0, 0, 0],
+        );
+        let v = r?;
+        un?;
+        Ok(v)
+    })();
+    frozen
+        .thread_suppressed
+        .extend(inj.suppressed.drain(..).map(|s| (tid, s)));
+    let (altstack, clear_child_tid) = q?;
+    let (norm, _) = normalize_restart(regs, None);
+    Ok(ThreadImage {
+        tid,
+        ns_tid,
+        comm,
+        regs: sys::regs_to_words(&norm),
+        xstate,
+        sigmask,
+        pending,
+        altstack,
+        rseq,
+        robust_list,
+        robust_list_len,
+        clear_child_tid,
+    })
 }
 
 struct Queried {
@@ -531,7 +855,14 @@ fn injected_queries(inj: &mut Injector) -> std::result::Result<Queried, InjectEr
     let scratch = inj.call(
         "mmap(scratch)",
         libc::SYS_mmap,
-        [0, SCRATCH, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        [
+            0,
+            SCRATCH,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
     )?;
     let r = (|| -> std::result::Result<Queried, InjectError> {
         let brk = inj.call("brk", libc::SYS_brk, [0; 6])?;
@@ -540,7 +871,11 @@ fn injected_queries(inj: &mut Injector) -> std::result::Result<Queried, InjectEr
             if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
                 continue;
             }
-            inj.call("rt_sigaction", libc::SYS_rt_sigaction, [sig, 0, scratch, 8, 0, 0])?;
+            inj.call(
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                [sig, 0, scratch, 8, 0, 0],
+            )?;
             let b = inj.read(scratch, 32)?;
             sigactions.push(SigAction {
                 signo: sig as u32,
@@ -550,39 +885,77 @@ fn injected_queries(inj: &mut Injector) -> std::result::Result<Queried, InjectEr
                 mask: le_u64(&b, 24),
             });
         }
-        inj.call("sigaltstack", libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
+        inj.call(
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            [0, scratch, 0, 0, 0, 0],
+        )?;
         let b = inj.read(scratch, 24)?;
         let altstack = AltStack {
             sp: le_u64(&b, 0),
             flags: (le_u64(&b, 8) as u32 as i32) & !libc::SS_ONSTACK,
             size: le_u64(&b, 16),
         };
-        inj.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0])?;
+        inj.call(
+            "prctl(PR_GET_TID_ADDRESS)",
+            libc::SYS_prctl,
+            [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
+        )?;
         let clear_child_tid = inj.read_u64(scratch)?;
         let mut itimers = Vec::new();
         for which in 0..3u64 {
-            inj.call("getitimer", libc::SYS_getitimer, [which, scratch, 0, 0, 0, 0])?;
+            inj.call(
+                "getitimer",
+                libc::SYS_getitimer,
+                [which, scratch, 0, 0, 0, 0],
+            )?;
             let b = inj.read(scratch, 32)?;
             let interval_usec = le_u64(&b, 0) * 1_000_000 + le_u64(&b, 8);
             let value_usec = le_u64(&b, 16) * 1_000_000 + le_u64(&b, 24);
             if value_usec != 0 {
-                itimers.push(ITimer { which: which as i32, interval_usec, value_usec });
+                itimers.push(ITimer {
+                    which: which as i32,
+                    interval_usec,
+                    value_usec,
+                });
             }
         }
         inj.call("uname", libc::SYS_uname, [scratch, 0, 0, 0, 0, 0])?;
         let u = inj.read(scratch, 65 * 6)?;
         let hostname = cstr_at(&u[65..130]);
         let release = cstr_at(&u[130..195]);
-        let personality = inj.call("personality", libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0])? as u32;
+        let personality = inj.call(
+            "personality",
+            libc::SYS_personality,
+            [0xffff_ffff, 0, 0, 0, 0, 0],
+        )? as u32;
         let mut rlimits = Vec::new();
         for res in 0..16u64 {
             inj.call("prlimit64", libc::SYS_prlimit64, [0, res, 0, scratch, 0, 0])?;
             let b = inj.read(scratch, 16)?;
-            rlimits.push(Rlimit { resource: res as u32, cur: le_u64(&b, 0), max: le_u64(&b, 8) });
+            rlimits.push(Rlimit {
+                resource: res as u32,
+                cur: le_u64(&b, 0),
+                max: le_u64(&b, 8),
+            });
         }
-        Ok(Queried { brk, sigactions, altstack, clear_child_tid, itimers, hostname, release, personality, rlimits })
+        Ok(Queried {
+            brk,
+            sigactions,
+            altstack,
+            clear_child_tid,
+            itimers,
+            hostname,
+            release,
+            personality,
+            rlimits,
+        })
     })();
-    let un = inj.call("munmap(scratch)", libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
+    let un = inj.call(
+        "munmap(scratch)",
+        libc::SYS_munmap,
+        [scratch, SCRATCH, 0, 0, 0, 0],
+    );
     let q = r?;
     un?;
     Ok(q)
@@ -595,15 +968,28 @@ fn dump_fds(pid: i32) -> Result<Vec<FdEntry>> {
         let info = procfs::fdinfo(pid, fd)?;
         let kind;
         let mut file = None;
-        if let Some(ino) = link.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
-            let ino = ino.parse().map_err(|_| DumpError::Unsupported { pid, what: format!("fd {fd}: odd pipe link {link}") })?;
+        if let Some(ino) = link
+            .strip_prefix("pipe:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            let ino = ino.parse().map_err(|_| DumpError::Unsupported {
+                pid,
+                what: format!("fd {fd}: odd pipe link {link}"),
+            })?;
             kind = FdKind::Pipe { ino };
         } else if link.starts_with('/') {
             if link.ends_with(" (deleted)") {
-                return Err(DumpError::Unsupported { pid, what: format!("fd {fd} refers to deleted file {link}") });
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!("fd {fd} refers to deleted file {link}"),
+                });
             }
-            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
-                .map_err(|source| DumpError::Unsupported { pid, what: format!("fd {fd} ({link}) cannot be inspected: {source}") })?;
+            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).map_err(|source| {
+                DumpError::Unsupported {
+                    pid,
+                    what: format!("fd {fd} ({link}) cannot be inspected: {source}"),
+                }
+            })?;
             if meta.file_type().is_file() || meta.file_type().is_dir() {
                 kind = FdKind::Regular;
                 if meta.file_type().is_file() {
@@ -612,12 +998,25 @@ fn dump_fds(pid: i32) -> Result<Vec<FdEntry>> {
             } else if ALLOWED_CHARDEVS.contains(&link.as_str()) {
                 kind = FdKind::CharDev;
             } else {
-                return Err(DumpError::Unsupported { pid, what: format!("fd {fd} is {link}, a kind of file that cannot migrate") });
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!("fd {fd} is {link}, a kind of file that cannot migrate"),
+                });
             }
         } else {
-            return Err(DumpError::Unsupported { pid, what: format!("fd {fd} is {link}, a kind of file that cannot migrate") });
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("fd {fd} is {link}, a kind of file that cannot migrate"),
+            });
         }
-        out.push(FdEntry { fd, kind, path: link, pos: info.pos, flags: info.flags, file });
+        out.push(FdEntry {
+            fd,
+            kind,
+            path: link,
+            pos: info.pos,
+            flags: info.flags,
+            file,
+        });
     }
     Ok(out)
 }
@@ -642,6 +1041,29 @@ enum Slot {
 /// Pages that belong in an image: (vaddr, where its copy is, index of its VMA).
 type ImagePages = Vec<(u64, Slot, usize)>;
 
+/// How a pass over memory decides that an already copied page changed since.
+pub(crate) enum Dirty {
+    /// Soft-dirty bit (pagemap bit 55), cleared through clear_refs.
+    SoftDirty,
+    /// Pages reported written by PAGEMAP_SCAN on uffd-wp async VMAs (`tracked`); pages
+    /// outside tracked VMAs are always treated as dirty.
+    Set {
+        written: std::collections::HashSet<u64>,
+        tracked: Vec<(u64, u64)>,
+    },
+}
+
+impl Dirty {
+    fn is_dirty(&self, va: u64, pm_entry: u64) -> bool {
+        match self {
+            Dirty::SoftDirty => pm_entry & procfs::PM_SOFT_DIRTY != 0,
+            Dirty::Set { written, tracked } => {
+                !tracked.iter().any(|(s, e)| *s <= va && va < *e) || written.contains(&va)
+            }
+        }
+    }
+}
+
 /// The pages file being written, with the latest copy of every page seen so far.
 #[derive(Debug)]
 pub(crate) struct PageStore {
@@ -657,31 +1079,52 @@ pub(crate) struct PageStore {
 
 impl PageStore {
     pub(crate) fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| DumpError::Write { path: dir.to_path_buf(), source })?;
+        image::create_private_dir(dir)?;
         let image_id = random_u64();
         let path = dir.join(image::PAGES_FILE);
-        let mut file = File::create(&path).map_err(|source| DumpError::Write { path: path.clone(), source })?;
-        file.write_all(&image::pages_header(image_id)).map_err(|source| DumpError::Write { path: path.clone(), source })?;
+        let mut file = image::create_private_file(&path)?;
+        file.write_all(&image::pages_header(image_id))
+            .map_err(|source| DumpError::Write {
+                path: path.clone(),
+                source,
+            })?;
         let file = std::io::BufWriter::with_capacity(1 << 20, file);
-        Ok(PageStore { file, path, image_id, written: 0, index: Default::default() })
+        Ok(PageStore {
+            file,
+            path,
+            image_id,
+            written: 0,
+            index: Default::default(),
+        })
     }
 
     /// Flush the buffer and fsync the pages file.
     fn flush(&mut self) -> Result<()> {
         let path = self.path.clone();
-        self.file.flush().map_err(|source| DumpError::Write { path: path.clone(), source })?;
-        self.file.get_ref().sync_all().map_err(|source| DumpError::Write { path, source })
+        self.file.flush().map_err(|source| DumpError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .map_err(|source| DumpError::Write { path, source })
     }
 
     fn append(&mut self, page: &[u8]) -> Result<u64> {
         let off = PAGES_DATA_OFFSET + self.written * PAGE;
-        self.file.write_all(page).map_err(|source| DumpError::Write { path: self.path.clone(), source })?;
+        self.file
+            .write_all(page)
+            .map_err(|source| DumpError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
         self.written += 1;
         Ok(off)
     }
 
-    /// Copy pages of `vmas` into the store. With `only_dirty`, a page already copied whose
-    /// soft-dirty bit is clear is kept as is. With `running`, read failures (the process
+    /// Copy pages of `vmas` into the store. With `dirty`, a page already copied that is not
+    /// dirty since is kept as is. With `running`, read failures (the process
     /// unmapped memory under us) skip the span instead of failing: those pages are either
     /// gone or new, and the frozen pass picks them up. Returns (pages copied, the list of
     /// (vaddr, slot, vma index) of every page that belongs in the image).
@@ -690,7 +1133,7 @@ impl PageStore {
         pid: i32,
         mem: &File,
         vmas: &[Vma],
-        only_dirty: bool,
+        dirty: Option<&Dirty>,
         running: bool,
     ) -> Result<(u64, ImagePages)> {
         let pm = procfs::open_pagemap(pid)?;
@@ -707,62 +1150,72 @@ impl PageStore {
             };
             let want = |x: u64| {
                 let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
-                present && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0)
+                present
+                    && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0)
             };
-            let mut a = v.start;
-            while a < v.end {
-                let e = (a + CHUNK_PAGES * PAGE).min(v.end);
-                match procfs::read_pagemap(pid, &pm, a, e, &mut ents) {
-                    Ok(()) => {}
-                    Err(_) if running => {
-                        a = e;
-                        continue;
+            for (rs, re) in populated_ranges(pid, &pm, v) {
+                let mut a = rs;
+                while a < re {
+                    let e = (a + CHUNK_PAGES * PAGE).min(re);
+                    match procfs::read_pagemap(pid, &pm, a, e, &mut ents) {
+                        Ok(()) => {}
+                        Err(_) if running => {
+                            a = e;
+                            continue;
+                        }
+                        Err(err) => return Err(err.into()),
                     }
-                    Err(err) => return Err(err.into()),
-                }
-                let mut i = 0usize;
-                while i < ents.len() {
-                    let va = a + i as u64 * PAGE;
-                    if !want(ents[i]) {
-                        i += 1;
-                        continue;
-                    }
-                    let keep = only_dirty && ents[i] & procfs::PM_SOFT_DIRTY == 0;
-                    if keep {
-                        if let Some(slot) = self.index.get(&va) {
-                            out.push((va, *slot, vi));
+                    let mut i = 0usize;
+                    while i < ents.len() {
+                        let va = a + i as u64 * PAGE;
+                        if !want(ents[i]) {
                             i += 1;
                             continue;
                         }
+                        let keep = dirty.is_some_and(|d| !d.is_dirty(va, ents[i]));
+                        if keep {
+                            if let Some(slot) = self.index.get(&va) {
+                                out.push((va, *slot, vi));
+                                i += 1;
+                                continue;
+                            }
+                        }
+                        // A span of pages to (re)copy.
+                        let s = i;
+                        while i < ents.len()
+                            && want(ents[i])
+                            && !(dirty.is_some_and(|d| !d.is_dirty(a + i as u64 * PAGE, ents[i]))
+                                && self.index.contains_key(&(a + i as u64 * PAGE)))
+                        {
+                            i += 1;
+                        }
+                        let span_addr = a + s as u64 * PAGE;
+                        let data = &mut buf[..((i - s) as u64 * PAGE) as usize];
+                        match mem.read_exact_at(data, span_addr) {
+                            Ok(()) => {}
+                            Err(_) if running => continue,
+                            Err(source) => {
+                                return Err(DumpError::ReadMem {
+                                    pid,
+                                    addr: span_addr,
+                                    source,
+                                })
+                            }
+                        }
+                        for (k, page) in data.chunks_exact(PAGE as usize).enumerate() {
+                            let pva = span_addr + k as u64 * PAGE;
+                            let slot = if anon && page.iter().all(|b| *b == 0) {
+                                Slot::Zero
+                            } else {
+                                copied += 1;
+                                Slot::At(self.append(page)?)
+                            };
+                            self.index.insert(pva, slot);
+                            out.push((pva, slot, vi));
+                        }
                     }
-                    // A span of pages to (re)copy.
-                    let s = i;
-                    while i < ents.len()
-                        && want(ents[i])
-                        && !(only_dirty && ents[i] & procfs::PM_SOFT_DIRTY == 0 && self.index.contains_key(&(a + i as u64 * PAGE)))
-                    {
-                        i += 1;
-                    }
-                    let span_addr = a + s as u64 * PAGE;
-                    let data = &mut buf[..((i - s) as u64 * PAGE) as usize];
-                    match mem.read_exact_at(data, span_addr) {
-                        Ok(()) => {}
-                        Err(_) if running => continue,
-                        Err(source) => return Err(DumpError::ReadMem { pid, addr: span_addr, source }),
-                    }
-                    for (k, page) in data.chunks_exact(PAGE as usize).enumerate() {
-                        let pva = span_addr + k as u64 * PAGE;
-                        let slot = if anon && page.iter().all(|b| *b == 0) {
-                            Slot::Zero
-                        } else {
-                            copied += 1;
-                            Slot::At(self.append(page)?)
-                        };
-                        self.index.insert(pva, slot);
-                        out.push((pva, slot, vi));
-                    }
+                    a = e;
                 }
-                a = e;
             }
         }
         Ok((copied, out))
@@ -772,7 +1225,7 @@ impl PageStore {
 impl PageStore {
     /// Pages of `vmas` that must be (re)copied: present, not reproduced by a fresh mapping,
     /// and soft-dirty or never copied. Call with the process frozen.
-    fn targets(&self, pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, bool)>> {
+    fn targets(&self, pid: i32, vmas: &[Vma], dirty: &Dirty) -> Result<Vec<(u64, bool)>> {
         let pm = procfs::open_pagemap(pid)?;
         let mut out = Vec::new();
         let mut ents = Vec::new();
@@ -782,19 +1235,24 @@ impl PageStore {
                 VmaKind::FilePrivate => false,
                 _ => continue,
             };
-            let mut a = v.start;
-            while a < v.end {
-                let e = (a + 4096 * PAGE).min(v.end);
-                procfs::read_pagemap(pid, &pm, a, e, &mut ents)?;
-                for (i, x) in ents.iter().enumerate() {
-                    let va = a + i as u64 * PAGE;
-                    let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
-                    let wanted = present && (anon || x & procfs::PM_SWAPPED != 0 || x & procfs::PM_FILE_OR_SHARED == 0);
-                    if wanted && (x & procfs::PM_SOFT_DIRTY != 0 || !self.index.contains_key(&va)) {
-                        out.push((va, anon));
+            for (rs, re) in populated_ranges(pid, &pm, v) {
+                let mut a = rs;
+                while a < re {
+                    let e = (a + 4096 * PAGE).min(re);
+                    procfs::read_pagemap(pid, &pm, a, e, &mut ents)?;
+                    for (i, x) in ents.iter().enumerate() {
+                        let va = a + i as u64 * PAGE;
+                        let present = x & (procfs::PM_PRESENT | procfs::PM_SWAPPED) != 0;
+                        let wanted = present
+                            && (anon
+                                || x & procfs::PM_SWAPPED != 0
+                                || x & procfs::PM_FILE_OR_SHARED == 0);
+                        if wanted && (dirty.is_dirty(va, *x) || !self.index.contains_key(&va)) {
+                            out.push((va, anon));
+                        }
                     }
+                    a = e;
                 }
-                a = e;
             }
         }
         Ok(out)
@@ -823,6 +1281,25 @@ impl PageStore {
     }
 }
 
+/// The parts of a VMA that may hold pages. Huge mappings (reservations of GiBs are common
+/// in runtimes) are narrowed with PAGEMAP_SCAN to their populated ranges, so their empty
+/// parts cost no pagemap reads; small ones, or kernels without PAGEMAP_SCAN, are scanned
+/// whole.
+fn populated_ranges(pid: i32, pm: &File, v: &Vma) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    if v.end - v.start <= 64 << 20 {
+        return vec![(v.start, v.end)];
+    }
+    match sys::pagemap_scan_present(pid, pm.as_raw_fd(), v.start, v.end) {
+        Ok(r) => r
+            .into_iter()
+            .map(|(s, e)| (s.max(v.start), e.min(v.end)))
+            .filter(|(s, e)| s < e)
+            .collect(),
+        Err(_) => vec![(v.start, v.end)],
+    }
+}
+
 /// Page runs from the pages that belong in the image (vaddr order), never crossing a VMA.
 fn runs_from(pages: &[(u64, Slot, usize)]) -> Vec<PageRun> {
     let mut runs: Vec<PageRun> = Vec::new();
@@ -837,24 +1314,92 @@ fn runs_from(pages: &[(u64, Slot, usize)]) -> Vec<PageRun> {
         {
             runs[n - 1].npages += 1;
         } else {
-            runs.push(PageRun { vaddr: *va, npages: 1, offset: *off });
+            runs.push(PageRun {
+                vaddr: *va,
+                npages: 1,
+                offset: *off,
+            });
         }
         last_vma = *vi;
     }
     runs
 }
 
-/// Iterative pre-copy of a running process (soft-dirty tracking): [`PreCopy::start`]
-/// clears the soft-dirty bits and copies every page while the process runs; each
-/// [`PreCopy::round`] copies only the pages dirtied since the previous round;
-/// [`PreCopy::finish`] freezes the process and copies what is still dirty, so the
-/// freeze time depends on the dirtying rate, not on the size of memory.
+/// How pre-copy learns which pages were written.
+#[derive(Debug)]
+enum Tracker {
+    /// clear_refs + pagemap bit 55 (kernels with CONFIG_MEM_SOFT_DIRTY).
+    SoftDirty,
+    /// A userfaultfd in write-protect async mode registered inside the process, read with
+    /// PAGEMAP_SCAN (kernels without soft-dirty, 6.7+). Dropping `uffd` unregisters it.
+    UffdWp { _uffd: WpTracker, pagemap: File },
+}
+
+/// The userfaultfd of uffd-wp tracking. Dropping it unregisters every range explicitly
+/// (rather than relying on the last close, which a concurrent fork elsewhere in this
+/// process could delay), so a resumed source carries no tracking.
+#[derive(Debug)]
+struct WpTracker {
+    pid: i32,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Drop for WpTracker {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Ok(maps) = procfs::smaps(self.pid) {
+            for m in maps.iter().filter(|m| m.has_flag("uw")) {
+                if !sys::uffd_unregister(self.fd.as_raw_fd(), m.start, m.end - m.start) {
+                    tracing::warn!(
+                        pid = self.pid,
+                        "cannot unregister uffd-wp range {:#x}-{:#x}",
+                        m.start,
+                        m.end
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Written pages reported by PAGEMAP_SCAN (and write-protected again).
+struct Written(std::collections::HashSet<u64>);
+
+impl Written {
+    fn with_tracked(self, tracked: Vec<(u64, u64)>) -> Dirty {
+        Dirty::Set {
+            written: self.0,
+            tracked,
+        }
+    }
+}
+
+fn written_pages(pid: i32, pagemap: &File) -> Result<Written> {
+    use std::os::fd::AsRawFd;
+    let mut set = std::collections::HashSet::new();
+    for (s, e) in sys::pagemap_scan(pid, pagemap.as_raw_fd(), 0, 0x7fff_ffff_f000, true)? {
+        let mut a = s;
+        while a < e {
+            set.insert(a);
+            a += PAGE;
+        }
+    }
+    Ok(Written(set))
+}
+
+/// Iterative pre-copy of a running process: [`PreCopy::start`] starts write tracking
+/// (soft-dirty bits, or a uffd-wp async userfaultfd read with PAGEMAP_SCAN when the kernel
+/// lacks soft-dirty) and copies every page while the process runs; each
+/// [`PreCopy::round`] copies only the pages written since the previous round;
+/// [`PreCopy::finish`] freezes the process and copies what is still dirty, so the freeze
+/// time depends on the dirtying rate, not on the size of memory.
 #[derive(Debug)]
 pub struct PreCopy {
     pid: i32,
     dir: PathBuf,
     store: PageStore,
     mem: File,
+    tracker: Tracker,
     /// Pages copied by each round so far.
     pub rounds: Vec<u64>,
     /// The sleep syscall seen interrupted by a brief freeze (the kernel then continues it
@@ -877,7 +1422,11 @@ fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
             kind: if m.name.starts_with('/') && !m.shared {
                 VmaKind::FilePrivate
             } else if m.name.is_empty() || m.name == "[heap]" || m.name == "[stack]" {
-                if m.shared { VmaKind::AnonShared } else { VmaKind::AnonPrivate }
+                if m.shared {
+                    VmaKind::AnonShared
+                } else {
+                    VmaKind::AnonPrivate
+                }
             } else {
                 VmaKind::Special
             },
@@ -886,6 +1435,7 @@ fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
             file: None,
             growsdown: false,
             maywrite: false,
+            noreserve: false,
         })
         .collect())
 }
@@ -893,43 +1443,82 @@ fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
 impl PreCopy {
     /// First round: start tracking and copy all memory of the running `pid` into `dir`.
     pub fn start(pid: i32, dir: &Path) -> Result<Self> {
-        let threads = procfs::threads(pid)?;
-        if threads.len() != 1 {
-            return Err(DumpError::Unsupported { pid, what: format!("{} threads (only single-threaded processes migrate)", threads.len()) });
-        }
+        // Soft-dirty rounds freeze only the leader, which is atomic only for a
+        // single-threaded process; threaded ones use uffd-wp (atomic scan, no freeze).
+        let single = procfs::threads(pid)?.len() == 1;
         let store = PageStore::create(dir)?;
-        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem { pid, addr: 0, source })?;
-        let mut pc = PreCopy { pid, dir: dir.to_path_buf(), store, mem, rounds: Vec::new(), restart_hint: None };
-        clear_soft_dirty(pid)?;
+        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
+            pid,
+            addr: 0,
+            source,
+        })?;
+        let tracker = if single && sys::probe_soft_dirty() {
+            clear_soft_dirty(pid)?;
+            Tracker::SoftDirty
+        } else {
+            start_uffd_wp(pid)?
+        };
+        let mut pc = PreCopy {
+            pid,
+            dir: dir.to_path_buf(),
+            store,
+            mem,
+            tracker,
+            rounds: Vec::new(),
+            restart_hint: None,
+        };
         let vmas = vmas_of(pid)?;
-        let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, false, true)?;
+        let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, None, true)?;
         pc.rounds.push(n);
         Ok(pc)
     }
 
-    /// Another round: freeze the process for a moment to read which pages were dirtied
-    /// since the last round and to clear the soft-dirty bits (both while frozen, so no
-    /// write can slip between the two), let it run, then copy those pages. A page written
+    /// The write-tracking mechanism in use: "soft-dirty" or "uffd-wp".
+    pub fn tracking(&self) -> &'static str {
+        match self.tracker {
+            Tracker::SoftDirty => "soft-dirty",
+            Tracker::UffdWp { .. } => "uffd-wp",
+        }
+    }
+
+    /// Another round: learn which pages were written since the last round and copy them
+    /// while the process runs. With soft-dirty the process is frozen for a moment to read
+    /// and clear the bits (both while frozen, so no write slips between the two); with
+    /// uffd-wp, PAGEMAP_SCAN reports and re-protects each page atomically, no freeze. A page written
     /// again during the copy has its bit set again and is copied by the next round or by
     /// [`PreCopy::finish`]. Returns the number of pages copied.
     pub fn round(&mut self) -> Result<u64> {
         let pid = self.pid;
         let vmas = vmas_of(pid)?;
-        let hint = &mut self.restart_hint;
-        let store = &self.store;
-        let targets = with_brief_freeze(pid, || {
-            let r = sys::get_regs(pid)?;
-            let nr = r.orig_rax as i64;
-            let in_restart_block = r.rax as i64 == -ERESTART_RESTARTBLOCK;
-            if !in_restart_block {
-                *hint = None;
-            } else if nr != libc::SYS_restart_syscall {
-                *hint = Some(nr);
+        let targets = match &self.tracker {
+            Tracker::SoftDirty => {
+                let hint = &mut self.restart_hint;
+                let store = &self.store;
+                with_brief_freeze(pid, || {
+                    let r = sys::get_regs(pid)?;
+                    let nr = r.orig_rax as i64;
+                    let in_restart_block = r.rax as i64 == -ERESTART_RESTARTBLOCK;
+                    if !in_restart_block {
+                        *hint = None;
+                    } else if nr != libc::SYS_restart_syscall {
+                        *hint = Some(nr);
+                    }
+                    let t = store.targets(pid, &vmas, &Dirty::SoftDirty)?;
+                    clear_soft_dirty(pid)?;
+                    Ok(t)
+                })?
             }
-            let t = store.targets(pid, &vmas)?;
-            clear_soft_dirty(pid)?;
-            Ok(t)
-        })?;
+            Tracker::UffdWp { pagemap, .. } => {
+                // PAGEMAP_SCAN reports and write-protects each page atomically: no freeze.
+                let tracked: Vec<(u64, u64)> = procfs::smaps(pid)?
+                    .iter()
+                    .filter(|m| m.has_flag("uw"))
+                    .map(|m| (m.start, m.end))
+                    .collect();
+                let dirty = written_pages(pid, pagemap)?.with_tracked(tracked);
+                self.store.targets(pid, &vmas, &dirty)?
+            }
+        };
         let n = self.store.copy_targets(pid, &self.mem, &targets)?;
         self.rounds.push(n);
         Ok(n)
@@ -937,9 +1526,149 @@ impl PreCopy {
 
     /// Freeze the process and complete the image (same result as [`dump`]).
     pub fn finish(self) -> Result<DumpInfo> {
-        let PreCopy { pid, dir, store, restart_hint, .. } = self;
-        dump_with(pid, &dir, Some(store), restart_hint)
+        let PreCopy {
+            pid,
+            dir,
+            store,
+            tracker,
+            restart_hint,
+            ..
+        } = self;
+        dump_with(pid, &dir, Some((store, tracker)), restart_hint)
     }
+}
+
+/// Start uffd-wp async write tracking in `pid`: freeze it, create a userfaultfd inside it
+/// (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED), register its private mappings in
+/// write-protect mode, take the descriptor out (pidfd_getfd) and close it in the process,
+/// let it run, then write-protect everything with one PAGEMAP_SCAN. From then on a write
+/// is resolved by the kernel without any handler and shows as "written" in the next scan.
+fn start_uffd_wp(pid: i32) -> Result<Tracker> {
+    let pagemap_path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+    let pagemap = File::open(&pagemap_path).map_err(|source| DumpError::ReadMem {
+        pid,
+        addr: 0,
+        source,
+    })?;
+    let vmas: Vec<procfs::MapEntry> = procfs::smaps(pid)?
+        .into_iter()
+        .filter(|m| {
+            !m.shared && !m.name.starts_with("[v") && !m.has_flag("io") && !m.has_flag("pf")
+        })
+        .collect();
+    sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD)
+        .map_err(|source| DumpError::Freeze { pid, source })?;
+    let mut suppressed = Vec::new();
+    let regs = match freeze(pid, &mut suppressed).and_then(|_| Ok(sys::get_regs(pid)?)) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sys::detach(pid, 0);
+            return Err(e);
+        }
+    };
+    let injected = (|| -> Result<std::os::fd::OwnedFd> {
+        let maps = procfs::maps(pid)?;
+        let vdso =
+            maps.iter()
+                .find(|m| m.name == "[vdso]")
+                .ok_or_else(|| DumpError::Unsupported {
+                    pid,
+                    what: "no [vdso] mapping".into(),
+                })?;
+        let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
+            pid,
+            addr: 0,
+            source,
+        })?;
+        let ip =
+            inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end).ok_or_else(|| {
+                DumpError::Unsupported {
+                    pid,
+                    what: "no syscall instruction found in [vdso]".into(),
+                }
+            })?;
+        let mut inj = Injector::new(pid, ip, regs)?;
+        let scratch = inj.call(
+            "mmap(scratch)",
+            libc::SYS_mmap,
+            [
+                0,
+                4096,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        let r = (|| -> Result<std::os::fd::OwnedFd> {
+            let fd = inj.call(
+                "userfaultfd",
+                libc::SYS_userfaultfd,
+                [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+            )?;
+            let mut api = Vec::new();
+            for w in [
+                sys::uffd::API,
+                sys::uffd::FEATURE_WP_ASYNC | sys::uffd::FEATURE_WP_UNPOPULATED,
+                0,
+            ] {
+                api.extend_from_slice(&w.to_le_bytes());
+            }
+            inj.write(scratch, &api)?;
+            let ok = inj.call(
+                "ioctl(UFFDIO_API)",
+                libc::SYS_ioctl,
+                [fd, sys::uffd::IOC_API, scratch, 0, 0, 0],
+            );
+            if let Err(e) = ok {
+                let _ = inj.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!(
+                        "no write tracking: no soft-dirty and uffd-wp async refused ({e})"
+                    ),
+                });
+            }
+            for m in &vmas {
+                let mut reg = Vec::new();
+                for w in [m.start, m.end - m.start, sys::uffd::REGISTER_MODE_WP, 0] {
+                    reg.extend_from_slice(&w.to_le_bytes());
+                }
+                inj.write(scratch, &reg)?;
+                // A mapping that cannot be registered stays untracked: always copied again.
+                let _ = inj.raw(
+                    libc::SYS_ioctl,
+                    [fd, sys::uffd::IOC_REGISTER, scratch, 0, 0, 0],
+                )?;
+            }
+            let owned = sys::steal_fd(pid, fd as i32)?;
+            inj.call("close(userfaultfd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            Ok(owned)
+        })();
+        let un = inj.call(
+            "munmap(scratch)",
+            libc::SYS_munmap,
+            [scratch, 4096, 0, 0, 0, 0],
+        );
+        suppressed.append(&mut inj.suppressed);
+        let owned = r?;
+        un?;
+        Ok(owned)
+    })();
+    // Let the process run on, whatever happened.
+    let (norm, _) = normalize_restart(&regs, None);
+    let resumed = sys::set_regs(pid, &norm).and_then(|_| sys::detach(pid, 0));
+    for s in &suppressed {
+        let _ = sys::kill(pid, *s);
+    }
+    let uffd = injected?;
+    resumed?;
+    // Arm: write-protect every present page and mark the holes.
+    written_pages(pid, &pagemap)?;
+    Ok(Tracker::UffdWp {
+        _uffd: WpTracker { pid, fd: uffd },
+        pagemap,
+    })
 }
 
 /// Stop `pid` with PTRACE_SEIZE + PTRACE_INTERRUPT, run `f`, detach. Registers are not
@@ -952,9 +1681,21 @@ fn with_brief_freeze<T>(pid: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
             match sys::wait(pid).map_err(|source| DumpError::Freeze { pid, source })? {
                 Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => return Ok(()),
                 // A signal arrived first: deliver it normally and wait for our trap.
-                Wait::Stopped { sig, .. } => sys::cont(pid, sig).map_err(|source| DumpError::Freeze { pid, source })?,
-                Wait::Exited(c) => return Err(DumpError::Vanished { pid, what: format!("exited with {c}") }),
-                Wait::Signaled(s) => return Err(DumpError::Vanished { pid, what: format!("killed by signal {s}") }),
+                Wait::Stopped { sig, .. } => {
+                    sys::cont(pid, sig).map_err(|source| DumpError::Freeze { pid, source })?
+                }
+                Wait::Exited(c) => {
+                    return Err(DumpError::Vanished {
+                        pid,
+                        what: format!("exited with {c}"),
+                    })
+                }
+                Wait::Signaled(s) => {
+                    return Err(DumpError::Vanished {
+                        pid,
+                        what: format!("killed by signal {s}"),
+                    })
+                }
             }
         }
     })();
@@ -980,7 +1721,10 @@ mod tests {
         r.rax = (-ERESTARTSYS) as u64;
         r.rip = 0x1002;
         let (n, _) = normalize_restart(&r, None);
-        assert_eq!((n.rax, n.rip, n.orig_rax), (libc::SYS_read as u64, 0x1000, u64::MAX));
+        assert_eq!(
+            (n.rax, n.rip, n.orig_rax),
+            (libc::SYS_read as u64, 0x1000, u64::MAX)
+        );
 
         r.orig_rax = libc::SYS_clock_nanosleep as u64;
         r.rax = (-ERESTART_RESTARTBLOCK) as u64;
@@ -988,7 +1732,10 @@ mod tests {
         r.rdx = 0x5000;
         r.r10 = 0x6000;
         let (n, _) = normalize_restart(&r, None);
-        assert_eq!((n.rax, n.rip, n.rdx), (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000));
+        assert_eq!(
+            (n.rax, n.rip, n.rdx),
+            (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000)
+        );
 
         r.r10 = 0;
         let (n, _) = normalize_restart(&r, None);
@@ -1004,7 +1751,10 @@ mod tests {
         r.rax = (-ERESTART_RESTARTBLOCK) as u64;
         r.r10 = 0x6000;
         let (n, _) = normalize_restart(&r, Some(libc::SYS_clock_nanosleep));
-        assert_eq!((n.rax, n.rip, n.rdx, n.orig_rax), (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000, u64::MAX));
+        assert_eq!(
+            (n.rax, n.rip, n.rdx, n.orig_rax),
+            (libc::SYS_clock_nanosleep as u64, 0x1000, 0x6000, u64::MAX)
+        );
         let (n, _) = normalize_restart(&r, None);
         assert_eq!(n.rax as i64, -(libc::EINTR as i64));
     }

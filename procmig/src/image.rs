@@ -6,7 +6,7 @@
 //! ```text
 //! offset size  field
 //! 0      8     magic  b"WISPPMIG"
-//! 8      4     format version, u32 little-endian (currently 1)
+//! 8      4     format version, u32 little-endian (currently 3)
 //! 12     4     reserved, zero
 //! 16     8     payload length N, u64 little-endian (at most META_MAX = 64 MiB)
 //! 24     32    SHA-256 of the payload
@@ -19,11 +19,13 @@
 //! the file and the field. The metadata is written last, to a temporary name renamed over
 //! `image.meta`, so a directory with an `image.meta` always holds a complete image.
 //!
+//! Both files are created with mode 0600 in a 0700 directory: they hold process memory.
+//!
 //! # `pages.img` (the swap file)
 //!
 //! ```text
 //! 0      8     magic b"WISPPAGE"
-//! 8      4     version u32 LE (1)
+//! 8      4     version u32 LE (same as image.meta)
 //! 12     4     reserved
 //! 16     8     image id u64 LE (must equal ImageMeta::image_id)
 //! 24..4096     zero
@@ -54,7 +56,7 @@ pub const META_MAGIC: &[u8; 8] = b"WISPPMIG";
 /// Magic of `pages.img`.
 pub const PAGES_MAGIC: &[u8; 8] = b"WISPPAGE";
 /// Current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 3;
 /// Size cap of the metadata payload.
 pub const META_MAX: u64 = 64 << 20;
 /// Header length of `image.meta`.
@@ -133,6 +135,8 @@ pub struct Vma {
     pub growsdown: bool,
     /// VM_MAYWRITE ("mw" in smaps): the file was opened for writing (shared mappings).
     pub maywrite: bool,
+    /// VM_NORESERVE ("nr"): mapped with MAP_NORESERVE (no commit charge).
+    pub noreserve: bool,
 }
 
 /// A run of consecutive stored pages.
@@ -237,7 +241,8 @@ pub struct Rseq {
     pub sig: u32,
 }
 
-/// Everything about a frozen single-threaded process except its page contents.
+/// Everything about a frozen process except its page contents. The top-level register,
+/// signal and rseq fields are the thread-group leader's; other threads are in `threads`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ImageMeta {
     /// Random id shared with the pages file header.
@@ -283,6 +288,29 @@ pub struct ImageMeta {
     pub itimers: Vec<ITimer>,
     /// Human-readable note on how an interrupted syscall was handled.
     pub syscall_note: String,
+    /// Threads other than the leader (whose state is the fields above), in tid order.
+    pub threads: Vec<ThreadImage>,
+}
+
+/// Per-thread state of a thread other than the leader.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ThreadImage {
+    /// Host tid at dump time.
+    pub tid: i32,
+    /// tid in the innermost pid namespace.
+    pub ns_tid: i32,
+    pub comm: String,
+    /// user_regs_struct words, restart applied (as `ImageMeta::regs`).
+    pub regs: Vec<u64>,
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    /// Signals pending for this thread only.
+    pub pending: Vec<u32>,
+    pub altstack: AltStack,
+    pub rseq: Option<Rseq>,
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    pub clear_child_tid: u64,
 }
 
 impl ImageMeta {
@@ -293,14 +321,44 @@ impl ImageMeta {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io { path: path.to_path_buf(), source }
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Create an image directory readable by its owner only (it holds process memory).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// Create (truncate) an image file with mode 0600.
+pub fn create_private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
 }
 
 /// Write `meta` as `dir/image.meta` atomically (temp file + fsync + rename).
 pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<()> {
-    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(meta).map_err(|e| ImageError::Serialize(e.to_string()))?;
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(meta)
+        .map_err(|e| ImageError::Serialize(e.to_string()))?;
     if payload.len() as u64 > META_MAX {
-        return Err(ImageError::TooLarge { path: dir.join(META_FILE), len: payload.len() as u64, cap: META_MAX });
+        return Err(ImageError::TooLarge {
+            path: dir.join(META_FILE),
+            len: payload.len() as u64,
+            cap: META_MAX,
+        });
     }
     let mut header = Vec::with_capacity(META_HEADER);
     header.extend_from_slice(META_MAGIC);
@@ -309,7 +367,7 @@ pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<()> {
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     header.extend_from_slice(&sha2::Sha256::digest(&payload));
     let tmp = dir.join(format!("{META_FILE}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut f = create_private_file(&tmp)?;
     f.write_all(&header).map_err(io_err(&tmp))?;
     f.write_all(&payload).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
@@ -333,10 +391,17 @@ pub fn load(dir: &Path) -> Result<ImageMeta> {
     let mut f = File::open(&path).map_err(io_err(&path))?;
     let len = f.metadata().map_err(io_err(&path))?.len();
     if len > META_MAX + META_HEADER as u64 {
-        return Err(ImageError::TooLarge { path, len, cap: META_MAX + META_HEADER as u64 });
+        return Err(ImageError::TooLarge {
+            path,
+            len,
+            cap: META_MAX + META_HEADER as u64,
+        });
     }
     if len < META_HEADER as u64 {
-        return Err(ImageError::Truncated { path, what: format!("header needs {META_HEADER} bytes, file has {len}") });
+        return Err(ImageError::Truncated {
+            path,
+            what: format!("header needs {META_HEADER} bytes, file has {len}"),
+        });
     }
     let mut header = [0u8; META_HEADER];
     f.read_exact(&mut header).map_err(io_err(&path))?;
@@ -345,18 +410,28 @@ pub fn load(dir: &Path) -> Result<ImageMeta> {
     }
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if version != VERSION {
-        return Err(ImageError::Version { path, found: version });
+        return Err(ImageError::Version {
+            path,
+            found: version,
+        });
     }
     let mut lenb = [0u8; 8];
     lenb.copy_from_slice(&header[16..24]);
     let plen = u64::from_le_bytes(lenb);
     if plen > META_MAX {
-        return Err(ImageError::TooLarge { path, len: plen, cap: META_MAX });
+        return Err(ImageError::TooLarge {
+            path,
+            len: plen,
+            cap: META_MAX,
+        });
     }
     if plen + META_HEADER as u64 != len {
         return Err(ImageError::Truncated {
             path,
-            what: format!("header announces a {plen}-byte payload, file holds {}", len - META_HEADER as u64),
+            what: format!(
+                "header announces a {plen}-byte payload, file holds {}",
+                len - META_HEADER as u64
+            ),
         });
     }
     let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(plen as usize);
@@ -365,70 +440,192 @@ pub fn load(dir: &Path) -> Result<ImageMeta> {
     if sha2::Sha256::digest(&payload[..]).as_slice() != &header[24..56] {
         return Err(ImageError::Checksum { path });
     }
-    let meta = rkyv::from_bytes::<ImageMeta, rkyv::rancor::Error>(&payload)
-        .map_err(|e| ImageError::Archive { path: path.clone(), detail: e.to_string() })?;
+    let meta = rkyv::from_bytes::<ImageMeta, rkyv::rancor::Error>(&payload).map_err(|e| {
+        ImageError::Archive {
+            path: path.clone(),
+            detail: e.to_string(),
+        }
+    })?;
     validate(&path, &meta)?;
     check_pages_file(dir, &meta)?;
     Ok(meta)
 }
 
 fn invalid(path: &Path, detail: String) -> ImageError {
-    ImageError::Invalid { path: path.to_path_buf(), detail }
+    ImageError::Invalid {
+        path: path.to_path_buf(),
+        detail,
+    }
 }
 
 /// Semantic checks of a decoded metadata record.
 pub fn validate(path: &Path, m: &ImageMeta) -> Result<()> {
     if m.regs.len() != REGS_WORDS {
-        return Err(invalid(path, format!("regs has {} words, expected {REGS_WORDS}", m.regs.len())));
+        return Err(invalid(
+            path,
+            format!("regs has {} words, expected {REGS_WORDS}", m.regs.len()),
+        ));
     }
     if m.xstate.len() < 512 || m.xstate.len() > crate::sys::XSTATE_MAX {
-        return Err(invalid(path, format!("xstate is {} bytes, expected 512..={}", m.xstate.len(), crate::sys::XSTATE_MAX)));
+        return Err(invalid(
+            path,
+            format!(
+                "xstate is {} bytes, expected 512..={}",
+                m.xstate.len(),
+                crate::sys::XSTATE_MAX
+            ),
+        ));
     }
     let mut prev_end = 0u64;
     for (i, v) in m.vmas.iter().enumerate() {
         if v.start % PAGE != 0 || v.end % PAGE != 0 || v.start >= v.end {
-            return Err(invalid(path, format!("vma {i} ({:#x}-{:#x}) is empty or not page aligned", v.start, v.end)));
+            return Err(invalid(
+                path,
+                format!(
+                    "vma {i} ({:#x}-{:#x}) is empty or not page aligned",
+                    v.start, v.end
+                ),
+            ));
         }
         if v.start < prev_end {
-            return Err(invalid(path, format!("vma {i} ({:#x}-{:#x}) overlaps or is out of order", v.start, v.end)));
+            return Err(invalid(
+                path,
+                format!(
+                    "vma {i} ({:#x}-{:#x}) overlaps or is out of order",
+                    v.start, v.end
+                ),
+            ));
         }
         if v.kind != VmaKind::Vsyscall && v.end > 0x8000_0000_0000 {
-            return Err(invalid(path, format!("vma {i} ({:#x}-{:#x}) is above the user address space", v.start, v.end)));
+            return Err(invalid(
+                path,
+                format!(
+                    "vma {i} ({:#x}-{:#x}) is above the user address space",
+                    v.start, v.end
+                ),
+            ));
         }
         if v.prot & !7 != 0 {
-            return Err(invalid(path, format!("vma {i} has unknown prot bits {:#x}", v.prot)));
+            return Err(invalid(
+                path,
+                format!("vma {i} has unknown prot bits {:#x}", v.prot),
+            ));
         }
-        if matches!(v.kind, VmaKind::FilePrivate | VmaKind::FileShared) && !v.name.starts_with('/') {
-            return Err(invalid(path, format!("vma {i} is file-backed but has no absolute path ({:?})", v.name)));
+        if matches!(v.kind, VmaKind::FilePrivate | VmaKind::FileShared) && !v.name.starts_with('/')
+        {
+            return Err(invalid(
+                path,
+                format!(
+                    "vma {i} is file-backed but has no absolute path ({:?})",
+                    v.name
+                ),
+            ));
         }
         prev_end = v.end;
     }
     let mut prev = 0u64;
     let mut vi = 0usize;
     for (i, r) in m.page_runs.iter().enumerate() {
-        let bytes = r.npages.checked_mul(PAGE).ok_or_else(|| invalid(path, format!("page run {i}: npages overflows")))?;
-        let vend = r.vaddr.checked_add(bytes).ok_or_else(|| invalid(path, format!("page run {i}: vaddr overflows")))?;
-        let fend = r.offset.checked_add(bytes).ok_or_else(|| invalid(path, format!("page run {i}: offset overflows")))?;
-        if r.npages == 0 || r.vaddr % PAGE != 0 || r.offset % PAGE != 0 || r.offset < PAGES_DATA_OFFSET {
-            return Err(invalid(path, format!("page run {i} (vaddr {:#x}, offset {}) is empty or misaligned", r.vaddr, r.offset)));
+        let bytes = r
+            .npages
+            .checked_mul(PAGE)
+            .ok_or_else(|| invalid(path, format!("page run {i}: npages overflows")))?;
+        let vend = r
+            .vaddr
+            .checked_add(bytes)
+            .ok_or_else(|| invalid(path, format!("page run {i}: vaddr overflows")))?;
+        let fend = r
+            .offset
+            .checked_add(bytes)
+            .ok_or_else(|| invalid(path, format!("page run {i}: offset overflows")))?;
+        if r.npages == 0
+            || r.vaddr % PAGE != 0
+            || r.offset % PAGE != 0
+            || r.offset < PAGES_DATA_OFFSET
+        {
+            return Err(invalid(
+                path,
+                format!(
+                    "page run {i} (vaddr {:#x}, offset {}) is empty or misaligned",
+                    r.vaddr, r.offset
+                ),
+            ));
         }
         if r.vaddr < prev {
-            return Err(invalid(path, format!("page run {i} (vaddr {:#x}) overlaps or is out of order", r.vaddr)));
+            return Err(invalid(
+                path,
+                format!(
+                    "page run {i} (vaddr {:#x}) overlaps or is out of order",
+                    r.vaddr
+                ),
+            ));
         }
         if fend > m.pages_file_len {
-            return Err(invalid(path, format!("page run {i} ends at byte {fend} beyond the {}-byte pages file", m.pages_file_len)));
+            return Err(invalid(
+                path,
+                format!(
+                    "page run {i} ends at byte {fend} beyond the {}-byte pages file",
+                    m.pages_file_len
+                ),
+            ));
         }
         while vi < m.vmas.len() && m.vmas[vi].end <= r.vaddr {
             vi += 1;
         }
-        let inside = m.vmas.get(vi).is_some_and(|v| v.start <= r.vaddr && vend <= v.end);
+        let inside = m
+            .vmas
+            .get(vi)
+            .is_some_and(|v| v.start <= r.vaddr && vend <= v.end);
         if !inside {
-            return Err(invalid(path, format!("page run {i} ({:#x}-{vend:#x}) is not inside one vma", r.vaddr)));
+            return Err(invalid(
+                path,
+                format!(
+                    "page run {i} ({:#x}-{vend:#x}) is not inside one vma",
+                    r.vaddr
+                ),
+            ));
         }
         prev = vend;
     }
     if m.mm.auxv.len() > 8 * 2 * 64 || m.mm.auxv.len() & 15 != 0 {
-        return Err(invalid(path, format!("auxv is {} bytes (must be pairs of u64, at most 64 pairs)", m.mm.auxv.len())));
+        return Err(invalid(
+            path,
+            format!(
+                "auxv is {} bytes (must be pairs of u64, at most 64 pairs)",
+                m.mm.auxv.len()
+            ),
+        ));
+    }
+    for (i, t) in m.threads.iter().enumerate() {
+        if t.regs.len() != REGS_WORDS {
+            return Err(invalid(
+                path,
+                format!(
+                    "thread {i} (tid {}) has {} register words, expected {REGS_WORDS}",
+                    t.tid,
+                    t.regs.len()
+                ),
+            ));
+        }
+        if t.xstate.len() < 512 || t.xstate.len() > crate::sys::XSTATE_MAX {
+            return Err(invalid(
+                path,
+                format!(
+                    "thread {i} (tid {}) xstate is {} bytes",
+                    t.tid,
+                    t.xstate.len()
+                ),
+            ));
+        }
+        if t.ns_tid <= 0 {
+            return Err(invalid(path, format!("thread {i} has tid {}", t.ns_tid)));
+        }
+    }
+    if m.threads.len() > 4096 {
+        return Err(invalid(
+            path,
+            format!("{} threads (cap 4096)", m.threads.len()),
+        ));
     }
     for fd in &m.fds {
         if fd.fd < 0 {
@@ -446,7 +643,10 @@ pub fn check_pages_file(dir: &Path, m: &ImageMeta) -> Result<()> {
     if len != m.pages_file_len {
         return Err(ImageError::Truncated {
             path,
-            what: format!("pages file is {len} bytes, metadata expects {}", m.pages_file_len),
+            what: format!(
+                "pages file is {len} bytes, metadata expects {}",
+                m.pages_file_len
+            ),
         });
     }
     let mut h = [0u8; 24];
@@ -456,13 +656,22 @@ pub fn check_pages_file(dir: &Path, m: &ImageMeta) -> Result<()> {
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if version != VERSION {
-        return Err(ImageError::Version { path, found: version });
+        return Err(ImageError::Version {
+            path,
+            found: version,
+        });
     }
     let mut idb = [0u8; 8];
     idb.copy_from_slice(&h[16..24]);
     let id = u64::from_le_bytes(idb);
     if id != m.image_id {
-        return Err(invalid(&path, format!("pages file belongs to image {id:#x}, metadata is image {:#x}", m.image_id)));
+        return Err(invalid(
+            &path,
+            format!(
+                "pages file belongs to image {id:#x}, metadata is image {:#x}",
+                m.image_id
+            ),
+        ));
     }
     Ok(())
 }
@@ -500,8 +709,13 @@ mod tests {
                 file: None,
                 growsdown: false,
                 maywrite: true,
+                noreserve: false,
             }],
-            page_runs: vec![PageRun { vaddr: 0x10000, npages: 2, offset: PAGES_DATA_OFFSET }],
+            page_runs: vec![PageRun {
+                vaddr: 0x10000,
+                npages: 2,
+                offset: PAGES_DATA_OFFSET,
+            }],
             pages_file_len: PAGES_DATA_OFFSET + 2 * PAGE,
             vdso_sha256: vec![],
             mm: MmFields::default(),
@@ -517,6 +731,7 @@ mod tests {
             personality: 0,
             itimers: vec![],
             syscall_note: String::new(),
+            threads: vec![],
         }
     }
 
@@ -560,7 +775,10 @@ mod tests {
         let e = load(d.path()).unwrap_err();
         assert!(matches!(e, ImageError::Truncated { .. }), "{e}");
         std::fs::write(&p, &b[..20]).unwrap();
-        assert!(matches!(load(d.path()).unwrap_err(), ImageError::Truncated { .. }));
+        assert!(matches!(
+            load(d.path()).unwrap_err(),
+            ImageError::Truncated { .. }
+        ));
         std::fs::write(&p, &b).unwrap();
         let pp = d.path().join(PAGES_FILE);
         let pb = std::fs::read(&pp).unwrap();
@@ -577,10 +795,16 @@ mod tests {
         let mut b = std::fs::read(&p).unwrap();
         b[8] = 9;
         std::fs::write(&p, &b).unwrap();
-        assert!(matches!(load(d.path()).unwrap_err(), ImageError::Version { found: 9, .. }));
+        assert!(matches!(
+            load(d.path()).unwrap_err(),
+            ImageError::Version { found: 9, .. }
+        ));
         b[0] = b'X';
         std::fs::write(&p, &b).unwrap();
-        assert!(matches!(load(d.path()).unwrap_err(), ImageError::BadMagic { .. }));
+        assert!(matches!(
+            load(d.path()).unwrap_err(),
+            ImageError::BadMagic { .. }
+        ));
     }
 
     #[test]
@@ -596,7 +820,10 @@ mod tests {
         b.extend_from_slice(&sha2::Sha256::digest(&payload));
         b.extend_from_slice(&payload);
         std::fs::write(d.path().join(META_FILE), b).unwrap();
-        assert!(matches!(load(d.path()).unwrap_err(), ImageError::Archive { .. }));
+        assert!(matches!(
+            load(d.path()).unwrap_err(),
+            ImageError::Archive { .. }
+        ));
     }
 
     #[test]
@@ -604,10 +831,16 @@ mod tests {
         let p = Path::new("x");
         let mut m = sample();
         m.page_runs[0].vaddr = 0x30000;
-        assert!(validate(p, &m).unwrap_err().to_string().contains("not inside one vma"));
+        assert!(validate(p, &m)
+            .unwrap_err()
+            .to_string()
+            .contains("not inside one vma"));
         let mut m = sample();
         m.vmas[0].start = 0x10001;
-        assert!(validate(p, &m).unwrap_err().to_string().contains("not page aligned"));
+        assert!(validate(p, &m)
+            .unwrap_err()
+            .to_string()
+            .contains("not page aligned"));
         let mut m = sample();
         m.regs.pop();
         assert!(validate(p, &m).unwrap_err().to_string().contains("regs"));
@@ -623,6 +856,9 @@ mod tests {
         let mut pages = pages_header(m.image_id + 1);
         pages.extend(vec![7u8; 2 * PAGE as usize]);
         std::fs::write(d.path().join(PAGES_FILE), pages).unwrap();
-        assert!(load(d.path()).unwrap_err().to_string().contains("belongs to image"));
+        assert!(load(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("belongs to image"));
     }
 }

@@ -19,8 +19,15 @@ pub enum InjectError {
     Sys(#[from] SysError),
     #[error("pid {pid}: tracee {what} during injected syscall {nr}")]
     Died { pid: i32, nr: i64, what: String },
-    #[error("pid {pid}: unexpected stop (signal {sig}, event {event}) during injected syscall {nr}")]
-    UnexpectedStop { pid: i32, nr: i64, sig: i32, event: i32 },
+    #[error(
+        "pid {pid}: unexpected stop (signal {sig}, event {event}) during injected syscall {nr}"
+    )]
+    UnexpectedStop {
+        pid: i32,
+        nr: i64,
+        sig: i32,
+        event: i32,
+    },
     #[error("pid {pid}: injected syscall {name} failed: {source}")]
     Failed {
         pid: i32,
@@ -48,6 +55,8 @@ pub struct Injector {
     mem: File,
     /// Signals dequeued while injecting (to re-send later).
     pub suppressed: Vec<i32>,
+    /// Host tids of threads created by injected clone calls (PTRACE_EVENT_CLONE).
+    pub cloned: Vec<i32>,
 }
 
 impl Injector {
@@ -58,8 +67,20 @@ impl Injector {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| InjectError::Mem { pid, addr: 0, len: 0, source })?;
-        Ok(Injector { pid, syscall_ip, base, mem, suppressed: Vec::new() })
+            .map_err(|source| InjectError::Mem {
+                pid,
+                addr: 0,
+                len: 0,
+                source,
+            })?;
+        Ok(Injector {
+            pid,
+            syscall_ip,
+            base,
+            mem,
+            suppressed: Vec::new(),
+            cloned: Vec::new(),
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -94,7 +115,11 @@ impl Injector {
     pub fn call(&mut self, name: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         let r = self.raw(nr, args)?;
         if (-4095..0).contains(&r) {
-            return Err(InjectError::Failed { pid: self.pid, name, source: std::io::Error::from_raw_os_error(-r as i32) });
+            return Err(InjectError::Failed {
+                pid: self.pid,
+                name,
+                source: std::io::Error::from_raw_os_error(-r as i32),
+            });
         }
         Ok(r as u64)
     }
@@ -109,14 +134,34 @@ impl Injector {
                     // Signal-delivery stop: keep the signal for later, do not deliver it now.
                     self.suppressed.push(sig);
                 }
+                Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_CLONE => {
+                    self.cloned.push(sys::get_event_msg(pid)? as i32);
+                }
                 Wait::Stopped { event, sig } if event == libc::PTRACE_EVENT_STOP => {
                     let _ = sig; // group-stop or interrupt trap: just go on
                 }
                 Wait::Stopped { sig, event } => {
-                    return Err(InjectError::UnexpectedStop { pid, nr, sig, event });
+                    return Err(InjectError::UnexpectedStop {
+                        pid,
+                        nr,
+                        sig,
+                        event,
+                    });
                 }
-                Wait::Exited(c) => return Err(InjectError::Died { pid, nr, what: format!("exited with {c}") }),
-                Wait::Signaled(s) => return Err(InjectError::Died { pid, nr, what: format!("was killed by signal {s}") }),
+                Wait::Exited(c) => {
+                    return Err(InjectError::Died {
+                        pid,
+                        nr,
+                        what: format!("exited with {c}"),
+                    })
+                }
+                Wait::Signaled(s) => {
+                    return Err(InjectError::Died {
+                        pid,
+                        nr,
+                        what: format!("was killed by signal {s}"),
+                    })
+                }
             }
         }
     }
@@ -125,7 +170,12 @@ impl Injector {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
         self.mem
             .write_all_at(data, addr)
-            .map_err(|source| InjectError::Mem { pid: self.pid, addr, len: data.len(), source })
+            .map_err(|source| InjectError::Mem {
+                pid: self.pid,
+                addr,
+                len: data.len(),
+                source,
+            })
     }
 
     /// Read bytes from the tracee.
@@ -133,7 +183,12 @@ impl Injector {
         let mut buf = vec![0u8; len];
         self.mem
             .read_exact_at(&mut buf, addr)
-            .map_err(|source| InjectError::Mem { pid: self.pid, addr, len, source })?;
+            .map_err(|source| InjectError::Mem {
+                pid: self.pid,
+                addr,
+                len,
+                source,
+            })?;
         Ok(buf)
     }
 

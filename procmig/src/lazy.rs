@@ -32,7 +32,12 @@ pub enum LazyError {
         source: std::io::Error,
     },
     #[error("pid {pid}: userfaultfd {op} at {addr:#x} failed: errno {errno}")]
-    Uffd { pid: i32, op: &'static str, addr: u64, errno: i32 },
+    Uffd {
+        pid: i32,
+        op: &'static str,
+        addr: u64,
+        errno: i32,
+    },
     #[error("pid {pid}: cannot read userfaultfd: {source}")]
     Read {
         pid: i32,
@@ -72,7 +77,10 @@ impl LazyPager {
         match self.handle.map(|h| h.join()) {
             None => Ok(LazyStats::default()),
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err(LazyError::Read { pid: 0, source: std::io::Error::other("pager thread panicked") }),
+            Some(Err(_)) => Err(LazyError::Read {
+                pid: 0,
+                source: std::io::Error::other("pager thread panicked"),
+            }),
         }
     }
 }
@@ -91,13 +99,31 @@ pub(crate) fn start(
     let push_after = std::time::Instant::now() + push_delay;
     let handle = std::thread::Builder::new()
         .name(format!("wisp-pager-{pid}"))
-        .spawn(move || Pager { pid, uffd, pages, path, pending, stats: LazyStats::default(), push_after }.run())
+        .spawn(move || {
+            Pager {
+                pid,
+                uffd,
+                pages,
+                path,
+                pending,
+                stats: LazyStats::default(),
+                push_after,
+            }
+            .run()
+        })
         .map_err(|e| e.to_string());
     match handle {
-        Ok(handle) => LazyPager { handle: Some(handle) },
+        Ok(handle) => LazyPager {
+            handle: Some(handle),
+        },
         // Could not spawn: report through a thread that returns the error at once.
         Err(e) => LazyPager {
-            handle: Some(std::thread::spawn(move || Err(LazyError::Read { pid, source: std::io::Error::other(e) }))),
+            handle: Some(std::thread::spawn(move || {
+                Err(LazyError::Read {
+                    pid,
+                    source: std::io::Error::other(e),
+                })
+            })),
         },
     }
 }
@@ -115,6 +141,19 @@ struct Pager {
 enum Step {
     Go,
     Gone,
+}
+
+impl Drop for Pager {
+    /// Unregister explicitly instead of relying on the last close of the userfaultfd: a
+    /// fork elsewhere in this process may briefly hold a copy of the descriptor, and a
+    /// fault on a still-registered range would then wait for a reader that is gone.
+    fn drop(&mut self) {
+        if let Ok(maps) = crate::procfs::smaps(self.pid) {
+            for m in maps.iter().filter(|m| m.has_flag("um")) {
+                sys::uffd_unregister(self.uffd.as_raw_fd(), m.start, m.end - m.start);
+            }
+        }
+    }
 }
 
 impl Pager {
@@ -135,19 +174,23 @@ impl Pager {
                 }
                 continue;
             }
-            let Some((&start, &off)) = self.pending.iter().next() else { break };
+            let Some((&start, &off)) = self.pending.iter().next() else {
+                break;
+            };
             // A run of pages contiguous in memory and in the file, at most 64 pages.
             let mut n = 1u64;
             while n < 64 && self.pending.get(&(start + n * PAGE)) == Some(&(off + n * PAGE)) {
                 n += 1;
             }
             let data = &mut buf[..(n * PAGE) as usize];
-            self.pages.read_exact_at(data, off).map_err(|source| LazyError::Pages {
-                pid: self.pid,
-                addr: start,
-                path: self.path.clone(),
-                source,
-            })?;
+            self.pages
+                .read_exact_at(data, off)
+                .map_err(|source| LazyError::Pages {
+                    pid: self.pid,
+                    addr: start,
+                    path: self.path.clone(),
+                    source,
+                })?;
             match sys::uffd_copy(self.uffd.as_raw_fd(), start, data) {
                 Ok(_) => {
                     for k in 0..n {
@@ -173,7 +216,14 @@ impl Pager {
                     // No registered VMA there any more (unmapped and not yet reported).
                     self.pending.remove(&start);
                 }
-                Err((errno, _)) => return Err(LazyError::Uffd { pid: self.pid, op: "copy", addr: start, errno }),
+                Err((errno, _)) => {
+                    return Err(LazyError::Uffd {
+                        pid: self.pid,
+                        op: "copy",
+                        addr: start,
+                        errno,
+                    })
+                }
             }
         }
         Ok(self.stats)
@@ -196,7 +246,12 @@ impl Pager {
                 Ok(n) if n == uffd::MSG_LEN => {}
                 Ok(_) => return Ok(Step::Gone),
                 Err(nix::errno::Errno::EAGAIN) => return Ok(Step::Go),
-                Err(e) => return Err(LazyError::Read { pid: self.pid, source: e.into() }),
+                Err(e) => {
+                    return Err(LazyError::Read {
+                        pid: self.pid,
+                        source: e.into(),
+                    })
+                }
             }
             let u = |o: usize| {
                 let mut a = [0u8; 8];
@@ -213,7 +268,11 @@ impl Pager {
                 }
                 uffd::EVENT_REMAP => {
                     let (from, to, len) = (u(8), u(16), u(24));
-                    let moved: Vec<(u64, u64)> = self.pending.range(from..from + len).map(|(a, o)| (*a, *o)).collect();
+                    let moved: Vec<(u64, u64)> = self
+                        .pending
+                        .range(from..from + len)
+                        .map(|(a, o)| (*a, *o))
+                        .collect();
                     for (a, o) in moved {
                         self.pending.remove(&a);
                         self.pending.insert(to + (a - from), o);
@@ -236,13 +295,17 @@ impl Pager {
         let fd = self.uffd.as_raw_fd();
         let r = if let Some(off) = self.pending.remove(&addr) {
             let mut page = vec![0u8; PAGE as usize];
-            self.pages.read_exact_at(&mut page, off).map_err(|source| LazyError::Pages {
-                pid: self.pid,
-                addr,
-                path: self.path.clone(),
-                source,
-            })?;
-            sys::uffd_copy(fd, addr, &page).map(|_| ()).map_err(|(e, _)| e)
+            self.pages
+                .read_exact_at(&mut page, off)
+                .map_err(|source| LazyError::Pages {
+                    pid: self.pid,
+                    addr,
+                    path: self.path.clone(),
+                    source,
+                })?;
+            sys::uffd_copy(fd, addr, &page)
+                .map(|_| ())
+                .map_err(|(e, _)| e)
         } else {
             sys::uffd_zeropage(fd, addr, PAGE)
         };
@@ -253,7 +316,12 @@ impl Pager {
                 Ok(Step::Go)
             }
             Err(_) if !self.alive() => Ok(Step::Gone),
-            Err(errno) => Err(LazyError::Uffd { pid: self.pid, op: "fault answer", addr, errno }),
+            Err(errno) => Err(LazyError::Uffd {
+                pid: self.pid,
+                op: "fault answer",
+                addr,
+                errno,
+            }),
         }
     }
 }

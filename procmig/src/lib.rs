@@ -1,12 +1,13 @@
-//! wisp-procmig: live migration of a single-threaded Linux process through files, with
-//! no kernel patch and no CRIU. The source is frozen over ptrace, its state and pages go to
+//! wisp-procmig: live migration of a Linux process (one process, any number of threads)
+//! through files, with no kernel patch and no CRIU. The source is frozen over ptrace, its state and pages go to
 //! an image directory (metadata + swap file, format in [`image`]), and the target rebuilds
 //! the process by injecting system calls into a fresh child ([`restore()`]).
 //!
 //! # Flow
 //! 1. [`run_sandboxed`] starts a job as pid 2 of its own pid + uts namespace, so its pid
 //!    can be recreated anywhere.
-//! 2. [`dump()`] (or [`PreCopy`] for iterative pre-copy with soft-dirty tracking) writes
+//! 2. [`dump()`] (or [`PreCopy`] for iterative pre-copy, tracking writes with soft-dirty
+//!    bits or, on kernels without them, a uffd-wp async userfaultfd + PAGEMAP_SCAN) writes
 //!    `image.meta` + `pages.img` into a directory (on the cluster: `/wisp/.swap/<job>/`)
 //!    and returns the source still frozen in a [`Frozen`].
 //! 3. [`restore_with`] / [`restore_lazy`] recreate the process from the directory (same pid
@@ -30,7 +31,9 @@
 //!   [`restore_lazy`], [`run_sandboxed`], and the `wisp-procmig` binary (thin CLI).
 //!
 //! # Limits (checked, with a clear `unsupported` error)
-//! Single-threaded processes without children; descriptors must be regular files or
+//! One process without children (threads are fine; a threaded process is restored only
+//! into a new pid namespace, so that every thread keeps its tid); descriptors must be
+//! regular files or
 //! directories, /dev/{null,zero,random,urandom,full}, or pipes (reconnected from
 //! descriptors the caller passes, or on the same host from the frozen source); no sockets,
 //! ttys, eventfd/epoll/signalfd/inotify, memfd or deleted files; the target must run the
@@ -53,5 +56,7 @@ pub mod sys;
 pub use dump::{dump, kill_stopped, resume_stopped, DumpError, DumpInfo, Frozen, PreCopy};
 pub use image::{ImageError, ImageMeta};
 pub use lazy::{LazyError, LazyPager, LazyStats};
-pub use restore::{restore, restore_lazy, restore_with, PidMode, RestoreError, RestoreOptions, Restored};
+pub use restore::{
+    restore, restore_lazy, restore_with, PidMode, RestoreError, RestoreOptions, Restored,
+};
 pub use sandbox::{run_sandboxed, Sandbox, SandboxError};

@@ -67,7 +67,10 @@ impl MapEntry {
 }
 
 fn parse_err(p: PathBuf, detail: impl Into<String>) -> ProcError {
-    ProcError::Parse { path: p, detail: detail.into() }
+    ProcError::Parse {
+        path: p,
+        detail: detail.into(),
+    }
 }
 
 /// Parse one maps line.
@@ -102,7 +105,10 @@ pub fn parse_maps_line(p: &std::path::Path, line: &str) -> Result<MapEntry> {
 /// /proc/pid/smaps: every mapping with its VmFlags.
 pub fn smaps(pid: i32) -> Result<Vec<MapEntry>> {
     let p = path(pid, "smaps");
-    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io {
+        path: p.clone(),
+        source,
+    })?;
     let mut out: Vec<MapEntry> = Vec::new();
     for line in text.lines() {
         let first = line.split(' ').next().unwrap_or("");
@@ -120,17 +126,28 @@ pub fn smaps(pid: i32) -> Result<Vec<MapEntry>> {
 /// /proc/pid/maps (no flags), for callers that only need the ranges.
 pub fn maps(pid: i32) -> Result<Vec<MapEntry>> {
     let p = path(pid, "maps");
-    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io {
+        path: p.clone(),
+        source,
+    })?;
     text.lines().map(|l| parse_maps_line(&p, l)).collect()
 }
 
 /// Fields of /proc/pid/stat after the comm, numbered as in proc(5) (field 3 = state).
 pub fn stat_fields(pid: i32) -> Result<Vec<String>> {
     let p = path(pid, "stat");
-    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io { path: p.clone(), source })?;
-    let close = text.rfind(')').ok_or_else(|| parse_err(p.clone(), "no ')' after comm"))?;
+    let text = std::fs::read_to_string(&p).map_err(|source| ProcError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let close = text
+        .rfind(')')
+        .ok_or_else(|| parse_err(p.clone(), "no ')' after comm"))?;
     // fields[0] is proc(5) field 3.
-    Ok(text[close + 1..].split_whitespace().map(str::to_string).collect())
+    Ok(text[close + 1..]
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
 }
 
 /// proc(5) field number `n` (1-based) of /proc/pid/stat as u64.
@@ -138,8 +155,12 @@ pub fn stat_field(pid: i32, fields: &[String], n: usize) -> Result<u64> {
     let s = fields
         .get(n - 3)
         .ok_or_else(|| parse_err(path(pid, "stat"), format!("field {n} missing")))?;
-    s.parse()
-        .map_err(|_| parse_err(path(pid, "stat"), format!("field {n} is not a number: {s:?}")))
+    s.parse().map_err(|_| {
+        parse_err(
+            path(pid, "stat"),
+            format!("field {n} is not a number: {s:?}"),
+        )
+    })
 }
 
 /// /proc/pid/status as (key, value) pairs.
@@ -162,13 +183,18 @@ pub fn status_get<'a>(pid: i32, st: &'a [(String, String)], key: &str) -> Result
 
 /// Parse a hex signal set as printed in status.
 pub fn hex_u64(pid: i32, key: &str, v: &str) -> Result<u64> {
-    u64::from_str_radix(v, 16).map_err(|_| parse_err(path(pid, "status"), format!("{key} is not hex: {v:?}")))
+    u64::from_str_radix(v, 16)
+        .map_err(|_| parse_err(path(pid, "status"), format!("{key} is not hex: {v:?}")))
 }
 
 /// Parse whitespace-separated numbers.
 pub fn nums<T: std::str::FromStr>(pid: i32, key: &str, v: &str) -> Result<Vec<T>> {
     v.split_whitespace()
-        .map(|x| x.parse::<T>().map_err(|_| parse_err(path(pid, "status"), format!("{key} has a bad number {x:?}"))))
+        .map(|x| {
+            x.parse::<T>().map_err(|_| {
+                parse_err(path(pid, "status"), format!("{key} has a bad number {x:?}"))
+            })
+        })
         .collect()
 }
 
@@ -193,9 +219,15 @@ pub fn read_pagemap(pid: i32, f: &File, start: u64, end: u64, out: &mut Vec<u64>
     while done < buf.len() {
         let r = f
             .read_at(&mut buf[done..], (start / 4096) * 8 + done as u64)
-            .map_err(|source| ProcError::Io { path: path(pid, "pagemap"), source })?;
+            .map_err(|source| ProcError::Io {
+                path: path(pid, "pagemap"),
+                source,
+            })?;
         if r == 0 {
-            return Err(parse_err(path(pid, "pagemap"), format!("short read at {start:#x}")));
+            return Err(parse_err(
+                path(pid, "pagemap"),
+                format!("short read at {start:#x}"),
+            ));
         }
         done += r;
     }
@@ -221,9 +253,13 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
     let mut info = FdInfo::default();
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("pos:") {
-            info.pos = v.trim().parse().map_err(|_| parse_err(path(pid, &rel), "bad pos"))?;
+            info.pos = v
+                .trim()
+                .parse()
+                .map_err(|_| parse_err(path(pid, &rel), "bad pos"))?;
         } else if let Some(v) = line.strip_prefix("flags:") {
-            info.flags = u32::from_str_radix(v.trim(), 8).map_err(|_| parse_err(path(pid, &rel), "bad flags"))?;
+            info.flags = u32::from_str_radix(v.trim(), 8)
+                .map_err(|_| parse_err(path(pid, &rel), "bad flags"))?;
         }
     }
     Ok(info)
@@ -232,10 +268,16 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
 /// Open fds of a process, sorted.
 pub fn fds(pid: i32) -> Result<Vec<i32>> {
     let p = path(pid, "fd");
-    let rd = std::fs::read_dir(&p).map_err(|source| ProcError::Io { path: p.clone(), source })?;
+    let rd = std::fs::read_dir(&p).map_err(|source| ProcError::Io {
+        path: p.clone(),
+        source,
+    })?;
     let mut v = Vec::new();
     for e in rd {
-        let e = e.map_err(|source| ProcError::Io { path: p.clone(), source })?;
+        let e = e.map_err(|source| ProcError::Io {
+            path: p.clone(),
+            source,
+        })?;
         if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
             v.push(n);
         }
@@ -247,7 +289,10 @@ pub fn fds(pid: i32) -> Result<Vec<i32>> {
 /// Thread ids of a process.
 pub fn threads(pid: i32) -> Result<Vec<i32>> {
     let p = path(pid, "task");
-    let rd = std::fs::read_dir(&p).map_err(|source| ProcError::Io { path: p.clone(), source })?;
+    let rd = std::fs::read_dir(&p).map_err(|source| ProcError::Io {
+        path: p.clone(),
+        source,
+    })?;
     let mut v = Vec::new();
     for e in rd.flatten() {
         if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
@@ -260,10 +305,16 @@ pub fn threads(pid: i32) -> Result<Vec<i32>> {
 /// Pids whose parent is `ppid` (scan of /proc, no CONFIG_PROC_CHILDREN needed).
 pub fn children_of(ppid: i32) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(fields) = stat_fields(pid) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(fields) = stat_fields(pid) else {
+            continue;
+        };
         if fields.get(1).and_then(|s| s.parse::<i32>().ok()) == Some(ppid) {
             out.push(pid);
         }

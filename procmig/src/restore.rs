@@ -5,8 +5,10 @@
 //! vdso/vvar pages, move those to their old addresses, map every VMA at its exact address
 //! (files MAP_PRIVATE/MAP_SHARED at their offset), write the stored pages over them
 //! through `/proc/<pid>/mem`, then mm fields (PR_SET_MM_MAP), signal state, descriptors, cwd,
-//! umask, timers, rlimits, creds, rseq/robust list/tid address, registers and xstate, and
-//! detach. On any failure the half-built process is killed; the source is never touched.
+//! umask, timers, rlimits, threads (injected clone3 with CLONE_THREAD and set_tid, each
+//! then given its own mask, altstack, robust list, tid address, rseq and name), creds in
+//! every thread, rseq/robust list/tid address, registers and xstate, and detach. On any
+//! failure the half-built process is killed; the source is never touched.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,8 +20,8 @@ use sha2::Digest;
 
 use crate::image::{self, FdKind, ImageError, ImageMeta, VmaKind, PAGE};
 use crate::inject::{InjectError, Injector};
-use crate::procfs::{self, ProcError};
 use crate::lazy::LazyPager;
+use crate::procfs::{self, ProcError};
 use crate::sys::{self, uffd, SysError, Wait};
 
 /// Errors of a restore.
@@ -44,7 +46,12 @@ pub enum RestoreError {
     #[error("no free address range for the restore trampoline")]
     NoTrampolineSpace,
     #[error("restored process {pid}: injected {step} returned {got:#x}, expected {want:#x}")]
-    Mismatch { pid: i32, step: String, got: u64, want: u64 },
+    Mismatch {
+        pid: i32,
+        step: String,
+        got: u64,
+        want: u64,
+    },
     #[error("cannot read pages file {path}: {source}")]
     Pages {
         path: PathBuf,
@@ -114,12 +121,21 @@ const TRAMP_LEN: u64 = 16 * PAGE; // code page + 15 scratch pages
 const SCRATCH_OFF: u64 = PAGE;
 
 fn fid_ok(path: &str, want: &Option<image::FileId>) -> Result<()> {
-    let m = std::fs::metadata(path).map_err(|e| RestoreError::File { path: path.into(), what: format!("cannot stat: {e}") })?;
+    let m = std::fs::metadata(path).map_err(|e| RestoreError::File {
+        path: path.into(),
+        what: format!("cannot stat: {e}"),
+    })?;
     if let Some(w) = want {
         if m.size() != w.size || m.mtime() != w.mtime_sec || m.mtime_nsec() != w.mtime_nsec {
             return Err(RestoreError::File {
                 path: path.into(),
-                what: format!("differs from the dumped file (size {} vs {}, mtime {} vs {})", m.size(), w.size, m.mtime(), w.mtime_sec),
+                what: format!(
+                    "differs from the dumped file (size {} vs {}, mtime {} vs {})",
+                    m.size(),
+                    w.size,
+                    m.mtime(),
+                    w.mtime_sec
+                ),
             });
         }
     }
@@ -131,10 +147,17 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     restore_impl(dir, opts, false).map(|r| r.0)
 }
 
-fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restored, Option<LazyPager>)> {
+fn restore_impl(
+    dir: &Path,
+    opts: &RestoreOptions,
+    lazy: bool,
+) -> Result<(Restored, Option<LazyPager>)> {
     let meta = image::load(dir)?;
     let pages_path = dir.join(image::PAGES_FILE);
-    let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages { path: pages_path.clone(), source })?;
+    let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages {
+        path: pages_path.clone(),
+        source,
+    })?;
 
     // ---- preflight: everything that can fail without creating anything -----------------
     for v in &meta.vmas {
@@ -147,30 +170,55 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     let own_vdso = own_maps
         .iter()
         .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| RestoreError::Vdso { what: "this process has no [vdso]".into() })?;
+        .ok_or_else(|| RestoreError::Vdso {
+            what: "this process has no [vdso]".into(),
+        })?;
     let mut vb = vec![0u8; (own_vdso.end - own_vdso.start) as usize];
     File::open("/proc/self/mem")
         .and_then(|f| f.read_exact_at(&mut vb, own_vdso.start))
-        .map_err(|e| RestoreError::Vdso { what: format!("cannot read own vdso: {e}") })?;
+        .map_err(|e| RestoreError::Vdso {
+            what: format!("cannot read own vdso: {e}"),
+        })?;
     if sha2::Sha256::digest(&vb).as_slice() != meta.vdso_sha256.as_slice() {
-        return Err(RestoreError::Vdso { what: "vdso contents differ (different kernel build)".into() });
+        return Err(RestoreError::Vdso {
+            what: "vdso contents differ (different kernel build)".into(),
+        });
     }
-    let own_specials: Vec<_> = own_maps.iter().filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar")).cloned().collect();
+    let own_specials: Vec<_> = own_maps
+        .iter()
+        .filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar"))
+        .cloned()
+        .collect();
     for s in &own_specials {
         let img = meta.vmas.iter().find(|v| v.name == s.name);
         match img {
             Some(v) if v.end - v.start == s.end - s.start => {}
-            _ => return Err(RestoreError::Vdso { what: format!("{} has a different size or is missing in the image", s.name) }),
+            _ => {
+                return Err(RestoreError::Vdso {
+                    what: format!("{} has a different size or is missing in the image", s.name),
+                })
+            }
         }
     }
-    if meta.vmas.iter().filter(|v| v.kind == VmaKind::Special).count() != own_specials.len() {
-        return Err(RestoreError::Vdso { what: "different set of vdso/vvar mappings".into() });
+    if meta
+        .vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::Special)
+        .count()
+        != own_specials.len()
+    {
+        return Err(RestoreError::Vdso {
+            what: "different set of vdso/vvar mappings".into(),
+        });
     }
     // Pipe ends: inherited or reopened from the frozen source.
     let mut pass: Vec<(i32, OwnedFd)> = Vec::new();
     for f in &meta.fds {
         if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
-            let fd = sys::dup_owned(*raw).map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot dup inherited fd {raw}: {e}") })?;
+            let fd = sys::dup_owned(*raw).map_err(|e| RestoreError::Fd {
+                fd: f.fd,
+                what: format!("cannot dup inherited fd {raw}: {e}"),
+            })?;
             pass.push((f.fd, fd));
             continue;
         }
@@ -184,18 +232,27 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
                     .open(&src)
                     .map_err(|e| RestoreError::Fd {
                         fd: f.fd,
-                        what: format!("pipe {} is not inherited and cannot be reopened from {src}: {e}", f.path),
+                        what: format!(
+                            "pipe {} is not inherited and cannot be reopened from {src}: {e}",
+                            f.path
+                        ),
                     })?;
                 let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
                 if (FdKind::Pipe { ino }) != f.kind {
-                    return Err(RestoreError::Fd { fd: f.fd, what: format!("{src} is no longer {}", f.path) });
+                    return Err(RestoreError::Fd {
+                        fd: f.fd,
+                        what: format!("{src} is no longer {}", f.path),
+                    });
                 }
                 pass.push((f.fd, OwnedFd::from(file)));
             }
             FdKind::Regular => fid_ok(&f.path, &f.file)?,
             FdKind::CharDev => {
                 if !Path::new(&f.path).exists() {
-                    return Err(RestoreError::Fd { fd: f.fd, what: format!("{} does not exist here", f.path) });
+                    return Err(RestoreError::Fd {
+                        fd: f.fd,
+                        what: format!("{} does not exist here", f.path),
+                    });
                 }
             }
         }
@@ -204,7 +261,9 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     // ---- trampoline address: free in the image and in our own (= the child's) layout ----
     let mut busy: Vec<(u64, u64)> = meta.vmas.iter().map(|v| (v.start, v.end)).collect();
     busy.extend(own_maps.iter().map(|m| (m.start, m.end)));
-    let tramp = find_gap(&busy, TRAMP_LEN + 2 * PAGE, 0x1000_0000).ok_or(RestoreError::NoTrampolineSpace)? + PAGE;
+    let tramp = find_gap(&busy, TRAMP_LEN + 2 * PAGE, 0x1000_0000)
+        .ok_or(RestoreError::NoTrampolineSpace)?
+        + PAGE;
 
     let mode = match opts.pid_mode {
         PidMode::Auto if meta.ns_pids.len() > 1 => PidMode::NewNamespace,
@@ -213,6 +272,16 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     };
     let want_ns_pid = *meta.ns_pids.last().unwrap_or(&meta.pid);
 
+    if !meta.threads.is_empty() && mode != PidMode::NewNamespace {
+        // glibc caches every thread's tid (struct pthread::tid): threads must keep theirs.
+        return Err(RestoreError::Pid {
+            pid: meta.pid,
+            what: format!(
+                "{} threads can only be restored into a new pid namespace (their tids must not change)",
+                meta.threads.len() + 1
+            ),
+        });
+    }
     let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
     let cleanup = |e: RestoreError| -> RestoreError {
         let _ = sys::kill(pid, libc::SIGKILL);
@@ -226,18 +295,37 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     };
     let mut warnings = Vec::new();
     let r = (|| -> Result<Option<LazyPager>> {
-        sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL)?;
+        sys::seize(
+            pid,
+            libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE,
+        )?;
         sys::interrupt(pid)?;
         loop {
             match sys::wait(pid)? {
                 Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => break,
                 Wait::Stopped { .. } => sys::cont(pid, 0)?,
-                other => return Err(RestoreError::Helper { pid, what: format!("restore child ended early: {other:?}") }),
+                other => {
+                    return Err(RestoreError::Helper {
+                        pid,
+                        what: format!("restore child ended early: {other:?}"),
+                    })
+                }
             }
         }
         let base = sys::get_regs(pid)?;
         let mut inj = Injector::new(pid, tramp, base)?;
-        build(&mut inj, &meta, &pages, &pages_path, tramp, &pass, &mut warnings, lazy, opts.lazy_push_delay)
+        build(
+            &mut inj,
+            &meta,
+            &pages,
+            &pages_path,
+            tramp,
+            &pass,
+            &mut warnings,
+            lazy,
+            opts.lazy_push_delay,
+            mode != PidMode::NewNamespace,
+        )
     })();
     let pager = match r {
         Ok(p) => p,
@@ -245,7 +333,12 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     };
     drop(pass);
     Ok((
-        Restored { pid, ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid), init_pid, warnings },
+        Restored {
+            pid,
+            ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid),
+            init_pid,
+            warnings,
+        },
         pager,
     ))
 }
@@ -269,7 +362,10 @@ fn find_gap(busy: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
 
 /// Create the child that waits in the trampoline. Returns (pid, init pid).
 fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32, Option<i32>)> {
-    let (rd, wr) = nix::unistd::pipe().map_err(|e| RestoreError::Helper { pid: ns_pid, what: format!("pipe: {e}") })?;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| RestoreError::Helper {
+        pid: ns_pid,
+        what: format!("pipe: {e}"),
+    })?;
     let wr_raw = wr.as_raw_fd();
     let host = hostname.as_bytes().to_vec();
     let rseq = sys::glibc_rseq();
@@ -279,7 +375,9 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
             // Child: pid 1 of the new namespace. Only async-signal-safe calls from here.
             sys::child_sethostname(&host);
             match sys::fork_with_tid(ns_pid) {
-                Ok(0) => sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw),
+                Ok(0) => {
+                    sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw)
+                }
                 Ok(t) => {
                     sys::child_become_reaper(t, rseq);
                 }
@@ -296,14 +394,21 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
             let _ = sys::wait(init);
             return Err(RestoreError::Pid {
                 pid: ns_pid,
-                what: if st == 2 { "clone3 with set_tid failed in the new pid namespace".into() } else { "trampoline mapping failed".into() },
+                what: if st == 2 {
+                    "clone3 with set_tid failed in the new pid namespace".into()
+                } else {
+                    "trampoline mapping failed".into()
+                },
             });
         }
         let kids = procfs::children_of(init);
         if kids.len() != 1 {
             let _ = sys::kill(init, libc::SIGKILL);
             let _ = sys::wait(init);
-            return Err(RestoreError::Helper { pid: init, what: format!("expected one child of the namespace init, found {kids:?}") });
+            return Err(RestoreError::Helper {
+                pid: init,
+                what: format!("expected one child of the namespace init, found {kids:?}"),
+            });
         }
         (kids[0], Some(init))
     } else {
@@ -315,7 +420,10 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
         let st = read_sync(&rd, t)?;
         if st != 0 {
             let _ = sys::wait(t);
-            return Err(RestoreError::Helper { pid: t, what: "trampoline mapping failed".into() });
+            return Err(RestoreError::Helper {
+                pid: t,
+                what: "trampoline mapping failed".into(),
+            });
         }
         (t, None)
     };
@@ -327,9 +435,19 @@ fn read_sync(rd: &OwnedFd, pid: i32) -> Result<u8> {
     loop {
         match nix::unistd::read(rd.as_raw_fd(), &mut b) {
             Ok(1) => return Ok(b[0]),
-            Ok(_) => return Err(RestoreError::Helper { pid, what: "child exited before reporting".into() }),
+            Ok(_) => {
+                return Err(RestoreError::Helper {
+                    pid,
+                    what: "child exited before reporting".into(),
+                })
+            }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(RestoreError::Helper { pid, what: format!("sync read: {e}") }),
+            Err(e) => {
+                return Err(RestoreError::Helper {
+                    pid,
+                    what: format!("sync read: {e}"),
+                })
+            }
         }
     }
 }
@@ -343,7 +461,10 @@ impl Scratch {
     /// Place `data` at the start of scratch + `off`; returns the address.
     fn put(&self, inj: &Injector, off: u64, data: &[u8]) -> Result<u64> {
         if off + data.len() as u64 > self.len {
-            return Err(RestoreError::Helper { pid: inj.pid(), what: format!("scratch overflow ({} bytes)", data.len()) });
+            return Err(RestoreError::Helper {
+                pid: inj.pid(),
+                what: format!("scratch overflow ({} bytes)", data.len()),
+            });
         }
         inj.write(self.base + off, data)?;
         Ok(self.base + off)
@@ -357,10 +478,35 @@ impl Scratch {
 }
 
 #[allow(clippy::too_many_arguments)] // mirrors mmap(2) plus a label for errors
-fn mmap_at(inj: &mut Injector, what: &str, start: u64, len: u64, prot: u32, flags: i32, fd: u64, off: u64) -> Result<()> {
-    let got = inj.call("mmap", libc::SYS_mmap, [start, len, prot as u64, (flags | libc::MAP_FIXED) as u64, fd, off])?;
+fn mmap_at(
+    inj: &mut Injector,
+    what: &str,
+    start: u64,
+    len: u64,
+    prot: u32,
+    flags: i32,
+    fd: u64,
+    off: u64,
+) -> Result<()> {
+    let got = inj.call(
+        "mmap",
+        libc::SYS_mmap,
+        [
+            start,
+            len,
+            prot as u64,
+            (flags | libc::MAP_FIXED) as u64,
+            fd,
+            off,
+        ],
+    )?;
     if got != start {
-        return Err(RestoreError::Mismatch { pid: inj.pid(), step: format!("mmap of {what}"), got, want: start });
+        return Err(RestoreError::Mismatch {
+            pid: inj.pid(),
+            step: format!("mmap of {what}"),
+            got,
+            want: start,
+        });
     }
     Ok(())
 }
@@ -376,23 +522,49 @@ fn build(
     warnings: &mut Vec<String>,
     lazy: bool,
     push_delay: std::time::Duration,
+    new_pid: bool,
 ) -> Result<Option<LazyPager>> {
     let pid = inj.pid();
-    let sc = Scratch { base: tramp + SCRATCH_OFF, len: TRAMP_LEN - SCRATCH_OFF };
+    let sc = Scratch {
+        base: tramp + SCRATCH_OFF,
+        len: TRAMP_LEN - SCRATCH_OFF,
+    };
     let nr = |n: libc::c_long| -> i64 { n };
 
     // 1. Drop the rseq registration inherited from the restorer (it points into memory
     //    that is about to disappear).
     let cfg = sys::get_rseq(pid)?;
     if cfg.abi_size > 0 {
-        inj.call("rseq(unregister)", nr(libc::SYS_rseq), [cfg.abi_pointer, cfg.abi_size as u64, 1, cfg.signature as u64, 0, 0])?;
+        inj.call(
+            "rseq(unregister)",
+            nr(libc::SYS_rseq),
+            [
+                cfg.abi_pointer,
+                cfg.abi_size as u64,
+                1,
+                cfg.signature as u64,
+                0,
+                0,
+            ],
+        )?;
     }
 
     // 2. Descriptors: keep only the pipe ends we pass, parked above every wanted number.
-    let hi = meta.fds.iter().map(|f| f.fd).chain(pass.iter().map(|(_, o)| o.as_raw_fd())).max().unwrap_or(0) as u64 + 1;
+    let hi = meta
+        .fds
+        .iter()
+        .map(|f| f.fd)
+        .chain(pass.iter().map(|(_, o)| o.as_raw_fd()))
+        .max()
+        .unwrap_or(0) as u64
+        + 1;
     let mut parked: BTreeMap<i32, u64> = BTreeMap::new();
     for (want, o) in pass {
-        let t = inj.call("fcntl(F_DUPFD)", nr(libc::SYS_fcntl), [o.as_raw_fd() as u64, libc::F_DUPFD as u64, hi, 0, 0, 0])?;
+        let t = inj.call(
+            "fcntl(F_DUPFD)",
+            nr(libc::SYS_fcntl),
+            [o.as_raw_fd() as u64, libc::F_DUPFD as u64, hi, 0, 0, 0],
+        )?;
         parked.insert(*want, t);
     }
     for fd in procfs::fds(pid)? {
@@ -408,10 +580,18 @@ fn build(
         if special || (m.start >= tramp && m.end <= tramp + TRAMP_LEN) {
             continue;
         }
-        inj.call("munmap", nr(libc::SYS_munmap), [m.start, m.end - m.start, 0, 0, 0, 0])?;
+        inj.call(
+            "munmap",
+            nr(libc::SYS_munmap),
+            [m.start, m.end - m.start, 0, 0, 0, 0],
+        )?;
     }
     // Move vdso/vvar to their old addresses, through a free parking area.
-    let specials: Vec<_> = cur.iter().filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar")).cloned().collect();
+    let specials: Vec<_> = cur
+        .iter()
+        .filter(|m| m.name == "[vdso]" || m.name.starts_with("[vvar"))
+        .cloned()
+        .collect();
     let total: u64 = specials.iter().map(|m| m.end - m.start).sum();
     let mut busy: Vec<(u64, u64)> = meta.vmas.iter().map(|v| (v.start, v.end)).collect();
     busy.extend(specials.iter().map(|m| (m.start, m.end)));
@@ -421,18 +601,56 @@ fn build(
     let mut parked_specials = Vec::new();
     for m in &specials {
         let len = m.end - m.start;
-        let got = inj.call("mremap(park)", nr(libc::SYS_mremap), [m.start, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at, 0])?;
+        let got = inj.call(
+            "mremap(park)",
+            nr(libc::SYS_mremap),
+            [
+                m.start,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                at,
+                0,
+            ],
+        )?;
         if got != at {
-            return Err(RestoreError::Mismatch { pid, step: format!("mremap of {}", m.name), got, want: at });
+            return Err(RestoreError::Mismatch {
+                pid,
+                step: format!("mremap of {}", m.name),
+                got,
+                want: at,
+            });
         }
         parked_specials.push((m.name.clone(), at, len));
         at += len;
     }
     for (name, from, len) in parked_specials {
-        let v = meta.vmas.iter().find(|v| v.name == name).ok_or_else(|| RestoreError::Vdso { what: format!("{name} missing in image") })?;
-        let got = inj.call("mremap", nr(libc::SYS_mremap), [from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, v.start, 0])?;
+        let v = meta
+            .vmas
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| RestoreError::Vdso {
+                what: format!("{name} missing in image"),
+            })?;
+        let got = inj.call(
+            "mremap",
+            nr(libc::SYS_mremap),
+            [
+                from,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                v.start,
+                0,
+            ],
+        )?;
         if got != v.start {
-            return Err(RestoreError::Mismatch { pid, step: format!("mremap of {name}"), got, want: v.start });
+            return Err(RestoreError::Mismatch {
+                pid,
+                step: format!("mremap of {name}"),
+                got,
+                want: v.start,
+            });
         }
     }
 
@@ -445,19 +663,65 @@ fn build(
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
                 }
-                mmap_at(inj, &format!("anonymous {:#x}", v.start), v.start, len, v.prot, fl, u64::MAX, 0)?;
+                if false && v.noreserve {
+                    fl |= libc::MAP_NORESERVE;
+                }
+                mmap_at(
+                    inj,
+                    &format!("anonymous {:#x}", v.start),
+                    v.start,
+                    len,
+                    v.prot,
+                    fl,
+                    u64::MAX,
+                    0,
+                )?;
             }
             VmaKind::AnonShared => {
-                mmap_at(inj, &format!("shared anonymous {:#x}", v.start), v.start, len, v.prot, libc::MAP_SHARED | libc::MAP_ANONYMOUS, u64::MAX, 0)?;
+                mmap_at(
+                    inj,
+                    &format!("shared anonymous {:#x}", v.start),
+                    v.start,
+                    len,
+                    v.prot,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    u64::MAX,
+                    0,
+                )?;
             }
             VmaKind::FilePrivate | VmaKind::FileShared => {
                 let shared = v.kind == VmaKind::FileShared;
-                let oflags = if shared && v.maywrite { libc::O_RDWR } else { libc::O_RDONLY };
+                let oflags = if shared && v.maywrite {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
                 let p = sc.cstr(inj, 0, &v.name)?;
                 let fd = inj
-                    .call("openat(mapping)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, (oflags | libc::O_CLOEXEC) as u64, 0, 0, 0])
-                    .map_err(|e| RestoreError::File { path: v.name.clone(), what: format!("cannot open for mapping: {e}") })?;
-                let fl = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                    .call(
+                        "openat(mapping)",
+                        nr(libc::SYS_openat),
+                        [
+                            libc::AT_FDCWD as u64,
+                            p,
+                            (oflags | libc::O_CLOEXEC) as u64,
+                            0,
+                            0,
+                            0,
+                        ],
+                    )
+                    .map_err(|e| RestoreError::File {
+                        path: v.name.clone(),
+                        what: format!("cannot open for mapping: {e}"),
+                    })?;
+                let mut fl = if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                if v.noreserve {
+                    fl |= libc::MAP_NORESERVE;
+                }
                 let r = mmap_at(inj, &v.name, v.start, len, v.prot, fl, fd, v.offset);
                 inj.call("close", nr(libc::SYS_close), [fd, 0, 0, 0, 0, 0])?;
                 r?;
@@ -468,13 +732,18 @@ fn build(
 
     // 5. Page contents from the swap file (lazy VMAs: only remembered for the pager).
     let is_lazy = |v: &image::Vma| {
-        lazy && v.kind == VmaKind::AnonPrivate && !v.growsdown && v.prot & libc::PROT_WRITE as u32 != 0
+        lazy && v.kind == VmaKind::AnonPrivate
+            && !v.growsdown
+            && v.prot & libc::PROT_WRITE as u32 != 0
     };
     let lazy_vmas: Vec<&image::Vma> = meta.vmas.iter().filter(|v| is_lazy(v)).collect();
     let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
     let mut buf = vec![0u8; 4 << 20];
     for r in &meta.page_runs {
-        if lazy_vmas.iter().any(|v| v.start <= r.vaddr && r.vaddr < v.end) {
+        if lazy_vmas
+            .iter()
+            .any(|v| v.start <= r.vaddr && r.vaddr < v.end)
+        {
             for k in 0..r.npages {
                 pending.insert(r.vaddr + k * PAGE, r.offset + k * PAGE);
             }
@@ -486,50 +755,125 @@ fn build(
             let n = (total - done).min(buf.len() as u64) as usize;
             pages
                 .read_exact_at(&mut buf[..n], r.offset + done)
-                .map_err(|source| RestoreError::Pages { path: pages_path.to_path_buf(), source })?;
+                .map_err(|source| RestoreError::Pages {
+                    path: pages_path.to_path_buf(),
+                    source,
+                })?;
             inj.write(r.vaddr + done, &buf[..n])?;
             done += n as u64;
         }
     }
     let mut pager = None;
     if lazy && !lazy_vmas.is_empty() {
-        let fd_t = inj.call("userfaultfd", nr(libc::SYS_userfaultfd), [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])?;
+        let fd_t = inj.call(
+            "userfaultfd",
+            nr(libc::SYS_userfaultfd),
+            [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+        )?;
         let mut api = Vec::new();
-        let features = uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+        let features =
+            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
         for w in [uffd::API, features, 0] {
             api.extend_from_slice(&w.to_le_bytes());
         }
         let a = sc.put(inj, 0, &api)?;
-        inj.call("ioctl(UFFDIO_API)", nr(libc::SYS_ioctl), [fd_t, uffd::IOC_API, a, 0, 0, 0])?;
+        inj.call(
+            "ioctl(UFFDIO_API)",
+            nr(libc::SYS_ioctl),
+            [fd_t, uffd::IOC_API, a, 0, 0, 0],
+        )?;
         for v in &lazy_vmas {
             let mut reg = Vec::new();
             for w in [v.start, v.end - v.start, uffd::REGISTER_MODE_MISSING, 0] {
                 reg.extend_from_slice(&w.to_le_bytes());
             }
             let a = sc.put(inj, 0, &reg)?;
-            inj.call("ioctl(UFFDIO_REGISTER)", nr(libc::SYS_ioctl), [fd_t, uffd::IOC_REGISTER, a, 0, 0, 0])?;
+            inj.call(
+                "ioctl(UFFDIO_REGISTER)",
+                nr(libc::SYS_ioctl),
+                [fd_t, uffd::IOC_REGISTER, a, 0, 0, 0],
+            )?;
         }
         let owned = sys::steal_fd(pid, fd_t as i32)?;
-        inj.call("close(userfaultfd)", nr(libc::SYS_close), [fd_t, 0, 0, 0, 0, 0])?;
-        let pf = pages.try_clone().map_err(|source| RestoreError::Pages { path: pages_path.to_path_buf(), source })?;
-        pager = Some(crate::lazy::start(pid, owned, pf, pages_path.to_path_buf(), pending, push_delay));
+        inj.call(
+            "close(userfaultfd)",
+            nr(libc::SYS_close),
+            [fd_t, 0, 0, 0, 0, 0],
+        )?;
+        let pf = pages.try_clone().map_err(|source| RestoreError::Pages {
+            path: pages_path.to_path_buf(),
+            source,
+        })?;
+        pager = Some(crate::lazy::start(
+            pid,
+            owned,
+            pf,
+            pages_path.to_path_buf(),
+            pending,
+            push_delay,
+        ));
+    }
+
+    // The pid changed (no namespace): glibc caches the thread's tid in struct pthread,
+    // at the very address registered with set_tid_address; raise(), abort() and
+    // pthread_kill() read it. Write the new one there.
+    if new_pid && meta.clear_child_tid != 0 {
+        inj.write(meta.clear_child_tid, &pid.to_le_bytes())?;
     }
 
     // 6. mm fields and exe link.
     let p = sc.cstr(inj, 0, &meta.exe)?;
     let exe_fd = inj
-        .call("openat(exe)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])
-        .map_err(|e| RestoreError::File { path: meta.exe.clone(), what: format!("cannot open executable: {e}") })?;
+        .call(
+            "openat(exe)",
+            nr(libc::SYS_openat),
+            [
+                libc::AT_FDCWD as u64,
+                p,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )
+        .map_err(|e| RestoreError::File {
+            path: meta.exe.clone(),
+            what: format!("cannot open executable: {e}"),
+        })?;
     let auxv_addr = sc.put(inj, 0x1000, &meta.mm.auxv)?;
     let m = &meta.mm;
     let mut mm = Vec::with_capacity(104);
-    for w in [m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack, m.arg_start, m.arg_end, m.env_start, m.env_end, auxv_addr] {
+    for w in [
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        auxv_addr,
+    ] {
         mm.extend_from_slice(&w.to_le_bytes());
     }
     mm.extend_from_slice(&(m.auxv.len() as u32).to_le_bytes());
     mm.extend_from_slice(&(exe_fd as u32).to_le_bytes());
     let mm_addr = sc.put(inj, 0x2000, &mm)?;
-    let r = inj.call("prctl(PR_SET_MM_MAP)", nr(libc::SYS_prctl), [libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, mm_addr, mm.len() as u64, 0, 0]);
+    let r = inj.call(
+        "prctl(PR_SET_MM_MAP)",
+        nr(libc::SYS_prctl),
+        [
+            libc::PR_SET_MM as u64,
+            libc::PR_SET_MM_MAP as u64,
+            mm_addr,
+            mm.len() as u64,
+            0,
+            0,
+        ],
+    );
     inj.call("close", nr(libc::SYS_close), [exe_fd, 0, 0, 0, 0, 0])?;
     r?;
 
@@ -538,26 +882,76 @@ fn build(
         let cloexec = f.flags & libc::O_CLOEXEC as u32 != 0;
         let tmp = match (&f.kind, parked.get(&f.fd)) {
             (_, Some(p)) => *p,
-            (FdKind::Pipe { .. }, None) => return Err(RestoreError::Fd { fd: f.fd, what: "pipe end not available".into() }),
+            (FdKind::Pipe { .. }, None) => {
+                return Err(RestoreError::Fd {
+                    fd: f.fd,
+                    what: "pipe end not available".into(),
+                })
+            }
             (FdKind::Regular | FdKind::CharDev, None) => {
                 let p = sc.cstr(inj, 0, &f.path)?;
-                let fl = (f.flags as i32) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC) | libc::O_CLOEXEC;
-                inj.call("openat(fd)", nr(libc::SYS_openat), [libc::AT_FDCWD as u64, p, fl as u64, 0, 0, 0])
-                    .map_err(|e| RestoreError::Fd { fd: f.fd, what: format!("cannot reopen {}: {e}", f.path) })?
+                let fl = (f.flags as i32)
+                    & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC)
+                    | libc::O_CLOEXEC;
+                inj.call(
+                    "openat(fd)",
+                    nr(libc::SYS_openat),
+                    [libc::AT_FDCWD as u64, p, fl as u64, 0, 0, 0],
+                )
+                .map_err(|e| RestoreError::Fd {
+                    fd: f.fd,
+                    what: format!("cannot reopen {}: {e}", f.path),
+                })?
             }
         };
         if tmp != f.fd as u64 {
-            inj.call("dup3", nr(libc::SYS_dup3), [tmp, f.fd as u64, if cloexec { libc::O_CLOEXEC as u64 } else { 0 }, 0, 0, 0])?;
+            inj.call(
+                "dup3",
+                nr(libc::SYS_dup3),
+                [
+                    tmp,
+                    f.fd as u64,
+                    if cloexec { libc::O_CLOEXEC as u64 } else { 0 },
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
             inj.call("close", nr(libc::SYS_close), [tmp, 0, 0, 0, 0, 0])?;
         } else if !cloexec {
-            inj.call("fcntl(F_SETFD)", nr(libc::SYS_fcntl), [tmp, libc::F_SETFD as u64, 0, 0, 0, 0])?;
+            inj.call(
+                "fcntl(F_SETFD)",
+                nr(libc::SYS_fcntl),
+                [tmp, libc::F_SETFD as u64, 0, 0, 0, 0],
+            )?;
         }
-        let status_flags = f.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME) as u32;
-        inj.call("fcntl(F_SETFL)", nr(libc::SYS_fcntl), [f.fd as u64, libc::F_SETFL as u64, status_flags as u64, 0, 0, 0])?;
+        let status_flags =
+            f.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME) as u32;
+        inj.call(
+            "fcntl(F_SETFL)",
+            nr(libc::SYS_fcntl),
+            [
+                f.fd as u64,
+                libc::F_SETFL as u64,
+                status_flags as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
         if f.kind == FdKind::Regular && f.pos != 0 && !parked.contains_key(&f.fd) {
-            let got = inj.call("lseek", nr(libc::SYS_lseek), [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0])?;
+            let got = inj.call(
+                "lseek",
+                nr(libc::SYS_lseek),
+                [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+            )?;
             if got != f.pos {
-                return Err(RestoreError::Mismatch { pid, step: format!("lseek of fd {}", f.fd), got, want: f.pos });
+                return Err(RestoreError::Mismatch {
+                    pid,
+                    step: format!("lseek of fd {}", f.fd),
+                    got,
+                    want: f.pos,
+                });
             }
         }
     }
@@ -565,18 +959,42 @@ fn build(
     // 8. Process attributes.
     let p = sc.cstr(inj, 0, &meta.cwd)?;
     inj.call("chdir", nr(libc::SYS_chdir), [p, 0, 0, 0, 0, 0])
-        .map_err(|e| RestoreError::File { path: meta.cwd.clone(), what: format!("cannot chdir: {e}") })?;
-    inj.call("umask", nr(libc::SYS_umask), [meta.umask as u64, 0, 0, 0, 0, 0])?;
-    inj.call("personality", nr(libc::SYS_personality), [meta.personality as u64, 0, 0, 0, 0, 0])?;
+        .map_err(|e| RestoreError::File {
+            path: meta.cwd.clone(),
+            what: format!("cannot chdir: {e}"),
+        })?;
+    inj.call(
+        "umask",
+        nr(libc::SYS_umask),
+        [meta.umask as u64, 0, 0, 0, 0, 0],
+    )?;
+    inj.call(
+        "personality",
+        nr(libc::SYS_personality),
+        [meta.personality as u64, 0, 0, 0, 0, 0],
+    )?;
     let p = sc.cstr(inj, 0, &meta.comm)?;
-    inj.call("prctl(PR_SET_NAME)", nr(libc::SYS_prctl), [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0])?;
+    inj.call(
+        "prctl(PR_SET_NAME)",
+        nr(libc::SYS_prctl),
+        [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0],
+    )?;
     for t in &meta.itimers {
         let mut b = Vec::new();
-        for w in [t.interval_usec / 1_000_000, t.interval_usec % 1_000_000, t.value_usec / 1_000_000, t.value_usec % 1_000_000] {
+        for w in [
+            t.interval_usec / 1_000_000,
+            t.interval_usec % 1_000_000,
+            t.value_usec / 1_000_000,
+            t.value_usec % 1_000_000,
+        ] {
             b.extend_from_slice(&w.to_le_bytes());
         }
         let a = sc.put(inj, 0, &b)?;
-        inj.call("setitimer", nr(libc::SYS_setitimer), [t.which as u64, a, 0, 0, 0, 0])?;
+        inj.call(
+            "setitimer",
+            nr(libc::SYS_setitimer),
+            [t.which as u64, a, 0, 0, 0, 0],
+        )?;
     }
     for rl in &meta.rlimits {
         if let Err(e) = sys::prlimit(pid, rl.resource, Some((rl.cur, rl.max))) {
@@ -584,7 +1002,10 @@ fn build(
             let (_, curmax) = sys::prlimit(pid, rl.resource, None)?;
             let cur = rl.cur.min(curmax);
             let _ = sys::prlimit(pid, rl.resource, Some((cur, curmax)));
-            warnings.push(format!("rlimit {}: wanted {}/{}, got {}/{} ({e})", rl.resource, rl.cur, rl.max, cur, curmax));
+            warnings.push(format!(
+                "rlimit {}: wanted {}/{}, got {}/{} ({e})",
+                rl.resource, rl.cur, rl.max, cur, curmax
+            ));
         }
     }
 
@@ -595,50 +1016,230 @@ fn build(
             b.extend_from_slice(&w.to_le_bytes());
         }
         let addr = sc.put(inj, 0, &b)?;
-        inj.call("rt_sigaction", nr(libc::SYS_rt_sigaction), [a.signo as u64, addr, 0, 8, 0, 0])?;
+        inj.call(
+            "rt_sigaction",
+            nr(libc::SYS_rt_sigaction),
+            [a.signo as u64, addr, 0, 8, 0, 0],
+        )?;
     }
     let mut b = Vec::new();
     let st = &meta.altstack;
-    let (sp, flags, size) = if st.flags & libc::SS_DISABLE != 0 { (0, libc::SS_DISABLE, 0) } else { (st.sp, 0, st.size) };
+    let (sp, flags, size) = if st.flags & libc::SS_DISABLE != 0 {
+        (0, libc::SS_DISABLE, 0)
+    } else {
+        (st.sp, 0, st.size)
+    };
     b.extend_from_slice(&sp.to_le_bytes());
     b.extend_from_slice(&(flags as u64).to_le_bytes());
     b.extend_from_slice(&size.to_le_bytes());
     let a = sc.put(inj, 0, &b)?;
     inj.call("sigaltstack", nr(libc::SYS_sigaltstack), [a, 0, 0, 0, 0, 0])?;
     let a = sc.put(inj, 0, &meta.sigmask.to_le_bytes())?;
-    inj.call("rt_sigprocmask", nr(libc::SYS_rt_sigprocmask), [libc::SIG_SETMASK as u64, a, 0, 8, 0, 0])?;
+    inj.call(
+        "rt_sigprocmask",
+        nr(libc::SYS_rt_sigprocmask),
+        [libc::SIG_SETMASK as u64, a, 0, 8, 0, 0],
+    )?;
+
+    // Threads: each created by an injected clone3(CLONE_THREAD, set_tid = its old tid),
+    // caught by PTRACE_O_TRACECLONE, then given its own per-thread state.
+    let mut threads: Vec<RestoredThread> = Vec::new();
+    for t in &meta.threads {
+        threads.push(create_thread(inj, &sc, tramp, t)?);
+    }
 
     // 10. Per-thread kernel pointers into user memory.
-    inj.call("set_robust_list", nr(libc::SYS_set_robust_list), [meta.robust_list, meta.robust_list_len, 0, 0, 0, 0])?;
-    inj.call("set_tid_address", nr(libc::SYS_set_tid_address), [meta.clear_child_tid, 0, 0, 0, 0, 0])?;
+    inj.call(
+        "set_robust_list",
+        nr(libc::SYS_set_robust_list),
+        [meta.robust_list, meta.robust_list_len, 0, 0, 0, 0],
+    )?;
+    inj.call(
+        "set_tid_address",
+        nr(libc::SYS_set_tid_address),
+        [meta.clear_child_tid, 0, 0, 0, 0, 0],
+    )?;
     if let Some(rs) = &meta.rseq {
-        inj.call("rseq(register)", nr(libc::SYS_rseq), [rs.addr, rs.len as u64, 0, rs.sig as u64, 0, 0])?;
+        inj.call(
+            "rseq(register)",
+            nr(libc::SYS_rseq),
+            [rs.addr, rs.len as u64, 0, rs.sig as u64, 0, 0],
+        )?;
     }
 
-    // 11. Credentials (last privileged step).
-    let c = &meta.creds;
-    if c.uids != [0; 4] || c.gids != [0; 4] || !c.groups.is_empty() {
-        let mut g = Vec::new();
-        for x in &c.groups {
-            g.extend_from_slice(&x.to_le_bytes());
-        }
-        let a = sc.put(inj, 0, &g)?;
-        inj.call("setgroups", nr(libc::SYS_setgroups), [c.groups.len() as u64, a, 0, 0, 0, 0])?;
-        inj.call("setresgid", nr(libc::SYS_setresgid), [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0])?;
-        inj.call("setresuid", nr(libc::SYS_setresuid), [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0])?;
+    // 11. Credentials (last privileged step), in every thread: the kernel keeps them per
+    //     thread (glibc's setuid broadcasts to all threads itself).
+    set_creds(inj, &sc, &meta.creds)?;
+    for t in threads.iter_mut() {
+        set_creds(&mut t.inj, &sc, &meta.creds)?;
     }
 
-    // 12. Drop the trampoline, load registers, let it go.
-    inj.call("munmap(trampoline)", nr(libc::SYS_munmap), [tramp, TRAMP_LEN, 0, 0, 0, 0])?;
-    let regs = meta.regs().ok_or_else(|| RestoreError::Helper { pid, what: "bad register block".into() })?;
+    // 12. Drop the trampoline, load registers, let it go (other threads first).
+    inj.call(
+        "munmap(trampoline)",
+        nr(libc::SYS_munmap),
+        [tramp, TRAMP_LEN, 0, 0, 0, 0],
+    )?;
+    let regs = meta.regs().ok_or_else(|| RestoreError::Helper {
+        pid,
+        what: "bad register block".into(),
+    })?;
+    let mut resend: Vec<(i32, i32)> = Vec::new();
+    for (t, img) in threads.iter_mut().zip(&meta.threads) {
+        let tregs = sys::regs_from_words(&img.regs).ok_or_else(|| RestoreError::Helper {
+            pid: t.tid,
+            what: "bad register block".into(),
+        })?;
+        sys::set_xstate(t.tid, &img.xstate)?;
+        sys::set_regs(t.tid, &tregs)?;
+        resend.extend(img.pending.iter().map(|s| (t.tid, *s as i32)));
+        resend.extend(t.inj.suppressed.drain(..).map(|s| (t.tid, s)));
+    }
     sys::set_xstate(pid, &meta.xstate)?;
     sys::set_regs(pid, &regs)?;
     let suppressed = std::mem::take(&mut inj.suppressed);
+    for t in &threads {
+        sys::detach(t.tid, 0)?;
+    }
     sys::detach(pid, 0)?;
     for s in meta.pending.iter().map(|s| *s as i32).chain(suppressed) {
         let _ = sys::kill(pid, s);
     }
+    for (tid, s) in resend {
+        let _ = sys::tgkill(pid, tid, s);
+    }
     Ok(pager)
+}
+
+/// A thread created during restore, still stopped under ptrace.
+struct RestoredThread {
+    tid: i32,
+    inj: Injector,
+}
+
+fn set_creds(inj: &mut Injector, sc: &Scratch, c: &image::Creds) -> Result<()> {
+    if c.uids == [0; 4] && c.gids == [0; 4] && c.groups.is_empty() {
+        return Ok(());
+    }
+    let mut g = Vec::new();
+    for x in &c.groups {
+        g.extend_from_slice(&x.to_le_bytes());
+    }
+    let a = sc.put(inj, 0, &g)?;
+    inj.call(
+        "setgroups",
+        libc::SYS_setgroups,
+        [c.groups.len() as u64, a, 0, 0, 0, 0],
+    )?;
+    let [rg, eg, sg, _] = c.gids;
+    inj.call(
+        "setresgid",
+        libc::SYS_setresgid,
+        [rg as u64, eg as u64, sg as u64, 0, 0, 0],
+    )?;
+    let [ru, eu, su, _] = c.uids;
+    inj.call(
+        "setresuid",
+        libc::SYS_setresuid,
+        [ru as u64, eu as u64, su as u64, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
+/// Create one thread of the image inside the half-built process and give it its own
+/// signal mask, alternate stack, robust list, tid address, rseq area and name.
+fn create_thread(
+    inj: &mut Injector,
+    sc: &Scratch,
+    tramp: u64,
+    t: &image::ThreadImage,
+) -> Result<RestoredThread> {
+    let pid = inj.pid();
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    let tid_addr = sc.put(inj, 0x200, &t.ns_tid.to_le_bytes())?;
+    let mut args = Vec::with_capacity(88);
+    for w in [flags, 0, 0, 0, 0, 0, 0, 0, tid_addr, 1, 0] {
+        args.extend_from_slice(&w.to_le_bytes());
+    }
+    let a = sc.put(inj, 0x100, &args)?;
+    inj.call(
+        "clone3(thread)",
+        libc::SYS_clone3,
+        [a, args.len() as u64, 0, 0, 0, 0],
+    )
+    .map_err(|e| RestoreError::Pid {
+        pid: t.ns_tid,
+        what: format!("cannot recreate thread: {e}"),
+    })?;
+    let tid = inj.cloned.pop().ok_or_else(|| RestoreError::Helper {
+        pid,
+        what: format!(
+            "clone3 of thread {} reported no PTRACE_EVENT_CLONE",
+            t.ns_tid
+        ),
+    })?;
+    loop {
+        match sys::wait(tid)? {
+            Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => break,
+            Wait::Stopped { .. } => sys::cont(tid, 0)?,
+            other => {
+                return Err(RestoreError::Helper {
+                    pid: tid,
+                    what: format!("new thread ended early: {other:?}"),
+                })
+            }
+        }
+    }
+    let base = sys::get_regs(tid)?;
+    let mut ti = Injector::new(tid, tramp, base)?;
+    let nr = |n: libc::c_long| -> i64 { n };
+    let st = &t.altstack;
+    let (sp, fl, size) = if st.flags & libc::SS_DISABLE != 0 {
+        (0, libc::SS_DISABLE, 0)
+    } else {
+        (st.sp, 0, st.size)
+    };
+    let mut b = Vec::new();
+    b.extend_from_slice(&sp.to_le_bytes());
+    b.extend_from_slice(&(fl as u64).to_le_bytes());
+    b.extend_from_slice(&size.to_le_bytes());
+    let a = sc.put(&ti, 0, &b)?;
+    ti.call("sigaltstack", nr(libc::SYS_sigaltstack), [a, 0, 0, 0, 0, 0])?;
+    let a = sc.put(&ti, 0, &t.sigmask.to_le_bytes())?;
+    ti.call(
+        "rt_sigprocmask",
+        nr(libc::SYS_rt_sigprocmask),
+        [libc::SIG_SETMASK as u64, a, 0, 8, 0, 0],
+    )?;
+    ti.call(
+        "set_robust_list",
+        nr(libc::SYS_set_robust_list),
+        [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
+    )?;
+    ti.call(
+        "set_tid_address",
+        nr(libc::SYS_set_tid_address),
+        [t.clear_child_tid, 0, 0, 0, 0, 0],
+    )?;
+    if let Some(rs) = &t.rseq {
+        ti.call(
+            "rseq(register)",
+            nr(libc::SYS_rseq),
+            [rs.addr, rs.len as u64, 0, rs.sig as u64, 0, 0],
+        )?;
+    }
+    let p = sc.cstr(&ti, 0, &t.comm)?;
+    ti.call(
+        "prctl(PR_SET_NAME)",
+        nr(libc::SYS_prctl),
+        [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0],
+    )?;
+    Ok(RestoredThread { tid, inj: ti })
 }
 
 #[cfg(test)]

@@ -57,7 +57,9 @@ fn resolve(cmd: &str) -> Option<PathBuf> {
         return Some(PathBuf::from(cmd));
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
 }
 
 fn cstring(s: &str) -> Result<CString, SandboxError> {
@@ -82,9 +84,15 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
             let f = if i == 0 {
                 std::fs::File::open(p)
             } else {
-                std::fs::OpenOptions::new().append(true).create(true).open(p)
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)
             }
-            .map_err(|source| SandboxError::Stdio { path: p.to_path_buf(), source })?;
+            .map_err(|source| SandboxError::Stdio {
+                path: p.to_path_buf(),
+                source,
+            })?;
             fds[i] = f.as_raw_fd();
             files.push(f);
         }
@@ -102,7 +110,10 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
     drop(files);
     for _ in 0..2000 {
         if let Some(pid) = procfs::children_of(init).first() {
-            return Ok(Sandbox { init_pid: init, pid: *pid });
+            return Ok(Sandbox {
+                init_pid: init,
+                pid: *pid,
+            });
         }
         if let Some(_gone) = sys::try_reap(init) {
             return Err(SandboxError::NoChild { init });

@@ -33,7 +33,11 @@ pub enum SysError {
 
 impl SysError {
     fn last(op: &'static str, pid: i32) -> Self {
-        SysError::Call { op, pid, source: io::Error::last_os_error() }
+        SysError::Call {
+            op,
+            pid,
+            source: io::Error::last_os_error(),
+        }
     }
 
     /// The errno behind this error, if any.
@@ -109,11 +113,19 @@ pub fn set_regs(pid: i32, regs: &Regs) -> Result<()> {
 /// PTRACE_GETREGSET NT_X86_XSTATE: the XSAVE area (FPU, SSE, AVX...).
 pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: iov describes `buf`, which is writable for iov_len bytes and outlives the call;
     // the kernel shrinks iov_len to what it wrote.
     let r = unsafe {
-        libc::ptrace(libc::PTRACE_GETREGSET, pid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     };
     check("ptrace(PTRACE_GETREGSET, NT_X86_XSTATE)", pid, r)?;
     buf.truncate(iov.iov_len);
@@ -123,10 +135,18 @@ pub fn get_xstate(pid: i32) -> Result<Vec<u8>> {
 /// PTRACE_SETREGSET NT_X86_XSTATE.
 pub fn set_xstate(pid: i32, xstate: &[u8]) -> Result<()> {
     let mut copy = xstate.to_vec();
-    let mut iov = libc::iovec { iov_base: copy.as_mut_ptr().cast(), iov_len: copy.len() };
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
     // SAFETY: iov describes `copy`, readable for iov_len bytes for the duration of the call.
     let r = unsafe {
-        libc::ptrace(libc::PTRACE_SETREGSET, pid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec)
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec,
+        )
     };
     check("ptrace(PTRACE_SETREGSET, NT_X86_XSTATE)", pid, r).map(|_| ())
 }
@@ -165,7 +185,12 @@ pub fn get_robust_list(pid: i32) -> Result<(u64, u64)> {
     let mut len: usize = 0;
     // SAFETY: both out-pointers refer to live locals of the right size.
     let r = unsafe {
-        libc::syscall(libc::SYS_get_robust_list, pid, &mut head as *mut u64, &mut len as *mut usize)
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
     };
     check("get_robust_list", pid, r)?;
     Ok((head, len as u64))
@@ -173,9 +198,17 @@ pub fn get_robust_list(pid: i32) -> Result<(u64, u64)> {
 
 /// prlimit(pid, res, new, old) with an optional new value; returns the old value.
 pub fn prlimit(pid: i32, res: u32, new: Option<(u64, u64)>) -> Result<(u64, u64)> {
-    let newl = new.map(|(c, m)| libc::rlimit64 { rlim_cur: c, rlim_max: m });
-    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
-    let newp = newl.as_ref().map_or(std::ptr::null(), |n| n as *const libc::rlimit64);
+    let newl = new.map(|(c, m)| libc::rlimit64 {
+        rlim_cur: c,
+        rlim_max: m,
+    });
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let newp = newl
+        .as_ref()
+        .map_or(std::ptr::null(), |n| n as *const libc::rlimit64);
     // SAFETY: `newp` is null or points to a live rlimit64; `old` is a live out-parameter.
     let r = unsafe { libc::prlimit64(pid, res as _, newp, &mut old) };
     check("prlimit", pid, r as libc::c_long)?;
@@ -186,7 +219,10 @@ pub fn prlimit(pid: i32, res: u32, new: Option<(u64, u64)>) -> Result<(u64, u64)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// Stopped with WSTOPSIG = sig and ptrace event = event (status >> 16).
-    Stopped { sig: i32, event: i32 },
+    Stopped {
+        sig: i32,
+        event: i32,
+    },
     Exited(i32),
     Signaled(i32),
 }
@@ -202,12 +238,19 @@ pub fn wait(pid: i32) -> Result<Wait> {
             if e.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            return Err(SysError::Call { op: "waitpid", pid, source: e });
+            return Err(SysError::Call {
+                op: "waitpid",
+                pid,
+                source: e,
+            });
         }
         break;
     }
     Ok(if libc::WIFSTOPPED(status) {
-        Wait::Stopped { sig: libc::WSTOPSIG(status), event: (status >> 16) & 0xff }
+        Wait::Stopped {
+            sig: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
+        }
     } else if libc::WIFSIGNALED(status) {
         Wait::Signaled(libc::WTERMSIG(status))
     } else {
@@ -239,6 +282,29 @@ pub fn kill(pid: i32, sig: i32) -> Result<()> {
     check("kill", pid, r as libc::c_long).map(|_| ())
 }
 
+/// tgkill(tgid, tid, sig).
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> Result<()> {
+    // SAFETY: tgkill takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) };
+    check("tgkill", tid, r).map(|_| ())
+}
+
+/// PTRACE_GETEVENTMSG (e.g. the new tid at a PTRACE_EVENT_CLONE stop).
+pub fn get_event_msg(pid: i32) -> Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    // SAFETY: the kernel writes one unsigned long into `msg`, live for the call.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETEVENTMSG,
+            pid,
+            0usize,
+            &mut msg as *mut libc::c_ulong,
+        )
+    };
+    check("ptrace(PTRACE_GETEVENTMSG)", pid, r)?;
+    Ok(msg as u64)
+}
+
 /// fork-like raw clone with extra namespace flags (e.g. CLONE_NEWPID | CLONE_NEWUTS).
 /// Returns 0 in the child, the child's pid in the parent.
 ///
@@ -248,7 +314,14 @@ pub fn fork_with_flags(flags: i32) -> Result<i32> {
     // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a
     // copy-on-write copy of this thread's stack and continues from here.
     let r = unsafe {
-        libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
     };
     check("clone", 0, r).map(|p| p as i32)
 }
@@ -287,7 +360,13 @@ pub fn fork_with_tid(tid: i32) -> Result<i32> {
     };
     // SAFETY: `args` and `tids` are live for the call; without CLONE_VM and with a null
     // stack, clone3 behaves like fork (copy-on-write copy of this stack).
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     check("clone3(set_tid)", tid, r).map(|p| p as i32)
 }
 
@@ -358,13 +437,15 @@ pub fn child_init_reap(main: i32) -> ! {
 /// of `main_pid` (exit code, or 128 + signal), or 0 when it has no children left.
 /// Source (GNU as, Intel syntax) in the comment of [`child_become_reaper`].
 const REAPER_CODE: [u8; 132] = [
-    0x49, 0x89, 0xfc, 0x49, 0x89, 0xf5, 0x49, 0x89, 0xd6, 0x31, 0xff, 0x4c, 0x89, 0xee, 0xb8, 0x0b, 0x00, 0x00, 0x00,
-    0x0f, 0x05, 0x4b, 0x8d, 0x7c, 0x35, 0x00, 0x48, 0xbe, 0x00, 0xf0, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x00, 0x48, 0x29,
-    0xfe, 0xb8, 0x0b, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0xc7, 0xc7, 0xff, 0xff, 0xff, 0xff, 0x49, 0x8d, 0xb5, 0x00,
-    0x08, 0x00, 0x00, 0x31, 0xd2, 0x45, 0x31, 0xd2, 0xb8, 0x3d, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x83, 0xf8, 0xfc,
-    0x74, 0xe0, 0x48, 0x85, 0xc0, 0x78, 0x27, 0x4c, 0x39, 0xe0, 0x75, 0xd6, 0x41, 0x8b, 0xbd, 0x00, 0x08, 0x00, 0x00,
-    0x89, 0xf8, 0x83, 0xe0, 0x7f, 0x74, 0x09, 0x05, 0x80, 0x00, 0x00, 0x00, 0x89, 0xc7, 0xeb, 0x0d, 0xc1, 0xef, 0x08,
-    0x81, 0xe7, 0xff, 0x00, 0x00, 0x00, 0xeb, 0x02, 0x31, 0xff, 0xb8, 0xe7, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xf4,
+    0x49, 0x89, 0xfc, 0x49, 0x89, 0xf5, 0x49, 0x89, 0xd6, 0x31, 0xff, 0x4c, 0x89, 0xee, 0xb8, 0x0b,
+    0x00, 0x00, 0x00, 0x0f, 0x05, 0x4b, 0x8d, 0x7c, 0x35, 0x00, 0x48, 0xbe, 0x00, 0xf0, 0xff, 0xff,
+    0xff, 0x7f, 0x00, 0x00, 0x48, 0x29, 0xfe, 0xb8, 0x0b, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0xc7,
+    0xc7, 0xff, 0xff, 0xff, 0xff, 0x49, 0x8d, 0xb5, 0x00, 0x08, 0x00, 0x00, 0x31, 0xd2, 0x45, 0x31,
+    0xd2, 0xb8, 0x3d, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x83, 0xf8, 0xfc, 0x74, 0xe0, 0x48, 0x85,
+    0xc0, 0x78, 0x27, 0x4c, 0x39, 0xe0, 0x75, 0xd6, 0x41, 0x8b, 0xbd, 0x00, 0x08, 0x00, 0x00, 0x89,
+    0xf8, 0x83, 0xe0, 0x7f, 0x74, 0x09, 0x05, 0x80, 0x00, 0x00, 0x00, 0x89, 0xc7, 0xeb, 0x0d, 0xc1,
+    0xef, 0x08, 0x81, 0xe7, 0xff, 0x00, 0x00, 0x00, 0xeb, 0x02, 0x31, 0xff, 0xb8, 0xe7, 0x00, 0x00,
+    0x00, 0x0f, 0x05, 0xf4,
 ];
 
 /// Child body of a sandbox init (pid 1 of a pid namespace), light version: reset signal
@@ -406,6 +487,7 @@ pub fn child_become_reaper(main: i32, rseq: Option<GlibcRseq>) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::prctl(libc::PR_SET_NAME, c"wisp-init".as_ptr());
         let len = 4096usize;
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -420,7 +502,8 @@ pub fn child_become_reaper(main: i32, rseq: Option<GlibcRseq>) -> ! {
         }
         std::ptr::copy_nonoverlapping(REAPER_CODE.as_ptr(), p as *mut u8, REAPER_CODE.len());
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-        let entry: extern "C" fn(u64, u64, u64) -> ! = std::mem::transmute::<*mut libc::c_void, extern "C" fn(u64, u64, u64) -> !>(p);
+        let entry: extern "C" fn(u64, u64, u64) -> ! =
+            std::mem::transmute::<*mut libc::c_void, extern "C" fn(u64, u64, u64) -> !>(p);
         entry(main as u64, p as u64, len as u64)
     }
 }
@@ -444,7 +527,10 @@ pub fn glibc_rseq() -> Option<GlibcRseq> {
         if off.is_null() || size.is_null() {
             return None;
         }
-        Some(GlibcRseq { offset: *(off as *const isize), size: *(size as *const u32) })
+        Some(GlibcRseq {
+            offset: *(off as *const isize),
+            size: *(size as *const u32),
+        })
     }
 }
 
@@ -458,7 +544,9 @@ fn child_unregister_rseq(rseq: Option<GlibcRseq>) -> bool {
     }
     let tp: u64;
     // SAFETY: on x86_64 glibc, %fs:0 holds the thread pointer (TCB self pointer).
-    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
     let area = tp.wrapping_add(r.offset as u64);
     for len in [32u32, r.size] {
         // SAFETY: rseq(UNREGISTER) only compares the arguments with the registration.
@@ -499,13 +587,23 @@ pub struct ExecArgs {
 }
 
 impl ExecArgs {
-    pub fn new(path: std::ffi::CString, args: Vec<std::ffi::CString>, envs: Vec<std::ffi::CString>) -> Self {
+    pub fn new(
+        path: std::ffi::CString,
+        args: Vec<std::ffi::CString>,
+        envs: Vec<std::ffi::CString>,
+    ) -> Self {
         let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argp.push(std::ptr::null());
         let mut envp: Vec<*const libc::c_char> = envs.iter().map(|a| a.as_ptr()).collect();
         envp.push(std::ptr::null());
         // The CStrings' heap buffers do not move when the Vecs holding them move.
-        ExecArgs { path, _args: args, _envs: envs, argp, envp }
+        ExecArgs {
+            path,
+            _args: args,
+            _envs: envs,
+            argp,
+            envp,
+        }
     }
 }
 
@@ -566,6 +664,9 @@ pub mod uffd {
     pub const IOC_COPY: u64 = 0xC028_AA03;
     pub const IOC_ZEROPAGE: u64 = 0xC020_AA04;
     pub const REGISTER_MODE_MISSING: u64 = 1;
+    pub const REGISTER_MODE_WP: u64 = 2;
+    pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+    pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
     pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
     pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
     pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
@@ -598,12 +699,20 @@ struct UffdioZero {
 /// UFFDIO_COPY of `src` to `dst` in the userfaultfd's mm. Returns Ok(bytes copied) or
 /// Err((errno, bytes copied before the error)).
 pub fn uffd_copy(uffd: i32, dst: u64, src: &[u8]) -> std::result::Result<u64, (i32, u64)> {
-    let mut c = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
     // SAFETY: `c` is a live repr(C) uffdio_copy; the kernel reads `src.len()` bytes from
     // `src`, which is borrowed for the call, and writes only `c.copy`.
     let r = unsafe { libc::ioctl(uffd, uffd::IOC_COPY as _, &mut c as *mut UffdioCopy) };
     if r < 0 {
-        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
         return Err((e, c.copy.max(0) as u64));
     }
     Ok(c.copy as u64)
@@ -611,13 +720,28 @@ pub fn uffd_copy(uffd: i32, dst: u64, src: &[u8]) -> std::result::Result<u64, (i
 
 /// UFFDIO_ZEROPAGE of one range. Err(errno) on failure.
 pub fn uffd_zeropage(uffd: i32, start: u64, len: u64) -> std::result::Result<(), i32> {
-    let mut z = UffdioZero { start, len, mode: 0, zeropage: 0 };
+    let mut z = UffdioZero {
+        start,
+        len,
+        mode: 0,
+        zeropage: 0,
+    };
     // SAFETY: `z` is a live repr(C) uffdio_zeropage for the call.
     let r = unsafe { libc::ioctl(uffd, uffd::IOC_ZEROPAGE as _, &mut z as *mut UffdioZero) };
     if r < 0 {
-        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+        return Err(io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
     }
     Ok(())
+}
+
+/// UFFDIO_UNREGISTER of one range (errors ignored: best effort on teardown).
+pub fn uffd_unregister(uffd: i32, start: u64, len: u64) -> bool {
+    const IOC_UNREGISTER: u64 = 0x8010_AA01;
+    let range: [u64; 2] = [start, len];
+    // SAFETY: `range` is a live struct uffdio_range (two u64) for the call.
+    unsafe { libc::ioctl(uffd, IOC_UNREGISTER as _, range.as_ptr()) == 0 }
 }
 
 /// UFFDIO_WAKE of one range.
@@ -629,15 +753,139 @@ pub fn uffd_wake(uffd: i32, start: u64, len: u64) {
 
 /// poll(fd, POLLIN, timeout_ms): true when readable.
 pub fn poll_in(fd: i32, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one live pollfd.
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     r > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// PAGEMAP_SCAN ioctl on a `/proc/<pid>/pagemap` descriptor: the page ranges of
+/// [start, end) that were written since they were last write-protected (uffd-wp async
+/// VMAs only; others are skipped), write-protecting them again when `wp` is set.
+pub fn pagemap_scan(
+    pid: i32,
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    wp: bool,
+) -> Result<Vec<(u64, u64)>> {
+    const PM_SCAN_WP_MATCHING: u64 = 1;
+    const PAGE_IS_WRITTEN: u64 = 1 << 1;
+    let flags = if wp { PM_SCAN_WP_MATCHING } else { 0 };
+    pagemap_scan_raw(
+        pid,
+        pagemap,
+        start,
+        end,
+        flags,
+        PAGE_IS_WRITTEN,
+        0,
+        PAGE_IS_WRITTEN,
+    )
+}
+
+/// PAGEMAP_SCAN for the ranges of [start, end) holding present or swapped pages: lets a
+/// dump skip the empty parts of huge sparse mappings without reading their pagemap.
+pub fn pagemap_scan_present(
+    pid: i32,
+    pagemap: i32,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64)>> {
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    let any = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    pagemap_scan_raw(pid, pagemap, start, end, 0, 0, any, any)
+}
+
+#[allow(clippy::too_many_arguments)] // the fields of struct pm_scan_arg
+fn pagemap_scan_raw(
+    pid: i32,
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    flags: u64,
+    category_mask: u64,
+    anyof_mask: u64,
+    return_mask: u64,
+) -> Result<Vec<(u64, u64)>> {
+    const PAGEMAP_SCAN: u64 = 0xC060_6610;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut regions = vec![[0u64; 3]; 512];
+    let mut at = start;
+    while at < end {
+        let mut arg: [u64; 12] = [
+            96,
+            flags,
+            at,
+            end,
+            0,
+            regions.as_mut_ptr() as u64,
+            regions.len() as u64,
+            0,
+            0,
+            category_mask,
+            anyof_mask,
+            return_mask,
+        ];
+        // SAFETY: `arg` is a live struct pm_scan_arg (12 u64); `vec` points to `regions`, a
+        // live buffer of vec_len struct page_region (3 u64 each) the kernel fills.
+        let r = unsafe { libc::ioctl(pagemap, PAGEMAP_SCAN as _, arg.as_mut_ptr()) };
+        if r < 0 {
+            return Err(SysError::last("ioctl(PAGEMAP_SCAN)", pid));
+        }
+        for reg in &regions[..r as usize] {
+            match out.last_mut() {
+                Some(l) if l.1 == reg[0] => l.1 = reg[1],
+                _ => out.push((reg[0], reg[1])),
+            }
+        }
+        let walk_end = arg[4];
+        if walk_end <= at {
+            break;
+        }
+        at = walk_end;
+    }
+    Ok(out)
+}
+
+/// Whether this kernel tracks soft-dirty pages (CONFIG_MEM_SOFT_DIRTY): a freshly
+/// written page of a new mapping must show pagemap bit 55.
+pub fn probe_soft_dirty() -> bool {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: a private anonymous page mapped, written and unmapped by this function only.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        std::ptr::write_volatile(p as *mut u8, 1);
+        let mut e = [0u8; 8];
+        let ok = std::fs::File::open("/proc/self/pagemap")
+            .and_then(|f| f.read_exact_at(&mut e, (p as u64 / 4096) * 8))
+            .is_ok();
+        libc::munmap(p, 4096);
+        ok && u64::from_le_bytes(e) & (1 << 55) != 0
+    }
+}
+
 /// Current time on CLOCK_MONOTONIC in nanoseconds (for durations in reports).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a live out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -195,6 +195,12 @@ pub enum Request {
     JobSignal { job: u64, signal: i32 },
     /// Agent: the jobs running on this host.
     JobList,
+    /// Agent (source): migrate a running job to the agent at `to_addr`. The source freezes
+    /// the job, writes its image and pages under `/wisp/.swap/<job>/`, asks the target to
+    /// rebuild it, and only then kills its frozen copy; if anything fails it resumes it.
+    MigrateOut { job: u64, to_host: String, to_addr: String },
+    /// Agent (target): rebuild a job from the image directory `dir` (in the namespace).
+    MigrateIn { job: u64, dir: Vec<u8>, uid: u32, home: String, argv0: String },
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -254,6 +260,10 @@ pub enum Response {
     /// A job ended: exit code, or the signal that killed it (then `code` is 128 + signal).
     Exited { code: i32, signal: i32 },
     Jobs(Vec<JobInfo>),
+    /// The job left this host for `host` (agent at `addr`): ask there.
+    Moved { host: String, addr: String },
+    /// A migration finished: the job's pid on the target, how long it was frozen, bytes moved.
+    Migrated { pid: u32, frozen_ms: u64, bytes: u64, total_ms: u64 },
 }
 
 /// Counters a server keeps since it started.

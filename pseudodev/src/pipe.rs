@@ -6,7 +6,10 @@
 //! - a write with no reader left fails with EPIPE (the client also raises SIGPIPE);
 //! - writes of at most [`PIPE_BUF`] bytes are atomic: never split or interleaved;
 //! - opening for reading waits for a writer and opening for writing waits for a reader,
-//!   unless non-blocking (then a write-open without readers is ENXIO, as for a FIFO).
+//!   unless non-blocking (then a write-open without readers is ENXIO, as for a FIFO) — but
+//!   only until the other end has been opened once: a migrated process that reopens its
+//!   end after the peer has gone must not wait forever (it sees EOF or EPIPE instead,
+//!   exactly what it would have seen had it not moved).
 //!
 //! Every wait is bounded by the caller's deadline; a call that reaches it returns
 //! [`PipeError::Again`] having done nothing (or, for a long write, the bytes done so far),
@@ -49,6 +52,8 @@ struct State {
     writers: u32,
     /// Opens ever made for writing (a reader that opened before any writer waits for one).
     opened_writers: u64,
+    /// Opens ever made for reading.
+    opened_readers: u64,
 }
 
 /// One cluster pipe.
@@ -76,6 +81,7 @@ impl Pipe {
     pub fn open_read(&self, nonblock: bool, deadline: Instant) -> Result<(), PipeError> {
         let mut g = self.st.lock().unwrap();
         g.readers += 1;
+        g.opened_readers += 1;
         self.cv.notify_all();
         if nonblock {
             return Ok(());
@@ -87,7 +93,7 @@ impl Pipe {
     /// Wait until some writer has the pipe open (or has had it open since data is waiting).
     pub fn await_writer(&self, deadline: Instant) -> Result<(), PipeError> {
         let mut g = self.st.lock().unwrap();
-        while g.writers == 0 && g.buf.is_empty() {
+        while g.opened_writers == 0 && g.buf.is_empty() {
             g = self.wait(g, deadline).ok_or(PipeError::Again)?;
         }
         Ok(())
@@ -112,7 +118,7 @@ impl Pipe {
     /// Wait until some reader has the pipe open.
     pub fn await_reader(&self, deadline: Instant) -> Result<(), PipeError> {
         let mut g = self.st.lock().unwrap();
-        while g.readers == 0 {
+        while g.opened_readers == 0 {
             g = self.wait(g, deadline).ok_or(PipeError::Again)?;
         }
         Ok(())

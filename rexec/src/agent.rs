@@ -3,16 +3,14 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use wisp_proto::msg::{ExecSpec, JobInfo, Request, Response, WireError};
-use wisp_proto::rpc::{PeerHandle, Service};
+use wisp_proto::rpc::{PeerHandle, RpcClient, Service};
 
 /// How long one `JobWait` may hold a server thread before the client asks again.
 const WAIT_SLICE: Duration = Duration::from_secs(5);
@@ -20,6 +18,9 @@ const WAIT_SLICE: Duration = Duration::from_secs(5);
 struct Job {
     info: JobInfo,
     exit: Option<(i32, i32)>,
+    /// The job moved to (host, agent address).
+    moved: Option<(String, String)>,
+    migrating: bool,
 }
 
 /// Policy of an agent.
@@ -31,6 +32,10 @@ pub struct AgentConfig {
     pub nice: i32,
     /// Run root's jobs as root (only when submitted by root).
     pub allow_root: bool,
+    /// The cluster key (to reach other agents when a job migrates).
+    pub key: wisp_proto::key::ClusterKey,
+    /// This host's name.
+    pub host: String,
 }
 
 /// The agent service.
@@ -73,81 +78,169 @@ impl Agent {
         if self.jobs.lock().unwrap().contains_key(&spec.job) {
             return Err(err(libc::EEXIST, format!("job {} already exists here", spec.job)));
         }
-        let open = |p: &[u8], write: bool| -> Result<std::fs::File, WireError> {
+        for p in [&spec.stdin, &spec.stdout, &spec.stderr] {
             let path = Path::new(OsStr::from_bytes(p));
             if !path.starts_with(&self.cfg.mount) {
                 return Err(err(libc::EXDEV, format!("stdio {} is not a cluster pipe in {}", path.display(), self.cfg.mount.display())));
             }
-            let r = if write { std::fs::OpenOptions::new().write(true).open(path) } else { std::fs::File::open(path) };
-            r.map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot open {}: {e}", path.display())))
-        };
-        // Same order as rexec opens the other ends: stdin, stdout, stderr.
-        let stdin = open(&spec.stdin, false)?;
-        let stdout = open(&spec.stdout, true)?;
-        let stderr = open(&spec.stderr, true)?;
-        let mut cmd = Command::new(OsStr::from_bytes(&spec.argv[0]));
-        cmd.args(spec.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
-        cmd.env_clear();
+        }
+        // The job runs as pid 2 of its own pid + uts namespace (so it keeps its pid when it
+        // migrates), with the home host's name. A short chain of execs sets it up as the
+        // submitting user: host name, umask and cwd, nice, credentials, environment.
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let mut argv: Vec<String> = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            r#"hostname "$1" 2>/dev/null; umask "$2" && cd "$3" || exit 126; shift 3; exec "$@""#.into(),
+            "wisp-job".into(),
+            spec.home.clone(),
+            format!("{:04o}", spec.umask & 0o777),
+            lossy(&spec.cwd),
+            "nice".into(),
+            "-n".into(),
+            self.cfg.nice.to_string(),
+        ];
+        if spec.uid != 0 {
+            argv.extend(["setpriv".into(), format!("--reuid={}", spec.uid), format!("--regid={}", spec.gid)]);
+            if spec.groups.is_empty() {
+                argv.push("--clear-groups".into());
+            } else {
+                argv.push(format!("--groups={}", spec.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",")));
+            }
+            argv.push("--".into());
+        }
+        argv.extend(["env".into(), "-i".into()]);
         for (k, v) in &spec.env {
-            cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+            if !k.contains(&b'=') {
+                argv.push(format!("{}={}", lossy(k), lossy(v)));
+            }
         }
-        cmd.current_dir(cwd).stdin(Stdio::from(stdin)).stdout(Stdio::from(stdout)).stderr(Stdio::from(stderr));
-        let (uid, gid, groups, umask, nice) = (spec.uid, spec.gid, spec.groups.clone(), spec.umask, self.cfg.nice);
-        // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls on values captured by copy.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::umask(umask as libc::mode_t);
-                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot start {}: {e}", String::from_utf8_lossy(&spec.argv[0]))))?;
-        let pid = child.id();
-        let info = JobInfo {
-            job: spec.job,
-            pid,
-            uid,
-            home: spec.home.clone(),
-            argv0: String::from_utf8_lossy(&spec.argv[0]).into_owned(),
-            running: true,
-        };
-        info!(job = spec.job, pid, home = %spec.home, cmd = %info.argv0, "job started");
-        self.jobs.lock().unwrap().insert(spec.job, Job { info, exit: None });
+        argv.extend(spec.argv.iter().map(|a| lossy(a)));
+        let paths: Vec<PathBuf> = [&spec.stdin, &spec.stdout, &spec.stderr].iter().map(|p| PathBuf::from(OsStr::from_bytes(p))).collect();
+        // Opens stdin, then stdout and stderr: the order in which rexec opens the other ends.
+        let sb = wisp_procmig::run_sandboxed(&argv, [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])])
+            .map_err(|e| err(libc::EIO, format!("cannot start {}: {e}", lossy(&spec.argv[0]))))?;
+        let info = JobInfo { job: spec.job, pid: sb.pid as u32, uid: spec.uid, home: spec.home.clone(), argv0: lossy(&spec.argv[0]), running: true };
+        info!(job = spec.job, pid = sb.pid, home = %spec.home, cmd = %info.argv0, "job started");
+        self.adopt(info, sb);
+        Ok(sb.pid as u32)
+    }
+
+    /// Track a job whose sandbox init is our child, until it ends.
+    fn adopt(self: &Arc<Self>, info: JobInfo, sb: wisp_procmig::Sandbox) {
+        let job = info.job;
+        self.jobs.lock().unwrap().insert(job, Job { info, exit: None, moved: None, migrating: false });
         self.running.fetch_add(1, Ordering::Relaxed);
         let me = self.clone();
-        let job = spec.job;
         std::thread::spawn(move || {
-            let st = child.wait();
-            let (code, signal) = match st {
-                Ok(s) => match (s.code(), s.signal()) {
-                    (Some(c), _) => (c, 0),
-                    (None, Some(sig)) => (128 + sig, sig),
-                    _ => (255, 0),
-                },
-                Err(e) => {
-                    warn!(job, "wait failed: {e}");
-                    (255, 0)
-                }
-            };
+            let code = sb.wait().unwrap_or_else(|e| {
+                warn!(job, "wait failed: {e}");
+                255
+            });
+            let signal = if code > 128 && code < 160 { code - 128 } else { 0 };
             me.running.fetch_sub(1, Ordering::Relaxed);
             let mut jobs = me.jobs.lock().unwrap();
             if let Some(j) = jobs.get_mut(&job) {
                 j.exit = Some((code, signal));
                 j.info.running = false;
+                if j.moved.is_some() {
+                    info!(job, "frozen copy of a migrated job released");
+                } else {
+                    info!(job, code, "job ended");
+                }
             }
-            info!(job, code, signal, "job ended");
             me.changed.notify_all();
         });
-        Ok(pid)
+    }
+
+    /// Source side of a migration (see `Request::MigrateOut`).
+    fn migrate_out(&self, job: u64, to_host: String, to_addr: String) -> Result<Response, WireError> {
+        let t0 = Instant::now();
+        let (pid, uid, home, argv0) = {
+            let mut jobs = self.jobs.lock().unwrap();
+            let j = jobs.get_mut(&job).ok_or_else(|| err(libc::ESRCH, format!("no job {job} on this host")))?;
+            if j.exit.is_some() || j.moved.is_some() {
+                return Err(err(libc::ESRCH, format!("job {job} is no longer running here")));
+            }
+            if j.migrating {
+                return Err(err(libc::EBUSY, format!("job {job} is already migrating")));
+            }
+            j.migrating = true;
+            (j.info.pid as i32, j.info.uid, j.info.home.clone(), j.info.argv0.clone())
+        };
+        let unmark = |me: &Self| {
+            if let Some(j) = me.jobs.lock().unwrap().get_mut(&job) {
+                j.migrating = false;
+            }
+        };
+        let dir = self.cfg.mount.join(".swap").join(format!("{job:x}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            unmark(self);
+            return Err(err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot make {}: {e}", dir.display())));
+        }
+        // Freeze and write the image; on failure procmig resumes the process itself.
+        let dumped = match wisp_procmig::dump(pid, &dir) {
+            Ok(d) => d,
+            Err(e) => {
+                unmark(self);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err(libc::EIO, format!("cannot freeze job {job}: {e}")));
+            }
+        };
+        let rt = tokio::runtime::Handle::current();
+        let target = RpcClient::start(rt.clone(), to_addr.clone(), self.cfg.key.clone(), format!("agent@{}", self.cfg.host), Duration::from_secs(60), Arc::new(|_| Ok(())));
+        let req = Request::MigrateIn { job, dir: dir.as_os_str().as_bytes().to_vec(), uid, home, argv0 };
+        match rt.block_on(target.call(req)) {
+            Ok(Response::Started { pid: new_pid }) => {
+                // The target runs it: only now does the source let go of its frozen copy.
+                if let Some(j) = self.jobs.lock().unwrap().get_mut(&job) {
+                    j.moved = Some((to_host.clone(), to_addr.clone()));
+                    j.migrating = false;
+                }
+                if let Err(e) = dumped.frozen.kill() {
+                    warn!(job, "killing the frozen source failed: {e}");
+                }
+                self.changed.notify_all();
+                info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
+                Ok(Response::Migrated { pid: new_pid, frozen_ms: t0.elapsed().as_millis() as u64, bytes: dumped.bytes, total_ms: t0.elapsed().as_millis() as u64 })
+            }
+            other => {
+                // The target failed: the source resumes as if nothing happened.
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(r) => format!("unexpected reply {r:?}"),
+                };
+                if let Err(e) = dumped.frozen.resume() {
+                    warn!(job, "resuming the frozen source failed: {e}");
+                }
+                unmark(self);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(err(libc::EIO, format!("target {to_host} could not take job {job}: {why}; it keeps running here")))
+            }
+        }
+    }
+
+    /// Target side of a migration (see `Request::MigrateIn`).
+    fn migrate_in(self: &Arc<Self>, job: u64, dir: &[u8], uid: u32, home: String, argv0: String) -> Result<u32, WireError> {
+        let dir = PathBuf::from(OsStr::from_bytes(dir));
+        if !dir.starts_with(&self.cfg.mount) {
+            return Err(err(libc::EXDEV, format!("image {} is not in {}", dir.display(), self.cfg.mount.display())));
+        }
+        if self.jobs.lock().unwrap().get(&job).is_some_and(|j| j.exit.is_none() && j.moved.is_none()) {
+            return Err(err(libc::EEXIST, format!("job {job} already runs here")));
+        }
+        let opts = wisp_procmig::RestoreOptions { pid_mode: wisp_procmig::PidMode::NewNamespace, ..Default::default() };
+        let r = wisp_procmig::restore_with(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
+        for w in &r.warnings {
+            warn!(job, "restore: {w}");
+        }
+        let sb = wisp_procmig::Sandbox { init_pid: r.init_pid.unwrap_or(r.pid), pid: r.pid };
+        self.adopt(JobInfo { job, pid: r.pid as u32, uid, home, argv0, running: true }, sb);
+        // Every page is in: the swap file is no longer needed.
+        let _ = std::fs::remove_dir_all(&dir);
+        info!(job, pid = r.pid, "job arrived");
+        Ok(r.pid as u32)
     }
 
     fn wait(&self, job: u64) -> Result<Response, WireError> {
@@ -156,6 +249,9 @@ impl Agent {
         loop {
             match jobs.get(&job) {
                 None => return Err(err(libc::ESRCH, format!("no job {job} on this host"))),
+                Some(Job { moved: Some((host, addr)), .. }) => {
+                    return Ok(Response::Moved { host: host.clone(), addr: addr.clone() });
+                }
                 Some(Job { exit: Some((code, signal)), .. }) => {
                     let (code, signal) = (*code, *signal);
                     jobs.remove(&job);
@@ -173,12 +269,13 @@ impl Agent {
 
     fn signal(&self, job: u64, sig: i32) -> Result<Response, WireError> {
         let pid = match self.jobs.lock().unwrap().get(&job) {
+            Some(Job { moved: Some((host, addr)), .. }) => return Ok(Response::Moved { host: host.clone(), addr: addr.clone() }),
             Some(j) if j.exit.is_none() => j.info.pid,
             Some(_) => return Ok(Response::Ok),
             None => return Err(err(libc::ESRCH, format!("no job {job} on this host"))),
         };
-        // SAFETY: kill(2) on the job's process group (it is a session leader: pgid == pid).
-        if unsafe { libc::kill(-(pid as i32), sig) } != 0 {
+        // SAFETY: kill(2) on the job's pid.
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
             let e = std::io::Error::last_os_error();
             return Err(err(e.raw_os_error().unwrap_or(libc::EIO), format!("signal {sig} to job {job}: {e}")));
         }
@@ -198,7 +295,74 @@ impl Service for AgentService {
             Request::JobWait { job } => self.0.wait(job),
             Request::JobSignal { job, signal } => self.0.signal(job, signal),
             Request::JobList => Ok(Response::Jobs(self.0.jobs())),
+            Request::MigrateOut { job, to_host, to_addr } => self.0.migrate_out(job, to_host, to_addr),
+            Request::MigrateIn { job, dir, uid, home, argv0 } => Ok(Response::Started { pid: self.0.migrate_in(job, &dir, uid, home, argv0)? }),
             other => Err(err(libc::EOPNOTSUPP, format!("the agent does not serve {:?}", std::mem::discriminant(&other)))),
+        }
+    }
+}
+
+/// The agent address of a host registered as `ip:port`.
+pub fn agent_addr(host_addr: &str) -> String {
+    let ip = host_addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(host_addr);
+    format!("{ip}:{}", crate::AGENT_PORT)
+}
+
+/// Eviction: while `owner_active()` says the owner is at this host, every foreign job (one
+/// whose home is another host) is migrated away at once: to another idle host the registry
+/// hands out, or else home. Checked every `every`.
+pub async fn eviction_loop(
+    agent: Arc<Agent>,
+    reg: wisp_naming::RegistryClient,
+    owner_active: impl Fn() -> bool + Send + Sync + 'static,
+    every: Duration,
+) {
+    let owner_active = Arc::new(owner_active);
+    loop {
+        tokio::time::sleep(every).await;
+        if !owner_active() {
+            continue;
+        }
+        let foreign: Vec<JobInfo> = {
+            let jobs = agent.jobs.lock().unwrap();
+            jobs.values()
+                .filter(|j| j.exit.is_none() && j.moved.is_none() && !j.migrating && j.info.home != agent.cfg.host)
+                .map(|j| j.info.clone())
+                .collect()
+        };
+        for j in foreign {
+            let t0 = Instant::now();
+            let target = match reg.allocate_hosts(j.uid, 1, &agent.cfg.host, false).await {
+                Ok(mut v) if !v.is_empty() => {
+                    let l = v.remove(0);
+                    Some((l.host, l.addr))
+                }
+                _ => match reg.hosts().await {
+                    Ok(hs) => hs.into_iter().find(|h| h.name == j.home).map(|h| (h.name, h.addr)),
+                    Err(e) => {
+                        warn!(job = j.job, "eviction: registry unavailable: {e}");
+                        None
+                    }
+                },
+            };
+            let Some((to, to_addr)) = target else {
+                warn!(job = j.job, home = %j.home, "eviction: no idle host and home unknown; job stays");
+                continue;
+            };
+            let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Begin).await;
+            let a = agent.clone();
+            let (job, to2, addr2) = (j.job, to.clone(), agent_addr(&to_addr));
+            let r = tokio::task::spawn_blocking(move || a.migrate_out(job, to2, addr2)).await;
+            match r {
+                Ok(Ok(_)) => {
+                    let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Commit).await;
+                    info!(job = j.job, to = %to, ms = t0.elapsed().as_millis() as u64, "evicted: owner is back");
+                }
+                other => {
+                    let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort).await;
+                    warn!(job = j.job, to = %to, "eviction failed: {other:?}");
+                }
+            }
         }
     }
 }

@@ -223,7 +223,10 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
     };
     let tout = copy_out(pout.clone(), false);
     let terr = copy_out(perr.clone(), true);
-    let agent = RpcClient::start(rt.handle().clone(), agent_addr.to_string(), opts.key.clone(), format!("rexec@{}", opts.home), Duration::from_secs(30), Arc::new(|_| Ok(())));
+    let connect = |addr: &str| RpcClient::start(rt.handle().clone(), addr.to_string(), opts.key.clone(), format!("rexec@{}", opts.home), Duration::from_secs(30), Arc::new(|_| Ok(())));
+    let agent = connect(agent_addr);
+    // Where the job runs now: it may migrate while we wait.
+    let current = Arc::new(std::sync::Mutex::new(agent.clone()));
     let spec = ExecSpec {
         job,
         argv: opts.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
@@ -252,7 +255,7 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
     }
     // Forward the signals a user sends to rexec.
     let fwd = {
-        let agent = agent.clone();
+        let current = current.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGTSTP, libc::SIGCONT, libc::SIGWINCH, libc::SIGUSR1, libc::SIGUSR2];
@@ -270,14 +273,28 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
                 });
             }
             while let Some(s) = rx.recv().await {
-                let _ = agent.call(Request::JobSignal { job, signal: s }).await;
+                let agent = current.lock().unwrap().clone();
+                if let Ok(Response::Moved { .. }) = agent.call(Request::JobSignal { job, signal: s }).await {
+                    // Raced with a migration: the waiter below switches hosts; try once more.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let agent = current.lock().unwrap().clone();
+                    let _ = agent.call(Request::JobSignal { job, signal: s }).await;
+                }
             }
         })
     };
+    let mut host = host.to_string();
     let (code, signal) = loop {
+        let agent = current.lock().unwrap().clone();
         match rt.block_on(agent.call(Request::JobWait { job })) {
             Ok(Response::Exited { code, signal }) => break (code, signal),
             Err(RpcError::Remote(w)) if w.errno == libc::EAGAIN => continue,
+            Ok(Response::Moved { host: h, addr }) => {
+                say(opts.verbose, &format!("job {job} moved from {host} to {h}"));
+                host = h;
+                *current.lock().unwrap() = connect(&addr);
+                continue;
+            }
             Ok(other) => {
                 fwd.abort();
                 return Err(agent_err(RpcError::Remote(wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")))));
@@ -304,7 +321,7 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
     }
     drop(tin); // may still be blocked reading our stdin; it dies with the process
     cleanup(&dir);
-    say(opts.verbose, &format!("job {job:x} on {host} exited with {code}{}", if signal != 0 { format!(" (signal {signal})") } else { String::new() }));
+    say(opts.verbose, &format!("job {job} on {host} exited with {code}{}", if signal != 0 { format!(" (signal {signal})") } else { String::new() }));
     Ok(code)
 }
 

@@ -6,11 +6,12 @@
 //! per subcommand) and calls library code; no mechanism lives here.
 
 pub mod owner;
+pub mod jobs_cli;
 pub mod registry_cli;
 
 /// The port a workstation's wispd is recorded at in the registry (`wispd --advertise`
-/// defaults to its address toward the registry on this port). wispd itself does not listen
-/// on it yet: it is the address rexec and migration will reach it at.
+/// defaults to its address toward the registry on this port): where its job agent
+/// (`wisp_rexec::AGENT_PORT`) is reached by rexec and migration.
 pub const WISPD_PORT: u16 = 7071;
 
 /// Start structured logging at `level` (RUST_LOG, if set, wins).

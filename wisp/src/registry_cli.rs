@@ -38,7 +38,7 @@ pub struct RegistryOpts {
     pub key: Option<PathBuf>,
 }
 
-/// `wisp hosts`: the hosts the registry knows.
+/// Hosts known to the cluster registry: state, load, owner idle time, foreign jobs.
 ///
 /// One line per host: name, role, address of its wispd, state (up, or down when its
 /// heartbeats stopped), load averages (1/5/15 min) and runnable processes, how long its
@@ -62,8 +62,12 @@ pub struct HostsArgs {
     pub json: bool,
 }
 
-/// `wisp domains`: the domain table (path prefix -> file server).
+/// The domain table: which file server serves each part of the namespace.
+///
+/// Each entry maps a path prefix under /wisp to the file server serving it; a path belongs
+/// to the longest prefix that matches it. Without a subcommand, lists the table.
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct DomainsArgs {
     #[command(subcommand)]
     pub cmd: Option<DomainsCmd>,
@@ -93,8 +97,12 @@ pub enum DomainsCmd {
     },
 }
 
-/// `wisp registry`: the registry's replicas and its policy.
+/// The cluster registry: its replicas (on the file servers) and its idle-host policy.
+///
+/// The registry (hosts, domains, jobs) is replicated with Raft on the file servers that run
+/// with --registry-id; it keeps working while a majority of its voters are up.
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct RegistryArgs {
     #[command(subcommand)]
     pub cmd: RegistryCmd,
@@ -137,7 +145,7 @@ pub struct PolicyArgs {
     pub min_owner_idle: Option<u64>,
     /// Load limits, 1, 5 and 15 minute averages, each strictly above the host's load
     /// (Sprite: 0.75,1,1.5).
-    #[arg(long, value_name = "L1,L5,L15", value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_name = "L1,L5,L15", value_delimiter = ',')]
     pub max_load: Option<Vec<f64>>,
     /// Seconds without a heartbeat after which a host is marked down.
     #[arg(long, value_name = "SECS")]
@@ -150,7 +158,7 @@ pub struct PolicyArgs {
     pub allocate_servers: Option<bool>,
 }
 
-/// `wisp owner HOST active|idle|auto`: say whether a workstation's owner is at it.
+/// Say whether a workstation's owner is at it: active, idle, or auto (measured).
 ///
 /// `active`: the owner is back; HOST stops being lent out (jobs from other hosts are
 /// evicted by the migration layer). `idle`: the owner is away (for --away seconds, so
@@ -159,9 +167,9 @@ pub struct PolicyArgs {
 ///
 /// Two things happen: the registry is told at once (SetOwnerActivity), and the override
 /// file /run/wisp-owner/HOST is written, which HOST's wispd reads before every heartbeat,
-/// so the setting lasts. The file is written only where HOST's wispd can see it: with
-/// --cluster (every simulated host shares this machine's /run), when HOST is this
-/// machine, or at --owner-file. Otherwise only the registry is told, and HOST's own wispd
+/// so the setting lasts. The file is written only where HOST's wispd can see it: when
+/// HOST is this machine, at --owner-file, or with --cluster in the simulated cluster's
+/// own override file (/run/wisp/NAME/owner/HOST, which its wispds are started with). Otherwise only the registry is told, and HOST's own wispd
 /// reports its measured owner activity again at its next heartbeat (within seconds).
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -189,15 +197,16 @@ pub enum OwnerState {
 }
 
 /// A connected registry client and the runtime it runs on.
-struct Conn {
-    rt: tokio::runtime::Runtime,
-    client: RegistryClient,
+pub(crate) struct Conn {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) client: RegistryClient,
     servers: Vec<String>,
-    simulated: bool,
+    /// The simulated cluster, with --cluster.
+    cluster: Option<wisp_cluster::Cluster>,
 }
 
 impl Conn {
-    fn run<T>(&self, f: impl std::future::Future<Output = Result<T, NamingError>>) -> Result<T> {
+    pub(crate) fn run<T>(&self, f: impl std::future::Future<Output = Result<T, NamingError>>) -> Result<T> {
         self.rt.block_on(f).map_err(|e| explain(e, &self.servers))
     }
 }
@@ -205,6 +214,16 @@ impl Conn {
 /// Turn a registry error into one that says what to do next.
 fn explain(e: NamingError, servers: &[String]) -> anyhow::Error {
     match &e {
+        // Some replica answered, but none could commit or knew a leader: no quorum.
+        NamingError::Unavailable { errors } if errors.iter().any(|x| x.contains("no quorum") || x.contains("(leader: unknown)")) => {
+            let down = errors.iter().filter(|x| x.contains("unreachable")).count();
+            anyhow!(
+                "{e}\nno quorum: {} of {} registry replicas answer, and no leader can be elected without a majority. \
+                 Writes wait until enough wisp-servers are back (start the stopped ones); nothing committed is lost, and reads still answer",
+                errors.len() - down,
+                errors.len()
+            )
+        }
         NamingError::Unavailable { .. } => anyhow!(
             "{e}\nno registry replica answered at {}: check that the wisp-servers run with --registry-id and are up \
              (`wisp registry status`), that --registry lists their addresses, and that the key is the cluster's",
@@ -217,34 +236,62 @@ fn explain(e: NamingError, servers: &[String]) -> anyhow::Error {
     }
 }
 
-/// Enter the network namespace of the simulated cluster's first server (all hosts share
-/// its bridge), so its addresses are reachable. Must run before any thread is started:
-/// threads started later inherit the namespace.
-fn enter_cluster_netns(c: &wisp_cluster::Cluster) -> Result<()> {
+/// Enter the network namespace of a host of the simulated cluster, so its addresses are
+/// reachable: the first host (servers, then workstations) from which every replica in
+/// `servers` accepts a connection, else the one that reaches the most (a host may be
+/// partitioned or stopped). Must run before any thread is started: threads started later
+/// inherit the namespace.
+fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<()> {
     use std::os::unix::io::AsRawFd;
-    let h = c.servers().next().ok_or_else(|| anyhow!("simulated cluster {} has no server", c.name))?;
-    let path = format!("/proc/{}/ns/net", h.anchor);
-    let f = std::fs::File::open(&path).with_context(|| format!("cannot open {path} (is cluster {} still up? are you root?)", c.name))?;
-    // SAFETY: setns on the calling thread with a valid namespace fd; no other thread exists
-    // yet in this process that could be confused by the switch.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r != 0 {
-        bail!("cannot join the network namespace of cluster {}: {} (run as root)", c.name, std::io::Error::last_os_error());
+    let join = |anchor: u32| -> Result<()> {
+        let path = format!("/proc/{anchor}/ns/net");
+        let f = std::fs::File::open(&path).with_context(|| format!("cannot open {path} (is cluster {} still up? are you root?)", c.name))?;
+        // SAFETY: setns on the calling thread with a valid namespace fd; no other thread
+        // exists yet in this process that could be confused by the switch.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("cannot join the network namespace of cluster {}: {} (run as root)", c.name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let mut best: Option<(usize, u32)> = None;
+    for h in c.servers().chain(c.workstations()) {
+        join(h.anchor)?;
+        let n = servers.iter().filter(|a| reachable(a)).count();
+        if n == servers.len() {
+            return Ok(());
+        }
+        if best.map(|(b, _)| n > b).unwrap_or(true) {
+            best = Some((n, h.anchor));
+        }
     }
-    Ok(())
+    match best {
+        Some((_, anchor)) => join(anchor),
+        None => bail!("simulated cluster {} has no host", c.name),
+    }
 }
 
-fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
+/// Whether `addr` accepts a TCP connection within 300 ms.
+fn reachable(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .map(|sa| std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)).is_ok())
+        .unwrap_or(false)
+}
+
+pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
     let mut servers: Vec<String> = o.registry.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let mut key = o.key.clone();
-    let simulated = o.cluster.is_some();
+    let mut cluster = None;
     if let Some(cn) = &o.cluster {
         let c = wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?;
         if servers.is_empty() {
             servers = c.servers().map(|h| format!("{}:{}", h.addr, wisp_cluster::SERVER_PORT)).collect();
         }
         key.get_or_insert(c.key_file.clone());
-        enter_cluster_netns(&c)?;
+        enter_cluster_netns(&c, &servers)?;
+        cluster = Some(c);
     }
     if servers.is_empty() {
         bail!("which registry? give --registry ADDR[,ADDR...] (the file servers running with --registry-id), or --cluster NAME for a simulated cluster");
@@ -253,10 +300,21 @@ fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
         wisp_naming::registry::check_addr("--registry", s).map_err(|e| anyhow!("{e}"))?;
     }
     let key_path = key.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY));
-    let key = wisp_proto::key::ClusterKey::load(&key_path).with_context(|| format!("cannot load the cluster key {} (give --key FILE)", key_path.display()))?;
+    let key = wisp_proto::key::ClusterKey::load(&key_path).map_err(|e| anyhow!("{e} (give --key FILE, the cluster's key)"))?;
+    let servers = reachable_first(servers);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client = RegistryClient::new(rt.handle().clone(), servers.clone(), key, name.to_string());
-    Ok(Conn { rt, client, servers, simulated })
+    // Past a replica's own write timeout (5 s) so its "no quorum" answer arrives.
+    let client = RegistryClient::new(rt.handle().clone(), servers.clone(), key, name.to_string())
+        .with_timeouts(Duration::from_secs(6), Duration::from_secs(20));
+    Ok(Conn { rt, client, servers, cluster })
+}
+
+/// The replicas that accept a TCP connection first: a dead one would otherwise cost a whole
+/// call timeout (its connection never comes up) before the next one is tried.
+fn reachable_first(servers: Vec<String>) -> Vec<String> {
+    let (mut good, bad): (Vec<String>, Vec<String>) = servers.into_iter().partition(|a| reachable(a));
+    good.extend(bad);
+    good
 }
 
 fn now_ms() -> u64 {
@@ -402,6 +460,7 @@ fn status_all(c: &Conn) -> Vec<(String, Result<NodeStatus, NamingError>)> {
     if !more.is_empty() {
         out.extend(ask(more));
     }
+    out.sort_by_key(|(a, r)| (r.as_ref().map(|s| s.id).unwrap_or(u64::MAX), a.clone()));
     out
 }
 
@@ -504,6 +563,9 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
                 pol.min_owner_idle_secs = v;
             }
             if let Some(l) = p.max_load {
+                if l.len() != 3 {
+                    bail!("--max-load takes three limits, L1,L5,L15 (e.g. 0.75,1,1.5)");
+                }
                 (pol.max_load1, pol.max_load5, pol.max_load15) = (l[0], l[1], l[2]);
             }
             if let Some(v) = p.down_after {
@@ -541,7 +603,11 @@ fn this_host() -> String {
 pub fn owner(a: OwnerArgs) -> Result<ExitCode> {
     let local = this_host();
     let c = connect(&a.reg, "wisp-owner")?;
-    let file = a.owner_file.clone().or_else(|| (c.simulated || a.host == local).then(|| owner_file(&a.host)));
+    let file = match (&a.owner_file, &c.cluster) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(sim)) => Some(sim.owner_file(&a.host)),
+        (None, None) => (a.host == local).then(|| owner_file(&a.host)),
+    };
     let now = now_secs();
     let ov = match a.state {
         OwnerState::Active => Some(Override::Active),
@@ -605,4 +671,15 @@ mod tests {
             .collect();
         assert_eq!(join_all(futs).await, vec![0, 1, 2, 3, 4]);
     }
+}
+
+/// The key file these options point at (for talking to agents as well as the registry).
+pub(crate) fn key_path(o: &RegistryOpts) -> Result<PathBuf> {
+    if let Some(k) = &o.key {
+        return Ok(k.clone());
+    }
+    if let Some(cn) = &o.cluster {
+        return Ok(wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?.key_file);
+    }
+    Ok(PathBuf::from(DEFAULT_KEY))
 }

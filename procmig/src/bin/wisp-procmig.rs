@@ -9,6 +9,8 @@
 //! wisp-procmig restore --dir D [--any-pid] [--wait] [--lazy] [--inherit-fd N=FD]...
 //!     restore the image in D; prints "<pid> <ns-pid|-> <init-pid|->"; with --lazy the
 //!     command stays until all anonymous memory is paged in
+//! wisp-procmig info --dir D
+//!     validate the image in D and summarize it (exit 4 when it is corrupt)
 //! wisp-procmig resume --pid P        wisp-procmig kill --pid P
 //!     resolve a frozen source after a restore failed / succeeded
 //! ```
@@ -37,6 +39,8 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Resume a source left frozen by `dump`.
     Resume(PidArgs),
+    /// Validate an image and print a summary of it (exit 4 when it is bad).
+    Info(InfoArgs),
     /// Kill a source left frozen by `dump`.
     Kill(PidArgs),
 }
@@ -100,13 +104,21 @@ struct RestoreArgs {
 }
 
 #[derive(Args)]
+struct InfoArgs {
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Args)]
 struct PidArgs {
     #[arg(long)]
     pid: i32,
 }
 
 fn parse_inherit(s: &str) -> Result<(i32, i32), String> {
-    let (n, fd) = s.split_once('=').ok_or_else(|| format!("expected N=FD, got {s:?}"))?;
+    let (n, fd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected N=FD, got {s:?}"))?;
     let n = n.parse().map_err(|_| format!("bad fd number {n:?}"))?;
     let fd = fd.parse().map_err(|_| format!("bad descriptor {fd:?}"))?;
     Ok((n, fd))
@@ -129,8 +141,11 @@ fn code_for(e: &anyhow::Error) -> u8 {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.cmd {
         Cmd::Run(a) => {
-            let sb = wisp_procmig::run_sandboxed(&a.cmd, [a.stdin.as_deref(), a.stdout.as_deref(), a.stderr.as_deref()])
-                .with_context(|| format!("cannot start {:?}", a.cmd))?;
+            let sb = wisp_procmig::run_sandboxed(
+                &a.cmd,
+                [a.stdin.as_deref(), a.stdout.as_deref(), a.stderr.as_deref()],
+            )
+            .with_context(|| format!("cannot start {:?}", a.cmd))?;
             println!("{} {}", sb.pid, sb.init_pid);
             if a.wait {
                 return Ok(sb.wait()?.clamp(0, 255) as u8);
@@ -138,12 +153,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Cmd::Dump(a) => {
             let info = if a.precopy_rounds > 0 {
-                let mut pc = wisp_procmig::PreCopy::start(a.pid, &a.dir)
-                    .with_context(|| format!("pre-copy of pid {} into {}", a.pid, a.dir.display()))?;
+                let mut pc = wisp_procmig::PreCopy::start(a.pid, &a.dir).with_context(|| {
+                    format!("pre-copy of pid {} into {}", a.pid, a.dir.display())
+                })?;
                 for _ in 1..a.precopy_rounds {
-                    pc.round().with_context(|| format!("pre-copy round of pid {}", a.pid))?;
+                    pc.round()
+                        .with_context(|| format!("pre-copy round of pid {}", a.pid))?;
                 }
-                eprintln!("pre-copy rounds (pages): {:?}", pc.rounds);
+                eprintln!(
+                    "pre-copy with {} tracking, rounds (pages): {:?}",
+                    pc.tracking(),
+                    pc.rounds
+                );
                 pc.finish()
             } else {
                 wisp_procmig::dump(a.pid, &a.dir)
@@ -157,27 +178,46 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 info.bytes,
                 info.fds,
                 info.frozen_ms,
-                if info.syscall_note.is_empty() { String::new() } else { format!("; {}", info.syscall_note) }
+                if info.syscall_note.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", info.syscall_note)
+                }
             );
             if a.kill {
-                info.frozen.kill().with_context(|| format!("kill of pid {}", a.pid))?;
+                info.frozen
+                    .kill()
+                    .with_context(|| format!("kill of pid {}", a.pid))?;
             } else if a.resume {
-                info.frozen.resume().with_context(|| format!("resume of pid {}", a.pid))?;
+                info.frozen
+                    .resume()
+                    .with_context(|| format!("resume of pid {}", a.pid))?;
             } else {
-                info.frozen.release_stopped().with_context(|| format!("leaving pid {} frozen", a.pid))?;
+                info.frozen
+                    .release_stopped()
+                    .with_context(|| format!("leaving pid {} frozen", a.pid))?;
             }
         }
         Cmd::Restore(a) => {
             let opts = wisp_procmig::RestoreOptions {
-                pid_mode: if a.any_pid { wisp_procmig::PidMode::Any } else { wisp_procmig::PidMode::Auto },
+                pid_mode: if a.any_pid {
+                    wisp_procmig::PidMode::Any
+                } else {
+                    wisp_procmig::PidMode::Auto
+                },
                 inherit_fds: a.inherit_fd.clone(),
                 lazy_push_delay: std::time::Duration::from_millis(a.lazy_push_delay_ms),
             };
             let (r, pager) = if a.lazy {
-                let (r, p) = wisp_procmig::restore_lazy(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?;
+                let (r, p) = wisp_procmig::restore_lazy(&a.dir, &opts)
+                    .with_context(|| format!("restore from {}", a.dir.display()))?;
                 (r, Some(p))
             } else {
-                (wisp_procmig::restore_with(&a.dir, &opts).with_context(|| format!("restore from {}", a.dir.display()))?, None)
+                (
+                    wisp_procmig::restore_with(&a.dir, &opts)
+                        .with_context(|| format!("restore from {}", a.dir.display()))?,
+                    None,
+                )
             };
             for w in &r.warnings {
                 eprintln!("warning: {w}");
@@ -187,28 +227,85 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
             if let Some(p) = pager {
-                let st = p.wait().with_context(|| format!("lazy paging of pid {}", r.pid))?;
-                eprintln!("lazy paging done: {} faults, {} pages pushed", st.faults, st.pushed);
+                let st = p
+                    .wait()
+                    .with_context(|| format!("lazy paging of pid {}", r.pid))?;
+                eprintln!(
+                    "lazy paging done: {} faults, {} pages pushed",
+                    st.faults, st.pushed
+                );
             }
             if a.wait {
                 let waited = r.init_pid.unwrap_or(r.pid);
-                let sb = wisp_procmig::Sandbox { init_pid: waited, pid: r.pid };
+                let sb = wisp_procmig::Sandbox {
+                    init_pid: waited,
+                    pid: r.pid,
+                };
                 return Ok(sb.wait()?.clamp(0, 255) as u8);
             }
         }
-        Cmd::Resume(a) => wisp_procmig::resume_stopped(a.pid).with_context(|| format!("resume of pid {}", a.pid))?,
-        Cmd::Kill(a) => wisp_procmig::kill_stopped(a.pid).with_context(|| format!("kill of pid {}", a.pid))?,
+        Cmd::Info(a) => {
+            let m = wisp_procmig::image::load(&a.dir)
+                .with_context(|| format!("image in {}", a.dir.display()))?;
+            let pages: u64 = m.page_runs.iter().map(|r| r.npages).sum();
+            println!(
+                "pid {} (namespace pids {:?}) comm {:?} exe {}",
+                m.pid, m.ns_pids, m.comm, m.exe
+            );
+            println!(
+                "threads {}, vmas {}, stored pages {} ({} bytes), fds {}",
+                m.threads.len() + 1,
+                m.vmas.len(),
+                pages,
+                pages * 4096,
+                m.fds.len()
+            );
+            for f in &m.fds {
+                println!("  fd {} {:?} {} pos {}", f.fd, f.kind, f.path, f.pos);
+            }
+            println!(
+                "host {} kernel {} cwd {}",
+                m.hostname, m.kernel_release, m.cwd
+            );
+            if !m.syscall_note.is_empty() {
+                println!("{}", m.syscall_note);
+            }
+        }
+        Cmd::Resume(a) => wisp_procmig::resume_stopped(a.pid)
+            .with_context(|| format!("resume of pid {}", a.pid))?,
+        Cmd::Kill(a) => {
+            wisp_procmig::kill_stopped(a.pid).with_context(|| format!("kill of pid {}", a.pid))?
+        }
     }
     Ok(0)
 }
 
+/// The error chain on one line, without repeating a cause already quoted by its parent.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        if out.contains(&m) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&m);
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(c) => ExitCode::from(c),
         Err(e) => {
-            eprintln!("wisp-procmig: {e:#}");
+            eprintln!("wisp-procmig: {}", chain(&e));
             ExitCode::from(code_for(&e))
         }
     }

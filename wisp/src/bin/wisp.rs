@@ -30,6 +30,15 @@ enum Cmd {
     /// Make a cluster pipe at PATH (in /wisp): a FIFO that processes on any hosts can share,
     /// with local FIFO semantics (blocking, back-pressure, EOF, EPIPE, atomic PIPE_BUF writes).
     Mkpipe(Mkpipe),
+    /// Move a running job to another host while it runs (see `wisp migrate --help`).
+    Migrate(wisp::jobs_cli::MigrateArgs),
+    /// Jobs started by rexec and the host each runs on now.
+    Jobs(wisp::jobs_cli::JobsArgs),
+    // The registry commands: their help text lives with their flags in wisp::registry_cli.
+    Hosts(wisp::registry_cli::HostsArgs),
+    Domains(wisp::registry_cli::DomainsArgs),
+    Registry(wisp::registry_cli::RegistryArgs),
+    Owner(wisp::registry_cli::OwnerArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -170,6 +179,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("  clients {}  requests {}  bytes read {}  bytes written {}  callbacks {}", stats.clients, stats.requests, stats.bytes_read, stats.bytes_written, stats.callbacks);
             }
         }
+        Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
+        Cmd::Jobs(a) => return wisp::jobs_cli::jobs(a),
         Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),
         Cmd::Domains(a) => return wisp::registry_cli::domains(a),
         Cmd::Registry(a) => return wisp::registry_cli::registry(a),

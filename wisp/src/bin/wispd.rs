@@ -71,6 +71,16 @@ struct Args {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Do not accept foreign jobs on this host (the job agent is not started).
+    #[arg(long)]
+    no_agent: bool,
+    /// Nice value of foreign jobs, so the owner's own work keeps priority.
+    #[arg(long, default_value_t = 10)]
+    job_nice: i32,
+    /// The owner counts as back (and foreign jobs are evicted) when idle for less than
+    /// this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    evict_below: u64,
 }
 
 fn hostname() -> String {
@@ -99,7 +109,7 @@ fn local_ip_toward(peer: &str) -> Result<std::net::IpAddr> {
 
 /// Register, then heartbeat forever. Errors are logged (once per kind of error, and again
 /// when things recover) and retried; the registry losing the host re-registers it.
-async fn registry_loop(client: RegistryClient, name: String, addr: String, owner: OwnerMonitor, every: Duration) {
+async fn registry_loop(client: RegistryClient, name: String, addr: String, owner: std::sync::Arc<OwnerMonitor>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registered = false;
@@ -189,9 +199,35 @@ fn main() -> Result<()> {
     let mounted = wisp_fs_client::mount(rt.handle().clone(), opts)
         .with_context(|| format!("cannot mount {} from {}", args.mount.display(), args.server))?;
     tracing::info!(mount = %args.mount.display(), server = %args.server, "wispd running");
-    let client = RegistryClient::new(rt.handle().clone(), registry.clone(), key, name.clone());
+    // Short per-replica bounds: a dead replica (its connection never comes up) costs one
+    // call timeout before it is tried last, and a heartbeat must not stall longer than the
+    // registry's down-after time (10 s by default) while a new leader is elected.
+    let beat = Duration::from_secs(args.heartbeat);
+    let client = RegistryClient::new(rt.handle().clone(), registry.clone(), key, name.clone())
+        .with_timeouts(Duration::from_secs(3), beat * 2 + Duration::from_secs(4));
     tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
-    rt.spawn(registry_loop(client, name, advertise, owner, Duration::from_secs(args.heartbeat)));
+    let owner = std::sync::Arc::new(owner);
+    if !args.no_agent {
+        // The job agent: runs foreign jobs (rexec), migrates them, evicts them when the
+        // owner comes back.
+        let agent = wisp_rexec::agent::Agent::new(wisp_rexec::agent::AgentConfig {
+            mount: args.mount.clone(),
+            nice: args.job_nice,
+            allow_root: true,
+            key: wisp_proto::key::ClusterKey::load(&args.key)?,
+            host: name.clone(),
+        });
+        let listen = format!("0.0.0.0:{}", advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071"));
+        let listener = rt.block_on(tokio::net::TcpListener::bind(&listen)).with_context(|| format!("cannot listen for jobs on {listen}"))?;
+        let svc = std::sync::Arc::new(wisp_rexec::agent::AgentService(agent.clone()));
+        rt.spawn(wisp_proto::rpc::serve(listener, wisp_proto::key::ClusterKey::load(&args.key)?, svc, std::future::pending::<()>()));
+        let (o2, below) = (owner.clone(), args.evict_below);
+        let evict_reg = RegistryClient::new(rt.handle().clone(), registry.clone(), wisp_proto::key::ClusterKey::load(&args.key)?, format!("{name}-evict"))
+            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        rt.spawn(wisp_rexec::agent::eviction_loop(agent, evict_reg, move || o2.idle_secs().0 < below, Duration::from_millis(500)));
+        tracing::info!(%listen, "accepting jobs");
+    }
+    rt.spawn(registry_loop(client, name, advertise, owner, beat));
     rt.block_on(wisp::terminated());
     tracing::info!("unmounting {}", args.mount.display());
     mounted.unmount().context("unmount")?;

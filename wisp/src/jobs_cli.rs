@@ -1,0 +1,114 @@
+//! `wisp jobs` and `wisp migrate`: where jobs run, and moving them.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use wisp_proto::msg::{Request, Response};
+use wisp_proto::rpc::RpcClient;
+
+use crate::registry_cli::{connect, RegistryOpts};
+
+/// Move a running job to another host while it runs.
+///
+/// The job's current host freezes it, writes its memory and state to a swap file under
+/// /wisp/.swap/JOB/, and the target rebuilds it there; the job keeps its pid, its open
+/// files in /wisp and its stdio pipes (a rexec waiting for it follows it). If the target
+/// fails, the job resumes where it was. Prints how long the job was frozen.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The job id (see `wisp jobs`).
+    pub job: u64,
+    /// Host to move the job to.
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub reg: RegistryOpts,
+}
+
+/// Jobs started by rexec (or migrated), with the host each runs on now.
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Also list jobs that have ended.
+    #[arg(long)]
+    pub all: bool,
+    /// Refresh every N seconds, like top (Ctrl-C to stop).
+    #[arg(long, value_name = "N")]
+    pub watch: Option<u64>,
+    #[command(flatten)]
+    pub reg: RegistryOpts,
+}
+
+/// The agent address of a host registered as `ip:port`.
+pub fn agent_addr(host_addr: &str) -> String {
+    let ip = host_addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(host_addr);
+    format!("{ip}:{}", wisp_rexec::AGENT_PORT)
+}
+
+pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
+    let c = connect(&a.reg, "wisp-migrate")?;
+    let jobs = c.run(c.client.jobs())?;
+    let job = jobs.iter().find(|j| j.id == a.job).ok_or_else(|| anyhow!("no job {} in the registry (see `wisp jobs`)", a.job))?;
+    let hosts = c.run(c.client.hosts())?;
+    let from = hosts.iter().find(|h| h.name == job.current_host).ok_or_else(|| anyhow!("job {} runs on {}, which the registry does not know", a.job, job.current_host))?;
+    let to = hosts.iter().find(|h| h.name == a.to).ok_or_else(|| anyhow!("no host {} (see `wisp hosts`)", a.to))?;
+    if from.name == to.name {
+        bail!("job {} already runs on {}", a.job, to.name);
+    }
+    let key = wisp_proto::key::ClusterKey::load(&crate::registry_cli::key_path(&a.reg)?)?;
+    c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Begin))?;
+    let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&from.addr), key, "wisp-migrate".into(), Duration::from_secs(120), Arc::new(|_| Ok(())));
+    let r = c.rt.block_on(agent.call(Request::MigrateOut { job: a.job, to_host: to.name.clone(), to_addr: agent_addr(&to.addr) }));
+    match r {
+        Ok(Response::Migrated { pid, frozen_ms, bytes, total_ms }) => {
+            c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Commit))?;
+            println!(
+                "job {} moved {} -> {}: pid {} there, frozen {} ms, {:.1} MiB of state, {} ms in all",
+                a.job,
+                from.name,
+                to.name,
+                pid,
+                frozen_ms,
+                bytes as f64 / (1 << 20) as f64,
+                total_ms
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let _ = c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Abort));
+            let why = match other {
+                Err(e) => e.to_string(),
+                Ok(r) => format!("unexpected reply {r:?}"),
+            };
+            Err(anyhow!("{why}")).context(format!("job {} stays on {}", a.job, from.name))
+        }
+    }
+}
+
+pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
+    let c = connect(&a.reg, "wisp-jobs")?;
+    loop {
+        let jobs = c.run(c.client.jobs())?;
+        if a.watch.is_some() {
+            print!("\x1b[H\x1b[2J");
+        }
+        println!("{:<20} {:>6} {:<8} {:<8} {:<10} {}", "JOB", "UID", "HOME", "HOST", "STATE", "MIGRATING");
+        for j in jobs.iter().filter(|j| a.all || j.ended_ms.is_none()) {
+            println!(
+                "{:<20} {:>6} {:<8} {:<8} {:<10} {}",
+                j.id,
+                j.owner_uid,
+                j.home_host,
+                j.current_host,
+                format!("{:?}", j.state).to_lowercase(),
+                j.migrating_to.clone().unwrap_or_default()
+            );
+        }
+        match a.watch {
+            Some(n) => std::thread::sleep(Duration::from_secs(n.max(1))),
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
