@@ -401,6 +401,12 @@ impl Cluster {
     /// until it serves (a server accepts connections; a workstation has `/wisp` mounted).
     pub fn start_daemon(&mut self, host: &str) -> Result<u32> {
         let h = self.host(host)?.clone();
+        if h.role == Role::Workstation && !h.daemon.map(pid_alive).unwrap_or(false) {
+            // A wispd that was killed leaves its FUSE mount behind, dead ("transport endpoint
+            // is not connected"): detach it so the new wispd can mount, and so readiness is
+            // not mistaken from the stale entry.
+            let _ = self.sh(host, &format!("grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts && umount -l {MOUNTPOINT}"));
+        }
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(host))?;
         let key = self.key_file.display().to_string();
         let mut argv: Vec<String> = match h.role {

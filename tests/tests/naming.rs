@@ -254,6 +254,15 @@ fn dead_workstation_is_marked_down() {
     assert!(!allocate(&s, 3).contains(&"ws3".to_string()));
     let table = wisp_ok(&s, &["hosts"]);
     assert!(table.lines().any(|l| l.starts_with("ws3") && l.contains(" down ")), "{table}");
+    // A new wispd brings it back up, with heartbeats, and its owner override still applies.
+    let t = hosts(&s)["ws3"]["last_heartbeat_ms"].as_u64().unwrap();
+    s.start_daemon("ws3").unwrap();
+    wait_until("ws3 is up again", Duration::from_secs(15), || {
+        let h = hosts(&s);
+        (h["ws3"]["state"] == "up" && h["ws3"]["last_heartbeat_ms"].as_u64().unwrap() > t).then_some(())
+    });
+    wait_until("ws3 is idle again", Duration::from_secs(10), || idle_hosts(&s).contains(&"ws3".to_string()).then_some(()));
+    s.ok("ws3", "ls /wisp >/dev/null");
 }
 
 #[test]

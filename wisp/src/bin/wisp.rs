@@ -30,6 +30,9 @@ enum Cmd {
     /// Make a cluster pipe at PATH (in /wisp): a FIFO that processes on any hosts can share,
     /// with local FIFO semantics (blocking, back-pressure, EOF, EPIPE, atomic PIPE_BUF writes).
     Mkpipe(Mkpipe),
+    /// Run the demo: a simulated cluster on this machine showing the shared namespace,
+    /// rexec builds, live migration and eviction, then a report; leaves nothing behind.
+    Demo(DemoArgs),
     /// Move a running job to another host while it runs (see `wisp migrate --help`).
     Migrate(wisp::jobs_cli::MigrateArgs),
     /// Jobs started by rexec and the host each runs on now.
@@ -39,6 +42,13 @@ enum Cmd {
     Domains(wisp::registry_cli::DomainsArgs),
     Registry(wisp::registry_cli::RegistryArgs),
     Owner(wisp::registry_cli::OwnerArgs),
+}
+
+#[derive(Parser, Debug)]
+struct DemoArgs {
+    /// Name of the simulated cluster the demo makes (and removes).
+    #[arg(long, default_value = "demo")]
+    name: String,
 }
 
 #[derive(Parser, Debug)]
@@ -179,6 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("  clients {}  requests {}  bytes read {}  bytes written {}  callbacks {}", stats.clients, stats.requests, stats.bytes_read, stats.bytes_written, stats.callbacks);
             }
         }
+        Cmd::Demo(a) => wisp::demo::run(&a.name)?,
         Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
         Cmd::Jobs(a) => return wisp::jobs_cli::jobs(a),
         Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),

@@ -1,0 +1,201 @@
+//! End-to-end: cluster pipes, rexec on idle hosts, live migration and eviction.
+
+use std::time::{Duration, Instant};
+
+use wisp_tests::{sim, Sim};
+
+fn wisp(s: &Sim, args: &str) -> String {
+    let cli = s.bin_dir.join("wisp");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} {args} --cluster {}", cli.display(), s.name))
+        .output()
+        .expect("run wisp");
+    assert!(out.status.success(), "wisp {args}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn lend(s: &Sim, hosts: &[&str]) {
+    for h in hosts {
+        wisp(s, &format!("owner {h} idle"));
+    }
+    // Wait until the registry sees them idle.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = wisp(s, "hosts");
+        if hosts.iter().all(|h| out.lines().any(|l| l.starts_with(&format!("{h}*")))) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "hosts never became idle:\n{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The host a job runs on now, from the registry.
+fn job_host(s: &Sim, job: &str) -> String {
+    let out = wisp(s, "jobs");
+    out.lines().find(|l| l.split_whitespace().next() == Some(job)).and_then(|l| l.split_whitespace().nth(3)).unwrap_or_default().to_string()
+}
+
+fn only_job(s: &Sim) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = wisp(s, "jobs");
+        if let Some(l) = out.lines().nth(1) {
+            return l.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no job appeared in the registry");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cluster pipe carries 1 GiB between processes on two hosts, intact, with EOF at the end;
+/// a reader that goes away early gives the writer SIGPIPE.
+#[test]
+fn cluster_pipe_between_hosts() {
+    let s = sim("pipe", 2);
+    s.ok("ws1", "wisp mkpipe /wisp/p && wisp mkpipe /wisp/q");
+    let consumer = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh_ok("ws2", "sha256sum < /wisp/p").unwrap())
+    };
+    let produced = s.ok("ws1", "head -c 1073741824 /dev/urandom | tee /wisp/p | sha256sum");
+    let consumed = consumer.join().unwrap();
+    assert_eq!(consumed, produced, "bytes changed in the cluster pipe");
+    // Early reader exit: the writer gets SIGPIPE (exit 141 from the shell's view).
+    let reader = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh_ok("ws2", "head -c 10 /wisp/q | wc -c").unwrap())
+    };
+    let (code, _, _) = s.run("ws1", "yes wisp > /wisp/q; echo $? > /tmp/wisp-pipe-code; exit 0");
+    assert_eq!(code, 0);
+    assert_eq!(reader.join().unwrap().trim(), "10");
+    assert_eq!(std::fs::read_to_string("/tmp/wisp-pipe-code").unwrap().trim(), "141", "writer did not get SIGPIPE");
+}
+
+/// rexec runs the command on an idle host with the same cwd, environment, umask and stdio,
+/// and returns its exit status; with no idle host it runs locally; outside /wisp it refuses.
+#[test]
+fn rexec_runs_on_an_idle_host_as_if_local() {
+    let s = sim("rexec", 3);
+    lend(&s, &["ws2"]);
+    s.ok("ws1", "mkdir -p /wisp/work/sub");
+    let (code, out, err) = s.run(
+        "ws1",
+        "cd /wisp/work/sub && umask 027 && echo input-line | WISP_TEST_VAR=hello rexec -v sh -c \
+         'echo cwd=$(pwd) var=$WISP_TEST_VAR umask=$(umask) uts=$(uname -n) ip=$(ip -o -4 addr show dev eth0 | awk \"{print \\$4}\"); read l; echo got=$l; echo to-stderr >&2; touch made-here; exit 7'",
+    );
+    assert_eq!(code, 7, "exit status not passed back; stderr: {err}");
+    assert!(out.contains("cwd=/wisp/work/sub var=hello umask=0027 uts=ws1 ip=10.99.0.102/24"), "{out}");
+    assert!(out.contains("got=input-line"), "{out}");
+    assert!(err.contains("to-stderr") && err.contains("running on ws2"), "{err}");
+    assert_eq!(s.ok("ws1", "stat -c %a /wisp/work/sub/made-here"), "640\n");
+
+    // Outside /wisp: a clear refusal.
+    let (code, _, err) = s.run("ws1", "cd /tmp && rexec true");
+    assert_ne!(code, 0);
+    assert!(err.contains("not inside /wisp"), "{err}");
+
+    // Signals reach the job: SIGINT to rexec ends the remote sleep with 130.
+    let t0 = Instant::now();
+    let (code, _, err) = s.run("ws1", "cd /wisp/work && rexec sleep 30 & sleep 2; kill -INT $!; wait $!");
+    assert_eq!(code, 130, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+
+    // No idle host: runs here, and says so.
+    wisp(&s, "owner ws2 active");
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, out, err) = s.run("ws1", "cd /wisp/work && rexec -v sh -c 'ip -o -4 addr show dev eth0'");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("running locally") && out.contains("10.99.0.101"), "{out}{err}");
+}
+
+/// make -j SHELL=rexec builds a project with every recipe on an idle host.
+#[test]
+fn parallel_make_with_rexec() {
+    let s = sim("make", 3);
+    lend(&s, &["ws2", "ws3"]);
+    s.ok(
+        "ws1",
+        r#"set -e; mkdir -p /wisp/proj && cd /wisp/proj
+        for i in $(seq 1 12); do printf 'int f%d(int x) { return x + %d; }\n' $i $i > f$i.c; done
+        { echo '#include <stdio.h>'; for i in $(seq 1 12); do echo "int f$i(int);"; done
+          echo 'int main(void) { int s = 0;'; for i in $(seq 1 12); do echo "s = f$i(s);"; done; printf '%s\n' 'printf("%d\n", s); return 0; }'; } > main.c
+        printf 'OBJS := $(patsubst %%.c,%%.o,$(wildcard *.c))\napp: $(OBJS)\n\tcc -o $@ $(OBJS)\n%%.o: %%.c\n\tcc -O2 -c $< -o $@\n' > Makefile"#,
+    );
+    s.ok("ws1", "cd /wisp/proj && make -s -j4 SHELL=rexec");
+    assert_eq!(s.ok("ws2", "/wisp/proj/app"), "78\n");
+    let jobs = wisp(&s, "jobs --all");
+    let on: Vec<&str> = jobs.lines().skip(1).filter_map(|l| l.split_whitespace().nth(3)).collect();
+    assert!(on.len() >= 13, "expected every recipe as a job:\n{jobs}");
+    assert!(on.iter().all(|h| *h == "ws2" || *h == "ws3"), "a recipe ran on a busy host:\n{jobs}");
+}
+
+const TICKER: &str = r#"cd /wisp/mig && rexec -v perl -e '$|=1; use POSIX; open(my $log, ">>", "/wisp/mig/log") or die; $log->autoflush(1); my $heap = "h" x 50_000_000; for my $i (0..70) { printf("tick %d pid %d uts %s heap %d\n", $i, $$, (POSIX::uname())[1], length $heap); print $log "$i\n"; select(undef, undef, undef, 0.1) } exit 5'"#;
+
+fn check_ticks(out: &str) {
+    let ticks: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
+    assert_eq!(ticks.len(), 71, "output lost or duplicated:\n{out}");
+    for (i, l) in ticks.iter().enumerate() {
+        assert_eq!(*l, format!("tick {i} pid 2 uts ws1 heap 50000000"), "bad tick line");
+    }
+}
+
+/// A running job moves between hosts: same pid, same host name, memory intact, output and
+/// an open /wisp file continue with nothing lost or repeated, exit status arrives.
+#[test]
+fn running_job_migrates_between_hosts() {
+    let s = sim("mig", 3);
+    lend(&s, &["ws2", "ws3"]);
+    s.ok("ws1", "mkdir -p /wisp/mig");
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", TICKER).unwrap())
+    };
+    let job = only_job(&s);
+    std::thread::sleep(Duration::from_secs(2));
+    let from = job_host(&s, &job);
+    let to = if from == "ws2" { "ws3" } else { "ws2" };
+    let m = wisp(&s, &format!("migrate {job} --to {to}"));
+    assert!(m.contains(&format!("-> {to}")), "{m}");
+    assert_eq!(job_host(&s, &job), to);
+    let out = runner.join().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains(&format!("moved from {from} to {to}")), "{stderr}");
+    check_ticks(&stdout);
+    let log = s.ok("ws2", "cat /wisp/mig/log");
+    assert_eq!(log, (0..=70).map(|i| format!("{i}\n")).collect::<String>(), "the open file lost or repeated writes");
+    // Nothing left behind: the swap directory is gone once the target has every page.
+    assert_eq!(s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l"), "0\n");
+}
+
+/// When the owner comes back, the foreign job leaves at once and keeps running elsewhere.
+#[test]
+fn owner_return_evicts_foreign_jobs() {
+    let s = sim("evict", 3);
+    lend(&s, &["ws2", "ws3"]);
+    s.ok("ws1", "mkdir -p /wisp/mig");
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", TICKER).unwrap())
+    };
+    let job = only_job(&s);
+    std::thread::sleep(Duration::from_secs(2));
+    let from = job_host(&s, &job);
+    let t0 = Instant::now();
+    wisp(&s, &format!("owner {from} active"));
+    loop {
+        let h = job_host(&s, &job);
+        if !h.is_empty() && h != from {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "job was not evicted from {from}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = runner.join().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    check_ticks(&String::from_utf8_lossy(&out.stdout));
+    let log = s.c.log_path(&from);
+    assert!(std::fs::read_to_string(log).unwrap().contains("evicted: owner is back"));
+}
