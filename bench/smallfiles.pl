@@ -5,6 +5,9 @@
 #   stat   <seconds> <ops/s>
 #   unlink <seconds> <ops/s>
 # Usage: smallfiles.pl DIR [N=10000] [SIZE=1024]
+# If $SMALLFILES_HOOK is set, it is run (with sh) before the first phase and after each
+# phase, outside the timed part, and its output is printed as "hook <phase> <output>"
+# (bench/run.sh uses it to read the wisp server's request counter between phases).
 use strict;
 use warnings;
 use Time::HiRes qw(time);
@@ -17,6 +20,15 @@ my $buf = 'x' x $size;
 mkdir $dir or die "mkdir $dir: $!\n";
 my @names = map { sprintf "%s/f%05d", $dir, $_ } 0 .. $n - 1;
 
+sub hook {
+    my ($phase) = @_;
+    return unless $ENV{SMALLFILES_HOOK};
+    my $out = `$ENV{SMALLFILES_HOOK}`;
+    chomp $out;
+    print "hook $phase $out\n";
+}
+
+hook('start');
 my $t = time;
 for my $f (@names) {
     open(my $fh, '>', $f) or die "create $f: $!\n";
@@ -25,6 +37,7 @@ for my $f (@names) {
 }
 my $dt = time - $t;
 printf "create %.3f %.0f\n", $dt, $n / $dt;
+hook('create');
 
 $t = time;
 for my $f (@names) {
@@ -33,6 +46,7 @@ for my $f (@names) {
 }
 $dt = time - $t;
 printf "stat %.3f %.0f\n", $dt, $n / $dt;
+hook('stat');
 
 $t = time;
 for my $f (@names) {
@@ -40,4 +54,5 @@ for my $f (@names) {
 }
 $dt = time - $t;
 printf "unlink %.3f %.0f\n", $dt, $n / $dt;
+hook('unlink');
 rmdir $dir or die "rmdir $dir: $!\n";

@@ -127,8 +127,10 @@ fn parallel_make_with_rexec() {
     assert_eq!(s.ok("ws2", "/wisp/proj/app"), "78\n");
     let jobs = wisp(&s, "jobs --all");
     let on: Vec<&str> = jobs.lines().skip(1).filter_map(|l| l.split_whitespace().nth(3)).collect();
-    assert!(on.len() >= 13, "expected every recipe as a job:\n{jobs}");
+    // One lease per idle host (never oversubscribed): recipes beyond that run on ws1.
+    assert!(on.len() >= 2, "expected recipes to run remotely:\n{jobs}");
     assert!(on.iter().all(|h| *h == "ws2" || *h == "ws3"), "a recipe ran on a busy host:\n{jobs}");
+    assert!(on.contains(&"ws2") && on.contains(&"ws3"), "both idle hosts should have taken work:\n{jobs}");
 }
 
 const TICKER: &str = r#"cd /wisp/mig && rexec -v perl -e '$|=1; use POSIX; open(my $log, ">>", "/wisp/mig/log") or die; $log->autoflush(1); my $heap = "h" x 50_000_000; for my $i (0..70) { printf("tick %d pid %d uts %s heap %d\n", $i, $$, (POSIX::uname())[1], length $heap); print $log "$i\n"; select(undef, undef, undef, 0.1) } exit 5'"#;

@@ -102,7 +102,11 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
                 j.owner_uid,
                 j.home_host,
                 j.current_host,
-                format!("{:?}", j.state).to_lowercase(),
+                match &j.state {
+                    wisp_naming::registry::JobState::Running => "running".to_string(),
+                    wisp_naming::registry::JobState::Migrating => "migrating".to_string(),
+                    wisp_naming::registry::JobState::Done { exit_status } => format!("exit:{exit_status}"),
+                },
                 j.migrating_to.clone().unwrap_or_default()
             );
         }

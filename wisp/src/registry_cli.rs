@@ -241,7 +241,8 @@ fn explain(e: NamingError, servers: &[String]) -> anyhow::Error {
 /// `servers` accepts a connection, else the one that reaches the most (a host may be
 /// partitioned or stopped). Must run before any thread is started: threads started later
 /// inherit the namespace.
-fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<()> {
+/// Returns the replicas reachable from there, in the order given.
+fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<Vec<String>> {
     use std::os::unix::io::AsRawFd;
     let join = |anchor: u32| -> Result<()> {
         let path = format!("/proc/{anchor}/ns/net");
@@ -253,19 +254,19 @@ fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<
         }
         Ok(())
     };
-    let mut best: Option<(usize, u32)> = None;
+    let mut best: Option<(Vec<String>, u32)> = None;
     for h in c.servers().chain(c.workstations()) {
         join(h.anchor)?;
-        let n = servers.iter().filter(|a| reachable(a)).count();
-        if n == servers.len() {
-            return Ok(());
+        let up: Vec<String> = servers.iter().filter(|a| reachable(a)).cloned().collect();
+        if up.len() == servers.len() {
+            return Ok(up);
         }
-        if best.map(|(b, _)| n > b).unwrap_or(true) {
-            best = Some((n, h.anchor));
+        if best.as_ref().map(|(b, _)| up.len() > b.len()).unwrap_or(true) {
+            best = Some((up, h.anchor));
         }
     }
     match best {
-        Some((_, anchor)) => join(anchor),
+        Some((up, anchor)) => join(anchor).map(|()| up),
         None => bail!("simulated cluster {} has no host", c.name),
     }
 }
@@ -284,13 +285,15 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
     let mut servers: Vec<String> = o.registry.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let mut key = o.key.clone();
     let mut cluster = None;
+    let mut up_here: Option<Vec<String>> = None;
     if let Some(cn) = &o.cluster {
         let c = wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?;
         if servers.is_empty() {
             servers = c.servers().map(|h| format!("{}:{}", h.addr, wisp_cluster::SERVER_PORT)).collect();
         }
         key.get_or_insert(c.key_file.clone());
-        enter_cluster_netns(&c, &servers)?;
+        let up = enter_cluster_netns(&c, &servers)?;
+        up_here = Some(up);
         cluster = Some(c);
     }
     if servers.is_empty() {
@@ -301,7 +304,14 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
     }
     let key_path = key.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY));
     let key = wisp_proto::key::ClusterKey::load(&key_path).map_err(|e| anyhow!("{e} (give --key FILE, the cluster's key)"))?;
-    let servers = reachable_first(servers);
+    // The replicas that answer first (known already with --cluster).
+    let servers = match up_here {
+        Some(up) => {
+            let rest: Vec<String> = servers.iter().filter(|a| !up.contains(a)).cloned().collect();
+            up.into_iter().chain(rest).collect()
+        }
+        None => reachable_first(servers),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // Past a replica's own write timeout (5 s) so its "no quorum" answer arrives.
     let client = RegistryClient::new(rt.handle().clone(), servers.clone(), key, name.to_string())
@@ -649,6 +659,17 @@ pub fn owner(a: OwnerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The key file these options point at (for talking to agents as well as the registry).
+pub(crate) fn key_path(o: &RegistryOpts) -> Result<PathBuf> {
+    if let Some(k) = &o.key {
+        return Ok(k.clone());
+    }
+    if let Some(cn) = &o.cluster {
+        return Ok(wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?.key_file);
+    }
+    Ok(PathBuf::from(DEFAULT_KEY))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,15 +692,4 @@ mod tests {
             .collect();
         assert_eq!(join_all(futs).await, vec![0, 1, 2, 3, 4]);
     }
-}
-
-/// The key file these options point at (for talking to agents as well as the registry).
-pub(crate) fn key_path(o: &RegistryOpts) -> Result<PathBuf> {
-    if let Some(k) = &o.key {
-        return Ok(k.clone());
-    }
-    if let Some(cn) = &o.cluster {
-        return Ok(wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?.key_file);
-    }
-    Ok(PathBuf::from(DEFAULT_KEY))
 }
