@@ -91,11 +91,13 @@ timed() {
         awk '{ printf "%.3f", $1 / 1e6 }'
 }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-# wisp server request counter (asked from srv1, so ws1's mount sees no traffic).
-rpcs() {
+# wisp server counters (asked from srv1, so ws1's mount sees no traffic): rpcs prints the
+# request count, counters prints "requests callbacks bytes_read bytes_written".
+counters() {
     on srv1 "wisp status --server $SRV_IP:7070 --key /run/wisp/$NAME/cluster.key --json" |
-        sed -n 's/.*"requests":\([0-9]*\).*/\1/p'
+        sed -n 's/.*"requests":\([0-9]*\).*"bytes_read":\([0-9]*\).*"bytes_written":\([0-9]*\).*"callbacks":\([0-9]*\).*/\1 \4 \2 \3/p'
 }
+rpcs() { counters | cut -d' ' -f1; }
 mbps() { awk -v mb="$1" -v s="$2" 'BEGIN { printf "%.0f", mb / s }'; }
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
@@ -106,8 +108,8 @@ fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else pri
     echo "# cpu: $(nproc) x $(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)"
     echo "# memory: $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "# kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
-    echo "# root fs: $(findmnt -no SOURCE,FSTYPE,OPTIONS /var/tmp)"
-    echo "# sshfs: $(sshfs --version 2>&1 | head -1); $(ssh -V 2>&1)"
+    echo "# root fs: $(findmnt -no SOURCE,FSTYPE,OPTIONS -T /var/tmp)"
+    echo "# sshfs: $(sshfs --version 2>&1 | grep -i "^sshfs" | head -1); $(ssh -V 2>&1)"
     echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); other simulated clusters up: $(ip netns list | grep -c -- '-br' || true)"
     echo "# files=$NFILES x $FSIZE B, seq=$SEQ_MB MiB, build=$NSRC sources, make -j$JOBS, rexec make -j$RJOBS"
 } | tee -a "$OUT" >&2
@@ -152,19 +154,20 @@ net_rpcs() { awk -v d="$1" -v s="$2" -v bg="$BG" 'BEGIN { v = d - bg * s; if (v 
 # --- 1. small files ------------------------------------------------------------------------
 echo "== small files: create, stat, unlink $NFILES x $FSIZE B (one process, one directory)" | tee -a "$OUT" >&2
 # The server's request counter, read from ws1 between phases (not through the mount).
-printf '#!/bin/sh\nwisp status --server %s:7070 --key /run/wisp/%s/cluster.key --json | sed -n '"'"'s/.*"requests":\\([0-9]*\\).*/\\1/p'"'"'\n' "$SRV_IP" "$NAME" >"$W/rpcs.sh"
+printf '#!/bin/sh\nwisp status --server %s:7070 --key /run/wisp/%s/cluster.key --json | sed -n '"'"'s/.*"requests":\\([0-9]*\\).*"callbacks":\\([0-9]*\\).*/\\1 \\2/p'"'"'\n' "$SRV_IP" "$NAME" >"$W/rpcs.sh"
 chmod +x "$W/rpcs.sh"
 for fs in "${FSES[@]}"; do
     hook=
     [ "$fs" = wisp ] && hook="SMALLFILES_HOOK=$W/rpcs.sh"
     out=$(on ws1 "$hook perl $ROOT/bench/smallfiles.pl ${DIR[$fs]}/sf $NFILES $FSIZE")
-    prev=
-    while read -r what a b; do
+    prev= prevcb=
+    while read -r what a b c; do
         if [ "$what" = hook ]; then
             if [ "$a" != start ]; then
                 rec "wisp.$a.rpcs_per_file" "$(awk -v d=$((b - prev)) -v s="$secs" -v bg="$BG" -v n="$NFILES" 'BEGIN { v = (d - bg * s) / n; if (v < 0) v = 0; printf "%.2f", v }')"
+                rec "wisp.$a.callbacks" "$((c - prevcb))"
             fi
-            prev=$b
+            prev=$b prevcb=$c
         else
             secs=$a
             rec "$fs.$what.ops_per_s" "$b"
@@ -179,19 +182,27 @@ for fs in "${FSES[@]}"; do
     f=${DIR[$fs]}/big
     s=$(timed ws1 "dd if=/dev/zero of=$f bs=1M count=$SEQ_MB conv=fsync status=none")
     rec "$fs.seq_write.MBps" "$(mbps "$SEQ_MB" "$s")"
+    # MiB the wisp server sent for one read (shows whether a re-read came from the cache).
+    served() { [ "$fs" = wisp ] && rec "wisp.$1.server_MiB" "$(( ($(counters | cut -d' ' -f3) - $2) / 1048576 ))"; return 0; }
     if [ "$fs" = wisp ]; then
         # Cold on another client: ws2 never had the file; server's disk cache dropped too.
         drop_caches
+        b0=$(counters | cut -d' ' -f3)
         s=$(timed ws2 "dd if=$f of=/dev/null bs=1M status=none")
         rec "wisp.seq_read_cold_ws2.MBps" "$(mbps "$SEQ_MB" "$s")"
+        served seq_read_cold_ws2 "$b0"
     fi
     # Cold on ws1: drop_caches empties every page cache of this one kernel: the client's
     # (ext4, FUSE) and the server's backing files alike.
     drop_caches
+    [ "$fs" = wisp ] && b0=$(counters | cut -d' ' -f3)
     s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
     rec "$fs.seq_read_cold.MBps" "$(mbps "$SEQ_MB" "$s")"
+    served seq_read_cold "${b0:-0}"
+    [ "$fs" = wisp ] && b0=$(counters | cut -d' ' -f3)
     s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
     rec "$fs.seq_read_cached.MBps" "$(mbps "$SEQ_MB" "$s")"
+    served seq_read_cached "${b0:-0}"
     on ws1 "rm -f $f"
 done
 
@@ -203,11 +214,11 @@ build_on() { # build_on FS DIR MAKEARGS KEY
     local fs=$1 d=$2 margs=$3 key=$4 ra rb s
     s=$(timed ws1 "mkdir -p $d && tar -C $d -xzf $W/proj.tar.gz")
     rec "$fs.$key.unpack_s" "$s"
-    [ "$fs" = wisp ] && ra=$(rpcs)
+    [ "$fs" = wisp ] && read -r ra ca _ <<<"$(counters)"
     s=$(timed ws1 "cd $d/proj && make $margs")
-    [ "$fs" = wisp ] && rb=$(rpcs)
+    [ "$fs" = wisp ] && read -r rb cb _ <<<"$(counters)"
     rec "$fs.$key.s" "$s"
-    [ "$fs" = wisp ] && rec "$fs.$key.rpcs" "$(net_rpcs $((rb - ra)) "$s")"
+    [ "$fs" = wisp ] && rec "$fs.$key.rpcs" "$(net_rpcs $((rb - ra)) "$s")" && rec "$fs.$key.callbacks" "$((cb - ca))"
     on ws1 "test \"\$($d/proj/prog)\" = \"$EXPECT\"" || die "$fs: the built program gives the wrong output"
     [ "$fs" = wisp ] && ra=$(rpcs)
     s=$(timed ws1 "cd $d/proj && make $margs")

@@ -7,4 +7,9 @@ scripts/deps.sh
 cargo build --release --bins --locked
 # Leftovers of an interrupted run must not break this one.
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^wisp-t' || true); do ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true; ip netns del "$ns" 2>/dev/null || true; done
-cargo test --release --locked --workspace -- --test-threads=2
+# nextest runs each test in its own process and kills one that hangs (.config/nextest.toml).
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+cargo nextest run --release --locked --workspace --profile ci

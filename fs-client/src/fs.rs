@@ -74,6 +74,8 @@ impl Mounted {
 #[derive(Default, Debug)]
 pub struct ClientStats {
     pub rpcs: AtomicU64,
+    /// Total time spent waiting for the server, in microseconds (with `rpcs`: mean latency).
+    pub rpc_micros: AtomicU64,
     pub callbacks: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
@@ -170,7 +172,10 @@ fn open_mode(flags: i32) -> OpenMode {
 impl WispFs {
     fn call(&self, r: Rq) -> Result<Rs, RpcError> {
         self.stats.rpcs.fetch_add(1, Ordering::Relaxed);
-        self.rpc.call_blocking(r)
+        let t = std::time::Instant::now();
+        let res = self.rpc.call_blocking(r);
+        self.stats.rpc_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        res
     }
 
     fn entry(&self, r: Rq, reply: ReplyEntry) {

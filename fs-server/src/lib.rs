@@ -758,20 +758,22 @@ impl FsServer {
                 Response::Data(rec.target)
             }
             Request::MkNod { cred, parent, name, mode, rdev } => {
-                self.changed(peer, &[parent], &[]);
                 let kind = kind_of_mode(mode)?;
                 if kind == Kind::Dir || kind == Kind::Symlink {
                     return Err(WireError::new(libc::EINVAL, "use mkdir or symlink"));
                 }
-                Response::Entry(self.new_child(cred, parent, &name, kind, mode, rdev, &[], true)?.0)
+                let a = self.new_child(cred, parent, &name, kind, mode, rdev, &[], true)?.0;
+                self.changed(peer, &[parent], &[]);
+                Response::Entry(a)
             }
             Request::Mkdir { cred, parent, name, mode } => {
+                let a = self.new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?.0;
                 self.changed(peer, &[parent], &[]);
-                Response::Entry(self.new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?.0)
+                Response::Entry(a)
             }
             Request::Create { cred, parent, name, mode, excl, mode_open } => {
-                self.changed(peer, &[parent], &[]);
                 let (attr, _) = self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
+                self.changed(peer, &[parent], &[]);
                 let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
                 self.call_back(&sharers, attr.ino);
                 Response::Opened { attr, cache }
@@ -780,8 +782,9 @@ impl FsServer {
                 if target.is_empty() || target.len() > 4095 {
                     return Err(WireError::new(libc::ENAMETOOLONG, "symlink target must be 1 to 4095 bytes"));
                 }
+                let a = self.new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?.0;
                 self.changed(peer, &[parent], &[]);
-                Response::Entry(self.new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?.0)
+                Response::Entry(a)
             }
             Request::Link { ino, new_parent, new_name, .. } => {
                 check_name(&new_name)?;

@@ -469,6 +469,29 @@ fn dump_frozen(
     let gids: Vec<u32> = procfs::nums(pid, "Gid", procfs::status_get(pid, &st, "Gid")?)?;
     let groups: Vec<u32> = procfs::nums(pid, "Groups", procfs::status_get(pid, &st, "Groups")?)?;
     let ns_pids: Vec<i32> = procfs::nums(pid, "NSpid", procfs::status_get(pid, &st, "NSpid")?)?;
+    // State that would silently not move: refuse rather than lose it.
+    if procfs::status_get(pid, &st, "Seccomp")
+        .map(|v| v != "0")
+        .unwrap_or(false)
+    {
+        return Err(DumpError::Unsupported {
+            pid,
+            what: "seccomp filters (they would not move)".into(),
+        });
+    }
+    if !procfs::read_string(pid, "timers")
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        return Err(DumpError::Unsupported {
+            pid,
+            what: "POSIX timers (timer_create; they would not move)".into(),
+        });
+    }
+    let no_new_privs = procfs::status_get(pid, &st, "NoNewPrivs")
+        .map(|v| v == "1")
+        .unwrap_or(false);
     if uids.len() != 4 || gids.len() != 4 {
         return Err(DumpError::Unsupported {
             pid,
@@ -651,6 +674,7 @@ fn dump_frozen(
         itimers: q.itimers,
         syscall_note: note.to_string(),
         threads: thread_images,
+        no_new_privs,
     };
     image::validate(&dir.join(image::META_FILE), &meta)?;
     image::write_meta(dir, &meta)?;
@@ -966,6 +990,12 @@ fn dump_fds(pid: i32) -> Result<Vec<FdEntry>> {
     for fd in procfs::fds(pid)? {
         let link = procfs::read_link(pid, &format!("fd/{fd}"))?;
         let info = procfs::fdinfo(pid, fd)?;
+        if info.locked {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("fd {fd} ({link}) holds a file lock, which would not move"),
+            });
+        }
         let kind;
         let mut file = None;
         if let Some(ino) = link

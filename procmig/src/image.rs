@@ -6,7 +6,7 @@
 //! ```text
 //! offset size  field
 //! 0      8     magic  b"WISPPMIG"
-//! 8      4     format version, u32 little-endian (currently 3)
+//! 8      4     format version, u32 little-endian (currently 4)
 //! 12     4     reserved, zero
 //! 16     8     payload length N, u64 little-endian (at most META_MAX = 64 MiB)
 //! 24     32    SHA-256 of the payload
@@ -56,7 +56,7 @@ pub const META_MAGIC: &[u8; 8] = b"WISPPMIG";
 /// Magic of `pages.img`.
 pub const PAGES_MAGIC: &[u8; 8] = b"WISPPAGE";
 /// Current format version.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Size cap of the metadata payload.
 pub const META_MAX: u64 = 64 << 20;
 /// Header length of `image.meta`.
@@ -290,6 +290,8 @@ pub struct ImageMeta {
     pub syscall_note: String,
     /// Threads other than the leader (whose state is the fields above), in tid order.
     pub threads: Vec<ThreadImage>,
+    /// PR_SET_NO_NEW_PRIVS was set.
+    pub no_new_privs: bool,
 }
 
 /// Per-thread state of a thread other than the leader.
@@ -732,6 +734,7 @@ mod tests {
             itimers: vec![],
             syscall_note: String::new(),
             threads: vec![],
+            no_new_privs: false,
         }
     }
 

@@ -36,9 +36,10 @@
 //! regular files or
 //! directories, /dev/{null,zero,random,urandom,full}, or pipes (reconnected from
 //! descriptors the caller passes, or on the same host from the frozen source); no sockets,
-//! ttys, eventfd/epoll/signalfd/inotify, memfd or deleted files; the target must run the
+//! ttys, eventfd/epoll/signalfd/inotify, memfd or deleted files, POSIX timers, file locks
+//! or seccomp filters; the target must run the
 //! same kernel build (vdso checked) on a CPU with the same xstate layout, and see the
-//! same files (size and mtime checked).
+//! same mapped files (size and mtime checked; open descriptors only need their path).
 //!
 //! Module map: [`sys`] raw system calls; [`inject`] syscalls inside a tracee; [`procfs`]
 //! /proc parsing; [`image`] the on-disk format; [`mod@dump`], [`mod@restore`], [`lazy`] and

@@ -244,6 +244,8 @@ pub fn read_pagemap(pid: i32, f: &File, start: u64, end: u64, out: &mut Vec<u64>
 pub struct FdInfo {
     pub pos: u64,
     pub flags: u32,
+    /// The descriptor holds a file lock (a "lock:" line).
+    pub locked: bool,
 }
 
 /// Read /proc/pid/fdinfo/fd.
@@ -257,6 +259,8 @@ pub fn fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
                 .trim()
                 .parse()
                 .map_err(|_| parse_err(path(pid, &rel), "bad pos"))?;
+        } else if line.starts_with("lock:") {
+            info.locked = true;
         } else if let Some(v) = line.strip_prefix("flags:") {
             info.flags = u32::from_str_radix(v.trim(), 8)
                 .map_err(|_| parse_err(path(pid, &rel), "bad flags"))?;

@@ -43,6 +43,13 @@ pub enum RestoreError {
     Pid { pid: i32, what: String },
     #[error("vdso of this host differs from the source's: {what}")]
     Vdso { what: String },
+    #[error("restored process {pid}: cannot map {what}: {source}")]
+    Map {
+        pid: i32,
+        what: String,
+        #[source]
+        source: InjectError,
+    },
     #[error("no free address range for the restore trampoline")]
     NoTrampolineSpace,
     #[error("restored process {pid}: injected {step} returned {got:#x}, expected {want:#x}")]
@@ -246,7 +253,9 @@ fn restore_impl(
                 }
                 pass.push((f.fd, OwnedFd::from(file)));
             }
-            FdKind::Regular => fid_ok(&f.path, &f.file)?,
+            // Only existence: an open file's contents may legitimately change while the
+            // process is frozen (shared files, cluster pipes); mapped files are checked.
+            FdKind::Regular => fid_ok(&f.path, &None)?,
             FdKind::CharDev => {
                 if !Path::new(&f.path).exists() {
                     return Err(RestoreError::Fd {
@@ -284,12 +293,18 @@ fn restore_impl(
     }
     let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
     let cleanup = |e: RestoreError| -> RestoreError {
+        // Every thread of the half-built process is traced by us: its death must be
+        // collected here (threads first, then the leader), or it stays a traced zombie
+        // and the namespace init, which waits for it while dying, never exits.
+        let tids = procfs::threads(pid).unwrap_or_default();
         let _ = sys::kill(pid, libc::SIGKILL);
+        for tid in tids.iter().filter(|t| **t != pid) {
+            let _ = sys::wait(*tid);
+        }
+        let _ = sys::wait(pid);
         if let Some(i) = init_pid {
             let _ = sys::kill(i, libc::SIGKILL);
             let _ = sys::wait(i);
-        } else {
-            let _ = sys::wait(pid);
         }
         e
     };
@@ -488,18 +503,24 @@ fn mmap_at(
     fd: u64,
     off: u64,
 ) -> Result<()> {
-    let got = inj.call(
-        "mmap",
-        libc::SYS_mmap,
-        [
-            start,
-            len,
-            prot as u64,
-            (flags | libc::MAP_FIXED) as u64,
-            fd,
-            off,
-        ],
-    )?;
+    let got = inj
+        .call(
+            "mmap",
+            libc::SYS_mmap,
+            [
+                start,
+                len,
+                prot as u64,
+                (flags | libc::MAP_FIXED) as u64,
+                fd,
+                off,
+            ],
+        )
+        .map_err(|e| RestoreError::Map {
+            pid: inj.pid(),
+            what: format!("{what} at {start:#x} ({len} bytes)"),
+            source: e,
+        })?;
     if got != start {
         return Err(RestoreError::Mismatch {
             pid: inj.pid(),
@@ -663,7 +684,7 @@ fn build(
                 if v.growsdown {
                     fl |= libc::MAP_GROWSDOWN;
                 }
-                if false && v.noreserve {
+                if v.noreserve {
                     fl |= libc::MAP_NORESERVE;
                 }
                 mmap_at(
@@ -1072,6 +1093,21 @@ fn build(
     set_creds(inj, &sc, &meta.creds)?;
     for t in threads.iter_mut() {
         set_creds(&mut t.inj, &sc, &meta.creds)?;
+    }
+    if meta.no_new_privs {
+        // Per thread as well; it can only be set, never cleared.
+        inj.call(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+        )?;
+        for t in threads.iter_mut() {
+            t.inj.call(
+                "prctl(PR_SET_NO_NEW_PRIVS)",
+                libc::SYS_prctl,
+                [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+            )?;
+        }
     }
 
     // 12. Drop the trampoline, load registers, let it go (other threads first).

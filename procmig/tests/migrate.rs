@@ -291,7 +291,7 @@ int main(int argc, char **argv) {
   for (unsigned long i = 0; i < SZ / 8; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; b[i] = x; }
   fprintf(o, "ready %lu\n", sum(b));
   struct timespec t0, t1; clock_gettime(CLOCK_MONOTONIC, &t0);
-  struct timespec ts = {1, 500000000};
+  struct timespec ts = {3, 0};   /* long enough to be caught asleep even on a loaded CI */
   int rc = nanosleep(&ts, &ts);
   int e = errno;
   clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -974,9 +974,10 @@ fn lazy_restore_serves_faults_of_a_running_process() {
     });
     let img = tmp.path().join("img");
     let info = dump(sb.pid, &img).unwrap();
-    // Pure demand paging for the first second: the self-check below must fault its pages in.
+    // Pure demand paging for 5 s: the self-check below must fault its pages in (the pager
+    // ends as soon as every page is in, so the delay costs nothing when it works).
     let opts = RestoreOptions {
-        lazy_push_delay: Duration::from_millis(1000),
+        lazy_push_delay: Duration::from_millis(5000),
         ..Default::default()
     };
     let (r, pager) = wisp_procmig::restore_lazy(&img, &opts).unwrap();
@@ -1124,6 +1125,7 @@ fn unprivileged_process_keeps_its_credentials() {
         "--reuid=65534",
         "--regid=65534",
         "--groups=65534,100",
+        "--no-new-privs",
         "--",
     ]
     .iter()
@@ -1145,6 +1147,7 @@ fn unprivileged_process_keeps_its_credentials() {
             .lines()
             .filter(|l| {
                 l.starts_with("Uid:")
+                    || l.starts_with("NoNewPrivs:")
                     || l.starts_with("Gid:")
                     || l.starts_with("Groups:")
                     || l.starts_with("CapEff:")
@@ -1157,6 +1160,7 @@ fn unprivileged_process_keeps_its_credentials() {
         before.contains(&"Uid: 65534 65534 65534 65534".to_string()),
         "{before:?}"
     );
+    assert!(before.contains(&"NoNewPrivs: 1".to_string()), "{before:?}");
     let img = tmp.path().join("img");
     let info = dump(sb.pid, &img).unwrap();
     let at_dump = lines(&out).len();
@@ -1551,5 +1555,112 @@ fn huge_sparse_mappings_migrate_quickly() {
     });
     for (i, l) in lines(&out).iter().enumerate() {
         assert_eq!(l, &format!("{i} 1"), "line {i}");
+    }
+}
+
+#[test]
+fn late_restore_failure_leaves_nothing_and_source_resumes() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "counter", COUNTER, &[]);
+    let out = tmp.path().join("out.txt");
+    let wd = tmp.path().join("cwd-that-goes-away");
+    std::fs::create_dir(&wd).unwrap();
+    let null = Path::new("/dev/null");
+    let script = format!(
+        "cd {} && exec {} {}",
+        wd.display(),
+        exe.display(),
+        out.display()
+    );
+    let sb = run_sandboxed(
+        &["/bin/sh".into(), "-c".into(), script],
+        [Some(null), Some(null), Some(null)],
+    )
+    .unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("output", Duration::from_secs(5), || lines(&out).len() >= 10);
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    std::fs::remove_dir(&wd).unwrap();
+    // Everything checks out until the injected chdir, deep into the rebuild.
+    let t = std::time::Instant::now();
+    let e = restore_with(&img, &RestoreOptions::default()).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "failed restore took {:?}",
+        t.elapsed()
+    );
+    assert!(e.to_string().contains("cwd-that-goes-away"), "{e}");
+    // The half-built copy (its exe link was already set when chdir failed) is gone: the
+    // only live process running this test's program is the frozen source.
+    let live: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe")).ok().as_deref() == Some(exe.as_path())
+        })
+        .filter(|p| {
+            !matches!(
+                wisp_procmig::dump::process_state(*p),
+                Some('Z') | Some('X') | None
+            )
+        })
+        .collect();
+    assert_eq!(live, vec![sb.pid], "a failed restore left a copy running");
+    let at_dump = lines(&out).len();
+    info.frozen.resume().unwrap();
+    wait_for("source resumed", Duration::from_secs(5), || {
+        lines(&out).len() >= at_dump + 10
+    });
+    check_counter(&out, 2, at_dump + 10);
+}
+
+const TIMER_AND_LOCK: &str = r#"
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/file.h>
+int main(int argc, char **argv) {
+  if (argv[1][0] == 't') {
+    timer_t t; struct sigevent ev; memset(&ev, 0, sizeof ev); ev.sigev_notify = SIGEV_NONE;
+    timer_create(CLOCK_MONOTONIC, &ev, &t);
+  } else {
+    int fd = open(argv[2], O_RDWR | O_CREAT, 0600); flock(fd, LOCK_EX);
+  }
+  for (;;) pause();
+}
+"#;
+
+#[test]
+fn state_that_would_not_move_is_refused() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "tl", TIMER_AND_LOCK, &["-lrt"]);
+    for (mode, want) in [("t", "POSIX timers"), ("l", "file lock")] {
+        let mut child = std::process::Command::new(&exe)
+            .arg(mode)
+            .arg(tmp.path().join("lockfile"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let reap = Reap::new();
+        reap.add(child.id() as i32);
+        let pid = child.id() as i32;
+        wait_for("pause", Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .map(|s| s.starts_with("34 "))
+                .unwrap_or(false)
+        });
+        let e = dump(pid, &tmp.path().join(format!("img-{mode}"))).unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .contains("TracerPid:\t0"));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

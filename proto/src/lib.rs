@@ -21,7 +21,8 @@ pub mod rpc;
 /// Protocol version carried in the handshake; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest frame accepted after the handshake (header and payload), in bytes.
+/// Largest frame payload accepted after the handshake, in bytes (the 4-byte length
+/// prefix comes on top).
 /// Reads and writes are capped at [`MAX_IO`] so every legal message fits.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 

@@ -191,16 +191,17 @@ pub enum Request {
     Exec(ExecSpec),
     /// Agent: wait (bounded; EAGAIN means ask again) for a job to end.
     JobWait { job: u64 },
-    /// Agent: deliver a signal to a job's process group.
+    /// Agent: deliver a signal to a job (its process, wherever it runs now).
     JobSignal { job: u64, signal: i32 },
     /// Agent: the jobs running on this host.
     JobList,
     /// Agent (source): migrate a running job to the agent at `to_addr`. The source freezes
     /// the job, writes its image and pages under `/wisp/.swap/<job>/`, asks the target to
     /// rebuild it, and only then kills its frozen copy; if anything fails it resumes it.
-    MigrateOut { job: u64, to_host: String, to_addr: String },
-    /// Agent (target): rebuild a job from the image directory `dir` (in the namespace).
-    MigrateIn { job: u64, dir: Vec<u8>, uid: u32, home: String, argv0: String },
+    MigrateOut { job: u64, to_host: String, to_addr: String, mode: MigrateMode },
+    /// Agent (target): rebuild a job from the image directory `dir` (in the namespace);
+    /// with `lazy`, it runs before its memory arrives and faults pages in from the swap file.
+    MigrateIn { job: u64, dir: Vec<u8>, uid: u32, home: String, argv0: String, lazy: bool },
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -222,6 +223,19 @@ pub struct ExecSpec {
     pub stderr: Vec<u8>,
     /// The submitting (home) host.
     pub home: String,
+}
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MigrateMode {
+    /// Freeze, write every page, rebuild with every page: simplest, frozen the longest.
+    #[default]
+    Eager,
+    /// Freeze, write every page; the target runs at once and demand-pages the swap file.
+    Lazy,
+    /// Copy pages while the job runs (rounds until the dirty set stops shrinking), then a
+    /// short freeze for the rest; the target runs at once and demand-pages.
+    PreCopy,
 }
 
 /// A job as an agent reports it.
@@ -262,7 +276,8 @@ pub enum Response {
     Jobs(Vec<JobInfo>),
     /// The job left this host for `host` (agent at `addr`): ask there.
     Moved { host: String, addr: String },
-    /// A migration finished: the job's pid on the target, how long it was frozen, bytes moved.
+    /// A migration finished: the job's pid on the target, how long the job was stopped
+    /// (from the freeze to running on the target), bytes of state moved, and the total.
     Migrated { pid: u32, frozen_ms: u64, bytes: u64, total_ms: u64 },
 }
 

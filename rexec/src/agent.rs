@@ -9,8 +9,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use wisp_proto::msg::{ExecSpec, JobInfo, Request, Response, WireError};
+use wisp_proto::msg::{ExecSpec, JobInfo, MigrateMode, Request, Response, WireError};
 use wisp_proto::rpc::{PeerHandle, RpcClient, Service};
+
+/// How long a source waits for the target to rebuild a job before resuming it itself.
+const MIGRATE_IN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long one `JobWait` may hold a server thread before the client asks again.
 const WAIT_SLICE: Duration = Duration::from_secs(5);
@@ -44,6 +47,20 @@ pub struct Agent {
     jobs: Mutex<HashMap<u64, Job>>,
     changed: Condvar,
     running: Arc<AtomicU32>,
+    /// Counters for the metrics endpoint.
+    pub stats: AgentStats,
+}
+
+/// What an agent has done since it started.
+#[derive(Default, Debug)]
+pub struct AgentStats {
+    pub jobs_started: std::sync::atomic::AtomicU64,
+    pub migrations_out: std::sync::atomic::AtomicU64,
+    pub migrations_in: std::sync::atomic::AtomicU64,
+    pub migration_failures: std::sync::atomic::AtomicU64,
+    pub evictions: std::sync::atomic::AtomicU64,
+    /// Milliseconds jobs spent frozen by migrations out of this host, summed.
+    pub frozen_ms: std::sync::atomic::AtomicU64,
 }
 
 fn err(errno: i32, msg: impl Into<String>) -> WireError {
@@ -52,10 +69,10 @@ fn err(errno: i32, msg: impl Into<String>) -> WireError {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        Arc::new(Agent { cfg, jobs: Mutex::new(HashMap::new()), changed: Condvar::new(), running: Arc::new(AtomicU32::new(0)) })
+        Arc::new(Agent { cfg, jobs: Mutex::new(HashMap::new()), changed: Condvar::new(), running: Arc::new(AtomicU32::new(0)), stats: AgentStats::default() })
     }
 
-    /// Jobs running now (reported in heartbeats as foreign jobs).
+    /// Jobs running now (for metrics; the registry counts foreign jobs from job records).
     pub fn running(&self) -> u32 {
         self.running.load(Ordering::Relaxed)
     }
@@ -122,6 +139,7 @@ impl Agent {
             .map_err(|e| err(libc::EIO, format!("cannot start {}: {e}", lossy(&spec.argv[0]))))?;
         let info = JobInfo { job: spec.job, pid: sb.pid as u32, uid: spec.uid, home: spec.home.clone(), argv0: lossy(&spec.argv[0]), running: true };
         info!(job = spec.job, pid = sb.pid, home = %spec.home, cmd = %info.argv0, "job started");
+        self.stats.jobs_started.fetch_add(1, Ordering::Relaxed);
         self.adopt(info, sb);
         Ok(sb.pid as u32)
     }
@@ -154,7 +172,7 @@ impl Agent {
     }
 
     /// Source side of a migration (see `Request::MigrateOut`).
-    fn migrate_out(&self, job: u64, to_host: String, to_addr: String) -> Result<Response, WireError> {
+    fn migrate_out(&self, job: u64, to_host: String, to_addr: String, mode: MigrateMode) -> Result<Response, WireError> {
         let t0 = Instant::now();
         let (pid, uid, home, argv0) = {
             let mut jobs = self.jobs.lock().unwrap();
@@ -180,7 +198,11 @@ impl Agent {
             return Err(err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot make {}: {e}", dir.display())));
         }
         // Freeze and write the image; on failure procmig resumes the process itself.
-        let dumped = match wisp_procmig::dump(pid, &dir) {
+        let dumped = match mode {
+            MigrateMode::PreCopy => precopy(pid, &dir),
+            _ => wisp_procmig::dump(pid, &dir),
+        };
+        let dumped = match dumped {
             Ok(d) => d,
             Err(e) => {
                 unmark(self);
@@ -189,8 +211,11 @@ impl Agent {
             }
         };
         let rt = tokio::runtime::Handle::current();
-        let target = RpcClient::start(rt.clone(), to_addr.clone(), self.cfg.key.clone(), format!("agent@{}", self.cfg.host), Duration::from_secs(60), Arc::new(|_| Ok(())));
-        let req = Request::MigrateIn { job, dir: dir.as_os_str().as_bytes().to_vec(), uid, home, argv0 };
+        // A generous bound: if it ran out while the target was still restoring, the source
+        // would resume a job that the target then also runs.
+        let target = RpcClient::start(rt.clone(), to_addr.clone(), self.cfg.key.clone(), format!("agent@{}", self.cfg.host), MIGRATE_IN_TIMEOUT, Arc::new(|_| Ok(())));
+        let lazy = mode != MigrateMode::Eager;
+        let req = Request::MigrateIn { job, dir: dir.as_os_str().as_bytes().to_vec(), uid, home, argv0, lazy };
         match rt.block_on(target.call(req)) {
             Ok(Response::Started { pid: new_pid }) => {
                 // The target runs it: only now does the source let go of its frozen copy.
@@ -202,6 +227,8 @@ impl Agent {
                     warn!(job, "killing the frozen source failed: {e}");
                 }
                 self.changed.notify_all();
+                self.stats.migrations_out.fetch_add(1, Ordering::Relaxed);
+                self.stats.frozen_ms.fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
                 info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
                 Ok(Response::Migrated { pid: new_pid, frozen_ms: t0.elapsed().as_millis() as u64, bytes: dumped.bytes, total_ms: t0.elapsed().as_millis() as u64 })
             }
@@ -211,6 +238,7 @@ impl Agent {
                     Err(e) => e.to_string(),
                     Ok(r) => format!("unexpected reply {r:?}"),
                 };
+                self.stats.migration_failures.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = dumped.frozen.resume() {
                     warn!(job, "resuming the frozen source failed: {e}");
                 }
@@ -222,24 +250,50 @@ impl Agent {
     }
 
     /// Target side of a migration (see `Request::MigrateIn`).
-    fn migrate_in(self: &Arc<Self>, job: u64, dir: &[u8], uid: u32, home: String, argv0: String) -> Result<u32, WireError> {
+    fn migrate_in(self: &Arc<Self>, job: u64, dir: &[u8], uid: u32, home: String, argv0: String, lazy: bool) -> Result<u32, WireError> {
         let dir = PathBuf::from(OsStr::from_bytes(dir));
         if !dir.starts_with(&self.cfg.mount) {
             return Err(err(libc::EXDEV, format!("image {} is not in {}", dir.display(), self.cfg.mount.display())));
         }
-        if self.jobs.lock().unwrap().get(&job).is_some_and(|j| j.exit.is_none() && j.moved.is_none()) {
-            return Err(err(libc::EEXIST, format!("job {job} already runs here")));
+        // A repeated MigrateIn (the source's connection dropped before our answer) must not
+        // make the source resume a second copy: answer as the first time.
+        if let Some(j) = self.jobs.lock().unwrap().get(&job) {
+            if j.exit.is_none() && j.moved.is_none() {
+                return Ok(j.info.pid);
+            }
         }
         let opts = wisp_procmig::RestoreOptions { pid_mode: wisp_procmig::PidMode::NewNamespace, ..Default::default() };
-        let r = wisp_procmig::restore_with(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
+        let (r, pager) = if lazy {
+            let (r, p) = wisp_procmig::restore_lazy(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
+            (r, Some(p))
+        } else {
+            (wisp_procmig::restore_with(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?, None)
+        };
         for w in &r.warnings {
             warn!(job, "restore: {w}");
         }
         let sb = wisp_procmig::Sandbox { init_pid: r.init_pid.unwrap_or(r.pid), pid: r.pid };
         self.adopt(JobInfo { job, pid: r.pid as u32, uid, home, argv0, running: true }, sb);
-        // Every page is in: the swap file is no longer needed.
-        let _ = std::fs::remove_dir_all(&dir);
+        match pager {
+            // The job runs already; its pages arrive from the swap file on demand and in the
+            // background. Only when all are in is the swap file removed.
+            Some(p) => {
+                let d = dir.clone();
+                std::thread::spawn(move || {
+                    match p.wait() {
+                        Ok(st) => info!(job, faults = st.faults, pushed = st.pushed, "all pages in; swap file removed"),
+                        Err(e) => warn!(job, "pager: {e}"),
+                    }
+                    let _ = std::fs::remove_dir_all(&d);
+                });
+            }
+            // Every page is in: the swap file is no longer needed.
+            None => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
         info!(job, pid = r.pid, "job arrived");
+        self.stats.migrations_in.fetch_add(1, Ordering::Relaxed);
         Ok(r.pid as u32)
     }
 
@@ -295,11 +349,26 @@ impl Service for AgentService {
             Request::JobWait { job } => self.0.wait(job),
             Request::JobSignal { job, signal } => self.0.signal(job, signal),
             Request::JobList => Ok(Response::Jobs(self.0.jobs())),
-            Request::MigrateOut { job, to_host, to_addr } => self.0.migrate_out(job, to_host, to_addr),
-            Request::MigrateIn { job, dir, uid, home, argv0 } => Ok(Response::Started { pid: self.0.migrate_in(job, &dir, uid, home, argv0)? }),
+            Request::MigrateOut { job, to_host, to_addr, mode } => self.0.migrate_out(job, to_host, to_addr, mode),
+            Request::MigrateIn { job, dir, uid, home, argv0, lazy } => Ok(Response::Started { pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy)? }),
             other => Err(err(libc::EOPNOTSUPP, format!("the agent does not serve {:?}", std::mem::discriminant(&other)))),
         }
     }
+}
+
+/// Pre-copy: copy memory while the job runs, in rounds, until the dirty set stops
+/// shrinking (at most 8 rounds), then freeze for the rest.
+fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig::DumpError> {
+    let mut pc = wisp_procmig::PreCopy::start(pid, dir)?;
+    let mut last = u64::MAX;
+    for _ in 0..8 {
+        let n = pc.round()?;
+        if n == 0 || n >= last {
+            break;
+        }
+        last = n;
+    }
+    pc.finish()
 }
 
 /// The agent address of a host registered as `ip:port`.
@@ -352,10 +421,11 @@ pub async fn eviction_loop(
             let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Begin).await;
             let a = agent.clone();
             let (job, to2, addr2) = (j.job, to.clone(), agent_addr(&to_addr));
-            let r = tokio::task::spawn_blocking(move || a.migrate_out(job, to2, addr2)).await;
+            let r = tokio::task::spawn_blocking(move || a.migrate_out(job, to2, addr2, MigrateMode::Lazy)).await;
             match r {
                 Ok(Ok(_)) => {
                     let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Commit).await;
+                    agent.stats.evictions.fetch_add(1, Ordering::Relaxed);
                     info!(job = j.job, to = %to, ms = t0.elapsed().as_millis() as u64, "evicted: owner is back");
                 }
                 other => {

@@ -61,8 +61,8 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
 /// The replicas' statuses (`wisp registry status --json`): addr -> status or error; and the
 /// leader's id if one answered.
 fn status(s: &Sim) -> (Vec<Value>, Option<u64>) {
-    let (_, out, err) = wisp(s, &["registry", "status", "--json"]);
-    let v = serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("registry status is not JSON ({e}): {out}\n{err}"));
+    let (code, out, err) = wisp(s, &["registry", "status", "--json"]);
+    let v = serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("registry status (exit {code}) is not JSON ({e}): {out}\n{err}"));
     let all = v.as_array().unwrap().clone();
     let leader = all.iter().find(|r| r["is_leader"] == Value::Bool(true)).and_then(|r| r["status"]["id"].as_u64());
     (all, leader)

@@ -24,6 +24,14 @@ pub struct MigrateArgs {
     /// Host to move the job to.
     #[arg(long)]
     pub to: String,
+    /// Let the job run on the target before its memory arrives (demand paging over
+    /// userfaultfd from the swap file; the rest streams in the background).
+    #[arg(long, conflicts_with = "precopy")]
+    pub lazy: bool,
+    /// Copy memory while the job still runs, then freeze briefly for what changed
+    /// (implies lazy paging on the target). Best for big jobs.
+    #[arg(long)]
+    pub precopy: bool,
     #[command(flatten)]
     pub reg: RegistryOpts,
 }
@@ -60,7 +68,18 @@ pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
     let key = wisp_proto::key::ClusterKey::load(&crate::registry_cli::key_path(&a.reg)?)?;
     c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Begin))?;
     let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&from.addr), key, "wisp-migrate".into(), Duration::from_secs(120), Arc::new(|_| Ok(())));
-    let r = c.rt.block_on(agent.call(Request::MigrateOut { job: a.job, to_host: to.name.clone(), to_addr: agent_addr(&to.addr) }));
+    let r = c.rt.block_on(agent.call(Request::MigrateOut {
+            job: a.job,
+            to_host: to.name.clone(),
+            to_addr: agent_addr(&to.addr),
+            mode: if a.precopy {
+                wisp_proto::msg::MigrateMode::PreCopy
+            } else if a.lazy {
+                wisp_proto::msg::MigrateMode::Lazy
+            } else {
+                wisp_proto::msg::MigrateMode::Eager
+            },
+        }));
     match r {
         Ok(Response::Migrated { pid, frozen_ms, bytes, total_ms }) => {
             c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Commit))?;

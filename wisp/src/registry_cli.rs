@@ -239,9 +239,8 @@ fn explain(e: NamingError, servers: &[String]) -> anyhow::Error {
 /// Enter the network namespace of a host of the simulated cluster, so its addresses are
 /// reachable: the first host (servers, then workstations) from which every replica in
 /// `servers` accepts a connection, else the one that reaches the most (a host may be
-/// partitioned or stopped). Must run before any thread is started: threads started later
-/// inherit the namespace.
-/// Returns the replicas reachable from there, in the order given.
+/// partitioned or stopped). Returns the replicas reachable from there, in the order given.
+/// Must run before any thread is started: threads started later inherit the namespace.
 fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<Vec<String>> {
     use std::os::unix::io::AsRawFd;
     let join = |anchor: u32| -> Result<()> {
