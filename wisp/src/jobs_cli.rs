@@ -135,3 +135,61 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
         }
     }
 }
+
+/// Send a signal to a job wherever it runs now (default SIGTERM).
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal number or name (TERM, INT, KILL, HUP, STOP, CONT, USR1, ...).
+    #[arg(short = 's', long = "signal", default_value = "TERM")]
+    pub signal: String,
+    /// The job id (see `wisp jobs`).
+    pub job: u64,
+    #[command(flatten)]
+    pub reg: RegistryOpts,
+}
+
+fn signal_number(s: &str) -> Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Ok(n);
+    }
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Ok(match name.as_str() {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "TERM" => libc::SIGTERM,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "TSTP" => libc::SIGTSTP,
+        "WINCH" => libc::SIGWINCH,
+        "ALRM" => libc::SIGALRM,
+        _ => bail!("unknown signal {s}; use a number or a name like TERM, INT, KILL"),
+    })
+}
+
+pub fn kill(a: KillArgs) -> Result<ExitCode> {
+    let sig = signal_number(&a.signal)?;
+    let c = connect(&a.reg, "wisp-kill")?;
+    let key = wisp_proto::key::ClusterKey::load(&crate::registry_cli::key_path(&a.reg)?)?;
+    // A job may move between the lookup and the signal: follow it (a few hops at most).
+    for _ in 0..5 {
+        let jobs = c.run(c.client.jobs())?;
+        let job = jobs.iter().find(|j| j.id == a.job && j.ended_ms.is_none()).ok_or_else(|| anyhow!("no running job {} (see `wisp jobs`)", a.job))?;
+        let hosts = c.run(c.client.hosts())?;
+        let h = hosts.iter().find(|h| h.name == job.current_host).ok_or_else(|| anyhow!("job {} runs on unknown host {}", a.job, job.current_host))?;
+        let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&h.addr), key.clone(), "wisp-kill".into(), Duration::from_secs(10), Arc::new(|_| Ok(())));
+        match c.rt.block_on(agent.call(Request::JobSignal { job: a.job, signal: sig })) {
+            Ok(Response::Ok) => {
+                println!("signal {sig} sent to job {} on {}", a.job, h.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(Response::Moved { .. }) => std::thread::sleep(Duration::from_millis(200)),
+            Ok(other) => bail!("unexpected reply {other:?}"),
+            Err(e) => return Err(anyhow!("{e}")).context(format!("signal job {} on {}", a.job, h.name)),
+        }
+    }
+    bail!("job {} kept moving; try again", a.job)
+}

@@ -59,6 +59,9 @@ struct Args {
     /// logs stay at warn unless RUST_LOG names openraft).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Prometheus metrics endpoint (GET /metrics); "none" to disable.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
+    metrics: String,
 }
 
 /// Parse `1=10.0.0.1:7070,2=10.0.0.2:7070`.
@@ -150,6 +153,25 @@ fn main() -> Result<()> {
             }
         };
         tracing::info!(listen = %args.listen, data = %args.data.display(), "wisp-server serving");
+        if args.metrics != "none" {
+            let s2 = server.clone();
+            let samples = Arc::new(move || {
+                let st = s2.stats();
+                vec![
+                    ("wisp_server_requests_total", "Requests served", "counter", st.requests as f64),
+                    ("wisp_server_read_bytes_total", "File bytes read by clients", "counter", st.bytes_read as f64),
+                    ("wisp_server_written_bytes_total", "File bytes written by clients", "counter", st.bytes_written as f64),
+                    ("wisp_server_callbacks_total", "Consistency callbacks sent to clients", "counter", st.callbacks as f64),
+                    ("wisp_server_clients", "Connected clients", "gauge", st.clients as f64),
+                ]
+            });
+            let addr = args.metrics.clone();
+            tokio::spawn(async move {
+                if let Err(e) = wisp::metrics::serve(addr.clone(), samples).await {
+                    tracing::warn!("metrics endpoint {addr}: {e}");
+                }
+            });
+        }
         wisp_fs_server::run(server, listener, key, wisp::terminated()).await;
         if let Some(n) = node {
             if let Err(e) = n.shutdown().await {

@@ -35,8 +35,11 @@ enum Cmd {
     Demo(DemoArgs),
     /// Move a running job to another host while it runs (see `wisp migrate --help`).
     Migrate(wisp::jobs_cli::MigrateArgs),
-    /// Jobs started by rexec and the host each runs on now.
+    /// Jobs started by rexec and the host each runs on now (also: `wisp ps`).
+    #[command(alias = "ps")]
     Jobs(wisp::jobs_cli::JobsArgs),
+    /// Send a signal to a job wherever it runs now.
+    Kill(wisp::jobs_cli::KillArgs),
     // The registry commands: their help text lives with their flags in wisp::registry_cli.
     Hosts(wisp::registry_cli::HostsArgs),
     Domains(wisp::registry_cli::DomainsArgs),
@@ -192,6 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Demo(a) => wisp::demo::run(&a.name)?,
         Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
         Cmd::Jobs(a) => return wisp::jobs_cli::jobs(a),
+        Cmd::Kill(a) => return wisp::jobs_cli::kill(a),
         Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),
         Cmd::Domains(a) => return wisp::registry_cli::domains(a),
         Cmd::Registry(a) => return wisp::registry_cli::registry(a),

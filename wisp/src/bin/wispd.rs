@@ -71,6 +71,9 @@ struct Args {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Prometheus metrics endpoint (GET /metrics); "none" to disable.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    metrics: String,
     /// Do not accept foreign jobs on this host (the job agent is not started).
     #[arg(long)]
     no_agent: bool,
@@ -207,6 +210,7 @@ fn main() -> Result<()> {
         .with_timeouts(Duration::from_secs(3), beat * 2 + Duration::from_secs(4));
     tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
     let owner = std::sync::Arc::new(owner);
+    let mut agent_handle = None;
     if !args.no_agent {
         // The job agent: runs foreign jobs (rexec), migrates them, evicts them when the
         // owner comes back.
@@ -224,8 +228,42 @@ fn main() -> Result<()> {
         let (o2, below) = (owner.clone(), args.evict_below);
         let evict_reg = RegistryClient::new(rt.handle().clone(), registry.clone(), wisp_proto::key::ClusterKey::load(&args.key)?, format!("{name}-evict"))
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        agent_handle = Some(agent.clone());
         rt.spawn(wisp_rexec::agent::eviction_loop(agent, evict_reg, move || o2.idle_secs().0 < below, Duration::from_millis(500)));
         tracing::info!(%listen, "accepting jobs");
+    }
+    if args.metrics != "none" {
+        let cs = mounted.stats.clone();
+        let samples = std::sync::Arc::new(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let rpcs = cs.rpcs.load(Relaxed) as f64;
+            let mut v: Vec<wisp::metrics::Sample> = vec![
+                ("wisp_client_rpcs_total", "Requests sent to the file server", "counter", rpcs),
+                ("wisp_client_rpc_seconds_total", "Time spent waiting for the file server", "counter", cs.rpc_micros.load(Relaxed) as f64 / 1e6),
+                ("wisp_client_callbacks_total", "Consistency callbacks received from the server", "counter", cs.callbacks.load(Relaxed) as f64),
+                ("wisp_client_read_bytes_total", "Bytes fetched from the server (kernel page-cache hits never reach wispd)", "counter", cs.bytes_read.load(Relaxed) as f64),
+                ("wisp_client_written_bytes_total", "Bytes written through to the server", "counter", cs.bytes_written.load(Relaxed) as f64),
+            ];
+            if let Some(a) = &agent_handle {
+                let st = &a.stats;
+                v.extend([
+                    ("wisp_agent_jobs_running", "Foreign jobs running here", "gauge", a.running() as f64),
+                    ("wisp_agent_jobs_started_total", "Jobs started here by rexec", "counter", st.jobs_started.load(Relaxed) as f64),
+                    ("wisp_agent_migrations_out_total", "Jobs migrated away from here", "counter", st.migrations_out.load(Relaxed) as f64),
+                    ("wisp_agent_migrations_in_total", "Jobs migrated to here", "counter", st.migrations_in.load(Relaxed) as f64),
+                    ("wisp_agent_migration_failures_total", "Migrations that failed (the job kept running here)", "counter", st.migration_failures.load(Relaxed) as f64),
+                    ("wisp_agent_evictions_total", "Jobs evicted because the owner came back", "counter", st.evictions.load(Relaxed) as f64),
+                    ("wisp_agent_frozen_seconds_total", "Time jobs were stopped by migrations out of here", "counter", st.frozen_ms.load(Relaxed) as f64 / 1e3),
+                ]);
+            }
+            v
+        });
+        let addr = args.metrics.clone();
+        rt.spawn(async move {
+            if let Err(e) = wisp::metrics::serve(addr.clone(), samples).await {
+                tracing::warn!("metrics endpoint {addr}: {e}");
+            }
+        });
     }
     rt.spawn(registry_loop(client, name, advertise, owner, beat));
     rt.block_on(wisp::terminated());
