@@ -1010,7 +1010,11 @@ fn unsafe_zeroed_statvfs() -> libc::statvfs {
 
 impl Service for FsServer {
     fn call(&self, peer: &Arc<PeerHandle>, req: Request) -> Result<Response, WireError> {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        // File system requests only: registry traffic (heartbeats, Raft) is the naming
+        // crate's to count.
+        if !matches!(req, Request::Naming(_)) {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        }
         self.peers.lock().unwrap().entry(peer.session).or_insert_with(|| peer.clone());
         let read = match &req {
             Request::Read { ino, .. } => Some(*ino),

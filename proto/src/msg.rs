@@ -284,6 +284,7 @@ pub enum Response {
 /// Counters a server keeps since it started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServerStats {
+    /// File system requests (registry requests are not counted here).
     pub requests: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,

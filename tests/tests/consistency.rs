@@ -126,6 +126,7 @@ fn cached_reread_costs_no_server_traffic() {
     // parallel); anything beyond 1 % would mean the cache was not kept across opens.
     let refetched = after.bytes_read - before.bytes_read;
     assert!(refetched < (1 << 30) / 100, "a cached re-read fetched {refetched} bytes from the server");
-    // open + close (+ the status probe's own ping and stats calls)
-    assert!(after.requests - before.requests <= 6, "a cached re-read made {} requests", after.requests - before.requests);
+    // Lookup, open, close and the status probe's own calls, plus a read for any page the
+    // kernel dropped; an uncached read of 1 GiB takes thousands.
+    assert!(after.requests - before.requests <= 64, "a cached re-read made {} requests", after.requests - before.requests);
 }
