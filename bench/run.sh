@@ -17,7 +17,10 @@
 #
 # Knobs (environment): BENCH_NAME (cluster name, default bench), BENCH_FILES (10000),
 # BENCH_FILE_SIZE (1024), BENCH_SEQ_MB (1024), BENCH_NSRC (200), BENCH_JOBS (2),
-# BENCH_REXEC_JOBS (4), BENCH_OUT (results file, default bench/results/<UTC time>.txt).
+# BENCH_REXEC_JOBS (4), BENCH_BUILD_ROUNDS (3: the builds run in rounds, ext4, sshfs, wisp,
+# wisp+rexec in each, and the median of the rounds is reported, so that load from other
+# work on the machine hits all of them alike), BENCH_OUT (results file, default
+# bench/results/<UTC time>.txt).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +31,7 @@ SEQ_MB=${BENCH_SEQ_MB:-1024}
 NSRC=${BENCH_NSRC:-200}
 JOBS=${BENCH_JOBS:-2}
 RJOBS=${BENCH_REXEC_JOBS:-4}
+ROUNDS=${BENCH_BUILD_ROUNDS:-3}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${BENCH_OUT:-$ROOT/bench/results/$STAMP.txt}
 SRV_IP=10.99.0.11
@@ -99,6 +103,7 @@ counters() {
 }
 rpcs() { counters | cut -d' ' -f1; }
 mbps() { awk -v mb="$1" -v s="$2" 'BEGIN { printf "%.0f", mb / s }'; }
+median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
 # --- machine -------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else pri
     echo "# root fs: $(findmnt -no SOURCE,FSTYPE,OPTIONS -T /var/tmp)"
     echo "# sshfs: $(sshfs --version 2>&1 | grep -i "^sshfs" | head -1); $(ssh -V 2>&1)"
     echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); other simulated clusters up: $(ip netns list | grep -c -- '-br' || true)"
-    echo "# files=$NFILES x $FSIZE B, seq=$SEQ_MB MiB, build=$NSRC sources, make -j$JOBS, rexec make -j$RJOBS"
+    echo "# files=$NFILES x $FSIZE B, seq=$SEQ_MB MiB, build=$NSRC sources, make -j$JOBS, rexec make -j$RJOBS, $ROUNDS build rounds"
 } | tee -a "$OUT" >&2
 
 # --- the cluster, sshd, sshfs --------------------------------------------------------------
@@ -149,6 +154,10 @@ FSES=(ext4 sshfs wisp)
 r0=$(rpcs); t0=$(date +%s%N); sleep 5; r1=$(rpcs); t1=$(date +%s%N)
 BG=$(awk -v d=$((r1 - r0)) -v ns=$((t1 - t0)) 'BEGIN { printf "%.2f", d / (ns / 1e9) }')
 rec wisp.background_rpc_per_s "$BG"
+# Null round trip ws1 -> wisp server (the Ping of `wisp status`), best of 10.
+rtt=$(on ws1 "for i in \$(seq 10); do wisp status --server $SRV_IP:7070 --key /run/wisp/$NAME/cluster.key; done" |
+    sed -n 's/.*round trip \([0-9.]*\) ms.*/\1/p' | sort -n | head -1)
+rec wisp.null_rpc_ms "$rtt"
 net_rpcs() { awk -v d="$1" -v s="$2" -v bg="$BG" 'BEGIN { v = d - bg * s; if (v < 0) v = 0; printf "%.0f", v }'; }
 
 # --- 1. small files ------------------------------------------------------------------------
@@ -199,10 +208,16 @@ for fs in "${FSES[@]}"; do
     s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
     rec "$fs.seq_read_cold.MBps" "$(mbps "$SEQ_MB" "$s")"
     served seq_read_cold "${b0:-0}"
+    # Cached re-read, three times (a 1 GiB memory copy is at the mercy of other load): median.
     [ "$fs" = wisp ] && b0=$(counters | cut -d' ' -f3)
-    s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
-    rec "$fs.seq_read_cached.MBps" "$(mbps "$SEQ_MB" "$s")"
-    served seq_read_cached "${b0:-0}"
+    vals=
+    for i in 1 2 3; do
+        s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
+        vals+="$(mbps "$SEQ_MB" "$s") "
+    done
+    rec "$fs.seq_read_cached.all_MBps" "$vals"
+    rec "$fs.seq_read_cached.MBps" "$(median <<<"$vals")"
+    served seq_read_cached "${b0:-0}" # over the three re-reads
     on ws1 "rm -f $f"
 done
 
@@ -210,8 +225,8 @@ done
 echo "== build: unpack a generated C project ($NSRC+1 sources), make -j$JOBS, then a no-op make" | tee -a "$OUT" >&2
 "$ROOT/bench/gen-project.sh" "$W/proj" "$NSRC" >>"$LOG" 2>&1
 tar -C "$W" -czf "$W/proj.tar.gz" proj
-build_on() { # build_on FS DIR MAKEARGS KEY
-    local fs=$1 d=$2 margs=$3 key=$4 ra rb s
+build_on() { # build_on FS DIR MAKEARGS KEY ROUND
+    local fs=$1 d=$2 margs=$3 key=$4.r$5 ra rb ca cb s
     s=$(timed ws1 "mkdir -p $d && tar -C $d -xzf $W/proj.tar.gz")
     rec "$fs.$key.unpack_s" "$s"
     [ "$fs" = wisp ] && read -r ra ca _ <<<"$(counters)"
@@ -225,18 +240,27 @@ build_on() { # build_on FS DIR MAKEARGS KEY
     [ "$fs" = wisp ] && rb=$(rpcs)
     rec "$fs.$key.noop_s" "$s"
     [ "$fs" = wisp ] && rec "$fs.$key.noop_rpcs" "$(net_rpcs $((rb - ra)) "$s")"
-    return 0
+    on ws1 "rm -rf $d"
 }
 (cd "$W/proj" && make -s -j"$JOBS" >>"$LOG" 2>&1)
 EXPECT=$("$W/proj/prog")
 rm -rf "$W/proj"
-for fs in "${FSES[@]}"; do
-    build_on "$fs" "${DIR[$fs]}/b1" "-s -j$JOBS" build
+for r in $(seq "$ROUNDS"); do
+    for fs in "${FSES[@]}"; do
+        build_on "$fs" "${DIR[$fs]}/b$r" "-s -j$JOBS" build "$r"
+    done
+    # rexec: every recipe goes through `rexec -v -c RECIPE`; -v says where each one ran.
+    build_on wisp "${DIR[wisp]}/x$r" "-s -j$RJOBS SHELL=rexec .SHELLFLAGS='-v -c'" build_rexec "$r"
 done
-# rexec: every recipe goes through `rexec -v -c RECIPE`; -v says where each one ran.
-build_on wisp "${DIR[wisp]}/b2" "-s -j$RJOBS SHELL=rexec .SHELLFLAGS='-v -c'" build_rexec
-rec wisp.build_rexec.jobs_on_ws2 "$(grep -c 'rexec: running on ws2' "$LOG" || true)"
-rec wisp.build_rexec.jobs_local "$(grep -c 'rexec: no idle host; running locally' "$LOG" || true)"
+for key in ext4.build sshfs.build wisp.build wisp.build_rexec; do
+    for m in unpack_s s noop_s rpcs callbacks noop_rpcs; do
+        vals=
+        for r in $(seq "$ROUNDS"); do vals+="${R[$key.r$r.$m]:-} "; done
+        [ -n "${vals// /}" ] && rec "$key.$m" "$(median <<<"$vals")"
+    done
+done
+rec wisp.build_rexec.jobs_on_ws2 "$(( $(grep -c 'rexec: running on ws2' "$LOG" || true) / ROUNDS ))"
+rec wisp.build_rexec.jobs_local "$(( $(grep -c 'rexec: no idle host; running locally' "$LOG" || true) / ROUNDS ))"
 
 echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg); finished $(date -u '+%H:%M:%S UTC')" | tee -a "$OUT" >&2
 
@@ -257,11 +281,11 @@ echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg); finished $(date -
     row "seq write (MB/s)" seq_write.MBps
     row "seq read cold (MB/s)" seq_read_cold.MBps
     row "seq read cached (MB/s)" seq_read_cached.MBps
-    row "unpack (s)" build.unpack_s
-    row "make -j$JOBS (s)" build.s
-    row "make no-op (s)" build.noop_s
+    row "unpack (s, median)" build.unpack_s
+    row "make -j$JOBS (s, median)" build.s
+    row "make no-op (s, median)" build.noop_s
     echo "wisp cold read on ws2 (never cached there): ${R[wisp.seq_read_cold_ws2.MBps]} MB/s"
-    echo "wisp make -j$RJOBS SHELL=rexec: ${R[wisp.build_rexec.s]} s (${R[wisp.build_rexec.jobs_on_ws2]} recipes on ws2, ${R[wisp.build_rexec.jobs_local]} local); $(fmt_ratio "${R[wisp.build_rexec.s]}" "${R[ext4.build.s]}") x ext4 make -j$JOBS"
-    echo "wisp server requests: make -j$JOBS ${R[wisp.build.rpcs]}, no-op make ${R[wisp.build.noop_rpcs]}, rexec make ${R[wisp.build_rexec.rpcs]}, per small file: create ${R[wisp.create.rpcs_per_file]}, stat ${R[wisp.stat.rpcs_per_file]}, unlink ${R[wisp.unlink.rpcs_per_file]} (background ${BG}/s subtracted)"
+    echo "wisp make -j$RJOBS SHELL=rexec: ${R[wisp.build_rexec.s]} s (median of $ROUNDS; per build ${R[wisp.build_rexec.jobs_on_ws2]} recipes on ws2, ${R[wisp.build_rexec.jobs_local]} local); $(fmt_ratio "${R[wisp.build_rexec.s]}" "${R[ext4.build.s]}") x ext4 make -j$JOBS"
+    echo "wisp server requests: make -j$JOBS ${R[wisp.build.rpcs]}, no-op make ${R[wisp.build.noop_rpcs]}, rexec make ${R[wisp.build_rexec.rpcs]}, per small file: create ${R[wisp.create.rpcs_per_file]}, stat ${R[wisp.stat.rpcs_per_file]}, unlink ${R[wisp.unlink.rpcs_per_file]} (background ${BG}/s subtracted); null RPC ${R[wisp.null_rpc_ms]} ms"
 } | tee -a "$OUT"
 echo "results written to $OUT" >&2

@@ -110,6 +110,21 @@ fn check_name(name: &[u8]) -> R<()> {
     Ok(())
 }
 
+/// EINVAL when directory `dir` would move into `new_parent`, which is `dir` itself or lies
+/// below it (walking up the parent links to the root).
+fn refuse_move_below_itself(t: &store::Txn, dir: Ino, new_parent: Ino) -> R<()> {
+    let mut cur = new_parent;
+    loop {
+        if cur == dir {
+            return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
+        }
+        if cur == ROOT_INO {
+            return Ok(());
+        }
+        cur = t.get(cur)?.parent;
+    }
+}
+
 fn kind_of_mode(mode: u32) -> R<Kind> {
     Ok(match mode & libc::S_IFMT {
         libc::S_IFREG | 0 => Kind::File,
@@ -353,31 +368,13 @@ impl FsServer {
         }
         // A directory may not move into itself or below itself.
         if srec.kind == Kind::Dir {
-            let mut cur = np;
-            loop {
-                if cur == src {
-                    return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
-                }
-                if cur == ROOT_INO {
-                    break;
-                }
-                cur = t.get(cur)?.parent;
-            }
+            refuse_move_below_itself(&t, src, np)?;
         }
         if flags & EXCHANGE != 0 {
             let dst = dst.ok_or_else(|| WireError::new(libc::ENOENT, "exchange target does not exist"))?;
             let drec = t.get(dst)?;
             if drec.kind == Kind::Dir {
-                let mut cur = parent;
-                loop {
-                    if cur == dst {
-                        return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
-                    }
-                    if cur == ROOT_INO {
-                        break;
-                    }
-                    cur = t.get(cur)?.parent;
-                }
+                refuse_move_below_itself(&t, dst, parent)?;
             }
             let mut prec = t.get(parent)?;
             t.unlink(parent, &mut prec, name)?;

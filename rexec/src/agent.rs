@@ -24,6 +24,8 @@ struct Job {
     /// The job moved to (host, agent address).
     moved: Option<(String, String)>,
     migrating: bool,
+    /// Stopped (SIGSTOP) because it could not migrate away when the owner came back.
+    suspended: bool,
 }
 
 /// Policy of an agent.
@@ -59,6 +61,8 @@ pub struct AgentStats {
     pub migrations_in: std::sync::atomic::AtomicU64,
     pub migration_failures: std::sync::atomic::AtomicU64,
     pub evictions: std::sync::atomic::AtomicU64,
+    /// Jobs stopped because they could not migrate when the owner came back.
+    pub suspensions: std::sync::atomic::AtomicU64,
     /// Milliseconds jobs spent frozen by migrations out of this host, summed.
     pub frozen_ms: std::sync::atomic::AtomicU64,
 }
@@ -147,7 +151,7 @@ impl Agent {
     /// Track a job whose sandbox init is our child, until it ends.
     fn adopt(self: &Arc<Self>, info: JobInfo, sb: wisp_procmig::Sandbox) {
         let job = info.job;
-        self.jobs.lock().unwrap().insert(job, Job { info, exit: None, moved: None, migrating: false });
+        self.jobs.lock().unwrap().insert(job, Job { info, exit: None, moved: None, migrating: false, suspended: false });
         self.running.fetch_add(1, Ordering::Relaxed);
         let me = self.clone();
         std::thread::spawn(move || {
@@ -356,6 +360,31 @@ impl Service for AgentService {
     }
 }
 
+/// Send `sig` to every process in the pid namespace of `pid` (a job's sandbox); returns
+/// how many got it.
+fn signal_sandbox(pid: i32, sig: i32) -> usize {
+    let ns = match std::fs::read_link(format!("/proc/{pid}/ns/pid")) {
+        Ok(l) => l,
+        Err(_) => return 0,
+    };
+    // Never the agent's own namespace: that would be every process of the host.
+    if std::fs::read_link("/proc/self/ns/pid").ok().as_ref() == Some(&ns) {
+        warn!(pid, "job is not in a sandbox of its own; not signalling its namespace");
+        return 0;
+    }
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns) {
+            // SAFETY: kill(2) on a process of the job's own pid namespace.
+            if unsafe { libc::kill(p, sig) } == 0 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// Pre-copy: copy memory while the job runs, in rounds, until the dirty set stops
 /// shrinking (at most 8 rounds), then freeze for the rest.
 fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig::DumpError> {
@@ -390,12 +419,27 @@ pub async fn eviction_loop(
     loop {
         tokio::time::sleep(every).await;
         if !owner_active() {
+            // The owner left again: jobs suspended for them run on.
+            let resumed: Vec<(u64, i32)> = {
+                let mut jobs = agent.jobs.lock().unwrap();
+                jobs.iter_mut()
+                    .filter(|(_, j)| j.suspended && j.exit.is_none())
+                    .map(|(id, j)| {
+                        j.suspended = false;
+                        (*id, j.info.pid as i32)
+                    })
+                    .collect()
+            };
+            for (job, pid) in resumed {
+                signal_sandbox(pid, libc::SIGCONT);
+                info!(job, "resumed: owner is away again");
+            }
             continue;
         }
         let foreign: Vec<JobInfo> = {
             let jobs = agent.jobs.lock().unwrap();
             jobs.values()
-                .filter(|j| j.exit.is_none() && j.moved.is_none() && !j.migrating && j.info.home != agent.cfg.host)
+                .filter(|j| j.exit.is_none() && j.moved.is_none() && !j.migrating && !j.suspended && j.info.home != agent.cfg.host)
                 .map(|j| j.info.clone())
                 .collect()
         };
@@ -430,7 +474,19 @@ pub async fn eviction_loop(
                 }
                 other => {
                     let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort).await;
-                    warn!(job = j.job, to = %to, "eviction failed: {other:?}");
+                    // It cannot move (e.g. it has child processes): stop it, whole sandbox,
+                    // so the owner gets the machine; it resumes when the owner leaves.
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(r)) => format!("{r:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    let n = signal_sandbox(j.pid as i32, libc::SIGSTOP);
+                    if let Some(jj) = agent.jobs.lock().unwrap().get_mut(&j.job) {
+                        jj.suspended = true;
+                    }
+                    agent.stats.suspensions.fetch_add(1, Ordering::Relaxed);
+                    warn!(job = j.job, processes = n, "suspended, not killed: cannot migrate ({why}); resumes when the owner is away");
                 }
             }
         }

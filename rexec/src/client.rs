@@ -153,7 +153,24 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
             rand::random::<u64>() >> 1
         }
     };
+    // Keep the host's lease while the job runs (leases expire unless renewed, so a host
+    // whose rexec died is lent out again).
+    let reg = Arc::new(reg);
+    let renewer = lease.map(|l| {
+        let reg = reg.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                if let Err(e) = reg.renew_leases(uid, vec![l]).await {
+                    debug!("lease renewal: {e}");
+                }
+            }
+        })
+    });
     let result = run_on(&rt, &opts, job, &host, &agent_addr, &cwd, uid, gid);
+    if let Some(r) = renewer {
+        r.abort();
+    }
     let code = match &result {
         Ok(c) => *c,
         Err(_) => 255,

@@ -135,6 +135,22 @@ fn parallel_make_with_rexec() {
 
 const TICKER: &str = r#"cd /wisp/mig && rexec -v perl -e '$|=1; use POSIX; open(my $log, ">>", "/wisp/mig/log") or die; $log->autoflush(1); my $heap = "h" x 50_000_000; for my $i (0..70) { printf("tick %d pid %d uts %s heap %d\n", $i, $$, (POSIX::uname())[1], length $heap); print $log "$i\n"; select(undef, undef, undef, 0.1) } exit 5'"#;
 
+/// A cluster with ws2 and ws3 lent out and the ticker job from ws1 running on one of
+/// them for 2 s: (cluster, the rexec's thread, job id, host it runs on).
+fn start_ticker(tag: &str) -> (Sim, std::thread::JoinHandle<std::process::Output>, String, String) {
+    let s = sim(tag, 3);
+    lend(&s, &["ws2", "ws3"]);
+    s.ok("ws1", "mkdir -p /wisp/mig");
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", TICKER).unwrap())
+    };
+    let job = only_job(&s);
+    std::thread::sleep(Duration::from_secs(2));
+    let from = job_host(&s, &job);
+    (s, runner, job, from)
+}
+
 fn check_ticks(out: &str) {
     let ticks: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
     assert_eq!(ticks.len(), 71, "output lost or duplicated:\n{out}");
@@ -147,16 +163,7 @@ fn check_ticks(out: &str) {
 /// an open /wisp file continue with nothing lost or repeated, exit status arrives.
 #[test]
 fn running_job_migrates_between_hosts() {
-    let s = sim("mig", 3);
-    lend(&s, &["ws2", "ws3"]);
-    s.ok("ws1", "mkdir -p /wisp/mig");
-    let runner = {
-        let c = s.c.clone();
-        std::thread::spawn(move || c.sh("ws1", TICKER).unwrap())
-    };
-    let job = only_job(&s);
-    std::thread::sleep(Duration::from_secs(2));
-    let from = job_host(&s, &job);
+    let (s, runner, job, from) = start_ticker("mig");
     let to = if from == "ws2" { "ws3" } else { "ws2" };
     let m = wisp(&s, &format!("migrate {job} --to {to}"));
     assert!(m.contains(&format!("-> {to}")), "{m}");
@@ -175,16 +182,7 @@ fn running_job_migrates_between_hosts() {
 /// When the owner comes back, the foreign job leaves at once and keeps running elsewhere.
 #[test]
 fn owner_return_evicts_foreign_jobs() {
-    let s = sim("evict", 3);
-    lend(&s, &["ws2", "ws3"]);
-    s.ok("ws1", "mkdir -p /wisp/mig");
-    let runner = {
-        let c = s.c.clone();
-        std::thread::spawn(move || c.sh("ws1", TICKER).unwrap())
-    };
-    let job = only_job(&s);
-    std::thread::sleep(Duration::from_secs(2));
-    let from = job_host(&s, &job);
+    let (s, runner, job, from) = start_ticker("evict");
     let t0 = Instant::now();
     wisp(&s, &format!("owner {from} active"));
     loop {
@@ -200,4 +198,45 @@ fn owner_return_evicts_foreign_jobs() {
     check_ticks(&String::from_utf8_lossy(&out.stdout));
     let log = s.c.log_path(&from);
     assert!(std::fs::read_to_string(log).unwrap().contains("evicted: owner is back"));
+}
+
+/// A job that cannot migrate (it has child processes) is suspended, not killed, when the
+/// owner comes back, and runs on to completion when the owner leaves again.
+#[test]
+fn unmigratable_job_is_suspended_then_resumed() {
+    let s = sim("suspend", 2);
+    lend(&s, &["ws2"]);
+    s.ok("ws1", "mkdir -p /wisp/susp");
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", "cd /wisp/susp && rexec sh -c 'sleep 60 & for i in $(seq 1 30); do echo $i; sleep 0.1; done; kill $!'").unwrap())
+    };
+    let job = only_job(&s);
+    std::thread::sleep(Duration::from_millis(800));
+    wisp(&s, "owner ws2 active");
+    let log = s.c.log_path("ws2");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("suspended, not killed") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "job {job} was not suspended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped: every process of the job is in state T, and the output pauses.
+    // The job's processes: in a pid namespace other than the host's, running its command.
+    let states = s.ok(
+        "ws2",
+        r#"me=$(readlink /proc/self/ns/pid); for d in /proc/[0-9]*; do
+             [ "$(readlink $d/ns/pid 2>/dev/null)" != "$me" ] || continue
+             tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'seq 1 30' && awk '{print $3}' $d/stat
+           done | sort -u"#,
+    );
+
+    assert!(states.trim() == "T" || states.trim().is_empty(), "processes not stopped: {states}");
+    assert!(!runner.is_finished());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!runner.is_finished(), "a suspended job finished");
+    wisp(&s, "owner ws2 idle");
+    let out = runner.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), (1..=30).map(|i| format!("{i}\n")).collect::<String>());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("resumed: owner is away again"));
 }
