@@ -2,7 +2,7 @@
 # Install what wisp's build, tests and demo need on a fresh Debian 12 machine (as root).
 set -euo pipefail
 need=()
-for p in fuse3 iproute2 util-linux procps gcc make git sqlite3 perl tar coreutils sshfs openssh-server openssh-client; do
+for p in fuse3 iproute2 util-linux procps gcc make git sqlite3 perl tar coreutils bc python3 sshfs openssh-server openssh-client; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,19 +1,30 @@
-//! Mutual authentication of a fresh connection with the cluster key.
+//! Mutual authentication of a fresh connection with the cluster key, and the session keys
+//! that seal every frame after it.
 //!
 //! ```text
 //! client -> server  ClientHello { magic "WISP", version, client_nonce[32], name }
 //! server -> client  ServerHello { magic, version, server_nonce[32],
 //!                                 mac = HMAC(key, "wisp-server" | version | client_nonce | server_nonce | name) }
 //! client -> server  ClientProof { mac = HMAC(key, "wisp-client" | version | server_nonce | client_nonce | name) }
-//! server -> client  Welcome { session }
+//! server -> client  Welcome { session }                       (sealed: frame 0 server -> client)
 //! ```
 //! Both nonces are fresh per connection, so a recorded handshake replayed later proves
 //! nothing. Until the proof checks out, frames are capped at [`HANDSHAKE_MAX_FRAME`] bytes and
 //! only these four small messages are decoded: a peer without the key never gets a request
 //! parsed. A peer speaking another protocol version is refused with a message saying so.
+//!
+//! From the `Welcome` on, both ends hold per-direction session keys derived from the cluster
+//! key, both nonces and the client name, and every frame carries a tag over its direction,
+//! its implicit sequence number and its payload ([`seal`]): the handshake functions return a
+//! [`Framed`] over a [`seal::SealedCodec`], so whoever reads or writes on it gets sealing
+//! without asking for it, and an injected, altered, replayed, reordered or dropped frame is
+//! refused before postcard sees it.
+
+pub mod seal;
 
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -21,9 +32,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use crate::key::ClusterKey;
+use seal::{SealError, SealedCodec, SessionKeys, Side};
 use crate::{MAX_FRAME, PROTOCOL_VERSION};
 
 /// Frame cap while the peer is not yet authenticated.
@@ -52,7 +64,13 @@ pub enum AuthError {
     Refused(String),
     #[error("handshake timed out after {0:?}")]
     Timeout(Duration),
+    /// The sealed `Welcome` did not verify (or a sealed frame could not be written).
+    #[error("{0}")]
+    Seal(#[from] SealError),
 }
+
+/// Longest client name, in bytes.
+pub const MAX_NAME: usize = 64;
 
 #[derive(Serialize, Deserialize)]
 struct ClientHello {
@@ -113,40 +131,54 @@ pub fn new_framed<T: AsyncRead + AsyncWrite>(io: T) -> Framed<T, LengthDelimited
     Framed::new(io, codec)
 }
 
-async fn recv<T, M>(f: &mut Framed<T, LengthDelimitedCodec>) -> Result<M, AuthError>
+async fn recv<T, C, M>(f: &mut Framed<T, C>) -> Result<M, AuthError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
+    C: Decoder<Item = BytesMut>,
+    AuthError: From<C::Error>,
     M: for<'de> Deserialize<'de>,
 {
     let frame = f.next().await.ok_or(AuthError::Closed)??;
     postcard::from_bytes(&frame).map_err(|e| AuthError::Malformed(e.to_string()))
 }
 
-async fn send<T, M>(f: &mut Framed<T, LengthDelimitedCodec>, m: &M) -> Result<(), AuthError>
+async fn send<T, C, M>(f: &mut Framed<T, C>, m: &M) -> Result<(), AuthError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
+    C: Encoder<Bytes>,
+    AuthError: From<<C as Encoder<Bytes>>::Error>,
     M: Serialize,
 {
     let bytes = postcard::to_allocvec(m).map_err(|e| AuthError::Malformed(e.to_string()))?;
-    f.send(bytes::Bytes::from(bytes)).await?;
+    f.send(Bytes::from(bytes)).await?;
     Ok(())
 }
 
-/// Client side: prove the key, check the server's proof, and raise the frame cap.
+/// `name` cut to at most [`MAX_NAME`] bytes, on a character boundary.
+fn clip_name(name: &str) -> String {
+    let mut end = name.len().min(MAX_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+/// Client side: prove the key, check the server's proof, switch to sealed frames and raise
+/// the frame cap. The name is cut to [`MAX_NAME`] bytes.
 pub async fn client_handshake<T>(
     io: T,
     key: &ClusterKey,
     name: &str,
-) -> Result<(Framed<T, LengthDelimitedCodec>, u64), AuthError>
+) -> Result<(Framed<T, SealedCodec>, u64), AuthError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut f = new_framed(io);
         let cn = nonce();
-        let name: String = name.chars().take(64).collect();
+        let name = clip_name(name);
         send(&mut f, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, nonce: cn, name: name.clone() }).await?;
-        let (sn, smac) = match recv::<_, ServerHello>(&mut f).await? {
+        let (sn, smac) = match recv::<_, _, ServerHello>(&mut f).await? {
             ServerHello::Refused { reason, .. } => return Err(AuthError::Refused(reason)),
             ServerHello::Ok { magic, version, nonce, mac } => {
                 if magic != MAGIC {
@@ -163,20 +195,23 @@ where
             return Err(AuthError::BadKey);
         }
         send(&mut f, &ClientProof { mac: mac(key, b"wisp-client", &sn, &cn, &name) }).await?;
+        let keys = SessionKeys::derive(key, &cn, &sn, &name);
+        let mut f = f.map_codec(|_| SealedCodec::new(&keys, Side::Client, HANDSHAKE_MAX_FRAME));
         let w: Welcome = recv(&mut f).await?;
-        f.codec_mut().set_max_frame_length(MAX_FRAME);
+        f.codec_mut().set_max_payload(MAX_FRAME);
         Ok((f, w.session))
     })
     .await
     .map_err(|_| AuthError::Timeout(HANDSHAKE_TIMEOUT))?
 }
 
-/// Server side: check the client's proof before anything else is read.
+/// Server side: check the client's proof before anything else is read, then switch to
+/// sealed frames and raise the frame cap.
 pub async fn server_handshake<T>(
     io: T,
     key: &ClusterKey,
     session: u64,
-) -> Result<(Framed<T, LengthDelimitedCodec>, Peer), AuthError>
+) -> Result<(Framed<T, SealedCodec>, Peer), AuthError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -194,8 +229,8 @@ where
             let _ = send(&mut f, &ServerHello::Refused { version: PROTOCOL_VERSION, reason }).await;
             return Err(AuthError::Version { ours: PROTOCOL_VERSION, theirs: hello.version });
         }
-        if hello.name.len() > 64 {
-            return Err(AuthError::Malformed("client name longer than 64 bytes".into()));
+        if hello.name.len() > MAX_NAME {
+            return Err(AuthError::Malformed(format!("client name longer than {MAX_NAME} bytes")));
         }
         let sn = nonce();
         let smac = mac(key, b"wisp-server", &hello.nonce, &sn, &hello.name);
@@ -205,8 +240,10 @@ where
         if !bool::from(expect.ct_eq(&proof.mac)) {
             return Err(AuthError::BadKey);
         }
+        let keys = SessionKeys::derive(key, &hello.nonce, &sn, &hello.name);
+        let mut f = f.map_codec(|_| SealedCodec::new(&keys, Side::Server, HANDSHAKE_MAX_FRAME));
         send(&mut f, &Welcome { session }).await?;
-        f.codec_mut().set_max_frame_length(MAX_FRAME);
+        f.codec_mut().set_max_payload(MAX_FRAME);
         Ok((f, Peer { name: hello.name, session }))
     })
     .await

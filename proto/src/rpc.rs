@@ -3,8 +3,10 @@
 //! Server: [`serve`] accepts connections (bounded by a semaphore), authenticates each with
 //! [`crate::auth::server_handshake`], then decodes frames into [`Message`]s and runs every
 //! call on the blocking pool through a [`Service`], so one slow request never stalls the
-//! others on the same connection. A frame that does not decode closes that connection (and
-//! only that one) with a log line naming the peer and the error. The service can call back
+//! others on the same connection. Every frame after the handshake is sealed both ways (the
+//! connection's writer task tags, its reader verifies; see [`crate::auth::seal`]): a frame
+//! that fails authentication, or does not decode, closes that connection (and only that
+//! one) with a log line naming the peer and the error, before postcard sees the payload. The service can call back
 //! any connected client through its [`PeerHandle`].
 //!
 //! Client: [`RpcClient`] keeps one connection to a server, reconnects with backoff when it
@@ -31,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::auth::seal::SealedCodec;
 use crate::auth::{client_handshake, server_handshake};
 use crate::key::ClusterKey;
 use crate::msg::{Callback, Message, Request, Response, WireError};
@@ -175,7 +178,7 @@ pub async fn serve<S: Service>(
             match hs {
                 Ok((framed, peer)) => {
                     info!(peer = %peer.name, %addr, session, "client authenticated");
-                    run_server_conn(framed, peer, service, stop).await;
+                    run_server_conn(framed, peer, addr, service, stop).await;
                 }
                 Err(e) => warn!(%addr, "dropping connection before any request: {e}"),
             }
@@ -195,8 +198,9 @@ pub async fn serve<S: Service>(
 }
 
 async fn run_server_conn<S: Service>(
-    framed: tokio_util::codec::Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+    framed: tokio_util::codec::Framed<TcpStream, SealedCodec>,
     peer: crate::auth::Peer,
+    addr: std::net::SocketAddr,
     service: Arc<S>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -209,9 +213,11 @@ async fn run_server_conn<S: Service>(
         next_cb: AtomicU64::new(1),
         pending: Mutex::new(HashMap::new()),
     });
+    let wname = peer.name.clone();
     let writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
-            if sink.send(b).await.is_err() {
+            if let Err(e) = sink.send(b).await {
+                debug!(peer = %wname, "writing to client failed: {e}");
                 break;
             }
         }
@@ -228,8 +234,13 @@ async fn run_server_conn<S: Service>(
         let Some(frame) = frame else { break };
         let frame = match frame {
             Ok(f) => f,
+            Err(e) if e.is_authentication() => {
+                // Named in full: an injected or tampered frame on an authenticated connection.
+                warn!(peer = %peer.name, session = peer.session, %addr, "closing connection: {e}");
+                break;
+            }
             Err(e) => {
-                warn!(peer = %peer.name, "closing connection: bad frame: {e}");
+                warn!(peer = %peer.name, session = peer.session, %addr, "closing connection: bad frame: {e}");
                 break;
             }
         };
@@ -420,16 +431,24 @@ async fn connection_loop(inner: Arc<ClientInner>, key: ClusterKey, name: String,
         info!(addr = %inner.addr, generation, "connected to server");
         let (mut sink, mut stream) = framed.split();
         let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+        let waddr = inner.addr.clone();
         let writer = AbortOnDrop(tokio::spawn(async move {
             while let Some(b) = rx.recv().await {
-                if sink.send(b).await.is_err() {
+                if let Err(e) = sink.send(b).await {
+                    debug!(addr = %waddr, "writing to server failed: {e}");
                     break;
                 }
             }
         }));
         inner.state.send_replace(ConnState::Up { tx: tx.clone() });
         while let Some(frame) = stream.next().await {
-            let Ok(frame) = frame else { break };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(addr = %inner.addr, "closing connection to server: {e}");
+                    break;
+                }
+            };
             let msg: Message = match postcard::from_bytes(&frame) {
                 Ok(m) => m,
                 Err(e) => {

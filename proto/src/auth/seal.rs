@@ -1,0 +1,438 @@
+//! Sealed frames: integrity, authenticity and order of every frame after the handshake.
+//!
+//! The handshake ([`crate::auth`]) proves that both ends hold the cluster key; without more,
+//! anyone on the path could then inject, alter, replay, drop or reorder the frames of that
+//! authenticated connection. So each connection derives two session keys from the handshake
+//! ([`SessionKeys::derive`]), one per direction, and every frame after it is sealed:
+//!
+//! ```text
+//! frame   = len: u32 big-endian | payload | tag[32]          (len = payload length + 32)
+//! tag     = HMAC-SHA256(k_dir, dir | seq: u64 big-endian | payload)
+//! k_c2s   = HMAC-SHA256(cluster_key, "wisp-session-key" | "client->server" | version
+//!                       | client_nonce | server_nonce | name)
+//! k_s2c   = the same with "server->client"
+//! ```
+//!
+//! `dir` is one byte (1 client -> server, 2 server -> client) and `seq` counts the frames
+//! already sent in that direction, from 0 (the server's `Welcome` is frame 0 server ->
+//! client). The sequence number is never sent: both ends count, so a replayed, reordered,
+//! dropped, truncated or altered frame, or one copied from another connection or the other
+//! direction, fails verification. The tag is checked (in constant time) before the payload
+//! reaches postcard; a failure poisons the decoder, so nothing later on that connection is
+//! accepted either, and the caller closes the connection.
+//!
+//! Bounds: the length prefix is checked against `max_payload + TAG_LEN` before the frame is
+//! read or hashed, and the encoder refuses a payload over `max_payload` without touching its
+//! sequence number or the output.
+//!
+//! Not provided here: confidentiality (frames travel in clear; see docs/security.md) and
+//! per-host identity (every key holder can open a session).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::key::ClusterKey;
+use crate::PROTOCOL_VERSION;
+
+/// Bytes of the tag appended to every sealed frame (full HMAC-SHA256 output).
+pub const TAG_LEN: usize = 32;
+
+/// Which way a frame travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToServer,
+    ServerToClient,
+}
+
+impl Direction {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Direction::ClientToServer => b"client->server",
+            Direction::ServerToClient => b"server->client",
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Direction::ClientToServer => 1,
+            Direction::ServerToClient => 2,
+        }
+    }
+}
+
+/// Which end of the connection a codec serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// The two per-direction keys of one connection. Debug output never shows them.
+#[derive(Clone)]
+pub struct SessionKeys {
+    c2s: [u8; 32],
+    s2c: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(..)")
+    }
+}
+
+impl SessionKeys {
+    /// Keys for a connection whose handshake used these nonces and client name. Both ends
+    /// compute the same keys; nobody without the cluster key can.
+    pub fn derive(key: &ClusterKey, client_nonce: &[u8; 32], server_nonce: &[u8; 32], name: &str) -> Self {
+        let one = |d: Direction| -> [u8; 32] {
+            let mut m = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
+            m.update(b"wisp-session-key");
+            m.update(d.label());
+            m.update(&PROTOCOL_VERSION.to_le_bytes());
+            m.update(client_nonce);
+            m.update(server_nonce);
+            m.update(name.as_bytes());
+            m.finalize().into_bytes().into()
+        };
+        SessionKeys { c2s: one(Direction::ClientToServer), s2c: one(Direction::ServerToClient) }
+    }
+}
+
+/// Why a sealed frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The frame's tag does not match: altered, forged, replayed, reordered or dropped
+    /// frames all end here. The connection must be closed.
+    #[error("frame authentication failed (frame {seq} from the peer: {detail})")]
+    Authentication { seq: u64, detail: &'static str },
+    /// A payload too large to send; nothing was written.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    /// I/O error, or a length prefix over the limit (refused before the frame is read).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SealError {
+    /// Whether this is a failed frame authentication (rather than an I/O error).
+    pub fn is_authentication(&self) -> bool {
+        matches!(self, SealError::Authentication { .. })
+    }
+}
+
+/// One direction's state: its keyed MAC (cloned per frame, so the key schedule runs once)
+/// and the next sequence number.
+struct DirState {
+    mac: Hmac<Sha256>,
+    dir: Direction,
+    seq: u64,
+}
+
+impl DirState {
+    fn new(key: &[u8; 32], dir: Direction) -> Self {
+        DirState { mac: Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length"), dir, seq: 0 }
+    }
+
+    fn tag(&self, payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut m = self.mac.clone();
+        m.update(&[self.dir.byte()]);
+        m.update(&self.seq.to_be_bytes());
+        m.update(payload);
+        m.finalize().into_bytes().into()
+    }
+}
+
+/// Length-delimited frames with a tag each: seals on encode, verifies on decode (see the
+/// module documentation). Decoded items are the payloads without their tags.
+pub struct SealedCodec {
+    inner: LengthDelimitedCodec,
+    max_payload: usize,
+    send: DirState,
+    recv: DirState,
+    /// Set by the first failed verification; every later decode fails too.
+    failed: bool,
+}
+
+impl std::fmt::Debug for SealedCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedCodec")
+            .field("max_payload", &self.max_payload)
+            .field("sent", &self.send.seq)
+            .field("received", &self.recv.seq)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl SealedCodec {
+    /// A codec for `side` of a connection with these keys, accepting and sending payloads
+    /// of at most `max_payload` bytes.
+    pub fn new(keys: &SessionKeys, side: Side, max_payload: usize) -> Self {
+        let (send, recv) = match side {
+            Side::Client => (DirState::new(&keys.c2s, Direction::ClientToServer), DirState::new(&keys.s2c, Direction::ServerToClient)),
+            Side::Server => (DirState::new(&keys.s2c, Direction::ServerToClient), DirState::new(&keys.c2s, Direction::ClientToServer)),
+        };
+        let mut c = SealedCodec {
+            inner: LengthDelimitedCodec::builder().length_field_length(4).new_codec(),
+            max_payload: 0,
+            send,
+            recv,
+            failed: false,
+        };
+        c.set_max_payload(max_payload);
+        c
+    }
+
+    /// Change the largest payload accepted and sent (the tag comes on top).
+    pub fn set_max_payload(&mut self, max_payload: usize) {
+        self.max_payload = max_payload;
+        self.inner.set_max_frame_length(max_payload + TAG_LEN);
+    }
+
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Frames sealed so far.
+    pub fn sent(&self) -> u64 {
+        self.send.seq
+    }
+
+    /// Frames verified so far.
+    pub fn received(&self) -> u64 {
+        self.recv.seq
+    }
+
+    fn refuse(&mut self, detail: &'static str) -> SealError {
+        self.failed = true;
+        SealError::Authentication { seq: self.recv.seq, detail }
+    }
+}
+
+impl Decoder for SealedCodec {
+    type Item = BytesMut;
+    type Error = SealError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, SealError> {
+        if self.failed {
+            return Err(SealError::Authentication { seq: self.recv.seq, detail: "an earlier frame failed" });
+        }
+        // The inner codec refuses an oversized length prefix before buffering the frame.
+        let Some(mut frame) = self.inner.decode(src)? else { return Ok(None) };
+        if frame.len() < TAG_LEN {
+            return Err(self.refuse("frame shorter than its tag"));
+        }
+        let tag = frame.split_off(frame.len() - TAG_LEN);
+        let expect = self.recv.tag(&frame);
+        if !bool::from(expect.ct_eq(&tag[..])) {
+            return Err(self.refuse("altered, forged, replayed, reordered or out of sequence"));
+        }
+        self.recv.seq = match self.recv.seq.checked_add(1) {
+            Some(s) => s,
+            None => return Err(self.refuse("sequence numbers exhausted")),
+        };
+        Ok(Some(frame))
+    }
+}
+
+impl Encoder<Bytes> for SealedCodec {
+    type Error = SealError;
+
+    fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), SealError> {
+        if payload.len() > self.max_payload {
+            return Err(SealError::TooLarge { len: payload.len(), max: self.max_payload });
+        }
+        let next = self.send.seq.checked_add(1).ok_or_else(|| {
+            SealError::Io(std::io::Error::new(std::io::ErrorKind::Other, "sequence numbers exhausted"))
+        })?;
+        let tag = self.send.tag(&payload);
+        dst.reserve(4 + payload.len() + TAG_LEN);
+        dst.put_u32((payload.len() + TAG_LEN) as u32);
+        dst.extend_from_slice(&payload);
+        dst.extend_from_slice(&tag);
+        self.send.seq = next;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> SessionKeys {
+        SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1")
+    }
+
+    fn pair(keys: &SessionKeys) -> (SealedCodec, SealedCodec) {
+        (SealedCodec::new(keys, Side::Client, 1024), SealedCodec::new(keys, Side::Server, 1024))
+    }
+
+    fn seal(c: &mut SealedCodec, payload: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        c.encode(Bytes::copy_from_slice(payload), &mut out).unwrap();
+        out
+    }
+
+    fn open(c: &mut SealedCodec, wire: &[u8]) -> Result<Option<BytesMut>, SealError> {
+        let mut b = BytesMut::from(wire);
+        c.decode(&mut b)
+    }
+
+    #[track_caller]
+    fn assert_auth_failure(r: Result<Option<BytesMut>, SealError>) {
+        match r {
+            Err(e @ SealError::Authentication { .. }) => {
+                assert!(e.to_string().contains("frame authentication failed"), "{e}")
+            }
+            other => panic!("expected a frame authentication failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sealed_frames_round_trip_in_order_both_ways() {
+        let (mut c, mut s) = pair(&keys());
+        for i in 0..5u8 {
+            let w = seal(&mut c, &[i; 10]);
+            assert_eq!(w.len(), 4 + 10 + TAG_LEN);
+            assert_eq!(&open(&mut s, &w).unwrap().unwrap()[..], &[i; 10]);
+            let w = seal(&mut s, &[i + 100; 3]);
+            assert_eq!(&open(&mut c, &w).unwrap().unwrap()[..], &[i + 100; 3]);
+        }
+        let w = seal(&mut c, b"");
+        assert_eq!(&open(&mut s, &w).unwrap().unwrap()[..], b"");
+        assert_eq!((c.sent(), s.received(), s.sent(), c.received()), (6, 6, 5, 5));
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_is_verified_once_complete() {
+        let (mut c, mut s) = pair(&keys());
+        let w = seal(&mut c, b"split me");
+        let mut buf = BytesMut::from(&w[..7]);
+        assert!(s.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&w[7..]);
+        assert_eq!(&s.decode(&mut buf).unwrap().unwrap()[..], b"split me");
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_rejected() {
+        let k = keys();
+        let (mut c, _) = pair(&k);
+        let w = seal(&mut c, b"write 4096 bytes at offset 0 of inode 17");
+        for bit in 0..w.len() * 8 {
+            let (_, mut s) = pair(&k);
+            let mut bad = w.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let mut buf = bad.clone();
+            match s.decode(&mut buf) {
+                // A longer length prefix: the frame is not complete yet, nothing accepted.
+                Ok(None) => assert!(bit < 32, "bit {bit}: payload bit flip left the frame pending"),
+                // A much longer one: refused as oversized before it is read.
+                Err(SealError::Io(e)) => assert!(bit < 32, "bit {bit}: {e}"),
+                r => assert_auth_failure(r),
+            }
+        }
+        // The untouched frame still verifies.
+        let (_, mut s) = pair(&k);
+        assert!(open(&mut s, &w).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_replayed_frame_is_rejected() {
+        let (mut c, mut s) = pair(&keys());
+        let w = seal(&mut c, b"unlink /wisp/a");
+        assert!(open(&mut s, &w).unwrap().is_some());
+        assert_auth_failure(open(&mut s, &w));
+    }
+
+    #[test]
+    fn a_reordered_pair_is_rejected() {
+        let (mut c, mut s) = pair(&keys());
+        let first = seal(&mut c, b"mkdir /wisp/d");
+        let second = seal(&mut c, b"rmdir /wisp/d");
+        assert_auth_failure(open(&mut s, &second));
+        // The codec is poisoned: not even the right frame is accepted after a failure.
+        assert_auth_failure(open(&mut s, &first));
+    }
+
+    #[test]
+    fn a_dropped_frame_is_noticed_at_the_next_one() {
+        let (mut c, mut s) = pair(&keys());
+        let _lost = seal(&mut c, b"one");
+        let next = seal(&mut c, b"two");
+        assert_auth_failure(open(&mut s, &next));
+    }
+
+    #[test]
+    fn a_truncated_tag_is_rejected() {
+        let k = keys();
+        let (mut c, _) = pair(&k);
+        let w = seal(&mut c, b"hello");
+        for cut in 1..=TAG_LEN {
+            // Shorten the frame and fix up its length prefix, as an attacker would.
+            let body = &w[4..w.len() - cut];
+            let mut bad = BytesMut::new();
+            bad.put_u32(body.len() as u32);
+            bad.extend_from_slice(body);
+            let (_, mut s) = pair(&k);
+            assert_auth_failure(open(&mut s, &bad));
+        }
+        // Shorter than a tag altogether.
+        let (_, mut s) = pair(&k);
+        assert_auth_failure(open(&mut s, &[0, 0, 0, 3, 1, 2, 3]));
+    }
+
+    #[test]
+    fn a_frame_reflected_back_or_from_another_connection_is_rejected() {
+        let k = keys();
+        let (mut c, mut s) = pair(&k);
+        // The client's own frame 0 sent back to it as if from the server.
+        let w = seal(&mut c, b"ping");
+        assert_auth_failure(open(&mut c, &w));
+        // A frame of another connection (other nonces), same cluster key, same sequence.
+        let other = SessionKeys::derive(&ClusterKey::generate(), &[3; 32], &[4; 32], "ws1");
+        let (mut c2, _) = pair(&other);
+        let w = seal(&mut c2, b"ping");
+        assert_auth_failure(open(&mut s, &w));
+    }
+
+    #[test]
+    fn sizes_are_bounded_both_ways() {
+        let (mut c, mut s) = pair(&keys());
+        // Sending: over the limit is refused, nothing written, sequence unchanged.
+        let mut out = BytesMut::new();
+        let e = c.encode(Bytes::from(vec![0u8; 1025]), &mut out).unwrap_err();
+        assert!(matches!(e, SealError::TooLarge { len: 1025, max: 1024 }), "{e}");
+        assert!(out.is_empty());
+        assert_eq!(c.sent(), 0);
+        // The largest legal payload goes through.
+        let w = seal(&mut c, &[9u8; 1024]);
+        assert_eq!(open(&mut s, &w).unwrap().unwrap().len(), 1024);
+        // Receiving: a length prefix over limit + tag is refused from the prefix alone.
+        let mut buf = BytesMut::new();
+        buf.put_u32((1024 + TAG_LEN + 1) as u32);
+        let e = s.decode(&mut buf).unwrap_err();
+        assert!(matches!(e, SealError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn keys_depend_on_every_input() {
+        let k = ClusterKey::generate();
+        let base = SessionKeys::derive(&k, &[1; 32], &[2; 32], "ws1");
+        let variants = [
+            SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1"),
+            SessionKeys::derive(&k, &[9; 32], &[2; 32], "ws1"),
+            SessionKeys::derive(&k, &[1; 32], &[9; 32], "ws1"),
+            SessionKeys::derive(&k, &[1; 32], &[2; 32], "ws2"),
+            SessionKeys::derive(&k, &[2; 32], &[1; 32], "ws1"),
+        ];
+        assert_ne!(base.c2s, base.s2c);
+        for v in variants {
+            assert_ne!(v.c2s, base.c2s);
+            assert_ne!(v.s2c, base.s2c);
+        }
+        assert_eq!(format!("{base:?}"), "SessionKeys(..)");
+    }
+}

@@ -1,0 +1,99 @@
+//! End-to-end: real programs migrated mid-run, back and forth between hosts, give the
+//! same output as unmigrated runs (issue procmig's acceptance, as far as single processes
+//! go: process trees do not migrate yet).
+
+use std::time::{Duration, Instant};
+
+use wisp_tests::{sim, Sim};
+
+fn wisp(s: &Sim, args: &str) -> Result<String, String> {
+    let out = std::process::Command::new(s.bin_dir.join("wisp"))
+        .args(args.split_whitespace())
+        .args(["--cluster", &s.name])
+        .output()
+        .expect("run wisp");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+const PYTHON: &str = r#"import hashlib, time
+d = bytearray(200 << 20)
+for i in range(40):
+    for j in range(0, len(d), 1 << 20):
+        d[j] = (d[j] + i + j // 4096) % 256
+    time.sleep(0.1)
+print(hashlib.sha256(d).hexdigest())
+"#;
+
+#[test]
+fn real_programs_migrate_back_and_forth() {
+    for tool in ["bc", "python3", "sha256sum"] {
+        assert!(
+            std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).status().unwrap().success(),
+            "{tool} is not installed; run scripts/deps.sh"
+        );
+    }
+    let s = sim("progs", 3);
+    for h in ["ws2", "ws3"] {
+        wisp(&s, &format!("owner {h} idle")).unwrap();
+    }
+    s.ok("ws1", "mkdir -p /wisp/p && head -c 2147483648 /dev/zero > /wisp/p/big");
+    std::fs::write("/tmp/wisp-prog.py", PYTHON).unwrap();
+    // Unmigrated reference outputs, computed on ws1 itself.
+    let want_sha = s.ok("ws1", "head -c 2147483648 /dev/zero | sha256sum | cut -d' ' -f1");
+    let want_bc = s.ok("ws1", "echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 bc -l");
+    let want_py = s.ok("ws1", "python3 /tmp/wisp-prog.py");
+
+    let start = |script: &'static str| {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", script).unwrap())
+    };
+    let sha = start("cd /wisp/p && rexec --host ws2 sha256sum /wisp/p/big | cut -d' ' -f1");
+    let bc = start("cd /wisp/p && echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 rexec --host ws3 bc -l");
+    let py = start("cd /wisp/p && rexec --host ws2 python3 /tmp/wisp-prog.py");
+    // Wait for the three jobs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let jobs: Vec<(String, String)> = loop {
+        let out = wisp(&s, "jobs").unwrap();
+        let v: Vec<(String, String)> = out.lines().skip(1).filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4).then(|| (f[0].to_string(), f[3].to_string()))
+        }).collect();
+        if v.len() == 3 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "jobs did not start: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let each job get past its start-up (the sandbox's exec chain).
+    std::thread::sleep(Duration::from_millis(700));
+    // Move every job to the other host and back while it runs.
+    let mut moved = 0;
+    for round in 0..2 {
+        for (job, _) in &jobs {
+            let now = wisp(&s, "jobs").unwrap();
+            let Some(host) = now.lines().find(|l| l.starts_with(&format!("{job} "))).and_then(|l| l.split_whitespace().nth(3)) else {
+                continue; // already finished
+            };
+            let to = if host == "ws2" { "ws3" } else { "ws2" };
+            match wisp(&s, &format!("migrate {job} --to {to}")) {
+                Ok(_) => moved += 1,
+                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
+                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
+            }
+        }
+    }
+    assert!(moved >= 4, "only {moved} migrations happened mid-run; the programs finished too soon");
+    let out = |h: std::thread::JoinHandle<std::process::Output>| {
+        let o = h.join().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(out(sha), want_sha, "sha256sum of a 2 GiB /wisp file changed by migration");
+    assert_eq!(out(bc), want_bc, "bc's digits of pi changed by migration");
+    assert_eq!(out(py), want_py, "python's 200 MiB state changed by migration");
+    let _ = std::fs::remove_file("/tmp/wisp-prog.py");
+}
