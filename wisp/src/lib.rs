@@ -6,6 +6,7 @@
 //! per subcommand) and calls library code; no mechanism lives here.
 
 pub mod owner;
+pub mod config;
 pub mod demo;
 pub mod jobs_cli;
 pub mod metrics;

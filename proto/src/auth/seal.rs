@@ -147,10 +147,25 @@ impl DirState {
 
 /// Length-delimited frames with a tag each: seals on encode, verifies on decode (see the
 /// module documentation). Decoded items are the payloads without their tags.
+///
+/// [`SealedCodec::into_halves`] splits it into a [`FrameSealer`] and a [`FrameOpener`] for a
+/// connection whose reading and writing run in separate tasks, so that hashing a large frame
+/// one way never holds up the other way.
 pub struct SealedCodec {
-    inner: LengthDelimitedCodec,
+    sealer: FrameSealer,
+    opener: FrameOpener,
+}
+
+/// The sending half of a [`SealedCodec`]: an [`Encoder`] that tags each payload.
+pub struct FrameSealer {
     max_payload: usize,
     send: DirState,
+}
+
+/// The receiving half of a [`SealedCodec`]: a [`Decoder`] that verifies and strips tags.
+pub struct FrameOpener {
+    inner: LengthDelimitedCodec,
+    max_payload: usize,
     recv: DirState,
     /// Set by the first failed verification; every later decode fails too.
     failed: bool,
@@ -159,10 +174,10 @@ pub struct SealedCodec {
 impl std::fmt::Debug for SealedCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealedCodec")
-            .field("max_payload", &self.max_payload)
-            .field("sent", &self.send.seq)
-            .field("received", &self.recv.seq)
-            .field("failed", &self.failed)
+            .field("max_payload", &self.opener.max_payload)
+            .field("sent", &self.sealer.send.seq)
+            .field("received", &self.opener.recv.seq)
+            .field("failed", &self.opener.failed)
             .finish()
     }
 }
@@ -176,11 +191,13 @@ impl SealedCodec {
             Side::Server => (DirState::new(&keys.s2c, Direction::ServerToClient), DirState::new(&keys.c2s, Direction::ClientToServer)),
         };
         let mut c = SealedCodec {
-            inner: LengthDelimitedCodec::builder().length_field_length(4).new_codec(),
-            max_payload: 0,
-            send,
-            recv,
-            failed: false,
+            sealer: FrameSealer { max_payload: 0, send },
+            opener: FrameOpener {
+                inner: LengthDelimitedCodec::builder().length_field_length(4).new_codec(),
+                max_payload: 0,
+                recv,
+                failed: false,
+            },
         };
         c.set_max_payload(max_payload);
         c
@@ -188,31 +205,39 @@ impl SealedCodec {
 
     /// Change the largest payload accepted and sent (the tag comes on top).
     pub fn set_max_payload(&mut self, max_payload: usize) {
-        self.max_payload = max_payload;
-        self.inner.set_max_frame_length(max_payload + TAG_LEN);
+        self.sealer.max_payload = max_payload;
+        self.opener.max_payload = max_payload;
+        self.opener.inner.set_max_frame_length(max_payload + TAG_LEN);
     }
 
     pub fn max_payload(&self) -> usize {
-        self.max_payload
+        self.opener.max_payload
     }
 
     /// Frames sealed so far.
     pub fn sent(&self) -> u64 {
-        self.send.seq
+        self.sealer.send.seq
     }
 
     /// Frames verified so far.
     pub fn received(&self) -> u64 {
-        self.recv.seq
+        self.opener.recv.seq
     }
 
+    /// The sending and receiving halves, each keeping its own sequence number.
+    pub fn into_halves(self) -> (FrameSealer, FrameOpener) {
+        (self.sealer, self.opener)
+    }
+}
+
+impl FrameOpener {
     fn refuse(&mut self, detail: &'static str) -> SealError {
         self.failed = true;
         SealError::Authentication { seq: self.recv.seq, detail }
     }
 }
 
-impl Decoder for SealedCodec {
+impl Decoder for FrameOpener {
     type Item = BytesMut;
     type Error = SealError;
 
@@ -238,7 +263,7 @@ impl Decoder for SealedCodec {
     }
 }
 
-impl Encoder<Bytes> for SealedCodec {
+impl Encoder<Bytes> for FrameSealer {
     type Error = SealError;
 
     fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), SealError> {
@@ -255,6 +280,23 @@ impl Encoder<Bytes> for SealedCodec {
         dst.extend_from_slice(&tag);
         self.send.seq = next;
         Ok(())
+    }
+}
+
+impl Decoder for SealedCodec {
+    type Item = BytesMut;
+    type Error = SealError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, SealError> {
+        self.opener.decode(src)
+    }
+}
+
+impl Encoder<Bytes> for SealedCodec {
+    type Error = SealError;
+
+    fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), SealError> {
+        self.sealer.encode(payload, dst)
     }
 }
 

@@ -31,6 +31,11 @@ use wisp_naming::{NamingConfig, NamingNode, NodeId};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Args {
+    /// Read flags from a TOML file first: each key is a flag's long name (`server = "..."`,
+    /// `threads = 32`, `no-agent = true`, lists for comma-separated flags). Flags given on
+    /// the command line win. Example files are in docs/operations.md.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directory holding the domain's data (created if missing).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -122,7 +127,7 @@ fn replica_plan(args: &Args) -> Result<Option<Replica>> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(wisp::config::args_with_config()?);
     init_logging(&args.log_level);
     let key = wisp_proto::key::ClusterKey::load(&args.key)?;
     let plan = replica_plan(&args)?;

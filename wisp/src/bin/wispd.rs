@@ -31,6 +31,11 @@ use wisp_naming::{NamingError, RegistryClient};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Args {
+    /// Read flags from a TOML file first: each key is a flag's long name (`server = "..."`,
+    /// `threads = 32`, `no-agent = true`, lists for comma-separated flags). Flags given on
+    /// the command line win. Example files are in docs/operations.md.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// File server address, e.g. 10.0.0.1:7070.
     #[arg(long, value_name = "ADDR")]
     server: String,
@@ -165,7 +170,7 @@ async fn registry_loop(client: RegistryClient, name: String, addr: String, owner
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(wisp::config::args_with_config()?);
     wisp::init_logging(&args.log_level);
     let key = wisp_proto::key::ClusterKey::load(&args.key)?;
     let name = args.name.clone().unwrap_or_else(hostname);
