@@ -30,6 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -198,7 +199,7 @@ pub async fn serve<S: Service>(
 }
 
 async fn run_server_conn<S: Service>(
-    framed: tokio_util::codec::Framed<TcpStream, SealedCodec>,
+    framed: Framed<TcpStream, SealedCodec>,
     peer: crate::auth::Peer,
     addr: std::net::SocketAddr,
     service: Arc<S>,

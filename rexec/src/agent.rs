@@ -220,8 +220,12 @@ impl Agent {
         let target = RpcClient::start(rt.clone(), to_addr.clone(), self.cfg.key.clone(), format!("agent@{}", self.cfg.host), MIGRATE_IN_TIMEOUT, Arc::new(|_| Ok(())));
         let lazy = mode != MigrateMode::Eager;
         let req = Request::MigrateIn { job, dir: dir.as_os_str().as_bytes().to_vec(), uid, home, argv0, lazy };
+        let t_restore = Instant::now();
         match rt.block_on(target.call(req)) {
             Ok(Response::Started { pid: new_pid }) => {
+                // Stopped = the final freeze of the dump plus the target's rebuild (with
+                // pre-copy, the earlier rounds ran while the job kept running).
+                let stopped_ms = dumped.frozen_ms + t_restore.elapsed().as_millis() as u64;
                 // The target runs it: only now does the source let go of its frozen copy.
                 if let Some(j) = self.jobs.lock().unwrap().get_mut(&job) {
                     j.moved = Some((to_host.clone(), to_addr.clone()));
@@ -232,9 +236,9 @@ impl Agent {
                 }
                 self.changed.notify_all();
                 self.stats.migrations_out.fetch_add(1, Ordering::Relaxed);
-                self.stats.frozen_ms.fetch_add(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.stats.frozen_ms.fetch_add(stopped_ms, Ordering::Relaxed);
                 info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
-                Ok(Response::Migrated { pid: new_pid, frozen_ms: t0.elapsed().as_millis() as u64, bytes: dumped.bytes, total_ms: t0.elapsed().as_millis() as u64 })
+                Ok(Response::Migrated { pid: new_pid, frozen_ms: stopped_ms, bytes: dumped.bytes, total_ms: t0.elapsed().as_millis() as u64 })
             }
             other => {
                 // The target failed: the source resumes as if nothing happened.

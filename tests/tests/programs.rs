@@ -97,3 +97,60 @@ fn real_programs_migrate_back_and_forth() {
     assert_eq!(out(py), want_py, "python's 200 MiB state changed by migration");
     let _ = std::fs::remove_file("/tmp/wisp-prog.py");
 }
+
+const BIG: &str = r#"import hashlib, sys, time
+n = int(sys.argv[1]) << 20
+d = bytearray(n)
+for j in range(0, n, 4096):
+    d[j] = (j // 4096) % 251
+print("ready", flush=True)
+for i in range(80):
+    for j in range(0, n, 1 << 22):
+        d[j + 1] = (d[j + 1] + i) % 256
+    time.sleep(0.1)
+print(hashlib.sha256(d).hexdigest(), flush=True)
+"#;
+
+/// A job with 2 GiB of dirty memory migrated lazily runs on the target at once (demand
+/// paging from the swap file in /wisp), finishes with the same result, and the swap file
+/// is gone afterwards; pre-copy does the same for 512 MiB with a shorter freeze.
+#[test]
+fn big_jobs_migrate_lazily_and_with_precopy() {
+    let s = sim("lazy", 3);
+    for h in ["ws2", "ws3"] {
+        wisp(&s, &format!("owner {h} idle")).unwrap();
+    }
+    std::fs::write("/tmp/wisp-big.py", BIG).unwrap();
+    s.ok("ws1", "mkdir -p /wisp/big");
+    for (mib, mode) in [(2048u64, "--lazy"), (512, "--precopy")] {
+        let want = s.ok("ws1", &format!("python3 /tmp/wisp-big.py {mib}"));
+        let c = s.c.clone();
+        let runner = std::thread::spawn(move || c.sh("ws1", &format!("cd /wisp/big && rexec --host ws2 python3 /tmp/wisp-big.py {mib}")).unwrap());
+        // Wait for the job and for it to have filled its memory.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let job = loop {
+            let out = wisp(&s, "jobs").unwrap();
+            if let Some(l) = out.lines().nth(1) {
+                break l.split_whitespace().next().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "job did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        std::thread::sleep(Duration::from_secs(if mib > 1024 { 4 } else { 2 }));
+        let t = Instant::now();
+        let m = wisp(&s, &format!("migrate {job} --to ws3 {mode}")).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let took = t.elapsed();
+        eprintln!("{mib} MiB {mode}: {} ({took:?})", m.trim());
+        assert!(m.contains("-> ws3"), "{m}");
+        let o = runner.join().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), want, "{mib} MiB job's memory changed by a {mode} migration");
+        // The pager removes the swap directory once every page is in.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l").trim() != "0" {
+            assert!(Instant::now() < deadline, "swap files left behind after a {mode} migration");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let _ = std::fs::remove_file("/tmp/wisp-big.py");
+}

@@ -147,23 +147,19 @@ impl DirState {
 
 /// Length-delimited frames with a tag each: seals on encode, verifies on decode (see the
 /// module documentation). Decoded items are the payloads without their tags.
-///
-/// [`SealedCodec::into_halves`] splits it into a [`FrameSealer`] and a [`FrameOpener`] for a
-/// connection whose reading and writing run in separate tasks, so that hashing a large frame
-/// one way never holds up the other way.
 pub struct SealedCodec {
     sealer: FrameSealer,
     opener: FrameOpener,
 }
 
-/// The sending half of a [`SealedCodec`]: an [`Encoder`] that tags each payload.
-pub struct FrameSealer {
+/// The sending half of a [`SealedCodec`]: tags each payload.
+struct FrameSealer {
     max_payload: usize,
     send: DirState,
 }
 
-/// The receiving half of a [`SealedCodec`]: a [`Decoder`] that verifies and strips tags.
-pub struct FrameOpener {
+/// The receiving half of a [`SealedCodec`]: verifies and strips tags.
+struct FrameOpener {
     inner: LengthDelimitedCodec,
     max_payload: usize,
     recv: DirState,
@@ -222,11 +218,6 @@ impl SealedCodec {
     /// Frames verified so far.
     pub fn received(&self) -> u64 {
         self.opener.recv.seq
-    }
-
-    /// The sending and receiving halves, each keeping its own sequence number.
-    pub fn into_halves(self) -> (FrameSealer, FrameOpener) {
-        (self.sealer, self.opener)
     }
 }
 
