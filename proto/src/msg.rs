@@ -191,7 +191,8 @@ pub enum Request {
     Exec(ExecSpec),
     /// Agent: wait (bounded; EAGAIN means ask again) for a job to end.
     JobWait { job: u64 },
-    /// Agent: deliver a signal to a job (its process, wherever it runs now).
+    /// Agent: deliver a signal to a job: every process in its sandbox (like a terminal's
+    /// process-group signal).
     JobSignal { job: u64, signal: i32 },
     /// Agent: the jobs running on this host.
     JobList,

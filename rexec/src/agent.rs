@@ -336,6 +336,12 @@ impl Agent {
             Some(_) => return Ok(Response::Ok),
             None => return Err(err(libc::ESRCH, format!("no job {job} on this host"))),
         };
+        // Like a terminal signalling its foreground process group: every process of the
+        // job (its whole sandbox) gets the signal, so Ctrl-C of a make stops the compilers
+        // its recipes started too.
+        if signal_sandbox(pid as i32, sig) > 0 {
+            return Ok(Response::Ok);
+        }
         // SAFETY: kill(2) on the job's pid.
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
             let e = std::io::Error::last_os_error();

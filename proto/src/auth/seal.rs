@@ -210,6 +210,26 @@ impl SealedCodec {
         self.opener.max_payload
     }
 
+    /// Seal one payload into a complete wire frame (length prefix, payload, tag), as the
+    /// [`Encoder`] would; for code that drives a socket by hand (tests, tools).
+    pub fn seal_frame(&mut self, payload: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut out = BytesMut::new();
+        self.sealer.encode(Bytes::copy_from_slice(payload), &mut out)?;
+        Ok(out.to_vec())
+    }
+
+    /// Verify one complete wire frame (length prefix included) and return its payload, as
+    /// the [`Decoder`] would. Bytes past the first frame are an error.
+    pub fn open_frame(&mut self, wire: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut buf = BytesMut::from(wire);
+        let incomplete = || SealError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "incomplete frame"));
+        let payload = self.opener.decode(&mut buf)?.ok_or_else(incomplete)?;
+        if !buf.is_empty() {
+            return Err(SealError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "bytes after the frame")));
+        }
+        Ok(payload.to_vec())
+    }
+
     /// Frames sealed so far.
     pub fn sent(&self) -> u64 {
         self.sealer.send.seq

@@ -17,6 +17,11 @@ use clap::Parser;
 /// with --wait.
 ///
 /// As a make shell: `make -j16 SHELL=rexec` (make runs `rexec -c RECIPE`).
+///
+/// Exit status: the command's own status (0-255; 128+N when signal N ended it; 127 when
+/// the command does not exist on the host, as a shell would say). rexec's own failures
+/// exit 255 (like ssh), with the reason on stderr: cwd outside the namespace, unknown
+/// host, agent unreachable (after 30 s), registry errors; 2 for bad usage or a missing key.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, trailing_var_arg = true)]
 struct Args {
