@@ -250,12 +250,12 @@ fn interrupting_make_stops_every_remote_job() {
     s.ok("ws1", "mkdir -p /wisp/intr && cd /wisp/intr && printf 'all: a b\\na:\\n\\tsh -c \"sleep 41; echo a\"\\nb:\\n\\tsh -c \"sleep 41; echo b\"\\n' > Makefile");
     let t0 = Instant::now();
     // setsid: make leads its own process group, which gets the "Ctrl-C".
-    let (code, out, _) = s.run("ws1", "cd /wisp/intr && setsid make -j2 SHELL=rexec >/dev/null 2>&1 & sleep 3; pgrep -fc 'slee[p] 41'; kill -INT -$(pgrep -xo make); wait $!");
+    let (code, out, _) = s.run("ws1", "cd /wisp/intr && setsid make -j2 SHELL=rexec >/dev/null 2>&1 & sleep 3; pgrep -fc '^sleep 41$'; kill -INT -$(pgrep -xo make); wait $!");
     assert_eq!(out.trim(), "2", "both recipes should be running remotely before the Ctrl-C");
     assert_ne!(code, 0, "make should fail when interrupted");
     let jobs = wisp(&s, "jobs --all");
     assert!(jobs.contains("ws2") && jobs.contains("ws3"), "{jobs}");
-    let left = |h: &str| s.ok(h, "pgrep -fc 'slee[p] 41' || true").trim().to_string();
+    let left = |h: &str| s.ok(h, "pgrep -fc '^sleep 41$' || true").trim().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (a, b) = (left("ws2"), left("ws3"));
