@@ -47,11 +47,11 @@ impl Objects {
             return Ok(f.clone());
         }
         let p = self.path(ino);
-        let f = match OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(&p) {
+        let f = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(p.parent().expect("object paths have a parent"))?;
-                OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(&p)?
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&p)?
             }
             Err(e) => return Err(e),
         };

@@ -113,7 +113,7 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
         if a.watch.is_some() {
             print!("\x1b[H\x1b[2J");
         }
-        println!("{:<20} {:>6} {:<8} {:<8} {:<10} {}", "JOB", "UID", "HOME", "HOST", "STATE", "MIGRATING");
+        println!("{:<20} {:>6} {:<8} {:<8} {:<10} MIGRATING", "JOB", "UID", "HOME", "HOST", "STATE");
         for j in jobs.iter().filter(|j| a.all || j.ended_ms.is_none()) {
             println!(
                 "{:<20} {:>6} {:<8} {:<8} {:<10} {}",
