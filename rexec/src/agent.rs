@@ -49,6 +49,8 @@ pub struct Agent {
     jobs: Mutex<HashMap<u64, Job>>,
     changed: Condvar,
     running: Arc<AtomicU32>,
+    /// Jobs being rebuilt here right now (MigrateIn in progress).
+    arriving: Mutex<std::collections::HashSet<u64>>,
     /// Counters for the metrics endpoint.
     pub stats: AgentStats,
 }
@@ -73,7 +75,7 @@ fn err(errno: i32, msg: impl Into<String>) -> WireError {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        Arc::new(Agent { cfg, jobs: Mutex::new(HashMap::new()), changed: Condvar::new(), running: Arc::new(AtomicU32::new(0)), stats: AgentStats::default() })
+        Arc::new(Agent { cfg, jobs: Mutex::new(HashMap::new()), changed: Condvar::new(), running: Arc::new(AtomicU32::new(0)), arriving: Mutex::new(Default::default()), stats: AgentStats::default() })
     }
 
     /// Jobs running now (for metrics; the registry counts foreign jobs from job records).
@@ -264,12 +266,30 @@ impl Agent {
             return Err(err(libc::EXDEV, format!("image {} is not in {}", dir.display(), self.cfg.mount.display())));
         }
         // A repeated MigrateIn (the source's connection dropped before our answer) must not
-        // make the source resume a second copy: answer as the first time.
-        if let Some(j) = self.jobs.lock().unwrap().get(&job) {
-            if j.exit.is_none() && j.moved.is_none() {
-                return Ok(j.info.pid);
+        // make the source resume a second copy, nor start a second restore: answer as the
+        // first one does.
+        loop {
+            if let Some(j) = self.jobs.lock().unwrap().get(&job) {
+                if j.exit.is_none() && j.moved.is_none() {
+                    return Ok(j.info.pid);
+                }
+            }
+            if self.arriving.lock().unwrap().insert(job) {
+                break;
+            }
+            // The first MigrateIn is still restoring: wait for its outcome.
+            std::thread::sleep(Duration::from_millis(50));
+            if !self.arriving.lock().unwrap().contains(&job) && !self.jobs.lock().unwrap().contains_key(&job) {
+                return Err(err(libc::EIO, format!("the first attempt to rebuild job {job} failed")));
             }
         }
+        let r = self.restore_arriving(job, &dir, uid, home, argv0, lazy);
+        self.arriving.lock().unwrap().remove(&job);
+        r
+    }
+
+    fn restore_arriving(self: &Arc<Self>, job: u64, dir: &Path, uid: u32, home: String, argv0: String, lazy: bool) -> Result<u32, WireError> {
+        let dir = dir.to_path_buf();
         let opts = wisp_procmig::RestoreOptions { pid_mode: wisp_procmig::PidMode::NewNamespace, ..Default::default() };
         let (r, pager) = if lazy {
             let (r, p) = wisp_procmig::restore_lazy(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;

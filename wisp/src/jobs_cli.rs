@@ -67,7 +67,9 @@ pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
     }
     let key = wisp_proto::key::ClusterKey::load(&crate::registry_cli::key_path(&a.reg)?)?;
     c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Begin))?;
-    let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&from.addr), key, "wisp-migrate".into(), Duration::from_secs(120), Arc::new(|_| Ok(())));
+    // Longer than the source agent's own wait for the target (600 s), so the registry is
+    // told the outcome the agents agreed on.
+    let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&from.addr), key, "wisp-migrate".into(), Duration::from_secs(660), Arc::new(|_| Ok(())));
     let r = c.rt.block_on(agent.call(Request::MigrateOut {
             job: a.job,
             to_host: to.name.clone(),

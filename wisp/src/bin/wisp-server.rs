@@ -31,9 +31,10 @@ use wisp_naming::{NamingConfig, NamingNode, NodeId};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Args {
-    /// Read flags from a TOML file first: each key is a flag's long name (`server = "..."`,
-    /// `threads = 32`, `no-agent = true`, lists for comma-separated flags). Flags given on
-    /// the command line win. Example files are in docs/operations.md.
+    /// Read flags from a TOML file first: each key is one of this command's flags by its
+    /// long name (`key = "/etc/wisp/cluster.key"`, numbers as numbers, `true` for a flag
+    /// without a value, lists for comma-separated flags). Flags given on the command line
+    /// win. Example files are in docs/operations.md.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Directory holding the domain's data (created if missing).
@@ -163,7 +164,7 @@ fn main() -> Result<()> {
             let samples = Arc::new(move || {
                 let st = s2.stats();
                 vec![
-                    ("wisp_server_requests_total", "Requests served", "counter", st.requests as f64),
+                    ("wisp_server_requests_total", "File system requests served (registry traffic not counted)", "counter", st.requests as f64),
                     ("wisp_server_read_bytes_total", "File bytes read by clients", "counter", st.bytes_read as f64),
                     ("wisp_server_written_bytes_total", "File bytes written by clients", "counter", st.bytes_written as f64),
                     ("wisp_server_callbacks_total", "Consistency callbacks sent to clients", "counter", st.callbacks as f64),

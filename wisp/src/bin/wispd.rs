@@ -31,9 +31,10 @@ use wisp_naming::{NamingError, RegistryClient};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Args {
-    /// Read flags from a TOML file first: each key is a flag's long name (`server = "..."`,
-    /// `threads = 32`, `no-agent = true`, lists for comma-separated flags). Flags given on
-    /// the command line win. Example files are in docs/operations.md.
+    /// Read flags from a TOML file first: each key is one of this command's flags by its
+    /// long name (`key = "/etc/wisp/cluster.key"`, numbers as numbers, `true` for a flag
+    /// without a value, lists for comma-separated flags). Flags given on the command line
+    /// win. Example files are in docs/operations.md.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// File server address, e.g. 10.0.0.1:7070.
@@ -252,7 +253,7 @@ fn main() -> Result<()> {
             if let Some(a) = &agent_handle {
                 let st = &a.stats;
                 v.extend([
-                    ("wisp_agent_jobs_running", "Foreign jobs running here", "gauge", a.running() as f64),
+                    ("wisp_agent_jobs_running", "Jobs the agent runs here (suspended ones and a frozen copy mid-migration included)", "gauge", a.running() as f64),
                     ("wisp_agent_jobs_started_total", "Jobs started here by rexec", "counter", st.jobs_started.load(Relaxed) as f64),
                     ("wisp_agent_migrations_out_total", "Jobs migrated away from here", "counter", st.migrations_out.load(Relaxed) as f64),
                     ("wisp_agent_migrations_in_total", "Jobs migrated to here", "counter", st.migrations_in.load(Relaxed) as f64),
