@@ -110,6 +110,7 @@ fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else pri
 {
     echo "# wisp benchmark, bench/run.sh, started $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "# git: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (work tree modified)')"
+    echo "# binaries: $WISP_BIN_DIR ($([ "$WISP_BIN_DIR" = "$ROOT/target/release" ] && echo "built from this tree" || echo "given with WISP_BIN_DIR; not necessarily this tree"); wispd $(date -u -r "$WISP_BIN_DIR/wispd" '+%Y-%m-%d %H:%M UTC'))"
     echo "# cpu: $(nproc) x $(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)"
     echo "# memory: $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "# kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"

@@ -273,6 +273,29 @@ mod tests {
         assert!(s.await.unwrap().is_err());
     }
 
+    /// A server from before sealing sends a plain `Welcome`: the client refuses it with a
+    /// frame authentication error instead of running unsealed.
+    #[tokio::test]
+    async fn an_unsealed_welcome_is_refused() {
+        let k = ClusterKey::generate();
+        let (a, b) = tokio::io::duplex(4096);
+        let k2 = k.clone();
+        let old_server = tokio::spawn(async move {
+            let mut f = new_framed(b);
+            let hello: ClientHello = recv(&mut f).await.unwrap();
+            let sn = nonce();
+            let smac = mac(&k2, b"wisp-server", &hello.nonce, &sn, &hello.name);
+            send(&mut f, &ServerHello::Ok { magic: MAGIC, version: PROTOCOL_VERSION, nonce: sn, mac: smac }).await.unwrap();
+            let _: ClientProof = recv(&mut f).await.unwrap();
+            send(&mut f, &Welcome { session: 1 }).await.unwrap();
+            f
+        });
+        let e = client_handshake(a, &k, "ws1").await.unwrap_err();
+        assert!(matches!(e, AuthError::Seal(_)), "{e}");
+        assert!(e.to_string().contains("frame authentication failed"), "{e}");
+        drop(old_server.await.unwrap());
+    }
+
     #[tokio::test]
     async fn oversized_handshake_frame_is_rejected() {
         use tokio::io::AsyncWriteExt;

@@ -101,7 +101,14 @@ fn forged_and_replayed_frames_on_an_authenticated_connection_are_refused() {
         Message::Reply { id: 1, resp: Ok(Response::Entry(_)) } => {}
         other => panic!("the genuine mkdir got {other:?}"),
     }
-    s.ok("ws1", "test -d /wisp/replayed && rmdir /wisp/replayed");
+    s.ok("ws1", "test -d /wisp/replayed");
+    // Removed on the same connection (a workstation's rmdir would wait for this raw client
+    // to answer the server's invalidation callback, which it never does).
+    let rmdir = Request::Rmdir { cred: Cred::ROOT, parent: ROOT_INO, name: b"replayed".to_vec() };
+    match call(&mut sock, &mut codec, &Message::Call { id: 2, req: rmdir }) {
+        Message::Reply { id: 2, resp: Ok(_) } => {}
+        other => panic!("the genuine rmdir got {other:?}"),
+    }
     sock.write_all(&frame).unwrap();
     assert!(closed_by_server(&mut sock), "the server kept a connection that replayed a frame");
 
