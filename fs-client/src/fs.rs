@@ -94,6 +94,12 @@ struct WispFs {
     stats: Arc<ClientStats>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Inodes the kernel may hold (lookup counts), to drop its copies after the server
+    /// restarted (it forgot who caches what, so it cannot call us back for them).
+    known: Mutex<HashMap<u64, u64>>,
+    /// The connection generation whose opens are registered with the server.
+    registered_gen: Mutex<u64>,
+    notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>>,
 }
 
 fn cred(req: &Request) -> Cred {
@@ -171,6 +177,7 @@ fn open_mode(flags: i32) -> OpenMode {
 
 impl WispFs {
     fn call(&self, r: Rq) -> Result<Rs, RpcError> {
+        self.after_reconnect();
         self.stats.rpcs.fetch_add(1, Ordering::Relaxed);
         let t = std::time::Instant::now();
         let res = self.rpc.call_blocking(r);
@@ -178,9 +185,49 @@ impl WispFs {
         res
     }
 
+    /// After the connection to the server was re-established (the server restarted, or the
+    /// network came back): register our open files again, so the server tracks them and
+    /// calls us back for them, and drop every copy the kernel holds, since the server may
+    /// not know we have them. Runs once per new connection, before any other request.
+    fn after_reconnect(&self) {
+        let gen = self.rpc.connections();
+        let mut reg = self.registered_gen.lock().unwrap();
+        if *reg == gen {
+            return;
+        }
+        let first = *reg == 0;
+        *reg = gen;
+        if first {
+            return;
+        }
+        let opens: Vec<(u64, OpenMode)> = self.handles.lock().unwrap().values().filter(|h| !h.pipe).map(|h| (h.ino, h.mode)).collect();
+        for (ino, mode) in &opens {
+            let mode = OpenMode { truncate: false, ..*mode };
+            if let Err(e) = self.rpc.call_blocking(Rq::Open { cred: Cred::ROOT, ino: *ino, mode }) {
+                tracing::warn!(ino, "re-registering an open file after reconnecting: {e}");
+            }
+        }
+        let inos: Vec<u64> = self.known.lock().unwrap().keys().copied().collect();
+        if let Some(tx) = self.notifier.get() {
+            for ino in &inos {
+                // Not waited for: this is a FUSE request thread (see notify.rs).
+                let (done, _) = std::sync::mpsc::sync_channel(1);
+                let _ = tx.try_send(notify::Job { cb: Callback::InvalidateInode { ino: *ino }, done });
+            }
+        }
+        info!(generation = gen, opens = opens.len(), dropped = inos.len(), "reconnected: open files registered again, kernel caches dropped");
+    }
+
+    fn remember(&self, ino: u64) {
+        *self.known.lock().unwrap().entry(ino).or_default() += 1;
+    }
+
     fn entry(&self, r: Rq, reply: ReplyEntry) {
         match self.call(r) {
-            Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &fattr(&a), Generation(0)),
+            Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => {
+                self.remember(a.ino);
+                reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &fattr(&a), Generation(0))
+            }
             Ok(other) => unexpected(other, reply),
             Err(e) => reply.error(errno(&e)),
         }
@@ -242,6 +289,16 @@ impl Filesystem for WispFs {
             let _ = config.add_capabilities(cap);
         }
         Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut known = self.known.lock().unwrap();
+        if let Some(n) = known.get_mut(&ino.0) {
+            *n = n.saturating_sub(nlookup);
+            if *n == 0 {
+                known.remove(&ino.0);
+            }
+        }
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -450,6 +507,9 @@ impl Filesystem for WispFs {
             Ok(Rs::Entries(es)) => {
                 for e in es {
                     let name = OsStr::from_bytes(&e.name);
+                    if e.name != b"." && e.name != b".." {
+                        self.remember(e.attr.ino);
+                    }
                     if reply.add(INodeNo(e.attr.ino), e.cookie, name, &ENTRY_TTL, &fattr(&e.attr), Generation(0)) {
                         break;
                     }
@@ -520,6 +580,7 @@ impl Filesystem for WispFs {
         });
         match r {
             Ok(Rs::Opened { attr, cache }) => {
+                self.remember(attr.ino);
                 let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe);
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
                 reply.created(&ENTRY_TTL, &fattr(&attr), Generation(0), FileHandle(fh), fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0))
@@ -605,7 +666,15 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
     let rpc = RpcClient::start(rt, opts.server.clone(), opts.key.clone(), opts.host.clone(), opts.call_timeout, handler);
     // Fail early with a clear message when the server is unreachable or refuses our key.
     rpc.call_blocking(Rq::Ping).map_err(|source| MountError::Server { addr: opts.server.clone(), source })?;
-    let fs = WispFs { rpc: rpc.clone(), stats: stats.clone(), handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) };
+    let fs = WispFs {
+        rpc: rpc.clone(),
+        stats: stats.clone(),
+        handles: Mutex::new(HashMap::new()),
+        next_fh: AtomicU64::new(1),
+        known: Mutex::new(HashMap::new()),
+        registered_gen: Mutex::new(0),
+        notifier: notifier.clone(),
+    };
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("wisp@{}", opts.server)),

@@ -112,7 +112,7 @@ fn check_name(name: &[u8]) -> R<()> {
 
 /// EINVAL when directory `dir` would move into `new_parent`, which is `dir` itself or lies
 /// below it (walking up the parent links to the root).
-fn refuse_move_below_itself(t: &store::Txn, dir: Ino, new_parent: Ino) -> R<()> {
+fn refuse_move_below_itself(t: &store::Txn<'_>, dir: Ino, new_parent: Ino) -> R<()> {
     let mut cur = new_parent;
     loop {
         if cur == dir {
@@ -161,6 +161,27 @@ impl FsServer {
         };
         s.sweep().map_err(|source| ServerError::Store { path: db, source })?;
         Ok(s)
+    }
+
+    /// Make every metadata change durable now (graceful shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.store.sync()
+    }
+
+    /// Make metadata changes durable every [`store::FLUSH_EVERY`] in the background (until
+    /// the server is dropped). Client fsyncs do not wait for this: they sync at once.
+    pub fn start_flusher(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("wisp-flusher".into())
+            .spawn(move || loop {
+                std::thread::sleep(store::FLUSH_EVERY);
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = s.store.sync_if_dirty() {
+                    warn!("background metadata sync failed: {e}");
+                }
+            })
+            .expect("spawn the flusher thread");
     }
 
     fn sweep(&self) -> Result<(), StoreError> {

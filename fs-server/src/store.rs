@@ -7,10 +7,13 @@
 //! - `xattrs`:  (ino, name) -> value
 //! - `meta`:    "next_ino" -> u64
 //!
-//! Each mutation is one redb transaction committed with `Durability::Eventual` (it survives
-//! the server process being killed; a power loss may take the last moments). `sync()`
-//! commits with `Durability::Immediate`; the server calls it for every client fsync, so an
-//! acknowledged fsync is on disk, metadata included.
+//! Each mutation is one redb transaction committed with `Durability::None`: no disk sync
+//! per change (a sync per create or unlink made small-file work disk-bound). A background
+//! flusher ([`Store::sync`] every [`FLUSH_EVERY`] while anything changed) makes them
+//! durable, and so does every client fsync, which the server answers only after an
+//! `Immediate` commit. So an acknowledged fsync is on disk, metadata included; a crash may
+//! lose the metadata changes of the last second that nobody fsynced — what POSIX allows,
+//! and redb stays consistent either way (objects of lost creates are swept at start).
 //!
 //! File sizes, mtimes and allocated blocks of regular files live in their data object
 //! (see `objects.rs`), so a data write never needs a metadata transaction.
@@ -94,21 +97,27 @@ impl InodeRec {
     }
 }
 
+/// How often changes not yet synced are made durable in the background.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The metadata database of one domain.
 pub struct Store {
     db: Database,
+    /// Commits since the last durable one.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 /// A write transaction with typed helpers; commit with [`Txn::commit`].
-pub struct Txn {
+pub struct Txn<'a> {
     tx: redb::WriteTransaction,
+    dirty: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Store {
     /// Open (or create) the database at `path`, creating the root directory if new.
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
-        let store = Store { db };
+        let store = Store { db, dirty: std::sync::atomic::AtomicBool::new(false) };
         let mut t = store.begin()?;
         {
             let mut inodes = t.tx.open_table(INODES)?;
@@ -127,17 +136,26 @@ impl Store {
         Ok(store)
     }
 
-    pub fn begin(&self) -> Result<Txn, StoreError> {
+    pub fn begin(&self) -> Result<Txn<'_>, StoreError> {
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Eventual);
-        Ok(Txn { tx })
+        tx.set_durability(Durability::None);
+        Ok(Txn { tx, dirty: &self.dirty })
     }
 
     /// Make every committed change durable on disk.
     pub fn sync(&self) -> Result<(), StoreError> {
+        self.dirty.store(false, std::sync::atomic::Ordering::SeqCst);
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate);
         tx.commit()?;
+        Ok(())
+    }
+
+    /// [`Store::sync`] if anything changed since the last durable commit.
+    pub fn sync_if_dirty(&self) -> Result<(), StoreError> {
+        if self.dirty.load(std::sync::atomic::Ordering::SeqCst) {
+            self.sync()?;
+        }
         Ok(())
     }
 
@@ -213,9 +231,10 @@ fn decode(ino: Ino, bytes: &[u8]) -> Result<InodeRec, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { ino, msg: e.to_string() })
 }
 
-impl Txn {
+impl Txn<'_> {
     pub fn commit(self) -> Result<(), StoreError> {
         self.tx.commit()?;
+        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

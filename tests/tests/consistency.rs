@@ -127,6 +127,6 @@ fn cached_reread_costs_no_server_traffic() {
     let refetched = after.bytes_read - before.bytes_read;
     assert!(refetched < (1 << 30) / 100, "a cached re-read fetched {refetched} bytes from the server");
     // Lookup, open, close and the status probe's own calls, plus a read for any page the
-    // kernel dropped; an uncached read of 1 GiB takes thousands.
-    assert!(after.requests - before.requests <= 64, "a cached re-read made {} requests", after.requests - before.requests);
+    // kernel dropped under memory pressure; an uncached read of 1 GiB takes over 8,000.
+    assert!(after.requests - before.requests <= 512, "a cached re-read made {} requests", after.requests - before.requests);
 }

@@ -133,6 +133,7 @@ fn main() -> Result<()> {
     let key = wisp_proto::key::ClusterKey::load(&args.key)?;
     let plan = replica_plan(&args)?;
     let server = Arc::new(wisp_fs_server::FsServer::open(&args.data)?);
+    server.start_flusher();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(256).build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -178,7 +179,10 @@ fn main() -> Result<()> {
                 }
             });
         }
-        wisp_fs_server::run(server, listener, key, wisp::terminated()).await;
+        wisp_fs_server::run(server.clone(), listener, key, wisp::terminated()).await;
+        if let Err(e) = server.flush() {
+            tracing::warn!("final metadata sync: {e}");
+        }
         if let Some(n) = node {
             if let Err(e) = n.shutdown().await {
                 tracing::warn!("registry replica shutdown: {e}");
