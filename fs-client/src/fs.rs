@@ -209,10 +209,22 @@ impl WispFs {
         }
         let inos: Vec<u64> = self.known.lock().unwrap().keys().copied().collect();
         if let Some(tx) = self.notifier.get() {
+            // Waited for, but briefly: this is a FUSE request thread, and the kernel might
+            // need something this request holds (see notify.rs); after the bound, the
+            // request goes on and the invalidations complete on their own.
+            let mut waits = Vec::with_capacity(inos.len());
             for ino in &inos {
-                // Not waited for: this is a FUSE request thread (see notify.rs).
-                let (done, _) = std::sync::mpsc::sync_channel(1);
-                let _ = tx.try_send(notify::Job { cb: Callback::InvalidateInode { ino: *ino }, done });
+                let (done, wait) = std::sync::mpsc::sync_channel(1);
+                if tx.try_send(notify::Job { cb: Callback::InvalidateInode { ino: *ino }, done }).is_ok() {
+                    waits.push(wait);
+                }
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            for w in waits {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if w.recv_timeout(left).is_err() {
+                    break;
+                }
             }
         }
         info!(generation = gen, opens = opens.len(), dropped = inos.len(), "reconnected: open files registered again, kernel caches dropped");

@@ -130,3 +130,35 @@ fn cached_reread_costs_no_server_traffic() {
     // kernel dropped under memory pressure; an uncached read of 1 GiB takes over 8,000.
     assert!(after.requests - before.requests <= 512, "a cached re-read made {} requests", after.requests - before.requests);
 }
+
+/// The server is killed and restarted in the middle of sharing: it forgot which clients
+/// cache what, so each client drops its cached copies when it reconnects, and a write made
+/// after the restart is still seen by the other host at once (no stale cached page).
+#[test]
+fn sharing_stays_consistent_across_a_server_restart() {
+    let mut s = sim("restart", 2);
+    // fsync'd: a metadata change nobody fsynced may be lost in a crash (POSIX), this one not.
+    s.ok("ws1", "printf 'before-restart\\n' | dd of=/wisp/r conv=fsync status=none");
+    // Both hosts read it, so both kernels cache its pages and attributes.
+    assert_eq!(s.ok("ws2", "cat /wisp/r"), "before-restart\n");
+    assert_eq!(s.ok("ws1", "cat /wisp/r"), "before-restart\n");
+    // An open descriptor on ws2 must survive too.
+    let holder = {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh_ok("ws2", "exec 3</wisp/r; touch /tmp/wisp-restart-held; sleep 4; cat <&3 >/dev/null; echo held").unwrap())
+    };
+    while !std::path::Path::new("/tmp/wisp-restart-held").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file("/tmp/wisp-restart-held");
+    s.kill_daemon("srv1", libc::SIGKILL).unwrap();
+    s.start_daemon("srv1").unwrap();
+    // ws1 writes new contents of a different length after the restart.
+    s.ok("ws1", "printf 'after-the-restart\\n' > /wisp/r");
+    for _ in 0..3 {
+        assert_eq!(s.ok("ws2", "cat /wisp/r"), "after-the-restart\n", "ws2 read a stale cached copy after the server restarted");
+    }
+    assert_eq!(holder.join().unwrap(), "held\n");
+    let log = std::fs::read_to_string(s.log_path("ws2")).unwrap();
+    assert!(log.contains("reconnected: open files registered again"), "{log}");
+}
