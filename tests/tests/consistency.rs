@@ -122,10 +122,11 @@ fn cached_reread_costs_no_server_traffic() {
     let second = s.ok("ws2", "sha256sum < /wisp/big");
     let after = stats(&s);
     assert_eq!(first, second);
-    // The kernel may reclaim a few clean pages under memory pressure (other tests run in
-    // parallel); anything beyond 1 % would mean the cache was not kept across opens.
+    // The kernel may reclaim some clean pages between the two reads (this machine runs a
+    // proactive reclaimer, kdamond, and other tests run in parallel); anything beyond 5 %
+    // would mean the cache was not kept across opens (an uncached read fetches 100 %).
     let refetched = after.bytes_read - before.bytes_read;
-    assert!(refetched < (1 << 30) / 100, "a cached re-read fetched {refetched} bytes from the server");
+    assert!(refetched < (1 << 30) / 20, "a cached re-read fetched {refetched} bytes from the server");
     // Lookup, open, close and the status probe's own calls, plus a read for any page the
     // kernel dropped under memory pressure; an uncached read of 1 GiB takes over 8,000.
     assert!(after.requests - before.requests <= 512, "a cached re-read made {} requests", after.requests - before.requests);
