@@ -65,6 +65,10 @@ pub struct AgentStats {
     pub evictions: std::sync::atomic::AtomicU64,
     /// Jobs stopped because they could not migrate when the owner came back.
     pub suspensions: std::sync::atomic::AtomicU64,
+    /// Page faults the lazy pager answered from swap files (jobs migrated here lazily).
+    pub pager_faults: std::sync::atomic::AtomicU64,
+    /// Pages the lazy pager pushed in the background.
+    pub pages_pushed: std::sync::atomic::AtomicU64,
     /// Milliseconds jobs spent frozen by migrations out of this host, summed.
     pub frozen_ms: std::sync::atomic::AtomicU64,
 }
@@ -307,9 +311,14 @@ impl Agent {
             // background. Only when all are in is the swap file removed.
             Some(p) => {
                 let d = dir.clone();
+                let me = self.clone();
                 std::thread::spawn(move || {
                     match p.wait() {
-                        Ok(st) => info!(job, faults = st.faults, pushed = st.pushed, "all pages in; swap file removed"),
+                        Ok(st) => {
+                            me.stats.pager_faults.fetch_add(st.faults, Ordering::Relaxed);
+                            me.stats.pages_pushed.fetch_add(st.pushed, Ordering::Relaxed);
+                            info!(job, faults = st.faults, pushed = st.pushed, "all pages in; swap file removed")
+                        }
                         Err(e) => warn!(job, "pager: {e}"),
                     }
                     let _ = std::fs::remove_dir_all(&d);

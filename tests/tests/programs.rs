@@ -151,6 +151,10 @@ fn big_jobs_migrate_lazily_and_with_precopy() {
             assert!(Instant::now() < deadline, "swap files left behind after a {mode} migration");
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The target's pager did the paging: its metrics say so.
+        let m = s.ok("ws3", "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9464; printf \"GET /metrics HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' | grep -E '^wisp_agent_(pager_faults|pages_pushed)_total'");
+        let paged: f64 = m.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).sum();
+        assert!(paged > 0.0, "no page went through the lazy pager on ws3: {m}");
     }
     let _ = std::fs::remove_file("/tmp/wisp-big.py");
 }

@@ -259,6 +259,8 @@ fn main() -> Result<()> {
                     ("wisp_agent_migrations_in_total", "Jobs migrated to here", "counter", st.migrations_in.load(Relaxed) as f64),
                     ("wisp_agent_migration_failures_total", "Migrations that failed (the job kept running here)", "counter", st.migration_failures.load(Relaxed) as f64),
                     ("wisp_agent_evictions_total", "Jobs evicted because the owner came back", "counter", st.evictions.load(Relaxed) as f64),
+                    ("wisp_agent_pager_faults_total", "Page faults answered from swap files by the lazy pager", "counter", st.pager_faults.load(Relaxed) as f64),
+                    ("wisp_agent_pages_pushed_total", "Pages pushed in the background by the lazy pager", "counter", st.pages_pushed.load(Relaxed) as f64),
                     ("wisp_agent_suspensions_total", "Jobs stopped because they could not migrate when the owner came back", "counter", st.suspensions.load(Relaxed) as f64),
                     ("wisp_agent_frozen_seconds_total", "Time jobs were stopped by migrations out of here", "counter", st.frozen_ms.load(Relaxed) as f64 / 1e3),
                 ]);
