@@ -56,7 +56,12 @@ pub enum ClusterError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("host {host}: {what} did not come up within {secs} s; log: {log}")]
-    Timeout { host: String, what: String, secs: u64, log: String },
+    Timeout {
+        host: String,
+        what: String,
+        secs: u64,
+        log: String,
+    },
     #[error("bad state file {path}: {msg}")]
     State { path: PathBuf, msg: String },
 }
@@ -135,9 +140,15 @@ fn state_dir(name: &str) -> PathBuf {
 
 fn run(cmd: &mut Command) -> Result<Output> {
     let desc = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|source| ClusterError::Spawn { cmd: desc.clone(), source })?;
+    let out = cmd.output().map_err(|source| ClusterError::Spawn {
+        cmd: desc.clone(),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(ClusterError::Command { cmd: desc, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(ClusterError::Command {
+            cmd: desc,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(out)
 }
@@ -173,16 +184,27 @@ fn need_bin(dir: &Path, name: &str) -> Result<PathBuf> {
 pub fn preflight() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(ClusterError::Command { cmd: "preflight".into(), stderr: "the simulated cluster needs root (namespaces, FUSE mounts)".into() });
+        return Err(ClusterError::Command {
+            cmd: "preflight".into(),
+            stderr: "the simulated cluster needs root (namespaces, FUSE mounts)".into(),
+        });
     }
     for tool in ["ip", "nsenter", "unshare"] {
-        run(Command::new("sh").args(["-c", &format!("command -v {tool}")])).map_err(|_| ClusterError::Spawn {
-            cmd: tool.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("{tool} not found")),
+        run(Command::new("sh").args(["-c", &format!("command -v {tool}")])).map_err(|_| {
+            ClusterError::Spawn {
+                cmd: tool.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{tool} not found"),
+                ),
+            }
         })?;
     }
     if !Path::new("/dev/fuse").exists() {
-        return Err(ClusterError::Command { cmd: "preflight".into(), stderr: "/dev/fuse is missing: load the fuse module".into() });
+        return Err(ClusterError::Command {
+            cmd: "preflight".into(),
+            stderr: "/dev/fuse is missing: load the fuse module".into(),
+        });
     }
     Ok(())
 }
@@ -199,15 +221,35 @@ impl Cluster {
         need_bin(&bin_dir, "wisp-server")?;
         need_bin(&bin_dir, "wispd")?;
         need_bin(&bin_dir, "wisp")?;
-        if spec.name.is_empty() || spec.name.len() > 24 || !spec.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(ClusterError::Command { cmd: "cluster up".into(), stderr: format!("cluster name {:?} must be 1-24 letters, digits or '-'", spec.name) });
+        if spec.name.is_empty()
+            || spec.name.len() > 24
+            || !spec
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(ClusterError::Command {
+                cmd: "cluster up".into(),
+                stderr: format!(
+                    "cluster name {:?} must be 1-24 letters, digits or '-'",
+                    spec.name
+                ),
+            });
         }
         down(&spec.name)?; // leftovers of a crashed run with the same name
         let sd = state_dir(&spec.name);
         fs::create_dir_all(&sd)?;
         let key_file = sd.join("cluster.key");
-        ClusterKey::generate().save(&key_file).map_err(|e| ClusterError::Command { cmd: "keygen".into(), stderr: e.to_string() })?;
-        let data_root = spec.data_root.clone().unwrap_or_else(|| PathBuf::from("/var/tmp/wisp").join(&spec.name));
+        ClusterKey::generate()
+            .save(&key_file)
+            .map_err(|e| ClusterError::Command {
+                cmd: "keygen".into(),
+                stderr: e.to_string(),
+            })?;
+        let data_root = spec
+            .data_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/wisp").join(&spec.name));
         let _ = fs::remove_dir_all(&data_root);
         fs::create_dir_all(&data_root)?;
         fs::create_dir_all(MOUNTPOINT)?;
@@ -248,13 +290,31 @@ impl Cluster {
             let addr = Ipv4Addr::new(10, 99, 0, octet);
             ip(&["netns", "add", &ns])?;
             let peer = format!("v-{name}");
-            ip(&["-n", &br, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "-n", &br, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
             ip(&["-n", &br, "link", "set", &peer, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             let anchor = spawn_anchor(&ns, &name)?;
-            self.hosts.push(Host { name, role, netns: ns, addr, anchor, daemon: None });
+            self.hosts.push(Host {
+                name,
+                role,
+                netns: ns,
+                addr,
+                anchor,
+                daemon: None,
+            });
             self.save()?;
         }
         for i in 0..self.hosts.len() {
@@ -273,7 +333,10 @@ impl Cluster {
 
     /// `ADDR:PORT` of every server (the registry replicas), comma separated.
     pub fn registry_addrs(&self) -> String {
-        self.servers().map(|h| format!("{}:{SERVER_PORT}", h.addr)).collect::<Vec<_>>().join(",")
+        self.servers()
+            .map(|h| format!("{}:{SERVER_PORT}", h.addr))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Run the `wisp` CLI on `host` against this cluster's registry; returns its stdout.
@@ -287,26 +350,40 @@ impl Cluster {
         let mut c = self.command(host, &argv)?;
         c.stdin(Stdio::null());
         let desc = argv.join(" ");
-        let out = c.output().map_err(|source| ClusterError::Spawn { cmd: desc.clone(), source })?;
+        let out = c.output().map_err(|source| ClusterError::Spawn {
+            cmd: desc.clone(),
+            source,
+        })?;
         if !out.status.success() {
-            return Err(ClusterError::Command { cmd: format!("on {host}: {desc}"), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+            return Err(ClusterError::Command {
+                cmd: format!("on {host}: {desc}"),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The root domain on srv1, and load limits that ignore the shared load average.
     fn setup_registry(&self) -> Result<()> {
-        let Some(srv1) = self.servers().next() else { return Ok(()) };
+        let Some(srv1) = self.servers().next() else {
+            return Ok(());
+        };
         let (name, root) = (srv1.name.clone(), self.server_addr());
         self.wisp_cli(&name, &["domains", "add", "/", &root])?;
-        self.wisp_cli(&name, &["registry", "policy", "--max-load", "1000,1000,1000"])?;
+        self.wisp_cli(
+            &name,
+            &["registry", "policy", "--max-load", "1000,1000,1000"],
+        )?;
         Ok(())
     }
 
     fn save(&self) -> Result<()> {
         let p = state_dir(&self.name).join("state.json");
         let tmp = p.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self).expect("state encodes"))?;
+        fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).expect("state encodes"),
+        )?;
         fs::rename(tmp, p)?;
         Ok(())
     }
@@ -315,20 +392,34 @@ impl Cluster {
     pub fn load(name: &str) -> Result<Cluster> {
         let p = state_dir(name).join("state.json");
         let bytes = fs::read(&p).map_err(|_| ClusterError::NotUp(name.into()))?;
-        serde_json::from_slice(&bytes).map_err(|e| ClusterError::State { path: p, msg: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ClusterError::State {
+            path: p,
+            msg: e.to_string(),
+        })
     }
 
     /// Names of the clusters with a state file.
     pub fn list() -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir("/run/wisp")
-            .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().join("state.json").exists()).filter_map(|e| e.file_name().into_string().ok()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("state.json").exists())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
     }
 
     pub fn host(&self, name: &str) -> Result<&Host> {
-        self.hosts.iter().find(|h| h.name == name).ok_or_else(|| ClusterError::NoHost { cluster: self.name.clone(), host: name.into() })
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| ClusterError::NoHost {
+                cluster: self.name.clone(),
+                host: name.into(),
+            })
     }
 
     pub fn servers(&self) -> impl Iterator<Item = &Host> {
@@ -354,12 +445,16 @@ impl Cluster {
     pub fn registry_id(&self, host: &str) -> Result<u64> {
         host.strip_prefix("srv")
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| ClusterError::NoHost { cluster: self.name.clone(), host: format!("{host} (not a server)") })
+            .ok_or_else(|| ClusterError::NoHost {
+                cluster: self.name.clone(),
+                host: format!("{host} (not a server)"),
+            })
     }
 
     /// The server whose registry replica has id `id`.
     pub fn server_of_replica(&self, id: u64) -> Option<&Host> {
-        self.servers().find(|h| self.registry_id(&h.name).ok() == Some(id))
+        self.servers()
+            .find(|h| self.registry_id(&h.name).ok() == Some(id))
     }
 
     pub fn log_path(&self, host: &str) -> PathBuf {
@@ -373,8 +468,17 @@ impl Cluster {
         c.args(["-t", &h.anchor.to_string(), "-n", "-m", "-u", "--"]);
         c.args(argv);
         // What rexec and the wisp CLI need to find the cluster from inside a host.
-        c.env("WISP_KEY", &self.key_file).env("WISP_HOST", host).env("WISP_REGISTRY", self.registry_addrs());
-        c.env("PATH", format!("{}:{}", self.bin_dir.display(), std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())));
+        c.env("WISP_KEY", &self.key_file)
+            .env("WISP_HOST", host)
+            .env("WISP_REGISTRY", self.registry_addrs());
+        c.env(
+            "PATH",
+            format!(
+                "{}:{}",
+                self.bin_dir.display(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+            ),
+        );
         Ok(c)
     }
 
@@ -382,7 +486,10 @@ impl Cluster {
     pub fn sh(&self, host: &str, script: &str) -> Result<Output> {
         let mut c = self.command(host, &["sh", "-c", script])?;
         c.stdin(Stdio::null());
-        c.output().map_err(|source| ClusterError::Spawn { cmd: format!("sh on {host}"), source })
+        c.output().map_err(|source| ClusterError::Spawn {
+            cmd: format!("sh on {host}"),
+            source,
+        })
     }
 
     /// Like [`Cluster::sh`] but fails unless the command succeeds; returns stdout.
@@ -391,7 +498,11 @@ impl Cluster {
         if !out.status.success() {
             return Err(ClusterError::Command {
                 cmd: format!("on {host}: {script}"),
-                stderr: format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                stderr: format!(
+                    "{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -405,9 +516,17 @@ impl Cluster {
             // A wispd that was killed leaves its FUSE mount behind, dead ("transport endpoint
             // is not connected"): detach it so the new wispd can mount, and so readiness is
             // not mistaken from the stale entry.
-            let _ = self.sh(host, &format!("grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts && umount -l {MOUNTPOINT}"));
+            let _ = self.sh(
+                host,
+                &format!(
+                    "grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts && umount -l {MOUNTPOINT}"
+                ),
+            );
         }
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(host))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(host))?;
         let key = self.key_file.display().to_string();
         let mut argv: Vec<String> = match h.role {
             Role::Server => {
@@ -415,7 +534,13 @@ impl Cluster {
                 let id = self.registry_id(host)?;
                 let peers: Vec<String> = self
                     .servers()
-                    .map(|s| Ok(format!("{}={}:{SERVER_PORT}", self.registry_id(&s.name)?, s.addr)))
+                    .map(|s| {
+                        Ok(format!(
+                            "{}={}:{SERVER_PORT}",
+                            self.registry_id(&s.name)?,
+                            s.addr
+                        ))
+                    })
                     .collect::<Result<_>>()?;
                 let mut v = vec![
                     self.bin_dir.join("wisp-server").display().to_string(),
@@ -460,10 +585,16 @@ impl Cluster {
         };
         let refs: Vec<&str> = argv.iter_mut().map(|s| s.as_str()).collect();
         let mut cmd = self.command(host, &refs)?;
-        cmd.env("RUST_LOG", &self.log).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.env("RUST_LOG", &self.log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         // Own session: a signal to the caller's terminal does not reach the daemons.
         unsafe_setsid(&mut cmd);
-        let child = cmd.spawn().map_err(|source| ClusterError::Spawn { cmd: refs.join(" "), source })?;
+        let child = cmd.spawn().map_err(|source| ClusterError::Spawn {
+            cmd: refs.join(" "),
+            source,
+        })?;
         let pid = child.id();
         std::mem::forget(child); // reaped by init when it exits; `down` kills it
         if let Some(hm) = self.hosts.iter_mut().find(|x| x.name == host) {
@@ -474,16 +605,41 @@ impl Cluster {
         loop {
             let ready = match h.role {
                 // A listening socket on the server port in the host's own /proc/net/tcp.
-                Role::Server => self.sh(host, &format!("grep -q ':{SERVER_PORT:04X} 00000000:0000 0A' /proc/net/tcp")).map(|o| o.status.success()).unwrap_or(false),
-                Role::Workstation => self.sh(host, &format!("grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts")).map(|o| o.status.success()).unwrap_or(false),
+                Role::Server => self
+                    .sh(
+                        host,
+                        &format!("grep -q ':{SERVER_PORT:04X} 00000000:0000 0A' /proc/net/tcp"),
+                    )
+                    .map(|o| o.status.success())
+                    .unwrap_or(false),
+                Role::Workstation => self
+                    .sh(
+                        host,
+                        &format!("grep -q ' {MOUNTPOINT} fuse' /proc/self/mounts"),
+                    )
+                    .map(|o| o.status.success())
+                    .unwrap_or(false),
             };
             if ready {
                 return Ok(pid);
             }
             if !pid_alive(pid) || Instant::now() > deadline {
                 let log = fs::read_to_string(self.log_path(host)).unwrap_or_default();
-                let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                return Err(ClusterError::Timeout { host: host.into(), what: "daemon".into(), secs: 30, log: tail });
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(ClusterError::Timeout {
+                    host: host.into(),
+                    what: "daemon".into(),
+                    secs: 30,
+                    log: tail,
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -494,7 +650,14 @@ impl Cluster {
     pub fn set_partitioned(&self, host: &str, partitioned: bool) -> Result<()> {
         self.host(host)?;
         let br = format!("wisp-{}-br", self.name);
-        ip(&["-n", &br, "link", "set", &format!("v-{host}"), if partitioned { "down" } else { "up" }])
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "set",
+            &format!("v-{host}"),
+            if partitioned { "down" } else { "up" },
+        ])
     }
 
     /// Kill a host's daemon with `signal` and wait until it is gone.
@@ -523,7 +686,13 @@ impl Cluster {
                 Some(p) => format!("DEAD (pid {p})"),
                 None => "stopped".into(),
             };
-            s += &format!("  {:<6} {:<12} {:<12} {}\n", h.name, format!("{:?}", h.role).to_lowercase(), h.addr, d);
+            s += &format!(
+                "  {:<6} {:<12} {:<12} {}\n",
+                h.name,
+                format!("{:?}", h.role).to_lowercase(),
+                h.addr,
+                d
+            );
         }
         s
     }
@@ -543,20 +712,39 @@ fn unsafe_setsid(cmd: &mut Command) {
 fn pid_alive(pid: u32) -> bool {
     // A zombie still has a /proc entry: look at its state.
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rsplit(')').next().map(|r| !r.trim_start().starts_with('Z')).unwrap_or(false),
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .map(|r| !r.trim_start().starts_with('Z'))
+            .unwrap_or(false),
         Err(_) => false,
     }
 }
 
 fn spawn_anchor(ns: &str, host: &str) -> Result<u32> {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!("hostname {host} && exec sleep infinity"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.args([
+        "netns",
+        "exec",
+        ns,
+        "unshare",
+        "--mount",
+        "--uts",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+    ])
+    .arg(format!("hostname {host} && exec sleep infinity"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     unsafe_setsid(&mut cmd);
-    let child = cmd.spawn().map_err(|source| ClusterError::Spawn { cmd: "ip netns exec ... unshare".into(), source })?;
+    let child = cmd.spawn().map_err(|source| ClusterError::Spawn {
+        cmd: "ip netns exec ... unshare".into(),
+        source,
+    })?;
     let pid = child.id();
     std::mem::forget(child);
     // Wait until the anchor has its own uts namespace with the host name set.
@@ -569,7 +757,12 @@ fn spawn_anchor(ns: &str, host: &str) -> Result<u32> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(ClusterError::Timeout { host: host.into(), what: "namespace anchor".into(), secs: 10, log: String::new() })
+    Err(ClusterError::Timeout {
+        host: host.into(),
+        what: "namespace anchor".into(),
+        secs: 10,
+        log: String::new(),
+    })
 }
 
 /// Tear a cluster down completely: every process in its namespaces, the namespaces, the
@@ -578,7 +771,12 @@ pub fn down(name: &str) -> Result<()> {
     let prefix = format!("wisp-{name}-");
     let out = run(Command::new("ip").args(["netns", "list"]))?;
     let list = String::from_utf8_lossy(&out.stdout);
-    let nss: Vec<String> = list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&prefix)).map(String::from).collect();
+    let nss: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(String::from)
+        .collect();
     let mut pids: Vec<i32> = Vec::new();
     if let Ok(c) = Cluster::load(name) {
         for h in &c.hosts {
@@ -588,7 +786,11 @@ pub fn down(name: &str) -> Result<()> {
     }
     for ns in &nss {
         if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-            pids.extend(String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            pids.extend(
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
         }
     }
     // Daemons first, gently (wispd unmounts on SIGTERM), then everything else.

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::*;
 use tracing::{debug, info};
 use wisp_proto::key::ClusterKey;
-use wisp_proto::msg::{self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq, Response as Rs, SetAttrs, SetTime};
+use wisp_proto::msg::{
+    self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq, Response as Rs, SetAttrs, SetTime,
+};
 use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
 
 use crate::notify;
@@ -21,7 +23,10 @@ use crate::{CACHE_TTL, ENTRY_TTL};
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("cannot mount at {path}: {source}")]
-    Mount { path: PathBuf, source: std::io::Error },
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot reach file server {addr}: {source}")]
     Server { addr: String, source: RpcError },
 }
@@ -103,7 +108,11 @@ struct WispFs {
 }
 
 fn cred(req: &Request) -> Cred {
-    Cred { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+    Cred {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }
 
 fn systime(t: msg::Time) -> SystemTime {
@@ -116,8 +125,14 @@ fn systime(t: msg::Time) -> SystemTime {
 
 fn wtime(t: SystemTime) -> msg::Time {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => msg::Time { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
-        Err(e) => msg::Time { secs: -(e.duration().as_secs() as i64), nsecs: 0 },
+        Ok(d) => msg::Time {
+            secs: d.as_secs() as i64,
+            nsecs: d.subsec_nanos(),
+        },
+        Err(e) => msg::Time {
+            secs: -(e.duration().as_secs() as i64),
+            nsecs: 0,
+        },
     }
 }
 
@@ -181,7 +196,9 @@ impl WispFs {
         self.stats.rpcs.fetch_add(1, Ordering::Relaxed);
         let t = std::time::Instant::now();
         let res = self.rpc.call_blocking(r);
-        self.stats.rpc_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats
+            .rpc_micros
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         res
     }
 
@@ -200,10 +217,24 @@ impl WispFs {
         if first {
             return;
         }
-        let opens: Vec<(u64, OpenMode)> = self.handles.lock().unwrap().values().filter(|h| !h.pipe).map(|h| (h.ino, h.mode)).collect();
+        let opens: Vec<(u64, OpenMode)> = self
+            .handles
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|h| !h.pipe)
+            .map(|h| (h.ino, h.mode))
+            .collect();
         for (ino, mode) in &opens {
-            let mode = OpenMode { truncate: false, ..*mode };
-            if let Err(e) = self.rpc.call_blocking(Rq::Open { cred: Cred::ROOT, ino: *ino, mode }) {
+            let mode = OpenMode {
+                truncate: false,
+                ..*mode
+            };
+            if let Err(e) = self.rpc.call_blocking(Rq::Open {
+                cred: Cred::ROOT,
+                ino: *ino,
+                mode,
+            }) {
                 tracing::warn!(ino, "re-registering an open file after reconnecting: {e}");
             }
         }
@@ -215,7 +246,13 @@ impl WispFs {
             let mut waits = Vec::with_capacity(inos.len());
             for ino in &inos {
                 let (done, wait) = std::sync::mpsc::sync_channel(1);
-                if tx.try_send(notify::Job { cb: Callback::InvalidateInode { ino: *ino }, done }).is_ok() {
+                if tx
+                    .try_send(notify::Job {
+                        cb: Callback::InvalidateInode { ino: *ino },
+                        done,
+                    })
+                    .is_ok()
+                {
                     waits.push(wait);
                 }
             }
@@ -227,7 +264,12 @@ impl WispFs {
                 }
             }
         }
-        info!(generation = gen, opens = opens.len(), dropped = inos.len(), "reconnected: open files registered again, kernel caches dropped");
+        info!(
+            generation = gen,
+            opens = opens.len(),
+            dropped = inos.len(),
+            "reconnected: open files registered again, kernel caches dropped"
+        );
     }
 
     fn remember(&self, ino: u64) {
@@ -256,7 +298,12 @@ impl WispFs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(
             fh,
-            Handle { ino, mode: open_mode(flags), append: flags & libc::O_APPEND != 0, pipe },
+            Handle {
+                ino,
+                mode: open_mode(flags),
+                append: flags & libc::O_APPEND != 0,
+                pipe,
+            },
         );
         fh
     }
@@ -278,7 +325,19 @@ trait ErrReply {
 macro_rules! err_reply {
     ($($t:ty),*) => {$( impl ErrReply for $t { fn error(self, e: Errno) { <$t>::error(self, e) } } )*};
 }
-err_reply!(ReplyEntry, ReplyAttr, ReplyEmpty, ReplyData, ReplyOpen, ReplyWrite, ReplyCreate, ReplyXattr, ReplyStatfs, ReplyDirectory, ReplyDirectoryPlus);
+err_reply!(
+    ReplyEntry,
+    ReplyAttr,
+    ReplyEmpty,
+    ReplyData,
+    ReplyOpen,
+    ReplyWrite,
+    ReplyCreate,
+    ReplyXattr,
+    ReplyStatfs,
+    ReplyDirectory,
+    ReplyDirectoryPlus
+);
 
 fn unexpected<R: ErrReply>(r: Rs, reply: R) {
     tracing::error!("server sent an unexpected reply {r:?}");
@@ -317,7 +376,14 @@ impl Filesystem for WispFs {
         if name.len() > msg::NAME_MAX {
             return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
         }
-        self.entry(Rq::Lookup { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+        self.entry(
+            Rq::Lookup {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            },
+            reply,
+        )
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -346,8 +412,19 @@ impl Filesystem for WispFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttrs { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
-        match self.call(Rq::SetAttr { cred: cred(req), ino: ino.0, set }) {
+        let set = SetAttrs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+        };
+        match self.call(Rq::SetAttr {
+            cred: cred(req),
+            ino: ino.0,
+            set,
+        }) {
             Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &fattr(&a)),
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
@@ -362,25 +439,80 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let mode = mode & !(umask & 0o777);
-        self.entry(Rq::MkNod { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec(), mode, rdev }, reply)
+        self.entry(
+            Rq::MkNod {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                mode,
+                rdev,
+            },
+            reply,
+        )
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let mode = mode & !(umask & 0o777);
-        self.entry(Rq::Mkdir { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec(), mode }, reply)
+        self.entry(
+            Rq::Mkdir {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                mode,
+            },
+            reply,
+        )
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(Rq::Unlink { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+        self.empty(
+            Rq::Unlink {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            },
+            reply,
+        )
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(Rq::Rmdir { cred: cred(req), parent: parent.0, name: name.as_bytes().to_vec() }, reply)
+        self.empty(
+            Rq::Rmdir {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            },
+            reply,
+        )
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         self.entry(
             Rq::Symlink {
                 cred: cred(req),
@@ -392,7 +524,16 @@ impl Filesystem for WispFs {
         )
     }
 
-    fn rename(&self, req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         self.empty(
             Rq::Rename {
                 cred: cred(req),
@@ -406,16 +547,41 @@ impl Filesystem for WispFs {
         )
     }
 
-    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(Rq::Link { cred: cred(req), ino: ino.0, new_parent: newparent.0, new_name: newname.as_bytes().to_vec() }, reply)
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            Rq::Link {
+                cred: cred(req),
+                ino: ino.0,
+                new_parent: newparent.0,
+                new_name: newname.as_bytes().to_vec(),
+            },
+            reply,
+        )
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mode = open_mode(flags.0);
-        let r = match self.call(Rq::Open { cred: cred(req), ino: ino.0, mode }) {
+        let r = match self.call(Rq::Open {
+            cred: cred(req),
+            ino: ino.0,
+            mode,
+        }) {
             // A blocking open of a cluster pipe: registered; wait for the other end.
             Err(RpcError::Remote(w)) if w.errno == libc::EAGAIN && !mode.nonblock => {
-                match self.call_pipe(true, Rq::PipeAwait { ino: ino.0, writer: mode.write }) {
+                match self.call_pipe(
+                    true,
+                    Rq::PipeAwait {
+                        ino: ino.0,
+                        writer: mode.write,
+                    },
+                ) {
                     Ok(_) => self.call(Rq::GetAttr { ino: ino.0 }).map(|r| match r {
                         Rs::Attr(attr) => Rs::Opened { attr, cache: false },
                         o => o,
@@ -429,19 +595,47 @@ impl Filesystem for WispFs {
             Ok(Rs::Opened { attr, cache }) => {
                 let pipe = attr.kind == Kind::Pipe;
                 let fh = self.new_handle(ino.0, flags.0, pipe);
-                reply.opened(FileHandle(fh), fopen_flags(&attr, cache, mode, flags.0 & libc::O_APPEND != 0))
+                reply.opened(
+                    FileHandle(fh),
+                    fopen_flags(&attr, cache, mode, flags.0 & libc::O_APPEND != 0),
+                )
             }
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, size: u32, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        let pipe = self.handles.lock().unwrap().get(&fh.0).is_some_and(|h| h.pipe);
-        match self.call_pipe(pipe && !nonblock, Rq::Read { ino: ino.0, offset, size, nonblock }) {
+        let pipe = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh.0)
+            .is_some_and(|h| h.pipe);
+        match self.call_pipe(
+            pipe && !nonblock,
+            Rq::Read {
+                ino: ino.0,
+                offset,
+                size,
+                nonblock,
+            },
+        ) {
             Ok(Rs::Data(d)) => {
-                self.stats.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
                 reply.data(&d)
             }
             Ok(o) => unexpected(o, reply),
@@ -449,7 +643,18 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn write(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], _wf: WriteFlags, flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyWrite) {
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let (append, pipe) = self
             .handles
             .lock()
@@ -458,9 +663,20 @@ impl Filesystem for WispFs {
             .map(|h| (h.append, h.pipe))
             .unwrap_or((flags.0 & libc::O_APPEND != 0, false));
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        match self.call_pipe(pipe && !nonblock, Rq::Write { ino: ino.0, offset, data: data.to_vec(), append, nonblock }) {
+        match self.call_pipe(
+            pipe && !nonblock,
+            Rq::Write {
+                ino: ino.0,
+                offset,
+                data: data.to_vec(),
+                append,
+                nonblock,
+            },
+        ) {
             Ok(Rs::Written { size, .. }) => {
-                self.stats.bytes_written.fetch_add(size as u64, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(size as u64, Ordering::Relaxed);
                 reply.written(size)
             }
             Ok(o) => unexpected(o, reply),
@@ -475,15 +691,37 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Writes go through to the server as they happen; nothing is buffered here.
         reply.ok()
     }
 
-    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         let h = self.handles.lock().unwrap().remove(&fh.0);
         match h {
-            Some(h) => self.empty(Rq::Close { ino: h.ino, mode: h.mode }, reply),
+            Some(h) => self.empty(
+                Rq::Close {
+                    ino: h.ino,
+                    mode: h.mode,
+                },
+                reply,
+            ),
             None => {
                 debug!(ino = ino.0, fh = fh.0, "release of unknown handle");
                 reply.ok()
@@ -491,19 +729,49 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.empty(Rq::Fsync { ino: ino.0 }, reply)
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.empty(Rq::Fsync { ino: ino.0 }, reply)
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.call(Rq::ReadDir { ino: ino.0, offset, max: 512 }) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.call(Rq::ReadDir {
+            ino: ino.0,
+            offset,
+            max: 512,
+        }) {
             Ok(Rs::Entries(es)) => {
                 for e in es {
-                    if reply.add(INodeNo(e.attr.ino), e.cookie, ftype(e.attr.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.attr.ino),
+                        e.cookie,
+                        ftype(e.attr.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -514,15 +782,33 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        match self.call(Rq::ReadDir { ino: ino.0, offset, max: 256 }) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.call(Rq::ReadDir {
+            ino: ino.0,
+            offset,
+            max: 256,
+        }) {
             Ok(Rs::Entries(es)) => {
                 for e in es {
                     let name = OsStr::from_bytes(&e.name);
                     if e.name != b"." && e.name != b".." {
                         self.remember(e.attr.ino);
                     }
-                    if reply.add(INodeNo(e.attr.ino), e.cookie, name, &ENTRY_TTL, &fattr(&e.attr), Generation(0)) {
+                    if reply.add(
+                        INodeNo(e.attr.ino),
+                        e.cookie,
+                        name,
+                        &ENTRY_TTL,
+                        &fattr(&e.attr),
+                        Generation(0),
+                    ) {
                         break;
                     }
                 }
@@ -535,23 +821,51 @@ impl Filesystem for WispFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.call(Rq::StatFs) {
-            Ok(Rs::StatFs { blocks, bfree, bavail, files, ffree, bsize, namelen }) => {
-                reply.statfs(blocks, bfree, bavail, files, ffree, bsize, namelen, bsize)
-            }
+            Ok(Rs::StatFs {
+                blocks,
+                bfree,
+                bavail,
+                files,
+                ffree,
+                bsize,
+                namelen,
+            }) => reply.statfs(blocks, bfree, bavail, files, ffree, bsize, namelen, bsize),
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         self.empty(
-            Rq::SetXattr { cred: cred(req), ino: ino.0, name: name.as_bytes().to_vec(), value: value.to_vec(), flags },
+            Rq::SetXattr {
+                cred: cred(req),
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags,
+            },
             reply,
         )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(self.call(Rq::GetXattr { ino: ino.0, name: name.as_bytes().to_vec() }), size, reply)
+        xattr_reply(
+            self.call(Rq::GetXattr {
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+            }),
+            size,
+            reply,
+        )
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -559,7 +873,14 @@ impl Filesystem for WispFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(Rq::RemoveXattr { cred: cred(req), ino: ino.0, name: name.as_bytes().to_vec() }, reply)
+        self.empty(
+            Rq::RemoveXattr {
+                cred: cred(req),
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+            },
+            reply,
+        )
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -576,7 +897,16 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         if name.len() > msg::NAME_MAX {
             return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
         }
@@ -595,15 +925,38 @@ impl Filesystem for WispFs {
                 self.remember(attr.ino);
                 let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe);
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
-                reply.created(&ENTRY_TTL, &fattr(&attr), Generation(0), FileHandle(fh), fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0))
+                reply.created(
+                    &ENTRY_TTL,
+                    &fattr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0),
+                )
             }
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        self.empty(Rq::Fallocate { ino: ino.0, offset, length, mode }, reply)
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.empty(
+            Rq::Fallocate {
+                ino: ino.0,
+                offset,
+                length,
+                mode,
+            },
+            reply,
+        )
     }
 }
 
@@ -665,7 +1018,8 @@ pub(crate) fn access_ok(a: &Attr, uid: u32, gid: u32, mask: i32) -> bool {
 /// has the mount; FUSE requests are served by background threads.
 pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, MountError> {
     let stats = Arc::new(ClientStats::default());
-    let notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>> = Arc::new(OnceLock::new());
+    let notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>> =
+        Arc::new(OnceLock::new());
     let n2 = notifier.clone();
     let s2 = stats.clone();
     let handler: CallbackHandler = Arc::new(move |cb: Callback| {
@@ -675,9 +1029,20 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
             None => Ok(()), // not mounted yet: the kernel holds nothing to invalidate
         }
     });
-    let rpc = RpcClient::start(rt, opts.server.clone(), opts.key.clone(), opts.host.clone(), opts.call_timeout, handler);
+    let rpc = RpcClient::start(
+        rt,
+        opts.server.clone(),
+        opts.key.clone(),
+        opts.host.clone(),
+        opts.call_timeout,
+        handler,
+    );
     // Fail early with a clear message when the server is unreachable or refuses our key.
-    rpc.call_blocking(Rq::Ping).map_err(|source| MountError::Server { addr: opts.server.clone(), source })?;
+    rpc.call_blocking(Rq::Ping)
+        .map_err(|source| MountError::Server {
+            addr: opts.server.clone(),
+            source,
+        })?;
     let fs = WispFs {
         rpc: rpc.clone(),
         stats: stats.clone(),
@@ -700,10 +1065,21 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(2));
     config.clone_fd = true;
-    let session = Session::new(fs, &opts.mountpoint, &config)
-        .map_err(|source| MountError::Mount { path: opts.mountpoint.clone(), source })?;
+    let session =
+        Session::new(fs, &opts.mountpoint, &config).map_err(|source| MountError::Mount {
+            path: opts.mountpoint.clone(),
+            source,
+        })?;
     let _ = notifier.set(notify::start(session.notifier()));
-    let bg = session.spawn().map_err(|source| MountError::Mount { path: opts.mountpoint.clone(), source })?;
+    let bg = session.spawn().map_err(|source| MountError::Mount {
+        path: opts.mountpoint.clone(),
+        source,
+    })?;
     info!(server = %opts.server, mountpoint = %opts.mountpoint.display(), "mounted");
-    Ok(Mounted { session: Some(bg), rpc, stats, mountpoint: opts.mountpoint })
+    Ok(Mounted {
+        session: Some(bg),
+        rpc,
+        stats,
+        mountpoint: opts.mountpoint,
+    })
 }

@@ -34,7 +34,9 @@ fn run(n: Notifier, rx: Receiver<Job>) {
         // ENOENT means the kernel holds no copy: nothing to drop.
         let r = match &job.cb {
             Callback::InvalidateInode { ino } => n.inval_inode(INodeNo(*ino), 0, 0),
-            Callback::InvalidateEntry { parent, name } => n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+            Callback::InvalidateEntry { parent, name } => {
+                n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            }
         };
         if let Err(e) = r {
             debug!("invalidation {:?}: {e}", job.cb);
@@ -46,6 +48,8 @@ fn run(n: Notifier, rx: Receiver<Job>) {
 /// Run one callback through the notifier thread and wait for it (at most `limit`).
 pub(crate) fn apply(tx: &SyncSender<Job>, cb: Callback, limit: Duration) -> Result<(), WireError> {
     let (done, wait) = sync_channel(1);
-    tx.send(Job { cb, done }).map_err(|_| WireError::new(libc::ESHUTDOWN, "client is unmounting"))?;
-    wait.recv_timeout(limit).map_err(|_| WireError::new(libc::ETIMEDOUT, "kernel invalidation timed out"))
+    tx.send(Job { cb, done })
+        .map_err(|_| WireError::new(libc::ESHUTDOWN, "client is unmounting"))?;
+    wait.recv_timeout(limit)
+        .map_err(|_| WireError::new(libc::ETIMEDOUT, "kernel invalidation timed out"))
 }

@@ -23,14 +23,17 @@ use wisp_proto::rpc::{PeerHandle, Service};
 use wisp_proto::MAX_IO;
 
 use objects::Objects;
-use wisp_pseudodev::pipe::{Pipe, PipeError};
 use store::{InodeRec, Store, StoreError};
+use wisp_pseudodev::pipe::{Pipe, PipeError};
 
 /// Errors starting a server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot use data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open metadata database in {path}: {source}")]
     Store { path: PathBuf, source: StoreError },
 }
@@ -99,12 +102,18 @@ type R<T> = Result<T, WireError>;
 
 fn check_name(name: &[u8]) -> R<()> {
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        return Err(WireError::new(libc::EINVAL, format!("invalid file name {:?}", String::from_utf8_lossy(name))));
+        return Err(WireError::new(
+            libc::EINVAL,
+            format!("invalid file name {:?}", String::from_utf8_lossy(name)),
+        ));
     }
     if name.len() > NAME_MAX {
         return Err(WireError::new(
             libc::ENAMETOOLONG,
-            format!("file name of {} bytes is longer than {NAME_MAX}", name.len()),
+            format!(
+                "file name of {} bytes is longer than {NAME_MAX}",
+                name.len()
+            ),
         ));
     }
     Ok(())
@@ -116,7 +125,10 @@ fn refuse_move_below_itself(t: &store::Txn<'_>, dir: Ino, new_parent: Ino) -> R<
     let mut cur = new_parent;
     loop {
         if cur == dir {
-            return Err(WireError::new(libc::EINVAL, "cannot move a directory into its own subdirectory"));
+            return Err(WireError::new(
+                libc::EINVAL,
+                "cannot move a directory into its own subdirectory",
+            ));
         }
         if cur == ROOT_INO {
             return Ok(());
@@ -134,7 +146,12 @@ fn kind_of_mode(mode: u32) -> R<Kind> {
         libc::S_IFSOCK => Kind::Socket,
         libc::S_IFCHR => Kind::CharDev,
         libc::S_IFBLK => Kind::BlockDev,
-        other => return Err(WireError::new(libc::EINVAL, format!("unknown file type {other:o}"))),
+        other => {
+            return Err(WireError::new(
+                libc::EINVAL,
+                format!("unknown file type {other:o}"),
+            ))
+        }
     })
 }
 
@@ -142,11 +159,20 @@ impl FsServer {
     /// Open the domain stored in `data_dir` (created if new), sweeping inodes and objects
     /// left behind by a crash (unlinked-while-open files, objects of uncommitted creates).
     pub fn open(data_dir: &Path) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir { path: data_dir.into(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.into(),
+            source,
+        })?;
         let db = data_dir.join("meta.redb");
-        let store = Store::open(&db).map_err(|source| ServerError::Store { path: db.clone(), source })?;
-        let objects = Objects::open(&data_dir.join("objects"))
-            .map_err(|source| ServerError::DataDir { path: data_dir.into(), source })?;
+        let store = Store::open(&db).map_err(|source| ServerError::Store {
+            path: db.clone(),
+            source,
+        })?;
+        let objects =
+            Objects::open(&data_dir.join("objects")).map_err(|source| ServerError::DataDir {
+                path: data_dir.into(),
+                source,
+            })?;
         let s = FsServer {
             store,
             objects,
@@ -159,7 +185,8 @@ impl FsServer {
             interest: Mutex::new(Interest::default()),
             pipes: Mutex::new(HashMap::new()),
         };
-        s.sweep().map_err(|source| ServerError::Store { path: db, source })?;
+        s.sweep()
+            .map_err(|source| ServerError::Store { path: db, source })?;
         Ok(s)
     }
 
@@ -209,7 +236,12 @@ impl FsServer {
                 removed += 1;
             }
         }
-        info!(inodes = inodes.len(), orphans = orphans.len(), stray_objects = removed, "domain opened");
+        info!(
+            inodes = inodes.len(),
+            orphans = orphans.len(),
+            stray_objects = removed,
+            "domain opened"
+        );
         Ok(())
     }
 
@@ -256,7 +288,11 @@ impl FsServer {
     }
 
     fn is_open(&self, ino: Ino) -> bool {
-        self.opens.lock().unwrap().get(&ino).is_some_and(|m| !m.is_empty())
+        self.opens
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .is_some_and(|m| !m.is_empty())
     }
 
     /// Remove an inode whose last link went away, unless some client still has it open.
@@ -277,19 +313,35 @@ impl FsServer {
     }
 
     #[allow(clippy::too_many_arguments)] // one call per kind of node; a struct would only rename them
-    fn new_child(&self, cred: Cred, parent: Ino, name: &[u8], kind: Kind, mode: u32, rdev: u32, target: &[u8], excl: bool) -> R<(Attr, bool)> {
+    fn new_child(
+        &self,
+        cred: Cred,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+        rdev: u32,
+        target: &[u8],
+        excl: bool,
+    ) -> R<(Attr, bool)> {
         check_name(name)?;
         let mut t = self.store.begin()?;
         let mut prec = t.get(parent)?;
         if prec.kind != Kind::Dir {
-            return Err(WireError::new(libc::ENOTDIR, format!("inode {parent} is not a directory")));
+            return Err(WireError::new(
+                libc::ENOTDIR,
+                format!("inode {parent} is not a directory"),
+            ));
         }
         if prec.nlink == 0 {
             return Err(WireError::new(libc::ENOENT, "directory was removed"));
         }
         if let Some((existing, _)) = t.lookup(parent, name)? {
             if excl || kind != Kind::File {
-                return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(name))));
+                return Err(WireError::new(
+                    libc::EEXIST,
+                    format!("{} exists", String::from_utf8_lossy(name)),
+                ));
             }
             drop(t);
             let rec = self.store.get(existing)?;
@@ -299,7 +351,11 @@ impl FsServer {
             return Ok((self.attr(existing, &rec)?, false));
         }
         let ino = t.alloc_ino()?;
-        let gid = if prec.perm & 0o2000 != 0 { prec.gid } else { cred.gid };
+        let gid = if prec.perm & 0o2000 != 0 {
+            prec.gid
+        } else {
+            cred.gid
+        };
         let mut perm = (mode & 0o7777) as u16;
         if kind == Kind::Dir && prec.perm & 0o2000 != 0 {
             perm |= 0o2000;
@@ -326,7 +382,10 @@ impl FsServer {
     fn unlink(&self, parent: Ino, name: &[u8], want_dir: bool) -> R<Ino> {
         check_name(name)?;
         if name == b"." || name == b".." {
-            return Err(WireError::new(if want_dir { libc::EINVAL } else { libc::EISDIR }, "cannot remove . or .."));
+            return Err(WireError::new(
+                if want_dir { libc::EINVAL } else { libc::EISDIR },
+                "cannot remove . or ..",
+            ));
         }
         let mut t = self.store.begin()?;
         let mut prec = t.get(parent)?;
@@ -334,7 +393,10 @@ impl FsServer {
             return Err(WireError::new(libc::ENOTDIR, "not a directory"));
         }
         let (child, _) = t.lookup(parent, name)?.ok_or_else(|| {
-            WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(name)))
+            WireError::new(
+                libc::ENOENT,
+                format!("{} does not exist", String::from_utf8_lossy(name)),
+            )
         })?;
         let mut crec = t.get(child)?;
         if want_dir {
@@ -367,18 +429,31 @@ impl FsServer {
         Ok(child)
     }
 
-    fn rename(&self, parent: Ino, name: &[u8], np: Ino, nn: &[u8], flags: u32) -> R<(Ino, Option<Ino>)> {
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        np: Ino,
+        nn: &[u8],
+        flags: u32,
+    ) -> R<(Ino, Option<Ino>)> {
         check_name(name)?;
         check_name(nn)?;
         const NOREPLACE: u32 = 1;
         const EXCHANGE: u32 = 2;
         if flags & !(NOREPLACE | EXCHANGE) != 0 || flags == NOREPLACE | EXCHANGE {
-            return Err(WireError::new(libc::EINVAL, format!("unsupported rename flags {flags:#x}")));
+            return Err(WireError::new(
+                libc::EINVAL,
+                format!("unsupported rename flags {flags:#x}"),
+            ));
         }
         let mut t = self.store.begin()?;
-        let (src, _) = t
-            .lookup(parent, name)?
-            .ok_or_else(|| WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(name))))?;
+        let (src, _) = t.lookup(parent, name)?.ok_or_else(|| {
+            WireError::new(
+                libc::ENOENT,
+                format!("{} does not exist", String::from_utf8_lossy(name)),
+            )
+        })?;
         let srec = t.get(src)?;
         let dst = t.lookup(np, nn)?.map(|x| x.0);
         if dst == Some(src) {
@@ -386,14 +461,18 @@ impl FsServer {
         }
         let nprec0 = t.get(np)?;
         if nprec0.kind != Kind::Dir {
-            return Err(WireError::new(libc::ENOTDIR, "target parent is not a directory"));
+            return Err(WireError::new(
+                libc::ENOTDIR,
+                "target parent is not a directory",
+            ));
         }
         // A directory may not move into itself or below itself.
         if srec.kind == Kind::Dir {
             refuse_move_below_itself(&t, src, np)?;
         }
         if flags & EXCHANGE != 0 {
-            let dst = dst.ok_or_else(|| WireError::new(libc::ENOENT, "exchange target does not exist"))?;
+            let dst =
+                dst.ok_or_else(|| WireError::new(libc::ENOENT, "exchange target does not exist"))?;
             let drec = t.get(dst)?;
             if drec.kind == Kind::Dir {
                 refuse_move_below_itself(&t, dst, parent)?;
@@ -433,13 +512,31 @@ impl FsServer {
         let mut reap = None;
         if let Some(dst) = dst {
             if flags & NOREPLACE != 0 {
-                return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(nn))));
+                return Err(WireError::new(
+                    libc::EEXIST,
+                    format!("{} exists", String::from_utf8_lossy(nn)),
+                ));
             }
             let mut drec = t.get(dst)?;
             match (srec.kind == Kind::Dir, drec.kind == Kind::Dir) {
-                (true, false) => return Err(WireError::new(libc::ENOTDIR, "cannot replace a non-directory with a directory")),
-                (false, true) => return Err(WireError::new(libc::EISDIR, "cannot replace a directory with a non-directory")),
-                (true, true) if drec.entries > 0 => return Err(WireError::new(libc::ENOTEMPTY, "target directory not empty")),
+                (true, false) => {
+                    return Err(WireError::new(
+                        libc::ENOTDIR,
+                        "cannot replace a non-directory with a directory",
+                    ))
+                }
+                (false, true) => {
+                    return Err(WireError::new(
+                        libc::EISDIR,
+                        "cannot replace a directory with a non-directory",
+                    ))
+                }
+                (true, true) if drec.entries > 0 => {
+                    return Err(WireError::new(
+                        libc::ENOTEMPTY,
+                        "target directory not empty",
+                    ))
+                }
                 _ => {}
             }
             let mut nprec = t.get(np)?;
@@ -501,8 +598,15 @@ impl FsServer {
                     let _g = self.append_lock.lock().unwrap();
                     self.objects.truncate(ino, size).map_err(io_err)?;
                 }
-                Kind::Dir => return Err(WireError::new(libc::EISDIR, "cannot truncate a directory")),
-                _ => return Err(WireError::new(libc::EINVAL, "cannot truncate this kind of file")),
+                Kind::Dir => {
+                    return Err(WireError::new(libc::EISDIR, "cannot truncate a directory"))
+                }
+                _ => {
+                    return Err(WireError::new(
+                        libc::EINVAL,
+                        "cannot truncate this kind of file",
+                    ))
+                }
             }
         }
         if let Some(mode) = set.mode {
@@ -514,10 +618,12 @@ impl FsServer {
         if let Some(gid) = set.gid {
             rec.gid = gid;
         }
-        let resolve = |s: Option<SetTime>| s.map(|s| match s {
-            SetTime::Now => None,
-            SetTime::At(t) => Some(t),
-        });
+        let resolve = |s: Option<SetTime>| {
+            s.map(|s| match s {
+                SetTime::Now => None,
+                SetTime::At(t) => Some(t),
+            })
+        };
         let (at, mt) = (resolve(set.atime), resolve(set.mtime));
         if rec.kind == Kind::File {
             if at.is_some() || mt.is_some() {
@@ -548,7 +654,10 @@ impl FsServer {
     fn open_file(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<(Attr, bool, Vec<u64>)> {
         let mut rec = self.store.get(ino)?;
         if rec.kind == Kind::Dir && mode.write {
-            return Err(WireError::new(libc::EISDIR, "cannot open a directory for writing"));
+            return Err(WireError::new(
+                libc::EISDIR,
+                "cannot open a directory for writing",
+            ));
         }
         if mode.write && rec.kind == Kind::File {
             let mut t = self.store.begin()?;
@@ -564,7 +673,11 @@ impl FsServer {
         let (cache, sharers) = {
             let mut opens = self.opens.lock().unwrap();
             let m = opens.entry(ino).or_default();
-            let others: Vec<(u64, OpenCount)> = m.iter().filter(|(s, _)| **s != peer).map(|(s, c)| (*s, *c)).collect();
+            let others: Vec<(u64, OpenCount)> = m
+                .iter()
+                .filter(|(s, _)| **s != peer)
+                .map(|(s, c)| (*s, *c))
+                .collect();
             let other_writer = others.iter().any(|(_, c)| c.writers > 0);
             let shared = other_writer || (mode.write && !others.is_empty());
             let c = m.entry(peer).or_default();
@@ -578,23 +691,30 @@ impl FsServer {
                 c.uncached += 1;
             }
             // Write-sharing begins now: holders that were caching must drop their pages.
-            let sharers = if shared && !was_shared_for_me { others.iter().map(|(s, _)| *s).collect() } else { vec![] };
+            let sharers = if shared && !was_shared_for_me {
+                others.iter().map(|(s, _)| *s).collect()
+            } else {
+                vec![]
+            };
             (!shared, sharers)
         };
         if rec.kind == Kind::Pipe {
             let p = self.pipe(ino);
             let deadline = std::time::Instant::now() + PIPE_WAIT;
             let r = match (mode.read, mode.write) {
-                (true, true) => {
-                    p.open_read(true, deadline).and_then(|_| p.open_write(true, deadline))
-                }
+                (true, true) => p
+                    .open_read(true, deadline)
+                    .and_then(|_| p.open_write(true, deadline)),
                 (_, true) => p.open_write(mode.nonblock, deadline),
                 _ => p.open_read(mode.nonblock, deadline),
             };
             match r {
                 Ok(()) => {}
                 Err(PipeError::Again) => {
-                    return Err(WireError::new(libc::EAGAIN, "pipe open registered; waiting for the other end"))
+                    return Err(WireError::new(
+                        libc::EAGAIN,
+                        "pipe open registered; waiting for the other end",
+                    ))
                 }
                 Err(e) => {
                     self.forget_open(peer, ino, mode);
@@ -637,9 +757,19 @@ impl FsServer {
         }
     }
 
-    fn write(&self, ino: Ino, offset: u64, data: &[u8], append: bool, nonblock: bool) -> R<Response> {
+    fn write(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        append: bool,
+        nonblock: bool,
+    ) -> R<Response> {
         if data.len() > MAX_IO {
-            return Err(WireError::new(libc::EINVAL, format!("write of {} bytes exceeds {MAX_IO}", data.len())));
+            return Err(WireError::new(
+                libc::EINVAL,
+                format!("write of {} bytes exceeds {MAX_IO}", data.len()),
+            ));
         }
         let rec = self.store.get(ino)?;
         if rec.kind == Kind::Pipe {
@@ -647,8 +777,13 @@ impl FsServer {
                 .pipe(ino)
                 .write(data, nonblock, std::time::Instant::now() + PIPE_WAIT)
                 .map_err(|e| WireError::new(e.errno(), e.to_string()))?;
-            self.counters.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
-            return Ok(Response::Written { size: n as u32, attr: self.attr(ino, &rec)? });
+            self.counters
+                .bytes_written
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(Response::Written {
+                size: n as u32,
+                attr: self.attr(ino, &rec)?,
+            });
         }
         if rec.kind != Kind::File {
             return Err(WireError::new(libc::EISDIR, "not a regular file"));
@@ -657,11 +792,19 @@ impl FsServer {
             let _g = self.append_lock.lock().unwrap();
             self.objects.append(ino, data).map_err(io_err)?;
         } else {
-            offset.checked_add(data.len() as u64).filter(|e| *e <= i64::MAX as u64).ok_or_else(|| WireError::new(libc::EFBIG, "offset too large"))?;
+            offset
+                .checked_add(data.len() as u64)
+                .filter(|e| *e <= i64::MAX as u64)
+                .ok_or_else(|| WireError::new(libc::EFBIG, "offset too large"))?;
             self.objects.write(ino, offset, data).map_err(io_err)?;
         }
-        self.counters.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(Response::Written { size: data.len() as u32, attr: self.attr(ino, &rec)? })
+        self.counters
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(Response::Written {
+            size: data.len() as u32,
+            attr: self.attr(ino, &rec)?,
+        })
     }
 
     fn readdir(&self, ino: Ino, offset: u64, max: u32) -> R<Vec<DirEntry>> {
@@ -672,15 +815,27 @@ impl FsServer {
         let max = max.clamp(1, 4096) as usize;
         let mut out = Vec::new();
         if offset < 1 {
-            out.push(DirEntry { name: b".".to_vec(), cookie: 1, attr: self.attr(ino, &rec)? });
+            out.push(DirEntry {
+                name: b".".to_vec(),
+                cookie: 1,
+                attr: self.attr(ino, &rec)?,
+            });
         }
         if offset < 2 {
             let p = self.store.get(rec.parent)?;
-            out.push(DirEntry { name: b"..".to_vec(), cookie: 2, attr: self.attr(rec.parent, &p)? });
+            out.push(DirEntry {
+                name: b"..".to_vec(),
+                cookie: 2,
+                attr: self.attr(rec.parent, &p)?,
+            });
         }
         for (cookie, name, child) in self.store.list(ino, offset.max(2), max)? {
             match self.store.get(child) {
-                Ok(c) => out.push(DirEntry { name, cookie, attr: self.attr(child, &c)? }),
+                Ok(c) => out.push(DirEntry {
+                    name,
+                    cookie,
+                    attr: self.attr(child, &c)?,
+                }),
                 Err(e) => warn!(ino, child, "dangling directory entry: {e}"),
             }
         }
@@ -689,7 +844,8 @@ impl FsServer {
 
     fn statfs(&self) -> R<Response> {
         let mut s: libc::statvfs = unsafe_zeroed_statvfs();
-        let p = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes()).map_err(|_| WireError::new(libc::EINVAL, "data dir path"))?;
+        let p = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| WireError::new(libc::EINVAL, "data dir path"))?;
         // SAFETY: `p` is a valid NUL-terminated path and `s` a writable statvfs.
         if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
             return Err(io_err(std::io::Error::last_os_error()));
@@ -720,14 +876,25 @@ impl FsServer {
                     let _ = self.objects.remove(ino);
                     return Ok(());
                 }
-                _ => return Err(WireError::new(libc::EINVAL, "only an empty regular file can become a cluster pipe")),
+                _ => {
+                    return Err(WireError::new(
+                        libc::EINVAL,
+                        "only an empty regular file can become a cluster pipe",
+                    ))
+                }
             }
         }
         if name.is_empty() || name.len() > 255 {
-            return Err(WireError::new(libc::ERANGE, "xattr name must be 1 to 255 bytes"));
+            return Err(WireError::new(
+                libc::ERANGE,
+                "xattr name must be 1 to 255 bytes",
+            ));
         }
         if value.len() > 65536 {
-            return Err(WireError::new(libc::E2BIG, "xattr value larger than 64 KiB"));
+            return Err(WireError::new(
+                libc::E2BIG,
+                "xattr value larger than 64 KiB",
+            ));
         }
         let mut t = self.store.begin()?;
         let mut rec = t.get(ino)?;
@@ -750,7 +917,13 @@ impl FsServer {
             Request::Ping => Response::Pong,
             Request::Lookup { parent, name, .. } => {
                 if name.len() > NAME_MAX {
-                    return Err(WireError::new(libc::ENAMETOOLONG, format!("file name of {} bytes is longer than {NAME_MAX}", name.len())));
+                    return Err(WireError::new(
+                        libc::ENAMETOOLONG,
+                        format!(
+                            "file name of {} bytes is longer than {NAME_MAX}",
+                            name.len()
+                        ),
+                    ));
                 }
                 let prec = self.store.get(parent)?;
                 if prec.kind != Kind::Dir {
@@ -759,14 +932,19 @@ impl FsServer {
                 let ino = match name.as_slice() {
                     b"." => parent,
                     b".." => prec.parent,
-                    _ => self.store.lookup(parent, &name)?.ok_or_else(|| WireError::new(libc::ENOENT, format!("{} does not exist", String::from_utf8_lossy(&name))))?,
+                    _ => self.store.lookup(parent, &name)?.ok_or_else(|| {
+                        WireError::new(
+                            libc::ENOENT,
+                            format!("{} does not exist", String::from_utf8_lossy(&name)),
+                        )
+                    })?,
                 };
                 Response::Entry(self.getattr(ino)?)
             }
             Request::GetAttr { ino } => Response::Attr(self.getattr(ino)?),
             Request::SetAttr { ino, set, .. } => {
                 let a = self.setattr(ino, set)?;
-                self.changed(peer, &[ino], &[]);
+                self.changed(peer, &[ino]);
                 Response::Attr(a)
             }
             Request::ReadLink { ino } => {
@@ -776,36 +954,74 @@ impl FsServer {
                 }
                 Response::Data(rec.target)
             }
-            Request::MkNod { cred, parent, name, mode, rdev } => {
+            Request::MkNod {
+                cred,
+                parent,
+                name,
+                mode,
+                rdev,
+            } => {
                 let kind = kind_of_mode(mode)?;
                 if kind == Kind::Dir || kind == Kind::Symlink {
                     return Err(WireError::new(libc::EINVAL, "use mkdir or symlink"));
                 }
-                let a = self.new_child(cred, parent, &name, kind, mode, rdev, &[], true)?.0;
-                self.changed(peer, &[parent], &[]);
+                let a = self
+                    .new_child(cred, parent, &name, kind, mode, rdev, &[], true)?
+                    .0;
+                self.changed(peer, &[parent]);
                 Response::Entry(a)
             }
-            Request::Mkdir { cred, parent, name, mode } => {
-                let a = self.new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?.0;
-                self.changed(peer, &[parent], &[]);
+            Request::Mkdir {
+                cred,
+                parent,
+                name,
+                mode,
+            } => {
+                let a = self
+                    .new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?
+                    .0;
+                self.changed(peer, &[parent]);
                 Response::Entry(a)
             }
-            Request::Create { cred, parent, name, mode, excl, mode_open } => {
-                let (attr, _) = self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
-                self.changed(peer, &[parent], &[]);
+            Request::Create {
+                cred,
+                parent,
+                name,
+                mode,
+                excl,
+                mode_open,
+            } => {
+                let (attr, _) =
+                    self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
+                self.changed(peer, &[parent]);
                 let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
                 self.call_back(&sharers, attr.ino);
                 Response::Opened { attr, cache }
             }
-            Request::Symlink { cred, parent, name, target } => {
+            Request::Symlink {
+                cred,
+                parent,
+                name,
+                target,
+            } => {
                 if target.is_empty() || target.len() > 4095 {
-                    return Err(WireError::new(libc::ENAMETOOLONG, "symlink target must be 1 to 4095 bytes"));
+                    return Err(WireError::new(
+                        libc::ENAMETOOLONG,
+                        "symlink target must be 1 to 4095 bytes",
+                    ));
                 }
-                let a = self.new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?.0;
-                self.changed(peer, &[parent], &[]);
+                let a = self
+                    .new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?
+                    .0;
+                self.changed(peer, &[parent]);
                 Response::Entry(a)
             }
-            Request::Link { ino, new_parent, new_name, .. } => {
+            Request::Link {
+                ino,
+                new_parent,
+                new_name,
+                ..
+            } => {
                 check_name(&new_name)?;
                 let mut t = self.store.begin()?;
                 let mut rec = t.get(ino)?;
@@ -820,7 +1036,10 @@ impl FsServer {
                     return Err(WireError::new(libc::ENOTDIR, "not a directory"));
                 }
                 if t.lookup(new_parent, &new_name)?.is_some() {
-                    return Err(WireError::new(libc::EEXIST, format!("{} exists", String::from_utf8_lossy(&new_name))));
+                    return Err(WireError::new(
+                        libc::EEXIST,
+                        format!("{} exists", String::from_utf8_lossy(&new_name)),
+                    ));
                 }
                 t.link(new_parent, &mut prec, &new_name, ino)?;
                 let now = Time::now();
@@ -831,30 +1050,37 @@ impl FsServer {
                 t.put(new_parent, &prec)?;
                 t.put(ino, &rec)?;
                 t.commit()?;
-                self.changed(peer, &[ino, new_parent], &[]);
+                self.changed(peer, &[ino, new_parent]);
                 Response::Entry(self.attr(ino, &rec)?)
             }
             Request::Unlink { parent, name, .. } => {
                 let child = self.unlink(parent, &name, false)?;
-                self.changed(peer, &[parent, child], &[(parent, name)]);
+                self.changed(peer, &[parent, child]);
                 Response::Ok
             }
             Request::Rmdir { parent, name, .. } => {
                 let child = self.unlink(parent, &name, true)?;
-                self.changed(peer, &[parent, child], &[(parent, name)]);
+                self.changed(peer, &[parent, child]);
                 Response::Ok
             }
-            Request::Rename { parent, name, new_parent, new_name, flags, .. } => {
+            Request::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+                ..
+            } => {
                 let (src, dst) = self.rename(parent, &name, new_parent, &new_name, flags)?;
                 let mut inos = vec![parent, new_parent, src];
                 inos.extend(dst);
-                self.changed(peer, &inos, &[(parent, name), (new_parent, new_name)]);
+                self.changed(peer, &inos);
                 Response::Ok
             }
             Request::Open { ino, mode, .. } => {
                 let (attr, cache, sharers) = self.open_file(peer.session, ino, mode)?;
                 if mode.truncate {
-                    self.changed(peer, &[ino], &[]);
+                    self.changed(peer, &[ino]);
                 }
                 self.call_back(&sharers, ino);
                 Response::Opened { attr, cache }
@@ -863,35 +1089,63 @@ impl FsServer {
                 self.close(peer.session, ino, mode)?;
                 Response::Ok
             }
-            Request::Read { ino, offset, size, nonblock } => {
+            Request::Read {
+                ino,
+                offset,
+                size,
+                nonblock,
+            } => {
                 let rec = self.store.get(ino)?;
                 if rec.kind == Kind::Pipe {
                     let d = self
                         .pipe(ino)
-                        .read((size as usize).min(MAX_IO), nonblock, std::time::Instant::now() + PIPE_WAIT)
+                        .read(
+                            (size as usize).min(MAX_IO),
+                            nonblock,
+                            std::time::Instant::now() + PIPE_WAIT,
+                        )
                         .map_err(|e| WireError::new(e.errno(), e.to_string()))?;
-                    self.counters.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    self.counters
+                        .bytes_read
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
                     return Ok(Response::Data(d));
                 }
                 if rec.kind != Kind::File {
                     return Err(WireError::new(libc::EISDIR, "not a regular file"));
                 }
-                let data = self.objects.read(ino, offset, (size as usize).min(MAX_IO)).map_err(io_err)?;
-                self.counters.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+                let data = self
+                    .objects
+                    .read(ino, offset, (size as usize).min(MAX_IO))
+                    .map_err(io_err)?;
+                self.counters
+                    .bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 Response::Data(data)
             }
-            Request::Write { ino, offset, data, append, nonblock } => {
+            Request::Write {
+                ino,
+                offset,
+                data,
+                append,
+                nonblock,
+            } => {
                 let r = self.write(ino, offset, &data, append, nonblock)?;
                 if !matches!(&r, Response::Written { attr, .. } if attr.kind == Kind::Pipe) {
-                    self.changed(peer, &[ino], &[]);
+                    self.changed(peer, &[ino]);
                 }
                 r
             }
             Request::PipeAwait { ino, writer } => {
                 let p = self.pipe(ino);
                 let deadline = std::time::Instant::now() + PIPE_WAIT;
-                let r = if writer { p.await_reader(deadline) } else { p.await_writer(deadline) };
-                r.map_err(|e| WireError::new(e.errno(), "still waiting for the other end of the pipe"))?;
+                let r = if writer {
+                    p.await_reader(deadline)
+                } else {
+                    p.await_writer(deadline)
+                };
+                r.map_err(|e| {
+                    WireError::new(e.errno(), "still waiting for the other end of the pipe")
+                })?;
                 Response::Ok
             }
             Request::Fsync { ino } => {
@@ -901,15 +1155,27 @@ impl FsServer {
                 self.store.sync()?;
                 Response::Ok
             }
-            Request::ReadDir { ino, offset, max } => Response::Entries(self.readdir(ino, offset, max)?),
+            Request::ReadDir { ino, offset, max } => {
+                Response::Entries(self.readdir(ino, offset, max)?)
+            }
             Request::StatFs => self.statfs()?,
-            Request::SetXattr { ino, name, value, flags, .. } => {
+            Request::SetXattr {
+                ino,
+                name,
+                value,
+                flags,
+                ..
+            } => {
                 self.setxattr(ino, &name, &value, flags)?;
                 Response::Ok
             }
             Request::GetXattr { ino, name } => {
                 self.store.get(ino)?;
-                Response::Xattr(self.store.get_xattr(ino, &name)?.ok_or_else(|| WireError::new(libc::ENODATA, "no such xattr"))?)
+                Response::Xattr(
+                    self.store
+                        .get_xattr(ino, &name)?
+                        .ok_or_else(|| WireError::new(libc::ENODATA, "no such xattr"))?,
+                )
             }
             Request::ListXattr { ino } => {
                 self.store.get(ino)?;
@@ -931,12 +1197,19 @@ impl FsServer {
                 t.commit()?;
                 Response::Ok
             }
-            Request::Fallocate { ino, offset, length, mode } => {
+            Request::Fallocate {
+                ino,
+                offset,
+                length,
+                mode,
+            } => {
                 if self.store.get(ino)?.kind != Kind::File {
                     return Err(WireError::new(libc::ENODEV, "not a regular file"));
                 }
-                self.objects.fallocate(ino, mode, offset, length).map_err(io_err)?;
-                self.changed(peer, &[ino], &[]);
+                self.objects
+                    .fallocate(ino, mode, offset, length)
+                    .map_err(io_err)?;
+                self.changed(peer, &[ino]);
                 Response::Ok
             }
             Request::Stats => Response::Stats(self.stats()),
@@ -944,11 +1217,24 @@ impl FsServer {
                 let h = self.naming.read().unwrap().clone();
                 match h {
                     Some(h) => Response::Naming(h(payload)?),
-                    None => return Err(WireError::new(libc::EOPNOTSUPP, "this server hosts no registry replica")),
+                    None => {
+                        return Err(WireError::new(
+                            libc::EOPNOTSUPP,
+                            "this server hosts no registry replica",
+                        ))
+                    }
                 }
             }
-            Request::Exec(_) | Request::JobWait { .. } | Request::JobSignal { .. } | Request::JobList | Request::MigrateOut { .. } | Request::MigrateIn { .. } => {
-                return Err(WireError::new(libc::EOPNOTSUPP, "this is a file server, not a workstation agent (port 7071)"))
+            Request::Exec(_)
+            | Request::JobWait { .. }
+            | Request::JobSignal { .. }
+            | Request::JobList
+            | Request::MigrateOut { .. }
+            | Request::MigrateIn { .. } => {
+                return Err(WireError::new(
+                    libc::EOPNOTSUPP,
+                    "this is a file server, not a workstation agent (port 7071)",
+                ))
             }
         })
     }
@@ -960,14 +1246,18 @@ impl FsServer {
     /// Names are not called back: clients do not cache name lookups at all (entry TTL 0, as
     /// Sprite clients did not cache directories), because a kernel's entry invalidation
     /// takes the directory lock and two hosts changing one directory would wait on each
-    /// other. `_entries` documents which names changed.
-    fn changed(&self, origin: &Arc<PeerHandle>, inos: &[Ino], _entries: &[(Ino, Vec<u8>)]) {
+    /// other.
+    fn changed(&self, origin: &Arc<PeerHandle>, inos: &[Ino]) {
         let mut calls: Vec<(u64, Callback)> = Vec::new();
         {
             let mut interest = self.interest.lock().unwrap();
             for ino in inos {
                 if let Some(set) = interest.cachers.get_mut(ino) {
-                    let others: Vec<u64> = set.iter().copied().filter(|s| *s != origin.session).collect();
+                    let others: Vec<u64> = set
+                        .iter()
+                        .copied()
+                        .filter(|s| *s != origin.session)
+                        .collect();
                     for s in others {
                         set.remove(&s);
                         calls.push((s, Callback::InvalidateInode { ino: *ino }));
@@ -975,6 +1265,22 @@ impl FsServer {
                 }
             }
         }
+        self.send_callbacks(calls);
+    }
+
+    /// Tell `sessions` to drop their cached copy of `ino` (write-sharing began).
+    fn call_back(&self, sessions: &[u64], ino: Ino) {
+        self.send_callbacks(
+            sessions
+                .iter()
+                .map(|s| (*s, Callback::InvalidateInode { ino }))
+                .collect(),
+        );
+    }
+
+    /// Send each (session, callback) and wait until every client has answered (each wait
+    /// bounded by the rpc layer). Called with no lock held.
+    fn send_callbacks(&self, calls: Vec<(u64, Callback)>) {
         if calls.is_empty() {
             return;
         }
@@ -988,26 +1294,9 @@ impl FsServer {
                 }
             })
             .collect();
-        self.counters.callbacks.fetch_add(futs.len() as u64, Ordering::Relaxed);
-        tokio::runtime::Handle::current().block_on(futures::future::join_all(futs));
-    }
-
-    /// Tell `sessions` to drop their cached copy of `ino` (write-sharing began).
-    fn call_back(&self, sessions: &[u64], ino: Ino) {
-        if sessions.is_empty() {
-            return;
-        }
-        let peers = self.peers.lock().unwrap().clone();
-        let futs: Vec<_> = sessions
-            .iter()
-            .filter_map(|s| peers.get(s).cloned())
-            .map(|p| async move {
-                if let Err(e) = p.callback(Callback::InvalidateInode { ino }).await {
-                    warn!(peer = %p.name, ino, "write-sharing callback failed: {e}");
-                }
-            })
-            .collect();
-        self.counters.callbacks.fetch_add(futs.len() as u64, Ordering::Relaxed);
+        self.counters
+            .callbacks
+            .fetch_add(futs.len() as u64, Ordering::Relaxed);
         tokio::runtime::Handle::current().block_on(futures::future::join_all(futs));
     }
 
@@ -1034,7 +1323,11 @@ impl Service for FsServer {
         if !matches!(req, Request::Naming(_)) {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
         }
-        self.peers.lock().unwrap().entry(peer.session).or_insert_with(|| peer.clone());
+        self.peers
+            .lock()
+            .unwrap()
+            .entry(peer.session)
+            .or_insert_with(|| peer.clone());
         let read = match &req {
             Request::Read { ino, .. } => Some(*ino),
             _ => None,
@@ -1046,7 +1339,10 @@ impl Service for FsServer {
             interest.cachers.entry(i).or_default().insert(s);
         }
         match &resp {
-            Response::Attr(a) | Response::Entry(a) | Response::Written { attr: a, .. } | Response::Opened { attr: a, .. } => {
+            Response::Attr(a)
+            | Response::Entry(a)
+            | Response::Written { attr: a, .. }
+            | Response::Opened { attr: a, .. } => {
                 interest.cachers.entry(a.ino).or_default().insert(s);
             }
             Response::Entries(es) => {

@@ -34,11 +34,16 @@ pub struct Objects {
 impl Objects {
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Objects { dir: dir.to_path_buf(), handles: Mutex::new(HashMap::new()) })
+        Ok(Objects {
+            dir: dir.to_path_buf(),
+            handles: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn path(&self, ino: Ino) -> PathBuf {
-        self.dir.join(format!("{:02x}", ino & 0xff)).join(format!("{ino:x}"))
+        self.dir
+            .join(format!("{:02x}", ino & 0xff))
+            .join(format!("{ino:x}"))
     }
 
     /// The object of `ino`, created empty if it does not exist yet.
@@ -47,11 +52,24 @@ impl Objects {
             return Ok(f.clone());
         }
         let p = self.path(ino);
-        let f = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&p) {
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&p)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(p.parent().expect("object paths have a parent"))?;
-                OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&p)?
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&p)?
             }
             Err(e) => return Err(e),
         };
@@ -69,9 +87,18 @@ impl Objects {
         Ok(ObjStat {
             size: m.size(),
             blocks: m.blocks(),
-            atime: Time { secs: m.atime(), nsecs: m.atime_nsec() as u32 },
-            mtime: Time { secs: m.mtime(), nsecs: m.mtime_nsec() as u32 },
-            ctime: Time { secs: m.ctime(), nsecs: m.ctime_nsec() as u32 },
+            atime: Time {
+                secs: m.atime(),
+                nsecs: m.atime_nsec() as u32,
+            },
+            mtime: Time {
+                secs: m.mtime(),
+                nsecs: m.mtime_nsec() as u32,
+            },
+            ctime: Time {
+                secs: m.ctime(),
+                nsecs: m.ctime_nsec() as u32,
+            },
         })
     }
 
@@ -111,12 +138,26 @@ impl Objects {
         self.handle(ino)?.sync_all()
     }
 
-    pub fn set_times(&self, ino: Ino, atime: Option<Option<Time>>, mtime: Option<Option<Time>>) -> io::Result<()> {
+    pub fn set_times(
+        &self,
+        ino: Ino,
+        atime: Option<Option<Time>>,
+        mtime: Option<Option<Time>>,
+    ) -> io::Result<()> {
         fn ts(t: Option<Option<Time>>) -> libc::timespec {
             match t {
-                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                Some(None) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-                Some(Some(t)) => libc::timespec { tv_sec: t.secs, tv_nsec: t.nsecs as i64 },
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(None) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(Some(t)) => libc::timespec {
+                    tv_sec: t.secs,
+                    tv_nsec: t.nsecs as i64,
+                },
             }
         }
         let f = self.handle(ino)?;
@@ -158,7 +199,11 @@ impl Objects {
             }
             for f in std::fs::read_dir(sub.path())? {
                 let f = f?;
-                if let Some(ino) = f.file_name().to_str().and_then(|s| u64::from_str_radix(s, 16).ok()) {
+                if let Some(ino) = f
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| u64::from_str_radix(s, 16).ok())
+                {
                     out.push(ino);
                 }
             }

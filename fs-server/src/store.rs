@@ -46,7 +46,14 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::Error, redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub fn errno(e: i32, msg: impl Into<String>) -> StoreError {
     StoreError::Errno(e, msg.into())
@@ -117,7 +124,10 @@ impl Store {
     /// Open (or create) the database at `path`, creating the root directory if new.
     pub fn open(path: &std::path::Path) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
-        let store = Store { db, dirty: std::sync::atomic::AtomicBool::new(false) };
+        let store = Store {
+            db,
+            dirty: std::sync::atomic::AtomicBool::new(false),
+        };
         let mut t = store.begin()?;
         {
             let mut inodes = t.tx.open_table(INODES)?;
@@ -139,7 +149,10 @@ impl Store {
     pub fn begin(&self) -> Result<Txn<'_>, StoreError> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::None);
-        Ok(Txn { tx, dirty: &self.dirty })
+        Ok(Txn {
+            tx,
+            dirty: &self.dirty,
+        })
     }
 
     /// Make every committed change durable on disk.
@@ -162,7 +175,9 @@ impl Store {
     pub fn get(&self, ino: Ino) -> Result<InodeRec, StoreError> {
         let r = self.db.begin_read()?;
         let t = r.open_table(INODES)?;
-        let v = t.get(ino)?.ok_or_else(|| errno(libc::ENOENT, format!("no inode {ino}")))?;
+        let v = t
+            .get(ino)?
+            .ok_or_else(|| errno(libc::ENOENT, format!("no inode {ino}")))?;
         decode(ino, v.value())
     }
 
@@ -173,7 +188,12 @@ impl Store {
     }
 
     /// Entries of `dir` with cookie > `after`, at most `max`.
-    pub fn list(&self, dir: Ino, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>, Ino)>, StoreError> {
+    pub fn list(
+        &self,
+        dir: Ino,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>, Ino)>, StoreError> {
         let r = self.db.begin_read()?;
         let t = r.open_table(COOKIES)?;
         let mut out = Vec::new();
@@ -228,7 +248,10 @@ impl Store {
 }
 
 fn decode(ino: Ino, bytes: &[u8]) -> Result<InodeRec, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { ino, msg: e.to_string() })
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        ino,
+        msg: e.to_string(),
+    })
 }
 
 impl Txn<'_> {
@@ -240,13 +263,20 @@ impl Txn<'_> {
 
     pub fn get(&self, ino: Ino) -> Result<InodeRec, StoreError> {
         let t = self.tx.open_table(INODES)?;
-        let v = t.get(ino)?.ok_or_else(|| errno(libc::ENOENT, format!("no inode {ino}")))?;
+        let v = t
+            .get(ino)?
+            .ok_or_else(|| errno(libc::ENOENT, format!("no inode {ino}")))?;
         decode(ino, v.value())
     }
 
     pub fn put(&mut self, ino: Ino, rec: &InodeRec) -> Result<(), StoreError> {
         let mut t = self.tx.open_table(INODES)?;
-        t.insert(ino, postcard::to_allocvec(rec).expect("records encode").as_slice())?;
+        t.insert(
+            ino,
+            postcard::to_allocvec(rec)
+                .expect("records encode")
+                .as_slice(),
+        )?;
         Ok(())
     }
 
@@ -274,7 +304,10 @@ impl Txn<'_> {
 
     pub fn alloc_ino(&mut self) -> Result<Ino, StoreError> {
         let mut m = self.tx.open_table(META)?;
-        let next = m.get("next_ino")?.map(|v| v.value()).unwrap_or(ROOT_INO + 1);
+        let next = m
+            .get("next_ino")?
+            .map(|v| v.value())
+            .unwrap_or(ROOT_INO + 1);
         m.insert("next_ino", next + 1)?;
         Ok(next)
     }
@@ -286,17 +319,32 @@ impl Txn<'_> {
     }
 
     /// Add `name -> child` in `dir` (whose record is updated and returned by the caller).
-    pub fn link(&mut self, dir: Ino, dir_rec: &mut InodeRec, name: &[u8], child: Ino) -> Result<(), StoreError> {
+    pub fn link(
+        &mut self,
+        dir: Ino,
+        dir_rec: &mut InodeRec,
+        name: &[u8],
+        child: Ino,
+    ) -> Result<(), StoreError> {
         let cookie = dir_rec.next_cookie;
         dir_rec.next_cookie += 1;
         dir_rec.entries += 1;
-        self.tx.open_table(NAMES)?.insert((dir, name), (child, cookie))?;
-        self.tx.open_table(COOKIES)?.insert((dir, cookie), (name, child))?;
+        self.tx
+            .open_table(NAMES)?
+            .insert((dir, name), (child, cookie))?;
+        self.tx
+            .open_table(COOKIES)?
+            .insert((dir, cookie), (name, child))?;
         Ok(())
     }
 
     /// Remove `name` from `dir`; returns the child it named.
-    pub fn unlink(&mut self, dir: Ino, dir_rec: &mut InodeRec, name: &[u8]) -> Result<Ino, StoreError> {
+    pub fn unlink(
+        &mut self,
+        dir: Ino,
+        dir_rec: &mut InodeRec,
+        name: &[u8],
+    ) -> Result<Ino, StoreError> {
         let (child, cookie) = self
             .tx
             .open_table(NAMES)?

@@ -21,7 +21,10 @@ use wisp_proto::key::ClusterKey;
 
 use crate::network::ClientPool;
 use crate::prefix::DomainSource;
-use crate::registry::{Origin, Command, Host, IdlePolicy, Job, JobId, Lease, LeaseId, Load, Millis, MovePhase, Registry, Reply, Role};
+use crate::registry::{
+    Command, Host, IdlePolicy, Job, JobId, Lease, LeaseId, Load, Millis, MovePhase, Origin,
+    Registry, Reply, Role,
+};
 use crate::wire::{NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus};
 
 /// A client of the replicated registry.
@@ -40,14 +43,20 @@ pub struct RegistryClient {
 
 impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RegistryClient({:?})", self.servers.lock().unwrap_or_else(|e| e.into_inner()))
+        write!(
+            f,
+            "RegistryClient({:?})",
+            self.servers.lock().unwrap_or_else(|e| e.into_inner())
+        )
     }
 }
 
 fn response_error(r: &NamingResponse) -> Option<&NamingError> {
     match r {
         NamingResponse::Error(e) => Some(e),
-        NamingResponse::Write(Err(e)) | NamingResponse::Read(Err(e)) | NamingResponse::Membership(Err(e)) => Some(e),
+        NamingResponse::Write(Err(e))
+        | NamingResponse::Read(Err(e))
+        | NamingResponse::Membership(Err(e)) => Some(e),
         _ => None,
     }
 }
@@ -57,7 +66,12 @@ fn response_error(r: &NamingResponse) -> Option<&NamingError> {
 fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -69,7 +83,12 @@ fn unexpected(what: &str) -> NamingError {
 impl RegistryClient {
     /// A client of the registry replicas at `servers` ("ip:port" of their wisp-proto
     /// listeners), authenticating with `key` under the name `name` (the host name).
-    pub fn new(rt: tokio::runtime::Handle, servers: Vec<String>, key: ClusterKey, name: String) -> Self {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        servers: Vec<String>,
+        key: ClusterKey,
+        name: String,
+    ) -> Self {
         // Past a replica's own write timeout (5 s) plus one forwarding hop.
         let call_timeout = Duration::from_secs(8);
         RegistryClient {
@@ -97,12 +116,20 @@ impl RegistryClient {
 
     /// The replicas this client knows (including leaders it learned of).
     pub fn servers(&self) -> Vec<String> {
-        self.servers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn order(&self) -> Vec<String> {
         let mut v = Vec::new();
-        if let Some(p) = self.preferred.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(p) = self
+            .preferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             v.push(p);
         }
         for s in self.servers() {
@@ -110,8 +137,13 @@ impl RegistryClient {
                 v.push(s);
             }
         }
-        let suspect = self.suspect.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (bad, mut good): (Vec<String>, Vec<String>) = v.into_iter().partition(|a| suspect.contains(a));
+        let suspect = self
+            .suspect
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (bad, mut good): (Vec<String>, Vec<String>) =
+            v.into_iter().partition(|a| suspect.contains(a));
         good.extend(bad);
         good
     }
@@ -157,7 +189,10 @@ impl RegistryClient {
                             return Ok(r);
                         }
                         Some(e) if !e.is_retryable() => return Err(e.clone()),
-                        Some(NamingError::NotLeader { leader: Some((_, l)), .. }) if *l != addr => {
+                        Some(NamingError::NotLeader {
+                            leader: Some((_, l)),
+                            ..
+                        }) if *l != addr => {
                             self.mark(l, true);
                             note(&addr, format!("not the leader, sent on to {l}"));
                             self.prefer(l);
@@ -175,7 +210,12 @@ impl RegistryClient {
                 if errors.is_empty() {
                     errors.push(("(none)".into(), "no registry replica configured".into()));
                 }
-                return Err(NamingError::Unavailable { errors: errors.into_iter().map(|(a, e)| format!("{a}: {e}")).collect() });
+                return Err(NamingError::Unavailable {
+                    errors: errors
+                        .into_iter()
+                        .map(|(a, e)| format!("{a}: {e}"))
+                        .collect(),
+                });
             }
             if !hinted {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -185,9 +225,21 @@ impl RegistryClient {
 
     /// Commit one registry command (exactly once, however often it has to be sent).
     pub async fn write(&self, cmd: Command) -> Result<Reply, NamingError> {
-        let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let origin = Origin { client: self.client_id, seq };
-        match self.request(NamingRequest::Write { cmd, origin: Some(origin), forwarded: false }).await? {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let origin = Origin {
+            client: self.client_id,
+            seq,
+        };
+        match self
+            .request(NamingRequest::Write {
+                cmd,
+                origin: Some(origin),
+                forwarded: false,
+            })
+            .await?
+        {
             NamingResponse::Write(r) => r,
             _ => Err(unexpected("a write")),
         }
@@ -197,40 +249,90 @@ impl RegistryClient {
         self.write(cmd).await.map(|_| ())
     }
 
-    pub async fn register_host(&self, name: &str, addr: &str, role: Role) -> Result<(), NamingError> {
-        self.write_done(Command::RegisterHost { name: name.into(), addr: addr.into(), role }).await
+    pub async fn register_host(
+        &self,
+        name: &str,
+        addr: &str,
+        role: Role,
+    ) -> Result<(), NamingError> {
+        self.write_done(Command::RegisterHost {
+            name: name.into(),
+            addr: addr.into(),
+            role,
+        })
+        .await
     }
 
     pub async fn unregister_host(&self, name: &str) -> Result<(), NamingError> {
-        self.write_done(Command::UnregisterHost { name: name.into() }).await
+        self.write_done(Command::UnregisterHost { name: name.into() })
+            .await
     }
 
-    pub async fn heartbeat(&self, host: &str, load: Load, owner_idle_secs: u64) -> Result<(), NamingError> {
-        self.write_done(Command::Heartbeat { host: host.into(), load, owner_idle_secs }).await
+    pub async fn heartbeat(
+        &self,
+        host: &str,
+        load: Load,
+        owner_idle_secs: u64,
+    ) -> Result<(), NamingError> {
+        self.write_done(Command::Heartbeat {
+            host: host.into(),
+            load,
+            owner_idle_secs,
+        })
+        .await
     }
 
     pub async fn set_owner_activity(&self, host: &str, idle_secs: u64) -> Result<(), NamingError> {
-        self.write_done(Command::SetOwnerActivity { host: host.into(), idle_secs }).await
+        self.write_done(Command::SetOwnerActivity {
+            host: host.into(),
+            idle_secs,
+        })
+        .await
     }
 
     pub async fn add_domain(&self, prefix: &str, server: &str) -> Result<(), NamingError> {
-        self.write_done(Command::AddDomain { prefix: prefix.into(), server: server.into() }).await
+        self.write_done(Command::AddDomain {
+            prefix: prefix.into(),
+            server: server.into(),
+        })
+        .await
     }
 
     pub async fn remove_domain(&self, prefix: &str) -> Result<(), NamingError> {
-        self.write_done(Command::RemoveDomain { prefix: prefix.into() }).await
+        self.write_done(Command::RemoveDomain {
+            prefix: prefix.into(),
+        })
+        .await
     }
 
     /// Lease up to `n` distinct idle hosts to `user` (never `requester` unless
     /// `include_requester`); possibly fewer, possibly none.
-    pub async fn allocate_hosts(&self, user: u32, n: u32, requester: &str, include_requester: bool) -> Result<Vec<Lease>, NamingError> {
-        match self.write(Command::AllocateHosts { user, n, requester: requester.into(), include_requester }).await? {
+    pub async fn allocate_hosts(
+        &self,
+        user: u32,
+        n: u32,
+        requester: &str,
+        include_requester: bool,
+    ) -> Result<Vec<Lease>, NamingError> {
+        match self
+            .write(Command::AllocateHosts {
+                user,
+                n,
+                requester: requester.into(),
+                include_requester,
+            })
+            .await?
+        {
             Reply::Leases(l) => Ok(l),
             _ => Err(unexpected("an allocation")),
         }
     }
 
-    pub async fn renew_leases(&self, user: u32, leases: Vec<LeaseId>) -> Result<Vec<(LeaseId, Millis)>, NamingError> {
+    pub async fn renew_leases(
+        &self,
+        user: u32,
+        leases: Vec<LeaseId>,
+    ) -> Result<Vec<(LeaseId, Millis)>, NamingError> {
         match self.write(Command::RenewLeases { user, leases }).await? {
             Reply::Renewed(v) => Ok(v),
             _ => Err(unexpected("a lease renewal")),
@@ -244,15 +346,37 @@ impl RegistryClient {
         }
     }
 
-    pub async fn job_start(&self, owner_uid: u32, home: &str, host: &str) -> Result<JobId, NamingError> {
-        match self.write(Command::JobStart { owner_uid, home: home.into(), host: host.into() }).await? {
+    pub async fn job_start(
+        &self,
+        owner_uid: u32,
+        home: &str,
+        host: &str,
+    ) -> Result<JobId, NamingError> {
+        match self
+            .write(Command::JobStart {
+                owner_uid,
+                home: home.into(),
+                host: host.into(),
+            })
+            .await?
+        {
             Reply::Job(j) => Ok(j),
             _ => Err(unexpected("a job start")),
         }
     }
 
-    pub async fn job_move(&self, job: JobId, to: &str, phase: MovePhase) -> Result<(), NamingError> {
-        self.write_done(Command::JobMove { job, to: to.into(), phase }).await
+    pub async fn job_move(
+        &self,
+        job: JobId,
+        to: &str,
+        phase: MovePhase,
+    ) -> Result<(), NamingError> {
+        self.write_done(Command::JobMove {
+            job,
+            to: to.into(),
+            phase,
+        })
+        .await
     }
 
     pub async fn job_end(&self, job: JobId, exit_status: i32) -> Result<(), NamingError> {
@@ -265,7 +389,13 @@ impl RegistryClient {
 
     /// The whole registry: `linearizable` for decisions, otherwise any replica's copy (hint).
     pub async fn read(&self, linearizable: bool) -> Result<Registry, NamingError> {
-        match self.request(NamingRequest::Read { linearizable, forwarded: false }).await? {
+        match self
+            .request(NamingRequest::Read {
+                linearizable,
+                forwarded: false,
+            })
+            .await?
+        {
             NamingResponse::Read(Ok(r)) => Ok(*r),
             _ => Err(unexpected("a read")),
         }
@@ -287,7 +417,14 @@ impl RegistryClient {
 
     /// `wisp registry add ID ADDR`.
     pub async fn add_replica(&self, id: NodeId, addr: &str) -> Result<NodeStatus, NamingError> {
-        match self.request(NamingRequest::AddMember { id, addr: addr.into(), forwarded: false }).await? {
+        match self
+            .request(NamingRequest::AddMember {
+                id,
+                addr: addr.into(),
+                forwarded: false,
+            })
+            .await?
+        {
             NamingResponse::Membership(r) => r,
             _ => Err(unexpected("a membership change")),
         }
@@ -295,7 +432,13 @@ impl RegistryClient {
 
     /// `wisp registry remove ID`.
     pub async fn remove_replica(&self, id: NodeId) -> Result<NodeStatus, NamingError> {
-        match self.request(NamingRequest::RemoveMember { id, forwarded: false }).await? {
+        match self
+            .request(NamingRequest::RemoveMember {
+                id,
+                forwarded: false,
+            })
+            .await?
+        {
             NamingResponse::Membership(r) => r,
             _ => Err(unexpected("a membership change")),
         }
@@ -303,7 +446,11 @@ impl RegistryClient {
 
     /// What the replica at `addr` says about itself (`wisp registry status`).
     pub async fn status_of(&self, addr: &str) -> Result<NodeStatus, NamingError> {
-        match self.pool.call(addr, &NamingRequest::Status, self.call_timeout).await? {
+        match self
+            .pool
+            .call(addr, &NamingRequest::Status, self.call_timeout)
+            .await?
+        {
             NamingResponse::Status(s) => Ok(s),
             NamingResponse::Error(e) => Err(e),
             _ => Err(unexpected("a status request")),

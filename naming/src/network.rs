@@ -15,11 +15,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use wisp_proto::key::ClusterKey;
@@ -48,10 +50,15 @@ impl From<NetError> for NamingError {
             NetError::Decode { source, .. } => source,
             other => {
                 let addr = match &other {
-                    NetError::Unreachable { addr, .. } | NetError::BadReply { addr } => addr.clone(),
+                    NetError::Unreachable { addr, .. } | NetError::BadReply { addr } => {
+                        addr.clone()
+                    }
                     NetError::Decode { addr, .. } => addr.clone(),
                 };
-                NamingError::Rpc { addr, msg: other.to_string() }
+                NamingError::Rpc {
+                    addr,
+                    msg: other.to_string(),
+                }
             }
         }
     }
@@ -67,8 +74,19 @@ pub struct ClientPool {
 }
 
 impl ClientPool {
-    pub fn new(rt: tokio::runtime::Handle, key: ClusterKey, name: String, call_timeout: Duration) -> Arc<Self> {
-        Arc::new(ClientPool { rt, key, name, call_timeout, clients: Mutex::new(HashMap::new()) })
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        key: ClusterKey,
+        name: String,
+        call_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(ClientPool {
+            rt,
+            key,
+            name,
+            call_timeout,
+            clients: Mutex::new(HashMap::new()),
+        })
     }
 
     fn client(&self, addr: &str) -> RpcClient {
@@ -88,21 +106,40 @@ impl ClientPool {
     }
 
     fn forget(&self, addr: &str) {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(addr);
     }
 
     /// One naming call to `addr`, bounded by `timeout` (and the pool's call timeout).
-    pub async fn call(&self, addr: &str, req: &NamingRequest, timeout: Duration) -> Result<NamingResponse, NetError> {
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &NamingRequest,
+        timeout: Duration,
+    ) -> Result<NamingResponse, NetError> {
         let c = self.client(addr);
         let payload = encode(req);
-        let unreachable = |msg: String| NetError::Unreachable { addr: addr.to_string(), msg };
+        let unreachable = |msg: String| NetError::Unreachable {
+            addr: addr.to_string(),
+            msg,
+        };
         let r = match tokio::time::timeout(timeout, c.call(Request::Naming(payload))).await {
-            Err(_) => return Err(unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                )))
+            }
             Ok(r) => r,
         };
         match r {
             Ok(Response::Naming(bytes)) => {
-                match decode::<NamingResponse>(&bytes).map_err(|source| NetError::Decode { addr: addr.to_string(), source })? {
+                match decode::<NamingResponse>(&bytes).map_err(|source| NetError::Decode {
+                    addr: addr.to_string(),
+                    source,
+                })? {
                     NamingResponse::Error(e @ NamingError::Stopped { .. }) => {
                         self.forget(addr);
                         Err(unreachable(e.to_string()))
@@ -110,7 +147,9 @@ impl ClientPool {
                     r => Ok(r),
                 }
             }
-            Ok(_) => Err(NetError::BadReply { addr: addr.to_string() }),
+            Ok(_) => Err(NetError::BadReply {
+                addr: addr.to_string(),
+            }),
             Err(RpcError::Remote(w)) if w.errno == ESHUTDOWN => {
                 self.forget(addr);
                 Err(unreachable(w.msg))
@@ -123,11 +162,15 @@ impl ClientPool {
 /// What happens to one outgoing Raft message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
-    Deliver { delay_ms: u64 },
+    Deliver {
+        delay_ms: u64,
+    },
     /// Lost on the way: the peer never sees it.
     DropRequest,
     /// Delivered and handled, but the answer is lost.
-    DropReply { delay_ms: u64 },
+    DropReply {
+        delay_ms: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -149,7 +192,13 @@ impl Faults {
     /// No faults yet; `seed` drives every random choice.
     pub fn new(seed: u64) -> Arc<Self> {
         Arc::new(Faults {
-            st: Mutex::new(FaultState { drop_per_mille: 0, max_delay_ms: 0, blocked: BTreeSet::new(), rng: seed | 1, dropped: 0 }),
+            st: Mutex::new(FaultState {
+                drop_per_mille: 0,
+                max_delay_ms: 0,
+                blocked: BTreeSet::new(),
+                rng: seed | 1,
+                dropped: 0,
+            }),
         })
     }
 
@@ -196,7 +245,11 @@ impl Faults {
             st.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
         let (roll, delay_roll) = (next(), next());
-        let delay_ms = if st.max_delay_ms == 0 { 0 } else { delay_roll % (st.max_delay_ms + 1) };
+        let delay_ms = if st.max_delay_ms == 0 {
+            0
+        } else {
+            delay_roll % (st.max_delay_ms + 1)
+        };
         if st.blocked.contains(&target) {
             st.dropped += 1;
             return Fate::DropRequest;
@@ -225,7 +278,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
-        PeerNetwork { pool: self.pool.clone(), target, addr: node.addr.clone(), faults: self.faults.clone() }
+        PeerNetwork {
+            pool: self.pool.clone(),
+            target,
+            addr: node.addr.clone(),
+            faults: self.faults.clone(),
+        }
     }
 }
 
@@ -243,9 +301,16 @@ impl PeerNetwork {
         req: NamingRequest,
         option: &RPCOption,
     ) -> Result<NamingResponse, RPCError<NodeId, BasicNode, E>> {
-        let fate = self.faults.as_ref().map(|f| f.decide(self.target)).unwrap_or(Fate::Deliver { delay_ms: 0 });
+        let fate = self
+            .faults
+            .as_ref()
+            .map(|f| f.decide(self.target))
+            .unwrap_or(Fate::Deliver { delay_ms: 0 });
         let lost = || {
-            let e = NetError::Unreachable { addr: self.addr.clone(), msg: "message lost (fault injection)".into() };
+            let e = NetError::Unreachable {
+                addr: self.addr.clone(),
+                msg: "message lost (fault injection)".into(),
+            };
             RPCError::Unreachable(Unreachable::new(&e))
         };
         match fate {
@@ -264,15 +329,25 @@ impl PeerNetwork {
         }
         match res {
             Ok(r) => Ok(r),
-            Err(e @ NetError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e @ NetError::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 
-    fn unexpected<E: std::error::Error>(&self, r: NamingResponse) -> RPCError<NodeId, BasicNode, E> {
+    fn unexpected<E: std::error::Error>(
+        &self,
+        r: NamingResponse,
+    ) -> RPCError<NodeId, BasicNode, E> {
         let e = match r {
-            NamingResponse::Error(e) => NetError::Decode { addr: self.addr.clone(), source: e },
-            _ => NetError::BadReply { addr: self.addr.clone() },
+            NamingResponse::Error(e) => NetError::Decode {
+                addr: self.addr.clone(),
+                source: e,
+            },
+            _ => NetError::BadReply {
+                addr: self.addr.clone(),
+            },
         };
         RPCError::Network(NetworkError::new(&e))
     }
@@ -285,7 +360,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.rpc(NamingRequest::AppendEntries(rpc), &option).await? {
-            NamingResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            NamingResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }
@@ -294,9 +371,17 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
-        match self.rpc(NamingRequest::InstallSnapshot(rpc), &option).await? {
-            NamingResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self
+            .rpc(NamingRequest::InstallSnapshot(rpc), &option)
+            .await?
+        {
+            NamingResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }
@@ -307,7 +392,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         match self.rpc(NamingRequest::Vote(rpc), &option).await? {
-            NamingResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            NamingResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(self.unexpected(other)),
         }
     }

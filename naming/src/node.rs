@@ -24,7 +24,9 @@ use wisp_proto::key::ClusterKey;
 use crate::network::{ClientPool, Faults, NetworkFactory};
 use crate::registry::{Command, Origin, Registry, Reply, Stamped};
 use crate::store::{open_db, LogStore, SmState, StateMachineStore, StoreError, MAX_SNAPSHOT};
-use crate::wire::{decode, encode, NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus, TypeConfig};
+use crate::wire::{
+    decode, encode, NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus, TypeConfig,
+};
 
 /// Timing and sizing of a replica.
 #[derive(Debug, Clone)]
@@ -63,7 +65,10 @@ impl Default for NamingConfig {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// One registry replica.
@@ -87,7 +92,10 @@ impl std::fmt::Debug for NamingNode {
 }
 
 fn store_err(dir: &Path, e: StoreError) -> NamingError {
-    NamingError::Storage { path: dir.display().to_string(), msg: e.to_string() }
+    NamingError::Storage {
+        path: dir.display().to_string(),
+        msg: e.to_string(),
+    }
 }
 
 impl NamingNode {
@@ -96,7 +104,13 @@ impl NamingNode {
     /// is part of a membership: call [`NamingNode::initialize`] on one node of a new
     /// registry, or add it from the leader ([`NamingNode::add_member`]).
     /// Must be called inside a tokio multi-thread runtime.
-    pub async fn start(id: NodeId, addr: String, dir: &Path, key: ClusterKey, cfg: NamingConfig) -> Result<Arc<Self>, NamingError> {
+    pub async fn start(
+        id: NodeId,
+        addr: String,
+        dir: &Path,
+        key: ClusterKey,
+        cfg: NamingConfig,
+    ) -> Result<Arc<Self>, NamingError> {
         // A previous incarnation in this process may still be letting go of the file.
         let mut tries = 0;
         let db = loop {
@@ -109,10 +123,16 @@ impl NamingNode {
                 Err(e) => return Err(store_err(dir, e)),
             }
         };
-        let sm = StateMachineStore::open(db.clone(), dir.to_path_buf()).map_err(|e| store_err(dir, e))?;
+        let sm = StateMachineStore::open(db.clone(), dir.to_path_buf())
+            .map_err(|e| store_err(dir, e))?;
         let state = sm.state.clone();
         let log = LogStore::new(db);
-        let pool = ClientPool::new(tokio::runtime::Handle::current(), key, format!("registry-{id}"), cfg.peer_timeout);
+        let pool = ClientPool::new(
+            tokio::runtime::Handle::current(),
+            key,
+            format!("registry-{id}"),
+            cfg.peer_timeout,
+        );
         let config = openraft::Config {
             cluster_name: "wisp-registry".into(),
             heartbeat_interval: cfg.heartbeat_ms,
@@ -125,10 +145,25 @@ impl NamingNode {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| NamingError::Raft { node: id, msg: format!("bad raft configuration: {e}") })?;
-        let raft = Raft::new(id, Arc::new(config), NetworkFactory { pool: pool.clone(), faults: cfg.faults.clone() }, log, sm)
-            .await
-            .map_err(|e| NamingError::Raft { node: id, msg: e.to_string() })?;
+        .map_err(|e| NamingError::Raft {
+            node: id,
+            msg: format!("bad raft configuration: {e}"),
+        })?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            NetworkFactory {
+                pool: pool.clone(),
+                faults: cfg.faults.clone(),
+            },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| NamingError::Raft {
+            node: id,
+            msg: e.to_string(),
+        })?;
         let node = Arc::new(NamingNode {
             id,
             addr,
@@ -188,14 +223,20 @@ impl NamingNode {
     }
 
     fn raft_err(&self, e: impl std::fmt::Display) -> NamingError {
-        NamingError::Raft { node: self.id, msg: e.to_string() }
+        NamingError::Raft {
+            node: self.id,
+            msg: e.to_string(),
+        }
     }
 
     /// Make a new registry of `members` (id -> address). Call once, on one node; calling it
     /// again on an initialized node is a no-op.
     pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), NamingError> {
         self.check_running()?;
-        let nodes: BTreeMap<NodeId, BasicNode> = members.into_iter().map(|(i, a)| (i, BasicNode::new(a))).collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(i, a)| (i, BasicNode::new(a)))
+            .collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -233,10 +274,17 @@ impl NamingNode {
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .unwrap_or(Err(NamingError::Raft { node: self.id, msg: format!("no leader elected within {} ms", timeout.as_millis()) }))
+            .unwrap_or(Err(NamingError::Raft {
+                node: self.id,
+                msg: format!("no leader elected within {} ms", timeout.as_millis()),
+            }))
     }
 
-    fn leader_hint(&self, leader_id: Option<NodeId>, leader_node: Option<BasicNode>) -> Option<(NodeId, String)> {
+    fn leader_hint(
+        &self,
+        leader_id: Option<NodeId>,
+        leader_node: Option<BasicNode>,
+    ) -> Option<(NodeId, String)> {
         let id = leader_id?;
         let addr = match leader_node {
             Some(n) => n.addr,
@@ -257,11 +305,30 @@ impl NamingNode {
         self.write_inner(cmd, Some(origin), false).await
     }
 
-    async fn write_inner(&self, cmd: Command, origin: Option<Origin>, forwarded: bool) -> Result<Reply, NamingError> {
+    async fn write_inner(
+        &self,
+        cmd: Command,
+        origin: Option<Origin>,
+        forwarded: bool,
+    ) -> Result<Reply, NamingError> {
         self.check_running()?;
-        let stamped = Stamped { now_ms: now_ms(), cmd, origin };
-        let res = match tokio::time::timeout(self.cfg.write_timeout, self.raft.client_write(stamped.clone())).await {
-            Err(_) => return Err(NamingError::NoQuorum { node: self.id, ms: self.cfg.write_timeout.as_millis() as u64 }),
+        let stamped = Stamped {
+            now_ms: now_ms(),
+            cmd,
+            origin,
+        };
+        let res = match tokio::time::timeout(
+            self.cfg.write_timeout,
+            self.raft.client_write(stamped.clone()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(NamingError::NoQuorum {
+                    node: self.id,
+                    ms: self.cfg.write_timeout.as_millis() as u64,
+                })
+            }
             Ok(r) => r,
         };
         match res {
@@ -270,14 +337,28 @@ impl NamingNode {
                 let hint = self.leader_hint(f.leader_id, f.leader_node);
                 match hint {
                     Some((lid, addr)) if !forwarded && lid != self.id => {
-                        let req = NamingRequest::Write { cmd: stamped.cmd, origin, forwarded: true };
-                        match self.pool.call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1)).await? {
+                        let req = NamingRequest::Write {
+                            cmd: stamped.cmd,
+                            origin,
+                            forwarded: true,
+                        };
+                        match self
+                            .pool
+                            .call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1))
+                            .await?
+                        {
                             NamingResponse::Write(r) => r,
                             NamingResponse::Error(e) => Err(e),
-                            _ => Err(NamingError::Rpc { addr, msg: "unexpected reply to a forwarded write".into() }),
+                            _ => Err(NamingError::Rpc {
+                                addr,
+                                msg: "unexpected reply to a forwarded write".into(),
+                            }),
                         }
                     }
-                    hint => Err(NamingError::NotLeader { node: self.id, leader: hint }),
+                    hint => Err(NamingError::NotLeader {
+                        node: self.id,
+                        leader: hint,
+                    }),
                 }
             }
             Err(e) => Err(self.raft_err(e)),
@@ -286,7 +367,11 @@ impl NamingNode {
 
     /// This replica's copy of the registry: possibly a little stale, good for hints.
     pub fn read_local(&self) -> Registry {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).registry.clone()
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .registry
+            .clone()
     }
 
     /// The registry as of a moment after this call started (confirms leadership with a
@@ -297,23 +382,44 @@ impl NamingNode {
 
     async fn read_lin_inner(&self, forwarded: bool) -> Result<Registry, NamingError> {
         self.check_running()?;
-        let res = match tokio::time::timeout(self.cfg.write_timeout, self.raft.ensure_linearizable()).await {
-            Err(_) => return Err(NamingError::NoQuorum { node: self.id, ms: self.cfg.write_timeout.as_millis() as u64 }),
-            Ok(r) => r,
-        };
+        let res =
+            match tokio::time::timeout(self.cfg.write_timeout, self.raft.ensure_linearizable())
+                .await
+            {
+                Err(_) => {
+                    return Err(NamingError::NoQuorum {
+                        node: self.id,
+                        ms: self.cfg.write_timeout.as_millis() as u64,
+                    })
+                }
+                Ok(r) => r,
+            };
         match res {
             Ok(_) => Ok(self.read_local()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                 match self.leader_hint(f.leader_id, f.leader_node) {
                     Some((lid, addr)) if !forwarded && lid != self.id => {
-                        let req = NamingRequest::Read { linearizable: true, forwarded: true };
-                        match self.pool.call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1)).await? {
+                        let req = NamingRequest::Read {
+                            linearizable: true,
+                            forwarded: true,
+                        };
+                        match self
+                            .pool
+                            .call(&addr, &req, self.cfg.write_timeout + Duration::from_secs(1))
+                            .await?
+                        {
                             NamingResponse::Read(r) => r.map(|b| *b),
                             NamingResponse::Error(e) => Err(e),
-                            _ => Err(NamingError::Rpc { addr, msg: "unexpected reply to a forwarded read".into() }),
+                            _ => Err(NamingError::Rpc {
+                                addr,
+                                msg: "unexpected reply to a forwarded read".into(),
+                            }),
                         }
                     }
-                    hint => Err(NamingError::NotLeader { node: self.id, leader: hint }),
+                    hint => Err(NamingError::NotLeader {
+                        node: self.id,
+                        leader: hint,
+                    }),
                 }
             }
             Err(e) => Err(self.raft_err(e)),
@@ -325,28 +431,42 @@ impl NamingNode {
         self.check_running()?;
         let fut = self.raft.add_learner(id, BasicNode::new(addr), true);
         match tokio::time::timeout(self.cfg.write_timeout * 4, fut).await {
-            Err(_) => Err(NamingError::NoQuorum { node: self.id, ms: (self.cfg.write_timeout * 4).as_millis() as u64 }),
+            Err(_) => Err(NamingError::NoQuorum {
+                node: self.id,
+                ms: (self.cfg.write_timeout * 4).as_millis() as u64,
+            }),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.membership_err(e)),
         }
     }
 
     /// Leader only: apply a membership change (joint consensus, committed like a write).
-    pub async fn change_membership(&self, changes: ChangeMembers<NodeId, BasicNode>, retain: bool) -> Result<(), NamingError> {
+    pub async fn change_membership(
+        &self,
+        changes: ChangeMembers<NodeId, BasicNode>,
+        retain: bool,
+    ) -> Result<(), NamingError> {
         self.check_running()?;
         let fut = self.raft.change_membership(changes, retain);
         match tokio::time::timeout(self.cfg.write_timeout * 2, fut).await {
-            Err(_) => Err(NamingError::NoQuorum { node: self.id, ms: (self.cfg.write_timeout * 2).as_millis() as u64 }),
+            Err(_) => Err(NamingError::NoQuorum {
+                node: self.id,
+                ms: (self.cfg.write_timeout * 2).as_millis() as u64,
+            }),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.membership_err(e)),
         }
     }
 
-    fn membership_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> NamingError {
+    fn membership_err(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    ) -> NamingError {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                NamingError::NotLeader { node: self.id, leader: self.leader_hint(f.leader_id, f.leader_node) }
-            }
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => NamingError::NotLeader {
+                node: self.id,
+                leader: self.leader_hint(f.leader_id, f.leader_node),
+            },
             e => self.raft_err(e),
         }
     }
@@ -354,25 +474,42 @@ impl NamingNode {
     /// `wisp registry add`: add replica `id` at `addr` as a learner, then make it a voter.
     /// Forwarded to the leader when needed.
     pub async fn add_member(&self, id: NodeId, addr: String) -> Result<NodeStatus, NamingError> {
-        self.member_inner(NamingRequest::AddMember { id, addr, forwarded: false }).await
+        self.member_inner(NamingRequest::AddMember {
+            id,
+            addr,
+            forwarded: false,
+        })
+        .await
     }
 
     /// `wisp registry remove`: take replica `id` out of the registry. Forwarded to the leader.
     pub async fn remove_member(&self, id: NodeId) -> Result<NodeStatus, NamingError> {
-        self.member_inner(NamingRequest::RemoveMember { id, forwarded: false }).await
+        self.member_inner(NamingRequest::RemoveMember {
+            id,
+            forwarded: false,
+        })
+        .await
     }
 
     async fn member_inner(&self, req: NamingRequest) -> Result<NodeStatus, NamingError> {
         self.check_running()?;
         let (forwarded, res) = match &req {
-            NamingRequest::AddMember { id, addr, forwarded } => {
+            NamingRequest::AddMember {
+                id,
+                addr,
+                forwarded,
+            } => {
                 let r = async {
                     let st = self.status();
                     if !st.nodes.contains_key(id) {
                         self.add_learner(*id, addr.clone()).await?;
                     }
                     if !self.status().voters.contains(id) {
-                        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*id])), false).await?;
+                        self.change_membership(
+                            ChangeMembers::AddVoterIds(BTreeSet::from([*id])),
+                            false,
+                        )
+                        .await?;
                     }
                     Ok(self.status())
                 }
@@ -383,9 +520,17 @@ impl NamingNode {
                 let r = async {
                     let st = self.status();
                     if st.voters.contains(id) {
-                        self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*id])), false).await?;
+                        self.change_membership(
+                            ChangeMembers::RemoveVoters(BTreeSet::from([*id])),
+                            false,
+                        )
+                        .await?;
                     } else if st.nodes.contains_key(id) {
-                        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([*id])), false).await?;
+                        self.change_membership(
+                            ChangeMembers::RemoveNodes(BTreeSet::from([*id])),
+                            false,
+                        )
+                        .await?;
                     }
                     Ok(self.status())
                 }
@@ -395,16 +540,33 @@ impl NamingNode {
             _ => return Err(NamingError::Malformed("not a membership request".into())),
         };
         match res {
-            Err(NamingError::NotLeader { leader: Some((lid, addr)), .. }) if !forwarded && lid != self.id => {
+            Err(NamingError::NotLeader {
+                leader: Some((lid, addr)),
+                ..
+            }) if !forwarded && lid != self.id => {
                 let fwd = match req {
-                    NamingRequest::AddMember { id, addr, .. } => NamingRequest::AddMember { id, addr, forwarded: true },
-                    NamingRequest::RemoveMember { id, .. } => NamingRequest::RemoveMember { id, forwarded: true },
+                    NamingRequest::AddMember { id, addr, .. } => NamingRequest::AddMember {
+                        id,
+                        addr,
+                        forwarded: true,
+                    },
+                    NamingRequest::RemoveMember { id, .. } => NamingRequest::RemoveMember {
+                        id,
+                        forwarded: true,
+                    },
                     other => other,
                 };
-                match self.pool.call(&addr, &fwd, self.cfg.write_timeout * 6).await? {
+                match self
+                    .pool
+                    .call(&addr, &fwd, self.cfg.write_timeout * 6)
+                    .await?
+                {
                     NamingResponse::Membership(r) => r,
                     NamingResponse::Error(e) => Err(e),
-                    _ => Err(NamingError::Rpc { addr, msg: "unexpected reply to a forwarded membership change".into() }),
+                    _ => Err(NamingError::Rpc {
+                        addr,
+                        msg: "unexpected reply to a forwarded membership change".into(),
+                    }),
                 }
             }
             r => r,
@@ -435,7 +597,9 @@ impl NamingNode {
             return NamingResponse::Error(e);
         }
         match req {
-            NamingRequest::AppendEntries(r) => NamingResponse::AppendEntries(self.raft.append_entries(r).await),
+            NamingRequest::AppendEntries(r) => {
+                NamingResponse::AppendEntries(self.raft.append_entries(r).await)
+            }
             NamingRequest::Vote(r) => NamingResponse::Vote(self.raft.vote(r).await),
             NamingRequest::InstallSnapshot(r) => {
                 let end = r.offset.saturating_add(r.data.len() as u64);
@@ -447,13 +611,19 @@ impl NamingNode {
                 }
                 NamingResponse::InstallSnapshot(self.raft.install_snapshot(r).await)
             }
-            NamingRequest::Write { cmd, origin, forwarded } => {
-                NamingResponse::Write(self.write_inner(cmd, origin, forwarded).await)
-            }
-            NamingRequest::Read { linearizable: false, .. } => NamingResponse::Read(Ok(Box::new(self.read_local()))),
-            NamingRequest::Read { linearizable: true, forwarded } => {
-                NamingResponse::Read(self.read_lin_inner(forwarded).await.map(Box::new))
-            }
+            NamingRequest::Write {
+                cmd,
+                origin,
+                forwarded,
+            } => NamingResponse::Write(self.write_inner(cmd, origin, forwarded).await),
+            NamingRequest::Read {
+                linearizable: false,
+                ..
+            } => NamingResponse::Read(Ok(Box::new(self.read_local()))),
+            NamingRequest::Read {
+                linearizable: true,
+                forwarded,
+            } => NamingResponse::Read(self.read_lin_inner(forwarded).await.map(Box::new)),
             r @ (NamingRequest::AddMember { .. } | NamingRequest::RemoveMember { .. }) => {
                 NamingResponse::Membership(self.member_inner(r).await)
             }
@@ -470,7 +640,10 @@ impl NamingNode {
         if let Some(h) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
         }
-        self.raft.shutdown().await.map_err(|e| self.raft_err(format!("shutdown: {e}")))?;
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| self.raft_err(format!("shutdown: {e}")))?;
         tracing::info!(node = self.id, "registry replica stopped");
         Ok(())
     }

@@ -54,8 +54,15 @@ pub fn validate_prefix(prefix: &str) -> Result<(), String> {
 
 /// The entry of `table` whose key is the longest prefix of `path` by whole components.
 /// Keys are expected in [`validate_prefix`] form; `path` should be absolute.
-pub fn longest_prefix<'a, V>(table: &'a BTreeMap<String, V>, path: &str) -> Option<(&'a str, &'a V)> {
-    let path = if path.len() > 1 { path.trim_end_matches('/') } else { path };
+pub fn longest_prefix<'a, V>(
+    table: &'a BTreeMap<String, V>,
+    path: &str,
+) -> Option<(&'a str, &'a V)> {
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
     let path = if path.is_empty() { "/" } else { path };
     let mut cand = path;
     loop {
@@ -109,19 +116,30 @@ pub struct PrefixTable {
 
 impl std::fmt::Debug for PrefixTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrefixTable").field("hints", &*self.hints.read().unwrap_or_else(|e| e.into_inner())).finish()
+        f.debug_struct("PrefixTable")
+            .field(
+                "hints",
+                &*self.hints.read().unwrap_or_else(|e| e.into_inner()),
+            )
+            .finish()
     }
 }
 
 impl PrefixTable {
     /// A table with fixed hints and nowhere to refresh from (a single-server setup).
     pub fn new(hints: BTreeMap<String, String>) -> Self {
-        PrefixTable { hints: RwLock::new(hints), source: None }
+        PrefixTable {
+            hints: RwLock::new(hints),
+            source: None,
+        }
     }
 
     /// An empty table filled (and refilled after errors) from `source`.
     pub fn with_source(source: impl DomainSource + 'static) -> Self {
-        PrefixTable { hints: RwLock::new(BTreeMap::new()), source: Some(Box::new(source)) }
+        PrefixTable {
+            hints: RwLock::new(BTreeMap::new()),
+            source: Some(Box::new(source)),
+        }
     }
 
     /// The current hints.
@@ -131,24 +149,36 @@ impl PrefixTable {
 
     /// Add or replace one hint.
     pub fn insert(&self, prefix: String, server: String) {
-        self.hints.write().unwrap_or_else(|e| e.into_inner()).insert(prefix, server);
+        self.hints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(prefix, server);
     }
 
     /// Route `path` from the hints alone.
     pub fn lookup(&self, path: &str) -> Option<Route> {
         let h = self.hints.read().unwrap_or_else(|e| e.into_inner());
-        longest_prefix(&h, path).map(|(p, s)| Route { prefix: p.to_string(), server: s.clone(), rest: rest_of(p, path).to_string() })
+        longest_prefix(&h, path).map(|(p, s)| Route {
+            prefix: p.to_string(),
+            server: s.clone(),
+            rest: rest_of(p, path).to_string(),
+        })
     }
 
     /// Drop the hint for `prefix` (its server failed or said the path is not its own).
     pub fn invalidate(&self, prefix: &str) {
-        self.hints.write().unwrap_or_else(|e| e.into_inner()).remove(prefix);
+        self.hints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(prefix);
     }
 
     /// Replace all hints with the source's current table.
     pub fn refresh(&self) -> Result<(), PrefixError> {
         let Some(src) = &self.source else {
-            return Err(PrefixError::Refresh("this table has no registry to ask".into()));
+            return Err(PrefixError::Refresh(
+                "this table has no registry to ask".into(),
+            ));
         };
         let fresh = src.domains().map_err(PrefixError::Refresh)?;
         *self.hints.write().unwrap_or_else(|e| e.into_inner()) = fresh;
@@ -158,13 +188,17 @@ impl PrefixTable {
     /// Route `path`, asking the source once when the hints have no match.
     pub fn resolve(&self, path: &str) -> Result<Route, PrefixError> {
         if !path.starts_with('/') {
-            return Err(PrefixError::NotAbsolute { path: path.to_string() });
+            return Err(PrefixError::NotAbsolute {
+                path: path.to_string(),
+            });
         }
         if let Some(r) = self.lookup(path) {
             return Ok(r);
         }
         self.refresh()?;
-        self.lookup(path).ok_or_else(|| PrefixError::NoDomain { path: path.to_string() })
+        self.lookup(path).ok_or_else(|| PrefixError::NoDomain {
+            path: path.to_string(),
+        })
     }
 
     /// The server of `failed` did not serve `path` (timeout, stale hint, redirect): drop the
@@ -172,7 +206,9 @@ impl PrefixTable {
     pub fn reroute(&self, failed: &Route, path: &str) -> Result<Route, PrefixError> {
         self.invalidate(&failed.prefix);
         self.refresh()?;
-        self.lookup(path).ok_or_else(|| PrefixError::NoDomain { path: path.to_string() })
+        self.lookup(path).ok_or_else(|| PrefixError::NoDomain {
+            path: path.to_string(),
+        })
     }
 }
 
@@ -183,20 +219,40 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn table(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
-        entries.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        entries
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn longest_prefix_matches_whole_components() {
-        let t = table(&[("/", "root"), ("/home", "home"), ("/home/alice", "alice"), ("/scratch", "scratch")]);
+        let t = table(&[
+            ("/", "root"),
+            ("/home", "home"),
+            ("/home/alice", "alice"),
+            ("/scratch", "scratch"),
+        ]);
         let m = |p: &str| longest_prefix(&t, p).map(|(k, v)| (k.to_string(), v.to_string()));
-        assert_eq!(m("/home/alice/src/x.c"), Some(("/home/alice".into(), "alice".into())));
-        assert_eq!(m("/home/alice"), Some(("/home/alice".into(), "alice".into())));
-        assert_eq!(m("/home/alice/"), Some(("/home/alice".into(), "alice".into())));
+        assert_eq!(
+            m("/home/alice/src/x.c"),
+            Some(("/home/alice".into(), "alice".into()))
+        );
+        assert_eq!(
+            m("/home/alice"),
+            Some(("/home/alice".into(), "alice".into()))
+        );
+        assert_eq!(
+            m("/home/alice/"),
+            Some(("/home/alice".into(), "alice".into()))
+        );
         assert_eq!(m("/home/alicette"), Some(("/home".into(), "home".into())));
         assert_eq!(m("/homework"), Some(("/".into(), "root".into())));
         assert_eq!(m("/"), Some(("/".into(), "root".into())));
-        assert_eq!(m("/scratch/a/b/c"), Some(("/scratch".into(), "scratch".into())));
+        assert_eq!(
+            m("/scratch/a/b/c"),
+            Some(("/scratch".into(), "scratch".into()))
+        );
         let no_root = table(&[("/home", "home")]);
         assert_eq!(longest_prefix(&no_root, "/etc/passwd"), None);
         assert_eq!(longest_prefix(&no_root, "/"), None);
@@ -231,7 +287,11 @@ mod tests {
         t.resolve("/home/bob").unwrap();
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
         *current.lock().unwrap() = table(&[("/", "r:1"), ("/home", "b:1")]);
-        assert_eq!(t.lookup("/home/alice/f").unwrap().server, "a:1", "a hint stays until it fails");
+        assert_eq!(
+            t.lookup("/home/alice/f").unwrap().server,
+            "a:1",
+            "a hint stays until it fails"
+        );
         let r2 = t.reroute(&r, "/home/alice/f").unwrap();
         assert_eq!(r2.server, "b:1");
         assert_eq!(fetches.load(Ordering::SeqCst), 2);
@@ -240,11 +300,27 @@ mod tests {
     #[test]
     fn errors_are_clear() {
         let t = PrefixTable::new(table(&[("/home", "a:1")]));
-        assert_eq!(t.resolve("/etc").unwrap_err().to_string(), "cannot refresh the prefix table: this table has no registry to ask");
-        assert_eq!(t.resolve("etc").unwrap_err(), PrefixError::NotAbsolute { path: "etc".into() });
-        let t = PrefixTable::with_source(|| Err::<BTreeMap<String, String>, _>("registry unreachable".to_string()));
-        assert_eq!(t.resolve("/x").unwrap_err(), PrefixError::Refresh("registry unreachable".into()));
+        assert_eq!(
+            t.resolve("/etc").unwrap_err().to_string(),
+            "cannot refresh the prefix table: this table has no registry to ask"
+        );
+        assert_eq!(
+            t.resolve("etc").unwrap_err(),
+            PrefixError::NotAbsolute { path: "etc".into() }
+        );
+        let t = PrefixTable::with_source(|| {
+            Err::<BTreeMap<String, String>, _>("registry unreachable".to_string())
+        });
+        assert_eq!(
+            t.resolve("/x").unwrap_err(),
+            PrefixError::Refresh("registry unreachable".into())
+        );
         let t = PrefixTable::with_source(|| Ok(table(&[("/home", "a:1")])));
-        assert_eq!(t.resolve("/etc").unwrap_err(), PrefixError::NoDomain { path: "/etc".into() });
+        assert_eq!(
+            t.resolve("/etc").unwrap_err(),
+            PrefixError::NoDomain {
+                path: "/etc".into()
+            }
+        );
     }
 }

@@ -114,7 +114,9 @@ pub enum JobState {
     Running,
     /// Being moved to [`Job::migrating_to`]; `current_host` is still the source.
     Migrating,
-    Done { exit_status: i32 },
+    Done {
+        exit_status: i32,
+    },
 }
 
 /// A process started by rexec or migrated, known cluster-wide by its global id.
@@ -167,24 +169,64 @@ pub enum MovePhase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Add a host or update the address and role of a known one (a restarted wispd).
-    RegisterHost { name: String, addr: String, role: Role },
+    RegisterHost {
+        name: String,
+        addr: String,
+        role: Role,
+    },
     /// Forget a host and the leases on it.
-    UnregisterHost { name: String },
+    UnregisterHost {
+        name: String,
+    },
     /// Periodic report from a host's wispd; brings a down host back up.
-    Heartbeat { host: String, load: Load, owner_idle_secs: u64 },
+    Heartbeat {
+        host: String,
+        load: Load,
+        owner_idle_secs: u64,
+    },
     /// The owner's idle time changed outside the heartbeat period (e.g. they came back: 0).
-    SetOwnerActivity { host: String, idle_secs: u64 },
-    AddDomain { prefix: String, server: String },
-    RemoveDomain { prefix: String },
+    SetOwnerActivity {
+        host: String,
+        idle_secs: u64,
+    },
+    AddDomain {
+        prefix: String,
+        server: String,
+    },
+    RemoveDomain {
+        prefix: String,
+    },
     /// Atomically lease up to `n` distinct idle hosts to `user`.
-    AllocateHosts { user: u32, n: u32, requester: String, include_requester: bool },
+    AllocateHosts {
+        user: u32,
+        n: u32,
+        requester: String,
+        include_requester: bool,
+    },
     /// Push the expiry of the given leases forward by the lease TTL.
-    RenewLeases { user: u32, leases: Vec<LeaseId> },
+    RenewLeases {
+        user: u32,
+        leases: Vec<LeaseId>,
+    },
     /// Give hosts back. Leases already expired or released are ignored (safe to repeat).
-    ReleaseHosts { user: u32, leases: Vec<LeaseId> },
-    JobStart { owner_uid: u32, home: String, host: String },
-    JobMove { job: JobId, to: String, phase: MovePhase },
-    JobEnd { job: JobId, exit_status: i32 },
+    ReleaseHosts {
+        user: u32,
+        leases: Vec<LeaseId>,
+    },
+    JobStart {
+        owner_uid: u32,
+        home: String,
+        host: String,
+    },
+    JobMove {
+        job: JobId,
+        to: String,
+        phase: MovePhase,
+    },
+    JobEnd {
+        job: JobId,
+        exit_status: i32,
+    },
     SetPolicy(IdlePolicy),
     /// No change but the time-driven expiry pass; the leader proposes one periodically so
     /// hosts are marked down even when nothing else happens.
@@ -212,7 +254,11 @@ impl Command {
     pub fn is_idempotent(&self) -> bool {
         matches!(
             self,
-            Command::Tick | Command::Heartbeat { .. } | Command::SetOwnerActivity { .. } | Command::SetPolicy(_) | Command::RegisterHost { .. }
+            Command::Tick
+                | Command::Heartbeat { .. }
+                | Command::SetOwnerActivity { .. }
+                | Command::SetPolicy(_)
+                | Command::RegisterHost { .. }
         )
     }
 }
@@ -264,13 +310,22 @@ pub enum RegistryError {
     #[error("unknown or expired lease {lease}")]
     UnknownLease { lease: LeaseId },
     #[error("lease {lease} on host {host} belongs to uid {owner}, not uid {user}")]
-    LeaseNotYours { lease: LeaseId, host: String, owner: u32, user: u32 },
+    LeaseNotYours {
+        lease: LeaseId,
+        host: String,
+        owner: u32,
+        user: u32,
+    },
     #[error("allocation of {n} hosts for uid {user} exceeds the limit of {max}")]
     TooMany { user: u32, n: u32, max: u32 },
     #[error("unknown job {job}")]
     UnknownJob { job: JobId },
     #[error("job {job} is {state}, cannot {action}")]
-    BadJobState { job: JobId, state: String, action: String },
+    BadJobState {
+        job: JobId,
+        state: String,
+        action: String,
+    },
     #[error("host {host} is down, cannot {action}")]
     HostDown { host: String, action: String },
     #[error("bad policy: {why}")]
@@ -299,14 +354,22 @@ pub struct Registry {
 }
 
 fn check_host_name(name: &str) -> Result<(), RegistryError> {
-    let bad = |why: &str| Err(RegistryError::BadHostName { name: name.chars().take(80).collect(), why: why.into() });
+    let bad = |why: &str| {
+        Err(RegistryError::BadHostName {
+            name: name.chars().take(80).collect(),
+            why: why.into(),
+        })
+    };
     if name.is_empty() {
         return bad("empty");
     }
     if name.len() > MAX_HOST_NAME {
         return bad("longer than 64 bytes");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
         return bad("only letters, digits, '-', '.' and '_' are allowed");
     }
     Ok(())
@@ -314,7 +377,12 @@ fn check_host_name(name: &str) -> Result<(), RegistryError> {
 
 /// Check an "ip:port" or "name:port" address.
 pub fn check_addr(what: &str, addr: &str) -> Result<(), RegistryError> {
-    let bad = || Err(RegistryError::BadAddr { what: what.into(), addr: addr.chars().take(80).collect() });
+    let bad = || {
+        Err(RegistryError::BadAddr {
+            what: what.into(),
+            addr: addr.chars().take(80).collect(),
+        })
+    };
     if addr.len() > 256 {
         return bad();
     }
@@ -322,7 +390,9 @@ pub fn check_addr(what: &str, addr: &str) -> Result<(), RegistryError> {
         return Ok(());
     }
     match addr.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && check_host_name(h).is_ok() => Ok(()),
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && check_host_name(h).is_ok() => {
+            Ok(())
+        }
         _ => bad(),
     }
 }
@@ -337,7 +407,12 @@ fn job_state_name(s: &JobState) -> String {
 
 impl Registry {
     pub fn new(policy: IdlePolicy) -> Self {
-        Registry { policy, next_job: 1, next_lease: 1, ..Default::default() }
+        Registry {
+            policy,
+            next_job: 1,
+            next_lease: 1,
+            ..Default::default()
+        }
     }
 
     /// Apply one command at the time it carries. Deterministic: same state and same
@@ -352,7 +427,9 @@ impl Registry {
         if self.next_lease == 0 {
             self.next_lease = 1;
         }
-        let Some(o) = s.origin.filter(|_| !s.cmd.is_idempotent()) else { return self.execute(now, &s.cmd) };
+        let Some(o) = s.origin.filter(|_| !s.cmd.is_idempotent()) else {
+            return self.execute(now, &s.cmd);
+        };
         if let Some(sess) = self.sessions.get_mut(&o.client) {
             sess.last_ms = now;
             if let Some(r) = sess.replies.get(&o.seq) {
@@ -360,7 +437,10 @@ impl Registry {
             }
             let oldest = sess.replies.keys().next().copied().unwrap_or(0);
             if sess.replies.len() >= SESSION_WINDOW && o.seq < oldest {
-                return Err(RegistryError::StaleRequest { client: o.client, seq: o.seq });
+                return Err(RegistryError::StaleRequest {
+                    client: o.client,
+                    seq: o.seq,
+                });
             }
         }
         let r = self.execute(now, &s.cmd);
@@ -402,12 +482,26 @@ impl Registry {
                 self.leases.retain(|_, l| &l.host != name);
                 Ok(Reply::Done)
             }
-            Command::Heartbeat { host, load, owner_idle_secs } => {
-                let h = self.hosts.get(host).ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
+            Command::Heartbeat {
+                host,
+                load,
+                owner_idle_secs,
+            } => {
+                let h = self
+                    .hosts
+                    .get(host)
+                    .ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
                 let _ = h;
-                for (what, v) in [("load1", load.load1), ("load5", load.load5), ("load15", load.load15)] {
+                for (what, v) in [
+                    ("load1", load.load1),
+                    ("load5", load.load5),
+                    ("load15", load.load15),
+                ] {
                     if !v.is_finite() || v < 0.0 {
-                        return Err(RegistryError::BadLoad { host: host.clone(), why: format!("{what} is {v}") });
+                        return Err(RegistryError::BadLoad {
+                            host: host.clone(),
+                            why: format!("{what} is {v}"),
+                        });
                     }
                 }
                 let h = self.hosts.get_mut(host).expect("checked above");
@@ -418,30 +512,55 @@ impl Registry {
                 Ok(Reply::Done)
             }
             Command::SetOwnerActivity { host, idle_secs } => {
-                let h = self.hosts.get_mut(host).ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
+                let h = self
+                    .hosts
+                    .get_mut(host)
+                    .ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
                 h.owner_active_ms = now.saturating_sub(idle_secs.saturating_mul(1000));
                 Ok(Reply::Done)
             }
             Command::AddDomain { prefix, server } => {
-                validate_prefix(prefix).map_err(|why| RegistryError::BadPrefix { prefix: prefix.clone(), why })?;
+                validate_prefix(prefix).map_err(|why| RegistryError::BadPrefix {
+                    prefix: prefix.clone(),
+                    why,
+                })?;
                 check_addr(&format!("domain {prefix}"), server)?;
                 self.domains.insert(prefix.clone(), server.clone());
                 Ok(Reply::Done)
             }
             Command::RemoveDomain { prefix } => {
                 if self.domains.remove(prefix).is_none() {
-                    return Err(RegistryError::UnknownDomain { prefix: prefix.clone() });
+                    return Err(RegistryError::UnknownDomain {
+                        prefix: prefix.clone(),
+                    });
                 }
                 Ok(Reply::Done)
             }
-            Command::AllocateHosts { user, n, requester, include_requester } => {
-                Ok(Reply::Leases(self.allocate(now, *user, *n, requester, *include_requester)?))
-            }
+            Command::AllocateHosts {
+                user,
+                n,
+                requester,
+                include_requester,
+            } => Ok(Reply::Leases(self.allocate(
+                now,
+                *user,
+                *n,
+                requester,
+                *include_requester,
+            )?)),
             Command::RenewLeases { user, leases } => {
                 for id in leases {
-                    let l = self.leases.get(id).ok_or(RegistryError::UnknownLease { lease: *id })?;
+                    let l = self
+                        .leases
+                        .get(id)
+                        .ok_or(RegistryError::UnknownLease { lease: *id })?;
                     if l.user != *user {
-                        return Err(RegistryError::LeaseNotYours { lease: *id, host: l.host.clone(), owner: l.user, user: *user });
+                        return Err(RegistryError::LeaseNotYours {
+                            lease: *id,
+                            host: l.host.clone(),
+                            owner: l.user,
+                            user: *user,
+                        });
                     }
                 }
                 let exp = now + self.policy.lease_ttl_ms;
@@ -457,7 +576,12 @@ impl Registry {
                 for id in leases {
                     if let Some(l) = self.leases.get(id) {
                         if l.user != *user {
-                            return Err(RegistryError::LeaseNotYours { lease: *id, host: l.host.clone(), owner: l.user, user: *user });
+                            return Err(RegistryError::LeaseNotYours {
+                                lease: *id,
+                                host: l.host.clone(),
+                                owner: l.user,
+                                user: *user,
+                            });
                         }
                     }
                 }
@@ -469,13 +593,23 @@ impl Registry {
                 }
                 Ok(Reply::Released(n))
             }
-            Command::JobStart { owner_uid, home, host } => {
+            Command::JobStart {
+                owner_uid,
+                home,
+                host,
+            } => {
                 if !self.hosts.contains_key(home) {
                     return Err(RegistryError::UnknownHost { host: home.clone() });
                 }
-                let h = self.hosts.get(host).ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
+                let h = self
+                    .hosts
+                    .get(host)
+                    .ok_or_else(|| RegistryError::UnknownHost { host: host.clone() })?;
                 if h.down {
-                    return Err(RegistryError::HostDown { host: host.clone(), action: "start a job there".into() });
+                    return Err(RegistryError::HostDown {
+                        host: host.clone(),
+                        action: "start a job there".into(),
+                    });
                 }
                 let id = self.next_job;
                 self.next_job += 1;
@@ -498,25 +632,40 @@ impl Registry {
                 Ok(Reply::Job(id))
             }
             Command::JobMove { job, to, phase } => {
-                let j = self.jobs.get(job).ok_or(RegistryError::UnknownJob { job: *job })?;
+                let j = self
+                    .jobs
+                    .get(job)
+                    .ok_or(RegistryError::UnknownJob { job: *job })?;
                 let refuse = |action: &str| {
-                    Err(RegistryError::BadJobState { job: *job, state: job_state_name(&j.state), action: action.into() })
+                    Err(RegistryError::BadJobState {
+                        job: *job,
+                        state: job_state_name(&j.state),
+                        action: action.into(),
+                    })
                 };
                 match phase {
                     MovePhase::Begin => {
                         if j.state != JobState::Running {
                             return refuse(&format!("begin a move to {to}"));
                         }
-                        let t = self.hosts.get(to).ok_or_else(|| RegistryError::UnknownHost { host: to.clone() })?;
+                        let t = self
+                            .hosts
+                            .get(to)
+                            .ok_or_else(|| RegistryError::UnknownHost { host: to.clone() })?;
                         if t.down {
-                            return Err(RegistryError::HostDown { host: to.clone(), action: format!("move job {job} there") });
+                            return Err(RegistryError::HostDown {
+                                host: to.clone(),
+                                action: format!("move job {job} there"),
+                            });
                         }
                         let j = self.jobs.get_mut(job).expect("checked above");
                         j.state = JobState::Migrating;
                         j.migrating_to = Some(to.clone());
                     }
                     MovePhase::Commit | MovePhase::Abort => {
-                        if !matches!(j.state, JobState::Migrating) || j.migrating_to.as_deref() != Some(to.as_str()) {
+                        if !matches!(j.state, JobState::Migrating)
+                            || j.migrating_to.as_deref() != Some(to.as_str())
+                        {
                             return refuse(&format!("finish a move to {to}"));
                         }
                         let (home, from) = (j.home_host.clone(), j.current_host.clone());
@@ -537,11 +686,20 @@ impl Registry {
                 Ok(Reply::Done)
             }
             Command::JobEnd { job, exit_status } => {
-                let j = self.jobs.get_mut(job).ok_or(RegistryError::UnknownJob { job: *job })?;
+                let j = self
+                    .jobs
+                    .get_mut(job)
+                    .ok_or(RegistryError::UnknownJob { job: *job })?;
                 if let JobState::Done { .. } = j.state {
-                    return Err(RegistryError::BadJobState { job: *job, state: job_state_name(&j.state), action: "end it again".into() });
+                    return Err(RegistryError::BadJobState {
+                        job: *job,
+                        state: job_state_name(&j.state),
+                        action: "end it again".into(),
+                    });
                 }
-                j.state = JobState::Done { exit_status: *exit_status };
+                j.state = JobState::Done {
+                    exit_status: *exit_status,
+                };
                 j.migrating_to = None;
                 j.ended_ms = Some(now);
                 let (home, cur) = (j.home_host.clone(), j.current_host.clone());
@@ -551,9 +709,13 @@ impl Registry {
                 Ok(Reply::Done)
             }
             Command::SetPolicy(p) => {
-                let ok = [p.max_load1, p.max_load5, p.max_load15].iter().all(|v| v.is_finite() && *v > 0.0);
+                let ok = [p.max_load1, p.max_load5, p.max_load15]
+                    .iter()
+                    .all(|v| v.is_finite() && *v > 0.0);
                 if !ok || p.down_after_ms == 0 || p.lease_ttl_ms == 0 {
-                    return Err(RegistryError::BadPolicy { why: "load limits and timeouts must be positive".into() });
+                    return Err(RegistryError::BadPolicy {
+                        why: "load limits and timeouts must be positive".into(),
+                    });
                 }
                 self.policy = p.clone();
                 Ok(Reply::Done)
@@ -577,13 +739,15 @@ impl Registry {
         }
         self.leases.retain(|_, l| l.expires_ms > now);
         let ttl = self.policy.lease_ttl_ms;
-        self.waiting.retain(|_, w| now.saturating_sub(w.since_ms) <= ttl);
+        self.waiting
+            .retain(|_, w| now.saturating_sub(w.since_ms) <= ttl);
         let keep = self.policy.done_job_retention_ms;
         self.jobs.retain(|_, j| match j.ended_ms {
             Some(e) => now.saturating_sub(e) <= keep,
             None => true,
         });
-        self.sessions.retain(|_, s| now.saturating_sub(s.last_ms) <= SESSION_TTL_MS);
+        self.sessions
+            .retain(|_, s| now.saturating_sub(s.last_ms) <= SESSION_TTL_MS);
     }
 
     /// Whether `h` may be lent out at `now` under the policy (ignoring leases).
@@ -611,9 +775,14 @@ impl Registry {
         include_requester: bool,
     ) -> Result<Vec<Lease>, RegistryError> {
         if n > MAX_ALLOCATION {
-            return Err(RegistryError::TooMany { user, n, max: MAX_ALLOCATION });
+            return Err(RegistryError::TooMany {
+                user,
+                n,
+                max: MAX_ALLOCATION,
+            });
         }
-        let leased: std::collections::BTreeSet<&str> = self.leases.values().map(|l| l.host.as_str()).collect();
+        let leased: std::collections::BTreeSet<&str> =
+            self.leases.values().map(|l| l.host.as_str()).collect();
         let mut eligible: Vec<&Host> = self
             .hosts
             .values()
@@ -622,7 +791,11 @@ impl Registry {
             .filter(|h| !leased.contains(h.name.as_str()))
             .collect();
         // Longest idle first; the name breaks ties so every replica picks the same hosts.
-        eligible.sort_by(|a, b| a.owner_active_ms.cmp(&b.owner_active_ms).then_with(|| a.name.cmp(&b.name)));
+        eligible.sort_by(|a, b| {
+            a.owner_active_ms
+                .cmp(&b.owner_active_ms)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         // Fairness: a user who already holds leases ranks behind waiting users who hold fewer.
         let held = self.leases_of(user);
         let reserved: usize = if held == 0 {
@@ -636,19 +809,36 @@ impl Registry {
         };
         let grant = (n as usize).min(eligible.len().saturating_sub(reserved));
         let exp = now + self.policy.lease_ttl_ms;
-        let picked: Vec<(String, String)> = eligible[..grant].iter().map(|h| (h.name.clone(), h.addr.clone())).collect();
+        let picked: Vec<(String, String)> = eligible[..grant]
+            .iter()
+            .map(|h| (h.name.clone(), h.addr.clone()))
+            .collect();
         let mut out = Vec::with_capacity(grant);
         for (host, addr) in picked {
             let id = self.next_lease;
             self.next_lease += 1;
-            let l = Lease { id, host, addr, user, requester: requester.to_string(), granted_ms: now, expires_ms: exp };
+            let l = Lease {
+                id,
+                host,
+                addr,
+                user,
+                requester: requester.to_string(),
+                granted_ms: now,
+                expires_ms: exp,
+            };
             self.leases.insert(id, l.clone());
             out.push(l);
         }
         if grant < n as usize {
             let short = n - grant as u32;
             let since = self.waiting.get(&user).map(|w| w.since_ms).unwrap_or(now);
-            self.waiting.insert(user, Want { short, since_ms: since });
+            self.waiting.insert(
+                user,
+                Want {
+                    short,
+                    since_ms: since,
+                },
+            );
         } else {
             self.waiting.remove(&user);
         }
@@ -662,10 +852,18 @@ impl Registry {
 
     /// Hosts that an allocation at `now` could hand out, longest idle first (for `wisp hosts`).
     pub fn idle_hosts(&self, now: Millis) -> Vec<&Host> {
-        let leased: std::collections::BTreeSet<&str> = self.leases.values().map(|l| l.host.as_str()).collect();
-        let mut v: Vec<&Host> =
-            self.hosts.values().filter(|h| self.is_idle(h, now) && !leased.contains(h.name.as_str())).collect();
-        v.sort_by(|a, b| a.owner_active_ms.cmp(&b.owner_active_ms).then_with(|| a.name.cmp(&b.name)));
+        let leased: std::collections::BTreeSet<&str> =
+            self.leases.values().map(|l| l.host.as_str()).collect();
+        let mut v: Vec<&Host> = self
+            .hosts
+            .values()
+            .filter(|h| self.is_idle(h, now) && !leased.contains(h.name.as_str()))
+            .collect();
+        v.sort_by(|a, b| {
+            a.owner_active_ms
+                .cmp(&b.owner_active_ms)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         v
     }
 }
@@ -677,11 +875,20 @@ mod tests {
     const T0: Millis = 1_000_000_000;
 
     fn at(now_ms: Millis, cmd: Command) -> Stamped {
-        Stamped { now_ms, cmd, origin: None }
+        Stamped {
+            now_ms,
+            cmd,
+            origin: None,
+        }
     }
 
     fn idle_load() -> Load {
-        Load { load1: 0.1, load5: 0.2, load15: 0.3, runnable: 0 }
+        Load {
+            load1: 0.1,
+            load5: 0.2,
+            load15: 0.3,
+            runnable: 0,
+        }
     }
 
     /// A registry with workstations ws0..wsN all idle for `idle[i]` seconds at T0.
@@ -689,15 +896,41 @@ mod tests {
         let mut r = Registry::new(IdlePolicy::default());
         for (i, secs) in idle.iter().enumerate() {
             let name = format!("ws{i}");
-            r.apply(&at(T0, Command::RegisterHost { name: name.clone(), addr: format!("10.0.0.{}:7000", i + 1), role: Role::Workstation }))
-                .unwrap();
-            r.apply(&at(T0, Command::Heartbeat { host: name, load: idle_load(), owner_idle_secs: *secs })).unwrap();
+            r.apply(&at(
+                T0,
+                Command::RegisterHost {
+                    name: name.clone(),
+                    addr: format!("10.0.0.{}:7000", i + 1),
+                    role: Role::Workstation,
+                },
+            ))
+            .unwrap();
+            r.apply(&at(
+                T0,
+                Command::Heartbeat {
+                    host: name,
+                    load: idle_load(),
+                    owner_idle_secs: *secs,
+                },
+            ))
+            .unwrap();
         }
         r
     }
 
     fn alloc(r: &mut Registry, now: Millis, user: u32, n: u32, requester: &str) -> Vec<Lease> {
-        match r.apply(&at(now, Command::AllocateHosts { user, n, requester: requester.into(), include_requester: false })).unwrap() {
+        match r
+            .apply(&at(
+                now,
+                Command::AllocateHosts {
+                    user,
+                    n,
+                    requester: requester.into(),
+                    include_requester: false,
+                },
+            ))
+            .unwrap()
+        {
             Reply::Leases(l) => l,
             other => panic!("unexpected reply {other:?}"),
         }
@@ -712,11 +945,25 @@ mod tests {
         // ws0 idle 10 s (too recent), ws1 idle 100 s, ws2 idle 50 s, ws3 idle 1000 s but loaded,
         // ws4 idle 500 s.
         let mut r = cluster(&[10, 100, 50, 1000, 500]);
-        r.apply(&at(T0, Command::Heartbeat { host: "ws3".into(), load: Load { load1: 0.8, load5: 0.2, load15: 0.2, runnable: 1 }, owner_idle_secs: 1000 }))
-            .unwrap();
+        r.apply(&at(
+            T0,
+            Command::Heartbeat {
+                host: "ws3".into(),
+                load: Load {
+                    load1: 0.8,
+                    load5: 0.2,
+                    load15: 0.2,
+                    runnable: 1,
+                },
+                owner_idle_secs: 1000,
+            },
+        ))
+        .unwrap();
         let got = alloc(&mut r, T0, 1000, 10, "ws9");
         assert_eq!(names(&got), vec!["ws4", "ws1", "ws2"]);
-        assert!(got.iter().all(|l| l.expires_ms == T0 + r.policy.lease_ttl_ms && l.user == 1000));
+        assert!(got
+            .iter()
+            .all(|l| l.expires_ms == T0 + r.policy.lease_ttl_ms && l.user == 1000));
         // Everything idle is leased now: nothing more to give.
         assert!(alloc(&mut r, T0, 1001, 1, "ws9").is_empty());
     }
@@ -726,11 +973,28 @@ mod tests {
         let mut r = cluster(&[100, 100, 100]);
         let loads = [(0.75, 0.1, 0.1), (0.1, 1.0, 0.1), (0.1, 0.1, 1.5)];
         for (i, (a, b, c)) in loads.iter().enumerate() {
-            r.apply(&at(T0, Command::Heartbeat { host: format!("ws{i}"), load: Load { load1: *a, load5: *b, load15: *c, runnable: 0 }, owner_idle_secs: 100 }))
-                .unwrap();
+            r.apply(&at(
+                T0,
+                Command::Heartbeat {
+                    host: format!("ws{i}"),
+                    load: Load {
+                        load1: *a,
+                        load5: *b,
+                        load15: *c,
+                        runnable: 0,
+                    },
+                    owner_idle_secs: 100,
+                },
+            ))
+            .unwrap();
         }
         assert!(alloc(&mut r, T0, 1, 3, "x").is_empty());
-        let p = IdlePolicy { max_load1: 2.5, max_load5: 2.75, max_load15: 3.0, ..IdlePolicy::default() };
+        let p = IdlePolicy {
+            max_load1: 2.5,
+            max_load5: 2.75,
+            max_load15: 3.0,
+            ..IdlePolicy::default()
+        };
         r.apply(&at(T0, Command::SetPolicy(p))).unwrap();
         assert_eq!(alloc(&mut r, T0, 1, 3, "x").len(), 3);
     }
@@ -741,7 +1005,15 @@ mod tests {
         assert_eq!(names(&alloc(&mut r, T0, 1, 2, "ws1")), vec!["ws0"]);
         let mut r = cluster(&[100, 200]);
         let got = r
-            .apply(&at(T0, Command::AllocateHosts { user: 1, n: 2, requester: "ws1".into(), include_requester: true }))
+            .apply(&at(
+                T0,
+                Command::AllocateHosts {
+                    user: 1,
+                    n: 2,
+                    requester: "ws1".into(),
+                    include_requester: true,
+                },
+            ))
             .unwrap();
         let Reply::Leases(got) = got else { panic!() };
         assert_eq!(names(&got), vec!["ws1", "ws0"]);
@@ -750,13 +1022,32 @@ mod tests {
     #[test]
     fn owner_return_makes_host_ineligible() {
         let mut r = cluster(&[100]);
-        r.apply(&at(T0, Command::SetOwnerActivity { host: "ws0".into(), idle_secs: 0 })).unwrap();
+        r.apply(&at(
+            T0,
+            Command::SetOwnerActivity {
+                host: "ws0".into(),
+                idle_secs: 0,
+            },
+        ))
+        .unwrap();
         // The host stays up (heartbeats keep coming), its owner stays away.
         for t in [T0 + 8_000, T0 + 16_000, T0 + 24_000] {
-            r.apply(&at(t, Command::Heartbeat { host: "ws0".into(), load: idle_load(), owner_idle_secs: (t - T0) / 1000 })).unwrap();
+            r.apply(&at(
+                t,
+                Command::Heartbeat {
+                    host: "ws0".into(),
+                    load: idle_load(),
+                    owner_idle_secs: (t - T0) / 1000,
+                },
+            ))
+            .unwrap();
         }
         assert!(alloc(&mut r, T0 + 29_999, 1, 1, "x").is_empty());
-        assert_eq!(alloc(&mut r, T0 + 30_000, 1, 1, "x").len(), 1, "idle for 30 s again");
+        assert_eq!(
+            alloc(&mut r, T0 + 30_000, 1, 1, "x").len(),
+            1,
+            "idle for 30 s again"
+        );
     }
 
     #[test]
@@ -764,14 +1055,34 @@ mod tests {
         let mut r = cluster(&[100, 100]);
         let down_after = r.policy.down_after_ms;
         // ws1 keeps beating, ws0 goes silent.
-        r.apply(&at(T0 + down_after, Command::Heartbeat { host: "ws1".into(), load: idle_load(), owner_idle_secs: 200 })).unwrap();
+        r.apply(&at(
+            T0 + down_after,
+            Command::Heartbeat {
+                host: "ws1".into(),
+                load: idle_load(),
+                owner_idle_secs: 200,
+            },
+        ))
+        .unwrap();
         r.apply(&at(T0 + down_after, Command::Tick)).unwrap();
         assert!(!r.hosts["ws0"].down, "exactly at the limit is still up");
         r.apply(&at(T0 + down_after + 1, Command::Tick)).unwrap();
         assert!(r.hosts["ws0"].down);
         assert!(!r.hosts["ws1"].down);
-        assert_eq!(names(&alloc(&mut r, T0 + down_after + 1, 1, 2, "x")), vec!["ws1"], "never a down host");
-        r.apply(&at(T0 + down_after + 2, Command::Heartbeat { host: "ws0".into(), load: idle_load(), owner_idle_secs: 100 })).unwrap();
+        assert_eq!(
+            names(&alloc(&mut r, T0 + down_after + 1, 1, 2, "x")),
+            vec!["ws1"],
+            "never a down host"
+        );
+        r.apply(&at(
+            T0 + down_after + 2,
+            Command::Heartbeat {
+                host: "ws0".into(),
+                load: idle_load(),
+                owner_idle_secs: 100,
+            },
+        ))
+        .unwrap();
         assert!(!r.hosts["ws0"].down);
     }
 
@@ -784,17 +1095,52 @@ mod tests {
         // Keep the hosts alive and renew only a.
         let half = T0 + ttl / 2;
         for h in ["ws0", "ws1"] {
-            r.apply(&at(half, Command::Heartbeat { host: h.into(), load: idle_load(), owner_idle_secs: 200 })).unwrap();
+            r.apply(&at(
+                half,
+                Command::Heartbeat {
+                    host: h.into(),
+                    load: idle_load(),
+                    owner_idle_secs: 200,
+                },
+            ))
+            .unwrap();
         }
-        let Reply::Renewed(v) = r.apply(&at(half, Command::RenewLeases { user: 1, leases: vec![a] })).unwrap() else { panic!() };
+        let Reply::Renewed(v) = r
+            .apply(&at(
+                half,
+                Command::RenewLeases {
+                    user: 1,
+                    leases: vec![a],
+                },
+            ))
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(v, vec![(a, half + ttl)]);
         let later = T0 + ttl + 1;
         for h in ["ws0", "ws1"] {
-            r.apply(&at(later, Command::Heartbeat { host: h.into(), load: idle_load(), owner_idle_secs: 300 })).unwrap();
+            r.apply(&at(
+                later,
+                Command::Heartbeat {
+                    host: h.into(),
+                    load: idle_load(),
+                    owner_idle_secs: 300,
+                },
+            ))
+            .unwrap();
         }
         assert!(r.leases.contains_key(&a));
         assert!(!r.leases.contains_key(&b));
-        let e = r.apply(&at(later, Command::RenewLeases { user: 1, leases: vec![b] })).unwrap_err();
+        let e = r
+            .apply(&at(
+                later,
+                Command::RenewLeases {
+                    user: 1,
+                    leases: vec![b],
+                },
+            ))
+            .unwrap_err();
         assert_eq!(e, RegistryError::UnknownLease { lease: b });
         // b's host is free again.
         assert_eq!(alloc(&mut r, later, 2, 2, "x").len(), 1);
@@ -806,11 +1152,39 @@ mod tests {
         let got = alloc(&mut r, T0, 1, 1, "x");
         let id = got[0].id;
         let before = r.clone();
-        let e = r.apply(&at(T0, Command::ReleaseHosts { user: 2, leases: vec![id] })).unwrap_err();
+        let e = r
+            .apply(&at(
+                T0,
+                Command::ReleaseHosts {
+                    user: 2,
+                    leases: vec![id],
+                },
+            ))
+            .unwrap_err();
         assert!(matches!(e, RegistryError::LeaseNotYours { .. }), "{e}");
         assert_eq!(r, before, "refused command changes nothing");
-        assert_eq!(r.apply(&at(T0, Command::ReleaseHosts { user: 1, leases: vec![id] })).unwrap(), Reply::Released(1));
-        assert_eq!(r.apply(&at(T0, Command::ReleaseHosts { user: 1, leases: vec![id] })).unwrap(), Reply::Released(0));
+        assert_eq!(
+            r.apply(&at(
+                T0,
+                Command::ReleaseHosts {
+                    user: 1,
+                    leases: vec![id]
+                }
+            ))
+            .unwrap(),
+            Reply::Released(1)
+        );
+        assert_eq!(
+            r.apply(&at(
+                T0,
+                Command::ReleaseHosts {
+                    user: 1,
+                    leases: vec![id]
+                }
+            ))
+            .unwrap(),
+            Reply::Released(0)
+        );
     }
 
     #[test]
@@ -822,9 +1196,23 @@ mod tests {
         assert_eq!(bob.len(), 1);
         // Alice gives one back, then asks again: Bob (holding fewer, still short by 2) ranks first.
         let alice_lease = r.leases.values().find(|l| l.user == 1).unwrap().id;
-        r.apply(&at(T0, Command::ReleaseHosts { user: 1, leases: vec![alice_lease] })).unwrap();
-        assert!(alloc(&mut r, T0, 1, 1, "x").is_empty(), "alice must wait behind bob");
-        assert_eq!(alloc(&mut r, T0, 2, 2, "x").len(), 1, "bob gets the freed host");
+        r.apply(&at(
+            T0,
+            Command::ReleaseHosts {
+                user: 1,
+                leases: vec![alice_lease],
+            },
+        ))
+        .unwrap();
+        assert!(
+            alloc(&mut r, T0, 1, 1, "x").is_empty(),
+            "alice must wait behind bob"
+        );
+        assert_eq!(
+            alloc(&mut r, T0, 2, 2, "x").len(),
+            1,
+            "bob gets the freed host"
+        );
         // A user holding nothing is never held back.
         let mut r2 = cluster(&[100, 200]);
         alloc(&mut r2, T0, 1, 1, "x");
@@ -835,56 +1223,196 @@ mod tests {
     #[test]
     fn jobs_start_move_end_and_count_foreign() {
         let mut r = cluster(&[100, 100, 100]);
-        let Reply::Job(j) = r.apply(&at(T0, Command::JobStart { owner_uid: 7, home: "ws0".into(), host: "ws1".into() })).unwrap() else {
+        let Reply::Job(j) = r
+            .apply(&at(
+                T0,
+                Command::JobStart {
+                    owner_uid: 7,
+                    home: "ws0".into(),
+                    host: "ws1".into(),
+                },
+            ))
+            .unwrap()
+        else {
             panic!()
         };
         assert_eq!(r.hosts["ws1"].foreign_jobs, 1);
-        let e = r.apply(&at(T0, Command::JobMove { job: j, to: "ws2".into(), phase: MovePhase::Commit })).unwrap_err();
+        let e = r
+            .apply(&at(
+                T0,
+                Command::JobMove {
+                    job: j,
+                    to: "ws2".into(),
+                    phase: MovePhase::Commit,
+                },
+            ))
+            .unwrap_err();
         assert!(matches!(e, RegistryError::BadJobState { .. }), "{e}");
-        r.apply(&at(T0, Command::JobMove { job: j, to: "ws2".into(), phase: MovePhase::Begin })).unwrap();
+        r.apply(&at(
+            T0,
+            Command::JobMove {
+                job: j,
+                to: "ws2".into(),
+                phase: MovePhase::Begin,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.jobs[&j].migrating_to.as_deref(), Some("ws2"));
-        assert_eq!(r.jobs[&j].current_host, "ws1", "source stays current until the target confirms");
-        r.apply(&at(T0, Command::JobMove { job: j, to: "ws2".into(), phase: MovePhase::Commit })).unwrap();
+        assert_eq!(
+            r.jobs[&j].current_host, "ws1",
+            "source stays current until the target confirms"
+        );
+        r.apply(&at(
+            T0,
+            Command::JobMove {
+                job: j,
+                to: "ws2".into(),
+                phase: MovePhase::Commit,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.jobs[&j].current_host, "ws2");
-        assert_eq!((r.hosts["ws1"].foreign_jobs, r.hosts["ws2"].foreign_jobs), (0, 1));
+        assert_eq!(
+            (r.hosts["ws1"].foreign_jobs, r.hosts["ws2"].foreign_jobs),
+            (0, 1)
+        );
         // Move home: no longer foreign anywhere.
-        r.apply(&at(T0, Command::JobMove { job: j, to: "ws0".into(), phase: MovePhase::Begin })).unwrap();
-        r.apply(&at(T0, Command::JobMove { job: j, to: "ws0".into(), phase: MovePhase::Abort })).unwrap();
+        r.apply(&at(
+            T0,
+            Command::JobMove {
+                job: j,
+                to: "ws0".into(),
+                phase: MovePhase::Begin,
+            },
+        ))
+        .unwrap();
+        r.apply(&at(
+            T0,
+            Command::JobMove {
+                job: j,
+                to: "ws0".into(),
+                phase: MovePhase::Abort,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.jobs[&j].current_host, "ws2");
-        r.apply(&at(T0, Command::JobEnd { job: j, exit_status: 3 })).unwrap();
+        r.apply(&at(
+            T0,
+            Command::JobEnd {
+                job: j,
+                exit_status: 3,
+            },
+        ))
+        .unwrap();
         assert_eq!(r.jobs[&j].state, JobState::Done { exit_status: 3 });
         assert_eq!(r.hosts["ws2"].foreign_jobs, 0);
-        assert!(r.apply(&at(T0, Command::JobEnd { job: j, exit_status: 0 })).is_err());
+        assert!(r
+            .apply(&at(
+                T0,
+                Command::JobEnd {
+                    job: j,
+                    exit_status: 0
+                }
+            ))
+            .is_err());
         // Forgotten after the retention period.
-        r.apply(&at(T0 + r.policy.done_job_retention_ms + 1, Command::Tick)).unwrap();
+        r.apply(&at(T0 + r.policy.done_job_retention_ms + 1, Command::Tick))
+            .unwrap();
         assert!(!r.jobs.contains_key(&j));
     }
 
     #[test]
     fn bad_input_is_refused_and_changes_nothing() {
         let mut r = cluster(&[100]);
-        r.apply(&at(T0, Command::AddDomain { prefix: "/home".into(), server: "10.0.0.9:7000".into() })).unwrap();
+        r.apply(&at(
+            T0,
+            Command::AddDomain {
+                prefix: "/home".into(),
+                server: "10.0.0.9:7000".into(),
+            },
+        ))
+        .unwrap();
         let before = r.clone();
         let bad = vec![
-            Command::Heartbeat { host: "nope".into(), load: idle_load(), owner_idle_secs: 1 },
-            Command::Heartbeat { host: "ws0".into(), load: Load { load1: f64::NAN, ..idle_load() }, owner_idle_secs: 1 },
-            Command::RegisterHost { name: "".into(), addr: "1.2.3.4:5".into(), role: Role::Workstation },
-            Command::RegisterHost { name: "a b".into(), addr: "1.2.3.4:5".into(), role: Role::Workstation },
-            Command::RegisterHost { name: "ok".into(), addr: "no-port".into(), role: Role::Workstation },
-            Command::AddDomain { prefix: "relative".into(), server: "1.2.3.4:5".into() },
-            Command::AddDomain { prefix: "/a/../b".into(), server: "1.2.3.4:5".into() },
-            Command::RemoveDomain { prefix: "/nope".into() },
-            Command::JobEnd { job: 99, exit_status: 0 },
-            Command::JobStart { owner_uid: 1, home: "ws0".into(), host: "ghost".into() },
-            Command::AllocateHosts { user: 1, n: MAX_ALLOCATION + 1, requester: "x".into(), include_requester: false },
-            Command::UnregisterHost { name: "ghost".into() },
+            Command::Heartbeat {
+                host: "nope".into(),
+                load: idle_load(),
+                owner_idle_secs: 1,
+            },
+            Command::Heartbeat {
+                host: "ws0".into(),
+                load: Load {
+                    load1: f64::NAN,
+                    ..idle_load()
+                },
+                owner_idle_secs: 1,
+            },
+            Command::RegisterHost {
+                name: "".into(),
+                addr: "1.2.3.4:5".into(),
+                role: Role::Workstation,
+            },
+            Command::RegisterHost {
+                name: "a b".into(),
+                addr: "1.2.3.4:5".into(),
+                role: Role::Workstation,
+            },
+            Command::RegisterHost {
+                name: "ok".into(),
+                addr: "no-port".into(),
+                role: Role::Workstation,
+            },
+            Command::AddDomain {
+                prefix: "relative".into(),
+                server: "1.2.3.4:5".into(),
+            },
+            Command::AddDomain {
+                prefix: "/a/../b".into(),
+                server: "1.2.3.4:5".into(),
+            },
+            Command::RemoveDomain {
+                prefix: "/nope".into(),
+            },
+            Command::JobEnd {
+                job: 99,
+                exit_status: 0,
+            },
+            Command::JobStart {
+                owner_uid: 1,
+                home: "ws0".into(),
+                host: "ghost".into(),
+            },
+            Command::AllocateHosts {
+                user: 1,
+                n: MAX_ALLOCATION + 1,
+                requester: "x".into(),
+                include_requester: false,
+            },
+            Command::UnregisterHost {
+                name: "ghost".into(),
+            },
         ];
         for c in bad {
             let e = r.apply(&at(T0, c.clone())).unwrap_err();
-            assert!(!e.to_string().is_empty() && e.to_string().chars().next().unwrap().is_lowercase(), "{e}");
+            assert!(
+                !e.to_string().is_empty() && e.to_string().chars().next().unwrap().is_lowercase(),
+                "{e}"
+            );
             assert_eq!(r, before, "{c:?} changed the registry");
         }
-        assert_eq!(r.apply(&at(T0, Command::Heartbeat { host: "nope".into(), load: idle_load(), owner_idle_secs: 1 })).unwrap_err().to_string(), "unknown host nope");
+        assert_eq!(
+            r.apply(&at(
+                T0,
+                Command::Heartbeat {
+                    host: "nope".into(),
+                    load: idle_load(),
+                    owner_idle_secs: 1
+                }
+            ))
+            .unwrap_err()
+            .to_string(),
+            "unknown host nope"
+        );
     }
 
     #[test]
@@ -893,13 +1421,43 @@ mod tests {
             .map(|i| {
                 let h = format!("ws{}", i % 7);
                 let c = match i % 5 {
-                    0 => Command::RegisterHost { name: h, addr: format!("10.1.0.{}:1", i % 7), role: Role::Workstation },
-                    1 => Command::Heartbeat { host: h, load: Load { load1: (i % 3) as f64 * 0.4, ..idle_load() }, owner_idle_secs: i },
-                    2 => Command::AllocateHosts { user: (i % 3) as u32, n: 2, requester: h, include_requester: false },
-                    3 => Command::JobStart { owner_uid: 1, home: "ws0".into(), host: h },
-                    _ => Command::ReleaseHosts { user: (i % 3) as u32, leases: vec![i / 2] },
+                    0 => Command::RegisterHost {
+                        name: h,
+                        addr: format!("10.1.0.{}:1", i % 7),
+                        role: Role::Workstation,
+                    },
+                    1 => Command::Heartbeat {
+                        host: h,
+                        load: Load {
+                            load1: (i % 3) as f64 * 0.4,
+                            ..idle_load()
+                        },
+                        owner_idle_secs: i,
+                    },
+                    2 => Command::AllocateHosts {
+                        user: (i % 3) as u32,
+                        n: 2,
+                        requester: h,
+                        include_requester: false,
+                    },
+                    3 => Command::JobStart {
+                        owner_uid: 1,
+                        home: "ws0".into(),
+                        host: h,
+                    },
+                    _ => Command::ReleaseHosts {
+                        user: (i % 3) as u32,
+                        leases: vec![i / 2],
+                    },
                 };
-                Stamped { now_ms: T0 + i * 700, cmd: c, origin: Some(Origin { client: i % 2, seq: i / 3 }) }
+                Stamped {
+                    now_ms: T0 + i * 700,
+                    cmd: c,
+                    origin: Some(Origin {
+                        client: i % 2,
+                        seq: i / 3,
+                    }),
+                }
             })
             .collect();
         let run = || {
@@ -913,10 +1471,24 @@ mod tests {
     #[test]
     fn domain_lookup_uses_longest_prefix() {
         let mut r = Registry::new(IdlePolicy::default());
-        for (p, s) in [("/", "10.0.0.1:1"), ("/home", "10.0.0.2:1"), ("/home/alice", "10.0.0.3:1")] {
-            r.apply(&at(T0, Command::AddDomain { prefix: p.into(), server: s.into() })).unwrap();
+        for (p, s) in [
+            ("/", "10.0.0.1:1"),
+            ("/home", "10.0.0.2:1"),
+            ("/home/alice", "10.0.0.3:1"),
+        ] {
+            r.apply(&at(
+                T0,
+                Command::AddDomain {
+                    prefix: p.into(),
+                    server: s.into(),
+                },
+            ))
+            .unwrap();
         }
-        assert_eq!(r.lookup_domain("/home/alice/x"), Some(("/home/alice", "10.0.0.3:1")));
+        assert_eq!(
+            r.lookup_domain("/home/alice/x"),
+            Some(("/home/alice", "10.0.0.3:1"))
+        );
         assert_eq!(r.lookup_domain("/home/bob"), Some(("/home", "10.0.0.2:1")));
         assert_eq!(r.lookup_domain("/homework"), Some(("/", "10.0.0.1:1")));
     }
@@ -924,33 +1496,103 @@ mod tests {
     #[test]
     fn retried_request_applies_once() {
         let mut r = cluster(&[100, 200, 300]);
-        let o = Origin { client: 0xabc, seq: 7 };
-        let cmd = Command::AllocateHosts { user: 1, n: 1, requester: "x".into(), include_requester: false };
-        let first = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(o) }).unwrap();
-        let again = r.apply(&Stamped { now_ms: T0 + 5, cmd: cmd.clone(), origin: Some(o) }).unwrap();
+        let o = Origin {
+            client: 0xabc,
+            seq: 7,
+        };
+        let cmd = Command::AllocateHosts {
+            user: 1,
+            n: 1,
+            requester: "x".into(),
+            include_requester: false,
+        };
+        let first = r
+            .apply(&Stamped {
+                now_ms: T0,
+                cmd: cmd.clone(),
+                origin: Some(o),
+            })
+            .unwrap();
+        let again = r
+            .apply(&Stamped {
+                now_ms: T0 + 5,
+                cmd: cmd.clone(),
+                origin: Some(o),
+            })
+            .unwrap();
         assert_eq!(first, again, "the retry gets the first answer");
         assert_eq!(r.leases.len(), 1, "and allocates nothing more");
-        let other = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(Origin { seq: 8, ..o }) }).unwrap();
+        let other = r
+            .apply(&Stamped {
+                now_ms: T0,
+                cmd: cmd.clone(),
+                origin: Some(Origin { seq: 8, ..o }),
+            })
+            .unwrap();
         assert_ne!(other, first);
         assert_eq!(r.leases.len(), 2);
         // A refusal is remembered too.
-        let bad = Command::RemoveDomain { prefix: "/x".into() };
-        let e1 = r.apply(&Stamped { now_ms: T0, cmd: bad.clone(), origin: Some(Origin { seq: 9, ..o }) }).unwrap_err();
-        let e2 = r.apply(&Stamped { now_ms: T0, cmd: bad, origin: Some(Origin { seq: 9, ..o }) }).unwrap_err();
+        let bad = Command::RemoveDomain {
+            prefix: "/x".into(),
+        };
+        let e1 = r
+            .apply(&Stamped {
+                now_ms: T0,
+                cmd: bad.clone(),
+                origin: Some(Origin { seq: 9, ..o }),
+            })
+            .unwrap_err();
+        let e2 = r
+            .apply(&Stamped {
+                now_ms: T0,
+                cmd: bad,
+                origin: Some(Origin { seq: 9, ..o }),
+            })
+            .unwrap_err();
         assert_eq!(e1, e2);
         // Only a window of replies is kept; older requests are refused, not re-applied.
         for seq in 100..100 + SESSION_WINDOW as u64 {
-            let cmd = Command::ReleaseHosts { user: 1, leases: vec![] };
-            r.apply(&Stamped { now_ms: T0, cmd, origin: Some(Origin { seq, ..o }) }).unwrap();
+            let cmd = Command::ReleaseHosts {
+                user: 1,
+                leases: vec![],
+            };
+            r.apply(&Stamped {
+                now_ms: T0,
+                cmd,
+                origin: Some(Origin { seq, ..o }),
+            })
+            .unwrap();
         }
         // Idempotent commands are not remembered.
-        let hb = Command::Heartbeat { host: "ws0".into(), load: idle_load(), owner_idle_secs: 100 };
-        r.apply(&Stamped { now_ms: T0, cmd: hb, origin: Some(Origin { seq: 10_000, ..o }) }).unwrap();
+        let hb = Command::Heartbeat {
+            host: "ws0".into(),
+            load: idle_load(),
+            owner_idle_secs: 100,
+        };
+        r.apply(&Stamped {
+            now_ms: T0,
+            cmd: hb,
+            origin: Some(Origin { seq: 10_000, ..o }),
+        })
+        .unwrap();
         assert!(!r.sessions[&0xabc].replies.contains_key(&10_000));
-        let e = r.apply(&Stamped { now_ms: T0, cmd: cmd.clone(), origin: Some(o) }).unwrap_err();
-        assert_eq!(e, RegistryError::StaleRequest { client: 0xabc, seq: 7 });
+        let e = r
+            .apply(&Stamped {
+                now_ms: T0,
+                cmd: cmd.clone(),
+                origin: Some(o),
+            })
+            .unwrap_err();
+        assert_eq!(
+            e,
+            RegistryError::StaleRequest {
+                client: 0xabc,
+                seq: 7
+            }
+        );
         // Sessions of silent clients are forgotten.
-        r.apply(&at(T0 + 5 + SESSION_TTL_MS + 1, Command::Tick)).unwrap();
+        r.apply(&at(T0 + 5 + SESSION_TTL_MS + 1, Command::Tick))
+            .unwrap();
         assert!(r.sessions.is_empty());
     }
 }

@@ -31,8 +31,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -52,14 +52,21 @@ const SNAP_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create registry directory {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open registry database {path}: {msg}")]
     Open { path: PathBuf, msg: String },
     #[error("registry database {path} is corrupt: {msg}")]
     Corrupt { path: PathBuf, msg: String },
 }
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl ToString) -> StorageError<NodeId> {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl ToString,
+) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
 
@@ -87,18 +94,26 @@ pub fn encode_snapshot(r: &Registry) -> Vec<u8> {
 /// Decode and check snapshot data.
 pub fn decode_snapshot(data: &[u8]) -> Result<Registry, String> {
     if data.len() > MAX_SNAPSHOT {
-        return Err(format!("snapshot of {} bytes exceeds the limit of {MAX_SNAPSHOT}", data.len()));
+        return Err(format!(
+            "snapshot of {} bytes exceeds the limit of {MAX_SNAPSHOT}",
+            data.len()
+        ));
     }
     if data.len() < 24 || &data[..4] != SNAP_MAGIC {
         return Err("not a registry snapshot (bad magic)".into());
     }
     let version = u32::from_le_bytes(data[4..8].try_into().expect("4 bytes"));
     if version != SNAP_VERSION {
-        return Err(format!("snapshot version {version}, this build reads {SNAP_VERSION}"));
+        return Err(format!(
+            "snapshot version {version}, this build reads {SNAP_VERSION}"
+        ));
     }
     let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
     if data.len() != 16 + len + 8 {
-        return Err(format!("snapshot length field {len} does not match {} bytes", data.len()));
+        return Err(format!(
+            "snapshot length field {len} does not match {} bytes",
+            data.len()
+        ));
     }
     let body = &data[16..16 + len];
     let sum = u64::from_le_bytes(data[16 + len..].try_into().expect("8 bytes"));
@@ -116,9 +131,15 @@ struct StoredSnapshot {
 
 /// Open (or create) the registry database in `dir`.
 pub fn open_db(dir: &Path) -> Result<Arc<Database>, StoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        path: dir.into(),
+        source,
+    })?;
     let path = dir.join("registry.redb");
-    let db = Database::create(&path).map_err(|e| StoreError::Open { path: path.clone(), msg: e.to_string() })?;
+    let db = Database::create(&path).map_err(|e| StoreError::Open {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
     let init = || -> Result<(), redb::Error> {
         let w = db.begin_write()?;
         w.open_table(LOG)?;
@@ -126,7 +147,10 @@ pub fn open_db(dir: &Path) -> Result<Arc<Database>, StoreError> {
         w.commit()?;
         Ok(())
     };
-    init().map_err(|e| StoreError::Open { path: path.clone(), msg: e.to_string() })?;
+    init().map_err(|e| StoreError::Open {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
     Ok(Arc::new(db))
 }
 
@@ -136,7 +160,9 @@ fn meta_get<T: for<'a> Deserialize<'a>>(db: &Database, key: &str) -> Result<Opti
     let v = t.get(key).map_err(|e| e.to_string())?;
     match v {
         None => Ok(None),
-        Some(g) => postcard::from_bytes(g.value()).map(Some).map_err(|e| format!("meta {key}: {e}")),
+        Some(g) => postcard::from_bytes(g.value())
+            .map(Some)
+            .map_err(|e| format!("meta {key}: {e}")),
     }
 }
 
@@ -154,7 +180,9 @@ fn meta_put(db: &Database, key: &str, bytes: &[u8], durable: bool) -> Result<(),
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("redb task never panics")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("redb task never panics")
 }
 
 // ----------------------------------------------------------------------------------------
@@ -174,10 +202,14 @@ impl LogStore {
 
 impl LogStore {
     /// Write entries durably (blocking; the body of `append`).
-    pub(crate) fn append_now(&self, entries: Vec<Entry<TypeConfig>>) -> Result<(), StorageError<NodeId>> {
+    pub(crate) fn append_now(
+        &self,
+        entries: Vec<Entry<TypeConfig>>,
+    ) -> Result<(), StorageError<NodeId>> {
         let mut rows = Vec::with_capacity(entries.len());
         for e in entries {
-            let b = postcard::to_allocvec(&e).map_err(|err| io_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
+            let b = postcard::to_allocvec(&e)
+                .map_err(|err| io_err(ErrorSubject::Logs, ErrorVerb::Write, err))?;
             rows.push((e.log_id.index, b));
         }
         let write = || -> Result<(), redb::Error> {
@@ -226,14 +258,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || {
             let rd = |e: &dyn ToString| io_err(ErrorSubject::Logs, ErrorVerb::Read, e.to_string());
-            let last_purged: Option<LogId<NodeId>> = meta_get(&db, "last_purged").map_err(|e| rd(&e))?;
+            let last_purged: Option<LogId<NodeId>> =
+                meta_get(&db, "last_purged").map_err(|e| rd(&e))?;
             let r = db.begin_read().map_err(|e| rd(&e))?;
             let t = r.open_table(LOG).map_err(|e| rd(&e))?;
             let last = match t.last().map_err(|e| rd(&e))? {
-                Some((_, v)) => Some(postcard::from_bytes::<Entry<TypeConfig>>(v.value()).map_err(|e| rd(&e))?.log_id),
+                Some((_, v)) => Some(
+                    postcard::from_bytes::<Entry<TypeConfig>>(v.value())
+                        .map_err(|e| rd(&e))?
+                        .log_id,
+                ),
                 None => last_purged,
             };
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+            Ok(LogState {
+                last_purged_log_id: last_purged,
+                last_log_id: last,
+            })
         })
         .await
     }
@@ -244,18 +284,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let db = self.db.clone();
-        let bytes = postcard::to_allocvec(vote).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
-        blocking(move || meta_put(&db, "vote", &bytes, true)).await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+        let bytes = postcard::to_allocvec(vote)
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        blocking(move || meta_put(&db, "vote", &bytes, true))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
         let db = self.db.clone();
-        blocking(move || meta_get(&db, "vote")).await.map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Read, e))
+        blocking(move || meta_get(&db, "vote"))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Read, e))
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
         let db = self.db.clone();
-        let bytes = postcard::to_allocvec(&committed).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let bytes = postcard::to_allocvec(&committed)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         blocking(move || meta_put(&db, "committed", &bytes, false))
             .await
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
@@ -264,11 +313,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
         let db = self.db.clone();
         let v: Option<Option<LogId<NodeId>>> =
-            blocking(move || meta_get(&db, "committed")).await.map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+            blocking(move || meta_get(&db, "committed"))
+                .await
+                .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
         Ok(v.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -304,7 +359,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         let db = self.db.clone();
-        let bytes = postcard::to_allocvec(&log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let bytes = postcard::to_allocvec(&log_id)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         blocking(move || -> Result<(), redb::Error> {
             let w = db.begin_write()?;
             {
@@ -345,11 +401,20 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Load the state machine from the last snapshot in `db`, if any.
     pub fn open(db: Arc<Database>, path: PathBuf) -> Result<Self, StoreError> {
-        let mut st = SmState { registry: Registry::new(Default::default()), ..Default::default() };
+        let mut st = SmState {
+            registry: Registry::new(Default::default()),
+            ..Default::default()
+        };
         let snap: Option<StoredSnapshot> =
-            meta_get(&db, "snapshot").map_err(|msg| StoreError::Corrupt { path: path.clone(), msg })?;
+            meta_get(&db, "snapshot").map_err(|msg| StoreError::Corrupt {
+                path: path.clone(),
+                msg,
+            })?;
         if let Some(s) = snap {
-            st.registry = decode_snapshot(&s.data).map_err(|msg| StoreError::Corrupt { path: path.clone(), msg })?;
+            st.registry = decode_snapshot(&s.data).map_err(|msg| StoreError::Corrupt {
+                path: path.clone(),
+                msg,
+            })?;
             st.last_applied = s.meta.last_log_id;
             st.membership = s.meta.last_membership.clone();
         }
@@ -371,7 +436,8 @@ impl StateMachineStore {
 
     async fn store_snapshot(&self, s: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
         let sig = Some(s.meta.signature());
-        let bytes = postcard::to_allocvec(s).map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e))?;
+        let bytes = postcard::to_allocvec(s)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e))?;
         let db = self.db.clone();
         blocking(move || meta_put(&db, "snapshot", &bytes, true))
             .await
@@ -383,21 +449,41 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let (data, last_applied, membership) = {
             let st = self.read();
-            (encode_snapshot(&st.registry), st.last_applied, st.membership.clone())
+            (
+                encode_snapshot(&st.registry),
+                st.last_applied,
+                st.membership.clone(),
+            )
         };
         if data.len() > MAX_SNAPSHOT {
-            return Err(io_err(ErrorSubject::StateMachine, ErrorVerb::Read, format!("snapshot of {} bytes exceeds the limit", data.len())));
+            return Err(io_err(
+                ErrorSubject::StateMachine,
+                ErrorVerb::Read,
+                format!("snapshot of {} bytes exceeds the limit", data.len()),
+            ));
         }
-        let seq = self.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self
+            .snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
         self.store_snapshot(&stored).await?;
         tracing::info!(path = %self.path.display(), id = %meta.snapshot_id, bytes = data.len(), "registry snapshot built");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -406,12 +492,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), StorageError<NodeId>> {
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::BasicNode>,
+        ),
+        StorageError<NodeId>,
+    > {
         let st = self.read();
         Ok((st.last_applied, st.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Result<Reply, RegistryError>>, StorageError<NodeId>>
+    async fn apply<I>(
+        &mut self,
+        entries: I,
+    ) -> Result<Vec<Result<Reply, RegistryError>>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -436,7 +531,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -446,9 +543,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let registry = decode_snapshot(&data)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
-        self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data }).await?;
+        let registry = decode_snapshot(&data).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                e,
+            )
+        })?;
+        self.store_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
         let mut st = self.write();
         st.registry = registry;
         st.last_applied = meta.last_log_id;
@@ -457,12 +563,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let db = self.db.clone();
         let s: Option<StoredSnapshot> = blocking(move || meta_get(&db, "snapshot"))
             .await
             .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(s.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(s.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
@@ -470,7 +581,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 pub fn stored_log_bounds(db: &Database) -> Result<(Option<u64>, Option<u64>), String> {
     let r = db.begin_read().map_err(|e| e.to_string())?;
     let t = r.open_table(LOG).map_err(|e| e.to_string())?;
-    let first = t.first().map_err(|e| e.to_string())?.map(|(k, _)| k.value());
+    let first = t
+        .first()
+        .map_err(|e| e.to_string())?
+        .map(|(k, _)| k.value());
     let last = t.last().map_err(|e| e.to_string())?.map(|(k, _)| k.value());
     Ok((first, last))
 }
@@ -487,7 +601,14 @@ mod tests {
     }
 
     fn entry(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
-        Entry { log_id: lid(term, index), payload: EntryPayload::Normal(Stamped { now_ms: 1000 * index, cmd, origin: None }) }
+        Entry {
+            log_id: lid(term, index),
+            payload: EntryPayload::Normal(Stamped {
+                now_ms: 1000 * index,
+                cmd,
+                origin: None,
+            }),
+        }
     }
 
     #[test]
@@ -499,7 +620,10 @@ mod tests {
         let mut bad = d.clone();
         let n = bad.len();
         bad[n - 9] ^= 1;
-        assert_eq!(decode_snapshot(&bad).unwrap_err(), "snapshot checksum mismatch");
+        assert_eq!(
+            decode_snapshot(&bad).unwrap_err(),
+            "snapshot checksum mismatch"
+        );
         assert!(decode_snapshot(b"nope").is_err());
         let mut v2 = d.clone();
         v2[4] = 2;
@@ -515,7 +639,16 @@ mod tests {
             let mut ls = LogStore::new(db);
             ls.save_vote(&Vote::new(3, 1)).await.unwrap();
             let ents: Vec<_> = (1..=10)
-                .map(|i| entry(1, i, Command::AddDomain { prefix: format!("/d{i}"), server: "1.2.3.4:5".into() }))
+                .map(|i| {
+                    entry(
+                        1,
+                        i,
+                        Command::AddDomain {
+                            prefix: format!("/d{i}"),
+                            server: "1.2.3.4:5".into(),
+                        },
+                    )
+                })
                 .collect();
             ls.append_now(ents).unwrap();
             ls.truncate(lid(1, 8)).await.unwrap();
@@ -527,9 +660,15 @@ mod tests {
         let mut ls = LogStore::new(db);
         assert_eq!(ls.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
         let st = ls.get_log_state().await.unwrap();
-        assert_eq!((st.last_purged_log_id, st.last_log_id), (Some(lid(1, 3)), Some(lid(1, 7))));
+        assert_eq!(
+            (st.last_purged_log_id, st.last_log_id),
+            (Some(lid(1, 3)), Some(lid(1, 7)))
+        );
         let got = ls.try_get_log_entries(4..6).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,16 +676,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open_db(dir.path()).unwrap();
         let mut sm = StateMachineStore::open(db, dir.path().into()).unwrap();
-        let members = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, openraft::BasicNode::new("127.0.0.1:1"))]));
+        let members = Membership::new(
+            vec![BTreeSet::from([1u64])],
+            BTreeMap::from([(1u64, openraft::BasicNode::new("127.0.0.1:1"))]),
+        );
         let ents = vec![
-            Entry { log_id: lid(1, 1), payload: EntryPayload::Membership(members) },
-            entry(1, 2, Command::AddDomain { prefix: "/home".into(), server: "1.2.3.4:5".into() }),
-            entry(1, 3, Command::RemoveDomain { prefix: "/nope".into() }),
+            Entry {
+                log_id: lid(1, 1),
+                payload: EntryPayload::Membership(members),
+            },
+            entry(
+                1,
+                2,
+                Command::AddDomain {
+                    prefix: "/home".into(),
+                    server: "1.2.3.4:5".into(),
+                },
+            ),
+            entry(
+                1,
+                3,
+                Command::RemoveDomain {
+                    prefix: "/nope".into(),
+                },
+            ),
         ];
         let res = sm.apply(ents).await.unwrap();
         assert_eq!(res[1], Ok(Reply::Done));
         assert!(matches!(res[2], Err(RegistryError::UnknownDomain { .. })));
-        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
         assert_eq!(snap.meta.last_log_id, Some(lid(1, 3)));
         drop(sm);
 
@@ -555,18 +718,26 @@ mod tests {
         let (applied, m) = sm2.applied_state().await.unwrap();
         assert_eq!(applied, Some(lid(1, 3)));
         assert_eq!(m.log_id(), &Some(lid(1, 1)));
-        assert_eq!(sm2.read().registry.domains.get("/home").map(String::as_str), Some("1.2.3.4:5"));
+        assert_eq!(
+            sm2.read().registry.domains.get("/home").map(String::as_str),
+            Some("1.2.3.4:5")
+        );
 
         // Install the stored snapshot into a fresh store, as a follower would.
         let cur = sm2.get_current_snapshot().await.unwrap().unwrap();
         let dir3 = tempfile::tempdir().unwrap();
-        let mut sm3 = StateMachineStore::open(open_db(dir3.path()).unwrap(), dir3.path().into()).unwrap();
+        let mut sm3 =
+            StateMachineStore::open(open_db(dir3.path()).unwrap(), dir3.path().into()).unwrap();
         sm3.install_snapshot(&cur.meta, cur.snapshot).await.unwrap();
         assert_eq!(sm3.read().registry, sm2.read().registry);
         let mut bad = Box::new(Cursor::new(b"garbage".to_vec()));
         bad.set_position(0);
         assert!(sm3.install_snapshot(&cur.meta, bad).await.is_err());
-        assert_eq!(sm3.read().registry, sm2.read().registry, "a bad snapshot changes nothing");
+        assert_eq!(
+            sm3.read().registry,
+            sm2.read().registry,
+            "a bad snapshot changes nothing"
+        );
     }
 
     #[test]
@@ -576,14 +747,44 @@ mod tests {
             .map(|i| {
                 let h = format!("ws{}", i % 5);
                 let cmd = match i % 6 {
-                    0 => Command::RegisterHost { name: h, addr: format!("10.0.0.{}:1", i % 5), role: Role::Workstation },
-                    1 => Command::Heartbeat { host: h, load: Load::default(), owner_idle_secs: 60 + i },
-                    2 => Command::AllocateHosts { user: (i % 3) as u32, n: 2, requester: h, include_requester: false },
-                    3 => Command::JobStart { owner_uid: 1, home: "ws0".into(), host: h },
-                    4 => Command::ReleaseHosts { user: (i % 3) as u32, leases: vec![i / 3] },
-                    _ => Command::AddDomain { prefix: format!("/d{}", i % 4), server: "10.0.0.9:1".into() },
+                    0 => Command::RegisterHost {
+                        name: h,
+                        addr: format!("10.0.0.{}:1", i % 5),
+                        role: Role::Workstation,
+                    },
+                    1 => Command::Heartbeat {
+                        host: h,
+                        load: Load::default(),
+                        owner_idle_secs: 60 + i,
+                    },
+                    2 => Command::AllocateHosts {
+                        user: (i % 3) as u32,
+                        n: 2,
+                        requester: h,
+                        include_requester: false,
+                    },
+                    3 => Command::JobStart {
+                        owner_uid: 1,
+                        home: "ws0".into(),
+                        host: h,
+                    },
+                    4 => Command::ReleaseHosts {
+                        user: (i % 3) as u32,
+                        leases: vec![i / 3],
+                    },
+                    _ => Command::AddDomain {
+                        prefix: format!("/d{}", i % 4),
+                        server: "10.0.0.9:1".into(),
+                    },
                 };
-                Stamped { now_ms: 1_000_000 + i * 1500, cmd, origin: Some(Origin { client: i % 2, seq: i }) }
+                Stamped {
+                    now_ms: 1_000_000 + i * 1500,
+                    cmd,
+                    origin: Some(Origin {
+                        client: i % 2,
+                        seq: i,
+                    }),
+                }
             })
             .collect();
         let mut full = Registry::new(Default::default());

@@ -14,8 +14,8 @@ use std::io::Cursor;
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,10 @@ pub enum NamingError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("registry node {node} is not the leader (leader: {})", leader.as_ref().map(|(i, a)| format!("node {i} at {a}")).unwrap_or_else(|| "unknown".into()))]
-    NotLeader { node: NodeId, leader: Option<(NodeId, String)> },
+    NotLeader {
+        node: NodeId,
+        leader: Option<(NodeId, String)>,
+    },
     #[error("registry node {node} is shut down")]
     Stopped { node: NodeId },
     #[error("registry write not committed by node {node} within {ms} ms: no quorum of replicas reachable?")]
@@ -64,7 +67,10 @@ pub enum NamingError {
 impl NamingError {
     /// Whether trying again (elsewhere or later) may succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, NamingError::Registry(_) | NamingError::Malformed(_) | NamingError::Storage { .. })
+        !matches!(
+            self,
+            NamingError::Registry(_) | NamingError::Malformed(_) | NamingError::Storage { .. }
+        )
     }
 }
 
@@ -90,14 +96,28 @@ pub enum NamingRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A registry command, committed through the leader. With an `origin`, a repeat of the
     /// same request is answered from the registry's memory instead of applied again.
-    Write { cmd: Command, origin: Option<Origin>, forwarded: bool },
+    Write {
+        cmd: Command,
+        origin: Option<Origin>,
+        forwarded: bool,
+    },
     /// The whole registry; `linearizable` confirms leadership first (forwarded to the leader),
     /// otherwise the receiving replica answers from its own copy (a hint).
-    Read { linearizable: bool, forwarded: bool },
+    Read {
+        linearizable: bool,
+        forwarded: bool,
+    },
     /// Add a replica: first as a learner (it catches up), then as a voter.
-    AddMember { id: NodeId, addr: String, forwarded: bool },
+    AddMember {
+        id: NodeId,
+        addr: String,
+        forwarded: bool,
+    },
     /// Remove a replica from the voters and the membership.
-    RemoveMember { id: NodeId, forwarded: bool },
+    RemoveMember {
+        id: NodeId,
+        forwarded: bool,
+    },
     Status,
 }
 
@@ -106,7 +126,9 @@ pub enum NamingRequest {
 pub enum NamingResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     Write(Result<Reply, NamingError>),
     Read(Result<Box<Registry>, NamingError>),
     Membership(Result<NodeStatus, NamingError>),

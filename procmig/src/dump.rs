@@ -291,6 +291,30 @@ const ALLOWED_CHARDEVS: &[&str] = &[
     "/dev/full",
 ];
 
+/// The tracee's `/proc/<pid>/mem`, its `[vdso]` range and the address of a `syscall`
+/// instruction inside it (where injected system calls are executed).
+fn vdso_syscall(pid: i32) -> Result<(File, std::ops::Range<u64>, u64)> {
+    let vdso = procfs::maps(pid)?
+        .into_iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or_else(|| DumpError::Unsupported {
+            pid,
+            what: "no [vdso] mapping".into(),
+        })?;
+    let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
+        pid,
+        addr: 0,
+        source,
+    })?;
+    let ip = inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end).ok_or_else(|| {
+        DumpError::Unsupported {
+            pid,
+            what: "no syscall instruction found in [vdso]".into(),
+        }
+    })?;
+    Ok((memf, vdso.start..vdso.end, ip))
+}
+
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
     dump_with(pid, dir, None, None)
@@ -406,26 +430,7 @@ fn dump_frozen(
     };
     let (robust_list, robust_list_len) = sys::get_robust_list(pid)?;
 
-    let maps0 = procfs::maps(pid)?;
-    let vdso = maps0
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| DumpError::Unsupported {
-            pid,
-            what: "no [vdso] mapping".into(),
-        })?;
-    let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
-        pid,
-        addr: 0,
-        source,
-    })?;
-    let syscall_ip =
-        inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end).ok_or_else(|| {
-            DumpError::Unsupported {
-                pid,
-                what: "no syscall instruction found in [vdso]".into(),
-            }
-        })?;
+    let (memf, vdso, syscall_ip) = vdso_syscall(pid)?;
     let mut vdso_bytes = vec![0u8; (vdso.end - vdso.start) as usize];
     memf.read_exact_at(&mut vdso_bytes, vdso.start)
         .map_err(|source| DumpError::ReadMem {
@@ -1597,26 +1602,7 @@ fn start_uffd_wp(pid: i32) -> Result<Tracker> {
         }
     };
     let injected = (|| -> Result<std::os::fd::OwnedFd> {
-        let maps = procfs::maps(pid)?;
-        let vdso =
-            maps.iter()
-                .find(|m| m.name == "[vdso]")
-                .ok_or_else(|| DumpError::Unsupported {
-                    pid,
-                    what: "no [vdso] mapping".into(),
-                })?;
-        let memf = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
-            pid,
-            addr: 0,
-            source,
-        })?;
-        let ip =
-            inject::find_syscall_in_vdso(pid, &memf, vdso.start, vdso.end).ok_or_else(|| {
-                DumpError::Unsupported {
-                    pid,
-                    what: "no syscall instruction found in [vdso]".into(),
-                }
-            })?;
+        let (_, _, ip) = vdso_syscall(pid)?;
         let mut inj = Injector::new(pid, ip, regs)?;
         let scratch = inj.call(
             "mmap(scratch)",

@@ -35,8 +35,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use crate::key::ClusterKey;
-use seal::{SealError, SealedCodec, SessionKeys, Side};
 use crate::{MAX_FRAME, PROTOCOL_VERSION};
+use seal::{SealError, SealedCodec, SessionKeys, Side};
 
 /// Frame cap while the peer is not yet authenticated.
 pub const HANDSHAKE_MAX_FRAME: usize = 512;
@@ -56,7 +56,9 @@ pub enum AuthError {
     Malformed(String),
     #[error("peer is not a wisp daemon (bad magic)")]
     BadMagic,
-    #[error("peer speaks protocol version {theirs}, this build speaks {ours}; upgrade the older side")]
+    #[error(
+        "peer speaks protocol version {theirs}, this build speaks {ours}; upgrade the older side"
+    )]
     Version { ours: u32, theirs: u32 },
     #[error("peer does not hold the cluster key (proof rejected)")]
     BadKey,
@@ -82,8 +84,16 @@ struct ClientHello {
 
 #[derive(Serialize, Deserialize)]
 enum ServerHello {
-    Ok { magic: [u8; 4], version: u32, nonce: [u8; 32], mac: [u8; 32] },
-    Refused { version: u32, reason: String },
+    Ok {
+        magic: [u8; 4],
+        version: u32,
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Refused {
+        version: u32,
+        reason: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -177,15 +187,32 @@ where
         let mut f = new_framed(io);
         let cn = nonce();
         let name = clip_name(name);
-        send(&mut f, &ClientHello { magic: MAGIC, version: PROTOCOL_VERSION, nonce: cn, name: name.clone() }).await?;
+        send(
+            &mut f,
+            &ClientHello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                nonce: cn,
+                name: name.clone(),
+            },
+        )
+        .await?;
         let (sn, smac) = match recv::<_, _, ServerHello>(&mut f).await? {
             ServerHello::Refused { reason, .. } => return Err(AuthError::Refused(reason)),
-            ServerHello::Ok { magic, version, nonce, mac } => {
+            ServerHello::Ok {
+                magic,
+                version,
+                nonce,
+                mac,
+            } => {
                 if magic != MAGIC {
                     return Err(AuthError::BadMagic);
                 }
                 if version != PROTOCOL_VERSION {
-                    return Err(AuthError::Version { ours: PROTOCOL_VERSION, theirs: version });
+                    return Err(AuthError::Version {
+                        ours: PROTOCOL_VERSION,
+                        theirs: version,
+                    });
                 }
                 (nonce, mac)
             }
@@ -194,7 +221,13 @@ where
         if !bool::from(expect.ct_eq(&smac)) {
             return Err(AuthError::BadKey);
         }
-        send(&mut f, &ClientProof { mac: mac(key, b"wisp-client", &sn, &cn, &name) }).await?;
+        send(
+            &mut f,
+            &ClientProof {
+                mac: mac(key, b"wisp-client", &sn, &cn, &name),
+            },
+        )
+        .await?;
         let keys = SessionKeys::derive(key, &cn, &sn, &name);
         let mut f = f.map_codec(|_| SealedCodec::new(&keys, Side::Client, HANDSHAKE_MAX_FRAME));
         let w: Welcome = recv(&mut f).await?;
@@ -285,7 +318,17 @@ mod tests {
             let hello: ClientHello = recv(&mut f).await.unwrap();
             let sn = nonce();
             let smac = mac(&k2, b"wisp-server", &hello.nonce, &sn, &hello.name);
-            send(&mut f, &ServerHello::Ok { magic: MAGIC, version: PROTOCOL_VERSION, nonce: sn, mac: smac }).await.unwrap();
+            send(
+                &mut f,
+                &ServerHello::Ok {
+                    magic: MAGIC,
+                    version: PROTOCOL_VERSION,
+                    nonce: sn,
+                    mac: smac,
+                },
+            )
+            .await
+            .unwrap();
             let _: ClientProof = recv(&mut f).await.unwrap();
             send(&mut f, &Welcome { session: 1 }).await.unwrap();
             f

@@ -14,10 +14,18 @@ use rand::RngCore;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write key file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run chmod 600 {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run chmod 600 {path}"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("key file {path} does not hold a hex key of 32 to 64 bytes; make one with `wisp keygen {path}`")]
     Format { path: PathBuf },
@@ -52,12 +60,21 @@ impl ClusterKey {
 
     /// Load a key file, refusing one that group or others may read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let meta = fs::metadata(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+        let meta = fs::metadata(path).map_err(|source| KeyError::Read {
+            path: path.into(),
+            source,
+        })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(KeyError::Permissions { path: path.into(), mode });
+            return Err(KeyError::Permissions {
+                path: path.into(),
+                mode,
+            });
         }
-        let text = fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.into(), source })?;
+        let text = fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.into(),
+            source,
+        })?;
         let bytes = hex::decode(text.trim()).map_err(|_| KeyError::Format { path: path.into() })?;
         if !(32..=64).contains(&bytes.len()) {
             return Err(KeyError::Format { path: path.into() });
@@ -72,10 +89,16 @@ impl ClusterKey {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|source| KeyError::Write { path: path.into(), source })?;
+            .map_err(|source| KeyError::Write {
+                path: path.into(),
+                source,
+            })?;
         writeln!(f, "{}", hex::encode(&self.0))
             .and_then(|_| f.sync_all())
-            .map_err(|source| KeyError::Write { path: path.into(), source })
+            .map_err(|source| KeyError::Write {
+                path: path.into(),
+                source,
+            })
     }
 }
 
@@ -95,6 +118,9 @@ mod tests {
         assert!(matches!(e, KeyError::Permissions { .. }), "{e}");
         fs::write(dir.path().join("bad"), "zz").unwrap();
         fs::set_permissions(dir.path().join("bad"), fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(ClusterKey::load(&dir.path().join("bad")), Err(KeyError::Format { .. })));
+        assert!(matches!(
+            ClusterKey::load(&dir.path().join("bad")),
+            Err(KeyError::Format { .. })
+        ));
     }
 }

@@ -14,10 +14,22 @@ pub const ROOT_INO: Ino = 1;
 /// One frame's content.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Message {
-    Call { id: u64, req: Request },
-    Reply { id: u64, resp: Result<Response, WireError> },
-    Callback { id: u64, cb: Callback },
-    CallbackReply { id: u64, resp: Result<(), WireError> },
+    Call {
+        id: u64,
+        req: Request,
+    },
+    Reply {
+        id: u64,
+        resp: Result<Response, WireError>,
+    },
+    Callback {
+        id: u64,
+        cb: Callback,
+    },
+    CallbackReply {
+        id: u64,
+        resp: Result<(), WireError>,
+    },
 }
 
 /// An error sent over the wire: a POSIX errno and a human-readable detail.
@@ -30,7 +42,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(errno: i32, msg: impl Into<String>) -> Self {
-        WireError { errno, msg: msg.into() }
+        WireError {
+            errno,
+            msg: msg.into(),
+        }
     }
 }
 
@@ -43,7 +58,11 @@ pub struct Cred {
 }
 
 impl Cred {
-    pub const ROOT: Cred = Cred { uid: 0, gid: 0, pid: 0 };
+    pub const ROOT: Cred = Cred {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
 }
 
 /// File type, as in `st_mode & S_IFMT`.
@@ -73,7 +92,10 @@ impl Time {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        Time { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() }
+        Time {
+            secs: d.as_secs() as i64,
+            nsecs: d.subsec_nanos(),
+        }
     }
 }
 
@@ -140,25 +162,92 @@ pub struct OpenMode {
 pub enum Request {
     /// Liveness and round-trip probe.
     Ping,
-    Lookup { cred: Cred, parent: Ino, name: Vec<u8> },
-    GetAttr { ino: Ino },
-    SetAttr { cred: Cred, ino: Ino, set: SetAttrs },
-    ReadLink { ino: Ino },
-    MkNod { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32, rdev: u32 },
-    Mkdir { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32 },
+    Lookup {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    SetAttr {
+        cred: Cred,
+        ino: Ino,
+        set: SetAttrs,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    MkNod {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u32,
+    },
+    Mkdir {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+    },
     /// Create a regular file; with `excl` an existing name is EEXIST (O_EXCL).
-    Create { cred: Cred, parent: Ino, name: Vec<u8>, mode: u32, excl: bool, mode_open: OpenMode },
-    Symlink { cred: Cred, parent: Ino, name: Vec<u8>, target: Vec<u8> },
-    Link { cred: Cred, ino: Ino, new_parent: Ino, new_name: Vec<u8> },
-    Unlink { cred: Cred, parent: Ino, name: Vec<u8> },
-    Rmdir { cred: Cred, parent: Ino, name: Vec<u8> },
+    Create {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        excl: bool,
+        mode_open: OpenMode,
+    },
+    Symlink {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Link {
+        cred: Cred,
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Unlink {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+    },
     /// `flags` are renameat2 flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
-    Rename { cred: Cred, parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
+    Rename {
+        cred: Cred,
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
     /// Register an open with the server (consistency tracking); returns current attributes.
-    Open { cred: Cred, ino: Ino, mode: OpenMode },
+    Open {
+        cred: Cred,
+        ino: Ino,
+        mode: OpenMode,
+    },
     /// The matching close of an `Open` (or `Create`).
-    Close { ino: Ino, mode: OpenMode },
-    Read { ino: Ino, offset: u64, size: u32, nonblock: bool },
+    Close {
+        ino: Ino,
+        mode: OpenMode,
+    },
+    Read {
+        ino: Ino,
+        offset: u64,
+        size: u32,
+        nonblock: bool,
+    },
     /// With `append`, the data goes at the server's end of file and `offset` is ignored.
     Write {
         ino: Ino,
@@ -170,18 +259,48 @@ pub enum Request {
     },
     /// A blocking open of a cluster pipe whose `Open` answered EAGAIN ("registered, peer
     /// not there yet") waits for the peer with this, as often as needed.
-    PipeAwait { ino: Ino, writer: bool },
+    PipeAwait {
+        ino: Ino,
+        writer: bool,
+    },
     /// Make the file's data and metadata durable on the server's disk.
-    Fsync { ino: Ino },
+    Fsync {
+        ino: Ino,
+    },
     /// Entries after cookie `offset` (0 = from the start), at most `max` of them.
-    ReadDir { ino: Ino, offset: u64, max: u32 },
+    ReadDir {
+        ino: Ino,
+        offset: u64,
+        max: u32,
+    },
     StatFs,
-    SetXattr { cred: Cred, ino: Ino, name: Vec<u8>, #[serde(with = "serde_bytes")] value: Vec<u8>, flags: i32 },
-    GetXattr { ino: Ino, name: Vec<u8> },
-    ListXattr { ino: Ino },
-    RemoveXattr { cred: Cred, ino: Ino, name: Vec<u8> },
+    SetXattr {
+        cred: Cred,
+        ino: Ino,
+        name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        flags: i32,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    RemoveXattr {
+        cred: Cred,
+        ino: Ino,
+        name: Vec<u8>,
+    },
     /// `mode` as fallocate(2): 0 or FALLOC_FL_KEEP_SIZE / PUNCH_HOLE|KEEP_SIZE.
-    Fallocate { ino: Ino, offset: u64, length: u64, mode: i32 },
+    Fallocate {
+        ino: Ino,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
     /// Server-side byte statistics (for tests and `wisp status`).
     Stats,
     /// A request for the cluster registry (naming crate); the payload is that crate's own
@@ -190,19 +309,36 @@ pub enum Request {
     /// Agent (wispd): start a job on this host.
     Exec(ExecSpec),
     /// Agent: wait (bounded; EAGAIN means ask again) for a job to end.
-    JobWait { job: u64 },
+    JobWait {
+        job: u64,
+    },
     /// Agent: deliver a signal to a job: every process in its sandbox (like a terminal's
     /// process-group signal).
-    JobSignal { job: u64, signal: i32 },
+    JobSignal {
+        job: u64,
+        signal: i32,
+    },
     /// Agent: the jobs running on this host.
     JobList,
     /// Agent (source): migrate a running job to the agent at `to_addr`. The source freezes
     /// the job, writes its image and pages under `/wisp/.swap/<job>/`, asks the target to
     /// rebuild it, and only then kills its frozen copy; if anything fails it resumes it.
-    MigrateOut { job: u64, to_host: String, to_addr: String, mode: MigrateMode },
+    MigrateOut {
+        job: u64,
+        to_host: String,
+        to_addr: String,
+        mode: MigrateMode,
+    },
     /// Agent (target): rebuild a job from the image directory `dir` (in the namespace);
     /// with `lazy`, it runs before its memory arrives and faults pages in from the swap file.
-    MigrateIn { job: u64, dir: Vec<u8>, uid: u32, home: String, argv0: String, lazy: bool },
+    MigrateIn {
+        job: u64,
+        dir: Vec<u8>,
+        uid: u32,
+        home: String,
+        argv0: String,
+        lazy: bool,
+    },
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -260,26 +396,53 @@ pub enum Response {
     /// An open (or create) was registered. `cache` is false while the file is write-shared
     /// with another host: the client must then bypass its caches for this open (Sprite's
     /// concurrent write-sharing).
-    Opened { attr: Attr, cache: bool },
+    Opened {
+        attr: Attr,
+        cache: bool,
+    },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
-    Written { size: u32, attr: Attr },
+    Written {
+        size: u32,
+        attr: Attr,
+    },
     Entries(Vec<DirEntry>),
-    StatFs { blocks: u64, bfree: u64, bavail: u64, files: u64, ffree: u64, bsize: u32, namelen: u32 },
+    StatFs {
+        blocks: u64,
+        bfree: u64,
+        bavail: u64,
+        files: u64,
+        ffree: u64,
+        bsize: u32,
+        namelen: u32,
+    },
     Xattr(#[serde(with = "serde_bytes")] Vec<u8>),
     Ok,
     Stats(ServerStats),
     /// The naming crate's reply to a [`Request::Naming`], opaque here.
     Naming(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A job was started with this local pid.
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     /// A job ended: exit code, or the signal that killed it (then `code` is 128 + signal).
-    Exited { code: i32, signal: i32 },
+    Exited {
+        code: i32,
+        signal: i32,
+    },
     Jobs(Vec<JobInfo>),
     /// The job left this host for `host` (agent at `addr`): ask there.
-    Moved { host: String, addr: String },
+    Moved {
+        host: String,
+        addr: String,
+    },
     /// A migration finished: the job's pid on the target, how long the job was stopped
     /// (from the freeze to running on the target), bytes of state moved, and the total.
-    Migrated { pid: u32, frozen_ms: u64, bytes: u64, total_ms: u64 },
+    Migrated {
+        pid: u32,
+        frozen_ms: u64,
+        bytes: u64,
+        total_ms: u64,
+    },
 }
 
 /// Counters a server keeps since it started.

@@ -30,8 +30,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use crate::auth::seal::SealedCodec;
@@ -104,7 +104,12 @@ impl PeerHandle {
         let id = self.next_cb.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
-        if self.tx.send(encode(&Message::Callback { id, cb })).await.is_err() {
+        if self
+            .tx
+            .send(encode(&Message::Callback { id, cb }))
+            .await
+            .is_err()
+        {
             self.pending.lock().unwrap().remove(&id);
             return Err(WireError::new(107, format!("client {} is gone", self.name)));
         }
@@ -113,7 +118,10 @@ impl PeerHandle {
             Ok(Err(_)) => Err(WireError::new(107, format!("client {} is gone", self.name))),
             Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
-                Err(WireError::new(110, format!("client {} did not answer a callback", self.name)))
+                Err(WireError::new(
+                    110,
+                    format!("client {} did not answer a callback", self.name),
+                ))
             }
         }
     }
@@ -191,9 +199,16 @@ pub async fn serve<S: Service>(
     if live > 0 {
         debug!(live, "closing live connections");
     }
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        warn!(left = conns.len(), "connections still open {} ms after shutdown; aborting them", SHUTDOWN_GRACE.as_millis());
+        warn!(
+            left = conns.len(),
+            "connections still open {} ms after shutdown; aborting them",
+            SHUTDOWN_GRACE.as_millis()
+        );
         conns.shutdown().await;
     }
 }
@@ -254,14 +269,20 @@ async fn run_server_conn<S: Service>(
         };
         match msg {
             Message::Call { id, req } => {
-                let permit = inflight.clone().acquire_owned().await.expect("never closed");
+                let permit = inflight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
                 let service = service.clone();
                 let h = handle.clone();
                 tokio::spawn(async move {
                     let h2 = h.clone();
                     let resp = tokio::task::spawn_blocking(move || service.call(&h2, req))
                         .await
-                        .unwrap_or_else(|e| Err(WireError::new(5, format!("server task failed: {e}"))));
+                        .unwrap_or_else(|e| {
+                            Err(WireError::new(5, format!("server task failed: {e}")))
+                        });
                     drop(permit);
                     let _ = h.tx.send(encode(&Message::Reply { id, resp })).await;
                 });
@@ -344,7 +365,11 @@ impl RpcClient {
                 _ = connection_loop(i2, key, name, callbacks) => {}
             }
         });
-        RpcClient { inner, rt, _alive: Arc::new(alive) }
+        RpcClient {
+            inner,
+            rt,
+            _alive: Arc::new(alive),
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -366,7 +391,10 @@ impl RpcClient {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = encode(&Message::Call { id, req });
         let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
-        let timeout = || RpcError::Timeout { addr: self.inner.addr.clone(), secs: self.inner.call_timeout.as_secs() };
+        let timeout = || RpcError::Timeout {
+            addr: self.inner.addr.clone(),
+            secs: self.inner.call_timeout.as_secs(),
+        };
         let mut rx_state = self.inner.state.subscribe();
         loop {
             let tx = loop {
@@ -374,7 +402,10 @@ impl RpcClient {
                 match st {
                     ConnState::Up { tx, .. } => break tx,
                     ConnState::Down => {
-                        if tokio::time::timeout_at(deadline, rx_state.changed()).await.is_err() {
+                        if tokio::time::timeout_at(deadline, rx_state.changed())
+                            .await
+                            .is_err()
+                        {
                             return Err(timeout());
                         }
                     }
@@ -404,7 +435,12 @@ impl RpcClient {
     }
 }
 
-async fn connection_loop(inner: Arc<ClientInner>, key: ClusterKey, name: String, callbacks: CallbackHandler) {
+async fn connection_loop(
+    inner: Arc<ClientInner>,
+    key: ClusterKey,
+    name: String,
+    callbacks: CallbackHandler,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut generation = 0u64;
     loop {
@@ -469,7 +505,9 @@ async fn connection_loop(inner: Arc<ClientInner>, key: ClusterKey, name: String,
                     tokio::spawn(async move {
                         let resp = tokio::task::spawn_blocking(move || cbh(cb))
                             .await
-                            .unwrap_or_else(|e| Err(WireError::new(5, format!("callback failed: {e}"))));
+                            .unwrap_or_else(|e| {
+                                Err(WireError::new(5, format!("callback failed: {e}")))
+                            });
                         let _ = tx.send(encode(&Message::CallbackReply { id, resp })).await;
                     });
                 }
@@ -509,23 +547,36 @@ mod tests {
     }
 
     fn client(addr: &str, key: &ClusterKey) -> RpcClient {
-        RpcClient::start(tokio::runtime::Handle::current(), addr.into(), key.clone(), "t".into(), Duration::from_secs(3), Arc::new(|_| Ok(())))
+        RpcClient::start(
+            tokio::runtime::Handle::current(),
+            addr.into(),
+            key.clone(),
+            "t".into(),
+            Duration::from_secs(3),
+            Arc::new(|_| Ok(())),
+        )
     }
 
     /// Established connections of this process to `port` (either end), from /proc/net/tcp.
     fn established(port: u16) -> usize {
         let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
         let p = format!(":{port:04X}");
-        t.lines().skip(1).filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[3] == "01" && (f[1].ends_with(&p) || f[2].ends_with(&p))
-        }).count()
+        t.lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[3] == "01" && (f[1].ends_with(&p) || f[2].ends_with(&p))
+            })
+            .count()
     }
 
     async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !f() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -535,7 +586,9 @@ mod tests {
         let key = ClusterKey::generate();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc = Arc::new(Echo { gone: AtomicU64::new(0) });
+        let svc = Arc::new(Echo {
+            gone: AtomicU64::new(0),
+        });
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, key.clone(), svc.clone(), async {
             let _ = rx.await;
@@ -544,10 +597,20 @@ mod tests {
         assert!(matches!(c.call(Request::Ping).await, Ok(Response::Pong)));
         assert_eq!(c.connections(), 1);
         tx.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server).await.expect("serve returned after shutdown").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returned after shutdown")
+            .unwrap();
         // The live connection was closed by the server, not left to its client.
-        assert_eq!(svc.gone.load(Ordering::SeqCst), 1, "the connection was not closed at shutdown");
-        wait_until("no connection to the stopped server is left", || established(addr.port()) == 0).await;
+        assert_eq!(
+            svc.gone.load(Ordering::SeqCst),
+            1,
+            "the connection was not closed at shutdown"
+        );
+        wait_until("no connection to the stopped server is left", || {
+            established(addr.port()) == 0
+        })
+        .await;
         // A new server on the same port gets the client back.
         let listener = TcpListener::bind(addr).await.unwrap();
         let (_tx2, rx2) = oneshot::channel::<()>();
@@ -563,8 +626,15 @@ mod tests {
         let key = ClusterKey::generate();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let svc = Arc::new(Echo { gone: AtomicU64::new(0) });
-        tokio::spawn(serve(listener, key.clone(), svc.clone(), std::future::pending()));
+        let svc = Arc::new(Echo {
+            gone: AtomicU64::new(0),
+        });
+        tokio::spawn(serve(
+            listener,
+            key.clone(),
+            svc.clone(),
+            std::future::pending(),
+        ));
         let c = client(&addr.to_string(), &key);
         let c2 = c.clone();
         assert!(matches!(c.call(Request::Ping).await, Ok(Response::Pong)));
@@ -573,7 +643,10 @@ mod tests {
         assert!(matches!(c2.call(Request::Ping).await, Ok(Response::Pong)));
         assert_eq!(svc.gone.load(Ordering::SeqCst), 0);
         drop(c2);
-        wait_until("the server saw the client go", || svc.gone.load(Ordering::SeqCst) == 1).await;
+        wait_until("the server saw the client go", || {
+            svc.gone.load(Ordering::SeqCst) == 1
+        })
+        .await;
         wait_until("no connection is left", || established(addr.port()) == 0).await;
     }
 }

@@ -25,13 +25,19 @@ use wisp_proto::msg::*;
 use wisp_proto::MAX_FRAME;
 
 fn rng(what: &str) -> StdRng {
-    let seed = std::env::var("WISP_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::thread_rng().gen());
+    let seed = std::env::var("WISP_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen());
     println!("{what}: WISP_FUZZ_SEED={seed}");
     StdRng::seed_from_u64(seed)
 }
 
 fn scale(n: usize) -> usize {
-    n * std::env::var("WISP_FUZZ_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1usize)
+    n * std::env::var("WISP_FUZZ_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
 }
 
 fn random_bytes(r: &mut StdRng, max: usize) -> Vec<u8> {
@@ -91,17 +97,64 @@ fn attr(ino: Ino) -> Attr {
 
 /// Genuine messages of many shapes, as seeds for mutation.
 fn samples() -> Vec<Message> {
-    let cred = Cred { uid: 1000, gid: 1000, pid: 42 };
-    let mode = OpenMode { read: true, write: true, truncate: false, nonblock: false };
+    let cred = Cred {
+        uid: 1000,
+        gid: 1000,
+        pid: 42,
+    };
+    let mode = OpenMode {
+        read: true,
+        write: true,
+        truncate: false,
+        nonblock: false,
+    };
     vec![
-        Message::Call { id: 1, req: Request::Ping },
-        Message::Call { id: 2, req: Request::Lookup { cred, parent: ROOT_INO, name: b"etc".to_vec() } },
-        Message::Call { id: 3, req: Request::Write { ino: 9, offset: 1 << 40, data: vec![7; 300], append: false, nonblock: true } },
+        Message::Call {
+            id: 1,
+            req: Request::Ping,
+        },
+        Message::Call {
+            id: 2,
+            req: Request::Lookup {
+                cred,
+                parent: ROOT_INO,
+                name: b"etc".to_vec(),
+            },
+        },
+        Message::Call {
+            id: 3,
+            req: Request::Write {
+                ino: 9,
+                offset: 1 << 40,
+                data: vec![7; 300],
+                append: false,
+                nonblock: true,
+            },
+        },
         Message::Call {
             id: 4,
-            req: Request::SetAttr { cred, ino: 9, set: SetAttrs { mode: Some(0o600), size: Some(0), mtime: Some(SetTime::Now), ..Default::default() } },
+            req: Request::SetAttr {
+                cred,
+                ino: 9,
+                set: SetAttrs {
+                    mode: Some(0o600),
+                    size: Some(0),
+                    mtime: Some(SetTime::Now),
+                    ..Default::default()
+                },
+            },
         },
-        Message::Call { id: 5, req: Request::Create { cred, parent: 1, name: b"f".to_vec(), mode: 0o644, excl: true, mode_open: mode } },
+        Message::Call {
+            id: 5,
+            req: Request::Create {
+                cred,
+                parent: 1,
+                name: b"f".to_vec(),
+                mode: 0o644,
+                excl: true,
+                mode_open: mode,
+            },
+        },
         Message::Call {
             id: 6,
             req: Request::Exec(ExecSpec {
@@ -119,21 +172,61 @@ fn samples() -> Vec<Message> {
                 home: "ws1".into(),
             }),
         },
-        Message::Call { id: 7, req: Request::MigrateOut { job: 77, to_host: "ws2".into(), to_addr: "10.0.0.3:7000".into(), mode: MigrateMode::PreCopy } },
-        Message::Call { id: 8, req: Request::Naming(vec![1, 2, 3, 4]) },
-        Message::Reply { id: 2, resp: Ok(Response::Entry(attr(5))) },
+        Message::Call {
+            id: 7,
+            req: Request::MigrateOut {
+                job: 77,
+                to_host: "ws2".into(),
+                to_addr: "10.0.0.3:7000".into(),
+                mode: MigrateMode::PreCopy,
+            },
+        },
+        Message::Call {
+            id: 8,
+            req: Request::Naming(vec![1, 2, 3, 4]),
+        },
+        Message::Reply {
+            id: 2,
+            resp: Ok(Response::Entry(attr(5))),
+        },
         Message::Reply {
             id: 9,
             resp: Ok(Response::Entries(vec![
-                DirEntry { name: b"a".to_vec(), cookie: 1, attr: attr(10) },
-                DirEntry { name: b"b".to_vec(), cookie: 2, attr: attr(11) },
+                DirEntry {
+                    name: b"a".to_vec(),
+                    cookie: 1,
+                    attr: attr(10),
+                },
+                DirEntry {
+                    name: b"b".to_vec(),
+                    cookie: 2,
+                    attr: attr(11),
+                },
             ])),
         },
-        Message::Reply { id: 10, resp: Err(WireError::new(13, "permission denied")) },
-        Message::Reply { id: 11, resp: Ok(Response::Data(vec![1; 100])) },
-        Message::Reply { id: 12, resp: Ok(Response::Stats(ServerStats::default())) },
-        Message::Callback { id: 1, cb: Callback::InvalidateEntry { parent: 1, name: b"x".to_vec() } },
-        Message::CallbackReply { id: 1, resp: Err(WireError::new(5, "eio")) },
+        Message::Reply {
+            id: 10,
+            resp: Err(WireError::new(13, "permission denied")),
+        },
+        Message::Reply {
+            id: 11,
+            resp: Ok(Response::Data(vec![1; 100])),
+        },
+        Message::Reply {
+            id: 12,
+            resp: Ok(Response::Stats(ServerStats::default())),
+        },
+        Message::Callback {
+            id: 1,
+            cb: Callback::InvalidateEntry {
+                parent: 1,
+                name: b"x".to_vec(),
+            },
+        },
+        Message::CallbackReply {
+            id: 1,
+            resp: Err(WireError::new(5, "eio")),
+        },
     ]
 }
 
@@ -141,7 +234,10 @@ fn samples() -> Vec<Message> {
 fn message_decoder_survives_random_and_mutated_input() {
     let mut r = rng("message decoder");
     let start = Instant::now();
-    let seeds: Vec<Vec<u8>> = samples().iter().map(|m| postcard::to_allocvec(m).unwrap()).collect();
+    let seeds: Vec<Vec<u8>> = samples()
+        .iter()
+        .map(|m| postcard::to_allocvec(m).unwrap())
+        .collect();
     for s in &seeds {
         postcard::from_bytes::<Message>(s).expect("every sample decodes");
     }
@@ -166,9 +262,19 @@ fn message_decoder_survives_random_and_mutated_input() {
             }
         }
     }
-    println!("message decoder: {ok} decoded, {err} refused in {:?}", start.elapsed());
-    assert!(err > ok, "most garbage must be refused ({ok} decoded, {err} refused)");
-    assert!(start.elapsed() < Duration::from_secs(60), "decoding took {:?}", start.elapsed());
+    println!(
+        "message decoder: {ok} decoded, {err} refused in {:?}",
+        start.elapsed()
+    );
+    assert!(
+        err > ok,
+        "most garbage must be refused ({ok} decoded, {err} refused)"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "decoding took {:?}",
+        start.elapsed()
+    );
 }
 
 /// Hostile lengths inside a message (a 2^60-element vector in a few bytes) fail quickly
@@ -188,11 +294,19 @@ fn message_decoder_does_not_trust_inner_lengths() {
     // The same for a byte string (Response::Data, 4) claiming 4 GiB.
     let w = [1u8, 1, 0, 4, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
     assert!(postcard::from_bytes::<Message>(&w).is_err());
-    assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 /// Decode `wire` in random chunks; returns the payloads accepted and whether an error ended it.
-fn decode_chunked(r: &mut StdRng, codec: &mut SealedCodec, wire: &[u8]) -> (Vec<Vec<u8>>, Option<SealError>) {
+fn decode_chunked(
+    r: &mut StdRng,
+    codec: &mut SealedCodec,
+    wire: &[u8],
+) -> (Vec<Vec<u8>>, Option<SealError>) {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut rest = wire;
@@ -217,7 +331,11 @@ fn frame_decoder_accepts_only_the_genuine_frames_in_order() {
     let start = Instant::now();
     let keys = SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1");
     let max = 4096;
-    let payloads: Vec<Vec<u8>> = samples().iter().take(4).map(|m| postcard::to_allocvec(m).unwrap()).collect();
+    let payloads: Vec<Vec<u8>> = samples()
+        .iter()
+        .take(4)
+        .map(|m| postcard::to_allocvec(m).unwrap())
+        .collect();
     let mut sender = SealedCodec::new(&keys, Side::Client, max);
     let mut genuine = BytesMut::new();
     for p in &payloads {
@@ -244,7 +362,10 @@ fn frame_decoder_accepts_only_the_genuine_frames_in_order() {
         // Whatever was accepted is the genuine stream's prefix, unaltered and in order.
         assert!(got.len() <= payloads.len());
         for (k, g) in got.iter().enumerate() {
-            assert_eq!(g, &payloads[k], "case {i}: frame {k} accepted although altered");
+            assert_eq!(
+                g, &payloads[k],
+                "case {i}: frame {k} accepted although altered"
+            );
         }
         accepted += got.len();
         match e {
@@ -261,7 +382,11 @@ fn frame_decoder_accepts_only_the_genuine_frames_in_order() {
     }
     println!("frame decoder: {accepted} genuine frames accepted, {refused} streams refused, {pending} left incomplete, in {:?}", start.elapsed());
     assert!(refused > 0 && accepted > 0);
-    assert!(start.elapsed() < Duration::from_secs(60), "decoding took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "decoding took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -312,7 +437,10 @@ async fn read_frame(io: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
 #[test]
 fn handshake_decoders_survive_random_and_mutated_input() {
     let mut r = rng("handshake decoders");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let start = Instant::now();
     let (hello, server_hello) = rt.block_on(genuine_hellos());
     let key = ClusterKey::generate();
@@ -356,13 +484,31 @@ fn handshake_decoders_survive_random_and_mutated_input() {
         let e = match res {
             Err(_) => panic!("case {i}: a handshake hung on {input:?}"),
             Ok(Err(join)) => panic!("case {i}: a handshake panicked on {input:?}: {join}"),
-            Ok(Ok(Ok(()))) => panic!("case {i}: a handshake succeeded without the key on {input:?}"),
+            Ok(Ok(Ok(()))) => {
+                panic!("case {i}: a handshake succeeded without the key on {input:?}")
+            }
             Ok(Ok(Err(e))) => e,
         };
         let msg = e.to_string();
         assert!(!msg.is_empty());
-        *kinds.entry(msg.split([':', '(']).next().unwrap_or("").chars().take(28).collect()).or_default() += 1;
+        *kinds
+            .entry(
+                msg.split([':', '('])
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(28)
+                    .collect(),
+            )
+            .or_default() += 1;
     }
-    println!("handshake decoders: refused as {kinds:?} in {:?}", start.elapsed());
-    assert!(start.elapsed() < Duration::from_secs(120), "took {:?}", start.elapsed());
+    println!(
+        "handshake decoders: refused as {kinds:?} in {:?}",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        start.elapsed()
+    );
 }

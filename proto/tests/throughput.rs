@@ -23,8 +23,8 @@ use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 use wisp_proto::auth::seal::{SealedCodec, SessionKeys, Side};
 use wisp_proto::key::ClusterKey;
 use wisp_proto::msg::{Message, Request, Response, WireError};
-use wisp_proto::MAX_FRAME;
 use wisp_proto::rpc::{serve, PeerHandle, RpcClient, Service};
+use wisp_proto::MAX_FRAME;
 
 /// Accepts writes and counts their bytes; stores nothing.
 struct Sink {
@@ -45,19 +45,42 @@ impl Service for Sink {
 }
 
 fn mib() -> u64 {
-    std::env::var("WISP_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+    std::env::var("WISP_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
 }
 
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn rpc_write_throughput() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let key = ClusterKey::generate();
-    let svc = Arc::new(Sink { bytes: AtomicU64::new(0) });
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let svc = Arc::new(Sink {
+        bytes: AtomicU64::new(0),
+    });
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    rt.spawn(serve(listener, key.clone(), svc.clone(), std::future::pending()));
-    let client = RpcClient::start(rt.handle().clone(), addr, key, "bench".into(), Duration::from_secs(30), Arc::new(|_| Ok(())));
+    rt.spawn(serve(
+        listener,
+        key.clone(),
+        svc.clone(),
+        std::future::pending(),
+    ));
+    let client = RpcClient::start(
+        rt.handle().clone(),
+        addr,
+        key,
+        "bench".into(),
+        Duration::from_secs(30),
+        Arc::new(|_| Ok(())),
+    );
     let total = mib();
     let chunk = vec![0x5au8; 1 << 20];
     // Warm up (connect, allocate).
@@ -73,7 +96,13 @@ fn rpc_write_throughput() {
                 tasks.push(tokio::spawn(async move {
                     let mut i = t;
                     while i < total {
-                        let req = Request::Write { ino: 2, offset: i << 20, data: chunk.clone(), append: false, nonblock: false };
+                        let req = Request::Write {
+                            ino: 2,
+                            offset: i << 20,
+                            data: chunk.clone(),
+                            append: false,
+                            nonblock: false,
+                        };
                         c.call(req).await.unwrap();
                         i += inflight;
                     }
@@ -111,7 +140,10 @@ where
             while let Some(frame) = f.next().await {
                 let frame = frame.unwrap();
                 match postcard::from_bytes::<Message>(&frame).unwrap() {
-                    Message::Call { req: Request::Write { data, .. }, .. } => bytes += data.len() as u64,
+                    Message::Call {
+                        req: Request::Write { data, .. },
+                        ..
+                    } => bytes += data.len() as u64,
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -123,7 +155,13 @@ where
         let chunk = vec![0x5au8; 1 << 20];
         let start = Instant::now();
         for i in 0..total {
-            let req = Request::Write { ino: 2, offset: i << 20, data: chunk.clone(), append: false, nonblock: false };
+            let req = Request::Write {
+                ino: 2,
+                offset: i << 20,
+                data: chunk.clone(),
+                append: false,
+                nonblock: false,
+            };
             let bytes = Bytes::from(postcard::to_allocvec(&Message::Call { id: i, req }).unwrap());
             f.send(bytes).await.unwrap();
         }
@@ -137,9 +175,18 @@ where
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn frame_throughput_sealed_vs_plain() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let total = mib();
-    let plain = || LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(MAX_FRAME).new_codec();
+    let plain = || {
+        LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_FRAME)
+            .new_codec()
+    };
     let keys = SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "bench");
     let sealed = |side| SealedCodec::new(&keys, side, MAX_FRAME);
     // Alternate, so that a change in machine load hits both alike.

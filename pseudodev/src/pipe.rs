@@ -68,7 +68,11 @@ impl Pipe {
         Self::default()
     }
 
-    fn wait<'a>(&self, g: std::sync::MutexGuard<'a, State>, deadline: Instant) -> Option<std::sync::MutexGuard<'a, State>> {
+    fn wait<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> Option<std::sync::MutexGuard<'a, State>> {
         let now = Instant::now();
         if now >= deadline {
             return None;
@@ -139,7 +143,12 @@ impl Pipe {
     }
 
     /// Read at most `max` bytes. Empty result = end of file.
-    pub fn read(&self, max: usize, nonblock: bool, deadline: Instant) -> Result<Vec<u8>, PipeError> {
+    pub fn read(
+        &self,
+        max: usize,
+        nonblock: bool,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, PipeError> {
         let mut g = self.st.lock().unwrap();
         loop {
             if !g.buf.is_empty() {
@@ -160,12 +169,21 @@ impl Pipe {
 
     /// Write `data`; returns the bytes accepted (all of them unless the deadline came in the
     /// middle of a write longer than PIPE_BUF).
-    pub fn write(&self, data: &[u8], nonblock: bool, deadline: Instant) -> Result<usize, PipeError> {
+    pub fn write(
+        &self,
+        data: &[u8],
+        nonblock: bool,
+        deadline: Instant,
+    ) -> Result<usize, PipeError> {
         let mut g = self.st.lock().unwrap();
         let mut done = 0;
         loop {
             if g.readers == 0 {
-                return if done > 0 { Ok(done) } else { Err(PipeError::Broken) };
+                return if done > 0 {
+                    Ok(done)
+                } else {
+                    Err(PipeError::Broken)
+                };
             }
             let room = CAPACITY - g.buf.len();
             let left = data.len() - done;
@@ -181,11 +199,21 @@ impl Pipe {
                 continue;
             }
             if nonblock {
-                return if done > 0 { Ok(done) } else { Err(PipeError::Again) };
+                return if done > 0 {
+                    Ok(done)
+                } else {
+                    Err(PipeError::Again)
+                };
             }
             match self.wait(g, deadline) {
                 Some(ng) => g = ng,
-                None => return if done > 0 { Ok(done) } else { Err(PipeError::Again) },
+                None => {
+                    return if done > 0 {
+                        Ok(done)
+                    } else {
+                        Err(PipeError::Again)
+                    }
+                }
             }
         }
     }
@@ -222,7 +250,11 @@ mod tests {
         assert_eq!(p.read(3, false, soon()).unwrap(), b"hel");
         assert_eq!(p.read(100, false, soon()).unwrap(), b"lo world");
         p.close(false, true);
-        assert_eq!(p.read(100, false, soon()).unwrap(), b"", "EOF after the last writer");
+        assert_eq!(
+            p.read(100, false, soon()).unwrap(),
+            b"",
+            "EOF after the last writer"
+        );
         p.open_write(false, soon()).unwrap();
         p.close(true, false);
         assert_eq!(p.write(b"x", false, soon()), Err(PipeError::Broken));
@@ -262,7 +294,10 @@ mod tests {
         }
         assert_eq!(got.len(), total);
         for chunk in got.chunks(PIPE_BUF) {
-            assert!(chunk.iter().all(|b| *b == chunk[0]), "a PIPE_BUF write was interleaved");
+            assert!(
+                chunk.iter().all(|b| *b == chunk[0]),
+                "a PIPE_BUF write was interleaved"
+            );
         }
     }
 
@@ -273,7 +308,10 @@ mod tests {
         assert_eq!(p.open_read(false, t), Err(PipeError::Again));
         assert_eq!(p.open_write(true, t), Ok(()));
         p.close(false, true);
-        assert_eq!(p.read(10, false, Instant::now() + Duration::from_millis(50)), Ok(vec![]));
+        assert_eq!(
+            p.read(10, false, Instant::now() + Duration::from_millis(50)),
+            Ok(vec![])
+        );
         let q = Pipe::new();
         assert_eq!(q.open_write(true, t), Err(PipeError::NoReader));
     }

@@ -79,7 +79,14 @@ fn err(errno: i32, msg: impl Into<String>) -> WireError {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
-        Arc::new(Agent { cfg, jobs: Mutex::new(HashMap::new()), changed: Condvar::new(), running: Arc::new(AtomicU32::new(0)), arriving: Mutex::new(Default::default()), stats: AgentStats::default() })
+        Arc::new(Agent {
+            cfg,
+            jobs: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            running: Arc::new(AtomicU32::new(0)),
+            arriving: Mutex::new(Default::default()),
+            stats: AgentStats::default(),
+        })
     }
 
     /// Jobs running now (for metrics; the registry counts foreign jobs from job records).
@@ -88,13 +95,25 @@ impl Agent {
     }
 
     pub fn jobs(&self) -> Vec<JobInfo> {
-        self.jobs.lock().unwrap().values().map(|j| j.info.clone()).collect()
+        self.jobs
+            .lock()
+            .unwrap()
+            .values()
+            .map(|j| j.info.clone())
+            .collect()
     }
 
     fn exec(self: &Arc<Self>, spec: ExecSpec) -> Result<u32, WireError> {
         let cwd = Path::new(OsStr::from_bytes(&spec.cwd));
         if !cwd.starts_with(&self.cfg.mount) {
-            return Err(err(libc::EXDEV, format!("working directory {} is outside {}", cwd.display(), self.cfg.mount.display())));
+            return Err(err(
+                libc::EXDEV,
+                format!(
+                    "working directory {} is outside {}",
+                    cwd.display(),
+                    self.cfg.mount.display()
+                ),
+            ));
         }
         if spec.uid == 0 && !self.cfg.allow_root {
             return Err(err(libc::EPERM, "this agent does not run jobs as root"));
@@ -103,12 +122,22 @@ impl Agent {
             return Err(err(libc::EINVAL, "empty command"));
         }
         if self.jobs.lock().unwrap().contains_key(&spec.job) {
-            return Err(err(libc::EEXIST, format!("job {} already exists here", spec.job)));
+            return Err(err(
+                libc::EEXIST,
+                format!("job {} already exists here", spec.job),
+            ));
         }
         for p in [&spec.stdin, &spec.stdout, &spec.stderr] {
             let path = Path::new(OsStr::from_bytes(p));
             if !path.starts_with(&self.cfg.mount) {
-                return Err(err(libc::EXDEV, format!("stdio {} is not a cluster pipe in {}", path.display(), self.cfg.mount.display())));
+                return Err(err(
+                    libc::EXDEV,
+                    format!(
+                        "stdio {} is not a cluster pipe in {}",
+                        path.display(),
+                        self.cfg.mount.display()
+                    ),
+                ));
             }
         }
         // The job runs as pid 2 of its own pid + uts namespace (so it keeps its pid when it
@@ -118,7 +147,8 @@ impl Agent {
         let mut argv: Vec<String> = vec![
             "/bin/sh".into(),
             "-c".into(),
-            r#"hostname "$1" 2>/dev/null; umask "$2" && cd "$3" || exit 126; shift 3; exec "$@""#.into(),
+            r#"hostname "$1" 2>/dev/null; umask "$2" && cd "$3" || exit 126; shift 3; exec "$@""#
+                .into(),
             "wisp-job".into(),
             spec.home.clone(),
             format!("{:04o}", spec.umask & 0o777),
@@ -128,11 +158,22 @@ impl Agent {
             self.cfg.nice.to_string(),
         ];
         if spec.uid != 0 {
-            argv.extend(["setpriv".into(), format!("--reuid={}", spec.uid), format!("--regid={}", spec.gid)]);
+            argv.extend([
+                "setpriv".into(),
+                format!("--reuid={}", spec.uid),
+                format!("--regid={}", spec.gid),
+            ]);
             if spec.groups.is_empty() {
                 argv.push("--clear-groups".into());
             } else {
-                argv.push(format!("--groups={}", spec.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(",")));
+                argv.push(format!(
+                    "--groups={}",
+                    spec.groups
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ));
             }
             argv.push("--".into());
         }
@@ -143,11 +184,27 @@ impl Agent {
             }
         }
         argv.extend(spec.argv.iter().map(|a| lossy(a)));
-        let paths: Vec<PathBuf> = [&spec.stdin, &spec.stdout, &spec.stderr].iter().map(|p| PathBuf::from(OsStr::from_bytes(p))).collect();
+        let paths: Vec<PathBuf> = [&spec.stdin, &spec.stdout, &spec.stderr]
+            .iter()
+            .map(|p| PathBuf::from(OsStr::from_bytes(p)))
+            .collect();
         // Opens stdin, then stdout and stderr: the order in which rexec opens the other ends.
-        let sb = wisp_procmig::run_sandboxed(&argv, [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])])
-            .map_err(|e| err(libc::EIO, format!("cannot start {}: {e}", lossy(&spec.argv[0]))))?;
-        let info = JobInfo { job: spec.job, pid: sb.pid as u32, uid: spec.uid, home: spec.home.clone(), argv0: lossy(&spec.argv[0]), running: true };
+        let sb =
+            wisp_procmig::run_sandboxed(&argv, [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])])
+                .map_err(|e| {
+                    err(
+                        libc::EIO,
+                        format!("cannot start {}: {e}", lossy(&spec.argv[0])),
+                    )
+                })?;
+        let info = JobInfo {
+            job: spec.job,
+            pid: sb.pid as u32,
+            uid: spec.uid,
+            home: spec.home.clone(),
+            argv0: lossy(&spec.argv[0]),
+            running: true,
+        };
         info!(job = spec.job, pid = sb.pid, home = %spec.home, cmd = %info.argv0, "job started");
         self.stats.jobs_started.fetch_add(1, Ordering::Relaxed);
         self.adopt(info, sb);
@@ -157,7 +214,16 @@ impl Agent {
     /// Track a job whose sandbox init is our child, until it ends.
     fn adopt(self: &Arc<Self>, info: JobInfo, sb: wisp_procmig::Sandbox) {
         let job = info.job;
-        self.jobs.lock().unwrap().insert(job, Job { info, exit: None, moved: None, migrating: false, suspended: false });
+        self.jobs.lock().unwrap().insert(
+            job,
+            Job {
+                info,
+                exit: None,
+                moved: None,
+                migrating: false,
+                suspended: false,
+            },
+        );
         self.running.fetch_add(1, Ordering::Relaxed);
         let me = self.clone();
         std::thread::spawn(move || {
@@ -165,7 +231,11 @@ impl Agent {
                 warn!(job, "wait failed: {e}");
                 255
             });
-            let signal = if code > 128 && code < 160 { code - 128 } else { 0 };
+            let signal = if code > 128 && code < 160 {
+                code - 128
+            } else {
+                0
+            };
             me.running.fetch_sub(1, Ordering::Relaxed);
             let mut jobs = me.jobs.lock().unwrap();
             if let Some(j) = jobs.get_mut(&job) {
@@ -182,19 +252,35 @@ impl Agent {
     }
 
     /// Source side of a migration (see `Request::MigrateOut`).
-    fn migrate_out(&self, job: u64, to_host: String, to_addr: String, mode: MigrateMode) -> Result<Response, WireError> {
+    fn migrate_out(
+        &self,
+        job: u64,
+        to_host: String,
+        to_addr: String,
+        mode: MigrateMode,
+    ) -> Result<Response, WireError> {
         let t0 = Instant::now();
         let (pid, uid, home, argv0) = {
             let mut jobs = self.jobs.lock().unwrap();
-            let j = jobs.get_mut(&job).ok_or_else(|| err(libc::ESRCH, format!("no job {job} on this host")))?;
+            let j = jobs
+                .get_mut(&job)
+                .ok_or_else(|| err(libc::ESRCH, format!("no job {job} on this host")))?;
             if j.exit.is_some() || j.moved.is_some() {
-                return Err(err(libc::ESRCH, format!("job {job} is no longer running here")));
+                return Err(err(
+                    libc::ESRCH,
+                    format!("job {job} is no longer running here"),
+                ));
             }
             if j.migrating {
                 return Err(err(libc::EBUSY, format!("job {job} is already migrating")));
             }
             j.migrating = true;
-            (j.info.pid as i32, j.info.uid, j.info.home.clone(), j.info.argv0.clone())
+            (
+                j.info.pid as i32,
+                j.info.uid,
+                j.info.home.clone(),
+                j.info.argv0.clone(),
+            )
         };
         let unmark = |me: &Self| {
             if let Some(j) = me.jobs.lock().unwrap().get_mut(&job) {
@@ -205,7 +291,10 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             unmark(self);
-            return Err(err(e.raw_os_error().unwrap_or(libc::EIO), format!("cannot make {}: {e}", dir.display())));
+            return Err(err(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot make {}: {e}", dir.display()),
+            ));
         }
         // Freeze and write the image; on failure procmig resumes the process itself.
         let dumped = match mode {
@@ -223,9 +312,23 @@ impl Agent {
         let rt = tokio::runtime::Handle::current();
         // A generous bound: if it ran out while the target was still restoring, the source
         // would resume a job that the target then also runs.
-        let target = RpcClient::start(rt.clone(), to_addr.clone(), self.cfg.key.clone(), format!("agent@{}", self.cfg.host), MIGRATE_IN_TIMEOUT, Arc::new(|_| Ok(())));
+        let target = RpcClient::start(
+            rt.clone(),
+            to_addr.clone(),
+            self.cfg.key.clone(),
+            format!("agent@{}", self.cfg.host),
+            MIGRATE_IN_TIMEOUT,
+            Arc::new(|_| Ok(())),
+        );
         let lazy = mode != MigrateMode::Eager;
-        let req = Request::MigrateIn { job, dir: dir.as_os_str().as_bytes().to_vec(), uid, home, argv0, lazy };
+        let req = Request::MigrateIn {
+            job,
+            dir: dir.as_os_str().as_bytes().to_vec(),
+            uid,
+            home,
+            argv0,
+            lazy,
+        };
         let t_restore = Instant::now();
         match rt.block_on(target.call(req)) {
             Ok(Response::Started { pid: new_pid }) => {
@@ -242,9 +345,16 @@ impl Agent {
                 }
                 self.changed.notify_all();
                 self.stats.migrations_out.fetch_add(1, Ordering::Relaxed);
-                self.stats.frozen_ms.fetch_add(stopped_ms, Ordering::Relaxed);
+                self.stats
+                    .frozen_ms
+                    .fetch_add(stopped_ms, Ordering::Relaxed);
                 info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
-                Ok(Response::Migrated { pid: new_pid, frozen_ms: stopped_ms, bytes: dumped.bytes, total_ms: t0.elapsed().as_millis() as u64 })
+                Ok(Response::Migrated {
+                    pid: new_pid,
+                    frozen_ms: stopped_ms,
+                    bytes: dumped.bytes,
+                    total_ms: t0.elapsed().as_millis() as u64,
+                })
             }
             other => {
                 // The target failed: the source resumes as if nothing happened.
@@ -252,22 +362,44 @@ impl Agent {
                     Err(e) => e.to_string(),
                     Ok(r) => format!("unexpected reply {r:?}"),
                 };
-                self.stats.migration_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .migration_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = dumped.frozen.resume() {
                     warn!(job, "resuming the frozen source failed: {e}");
                 }
                 unmark(self);
                 let _ = std::fs::remove_dir_all(&dir);
-                Err(err(libc::EIO, format!("target {to_host} could not take job {job}: {why}; it keeps running here")))
+                Err(err(
+                    libc::EIO,
+                    format!(
+                        "target {to_host} could not take job {job}: {why}; it keeps running here"
+                    ),
+                ))
             }
         }
     }
 
     /// Target side of a migration (see `Request::MigrateIn`).
-    fn migrate_in(self: &Arc<Self>, job: u64, dir: &[u8], uid: u32, home: String, argv0: String, lazy: bool) -> Result<u32, WireError> {
+    fn migrate_in(
+        self: &Arc<Self>,
+        job: u64,
+        dir: &[u8],
+        uid: u32,
+        home: String,
+        argv0: String,
+        lazy: bool,
+    ) -> Result<u32, WireError> {
         let dir = PathBuf::from(OsStr::from_bytes(dir));
         if !dir.starts_with(&self.cfg.mount) {
-            return Err(err(libc::EXDEV, format!("image {} is not in {}", dir.display(), self.cfg.mount.display())));
+            return Err(err(
+                libc::EXDEV,
+                format!(
+                    "image {} is not in {}",
+                    dir.display(),
+                    self.cfg.mount.display()
+                ),
+            ));
         }
         // A repeated MigrateIn (the source's connection dropped before our answer) must not
         // make the source resume a second copy, nor start a second restore: answer as the
@@ -283,8 +415,13 @@ impl Agent {
             }
             // The first MigrateIn is still restoring: wait for its outcome.
             std::thread::sleep(Duration::from_millis(50));
-            if !self.arriving.lock().unwrap().contains(&job) && !self.jobs.lock().unwrap().contains_key(&job) {
-                return Err(err(libc::EIO, format!("the first attempt to rebuild job {job} failed")));
+            if !self.arriving.lock().unwrap().contains(&job)
+                && !self.jobs.lock().unwrap().contains_key(&job)
+            {
+                return Err(err(
+                    libc::EIO,
+                    format!("the first attempt to rebuild job {job} failed"),
+                ));
             }
         }
         let r = self.restore_arriving(job, &dir, uid, home, argv0, lazy);
@@ -292,20 +429,49 @@ impl Agent {
         r
     }
 
-    fn restore_arriving(self: &Arc<Self>, job: u64, dir: &Path, uid: u32, home: String, argv0: String, lazy: bool) -> Result<u32, WireError> {
+    fn restore_arriving(
+        self: &Arc<Self>,
+        job: u64,
+        dir: &Path,
+        uid: u32,
+        home: String,
+        argv0: String,
+        lazy: bool,
+    ) -> Result<u32, WireError> {
         let dir = dir.to_path_buf();
-        let opts = wisp_procmig::RestoreOptions { pid_mode: wisp_procmig::PidMode::NewNamespace, ..Default::default() };
+        let opts = wisp_procmig::RestoreOptions {
+            pid_mode: wisp_procmig::PidMode::NewNamespace,
+            ..Default::default()
+        };
         let (r, pager) = if lazy {
-            let (r, p) = wisp_procmig::restore_lazy(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
+            let (r, p) = wisp_procmig::restore_lazy(&dir, &opts)
+                .map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
             (r, Some(p))
         } else {
-            (wisp_procmig::restore_with(&dir, &opts).map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?, None)
+            (
+                wisp_procmig::restore_with(&dir, &opts)
+                    .map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?,
+                None,
+            )
         };
         for w in &r.warnings {
             warn!(job, "restore: {w}");
         }
-        let sb = wisp_procmig::Sandbox { init_pid: r.init_pid.unwrap_or(r.pid), pid: r.pid };
-        self.adopt(JobInfo { job, pid: r.pid as u32, uid, home, argv0, running: true }, sb);
+        let sb = wisp_procmig::Sandbox {
+            init_pid: r.init_pid.unwrap_or(r.pid),
+            pid: r.pid,
+        };
+        self.adopt(
+            JobInfo {
+                job,
+                pid: r.pid as u32,
+                uid,
+                home,
+                argv0,
+                running: true,
+            },
+            sb,
+        );
         match pager {
             // The job runs already; its pages arrive from the swap file on demand and in the
             // background. Only when all are in is the swap file removed.
@@ -315,9 +481,18 @@ impl Agent {
                 std::thread::spawn(move || {
                     match p.wait() {
                         Ok(st) => {
-                            me.stats.pager_faults.fetch_add(st.faults, Ordering::Relaxed);
-                            me.stats.pages_pushed.fetch_add(st.pushed, Ordering::Relaxed);
-                            info!(job, faults = st.faults, pushed = st.pushed, "all pages in; swap file removed")
+                            me.stats
+                                .pager_faults
+                                .fetch_add(st.faults, Ordering::Relaxed);
+                            me.stats
+                                .pages_pushed
+                                .fetch_add(st.pushed, Ordering::Relaxed);
+                            info!(
+                                job,
+                                faults = st.faults,
+                                pushed = st.pushed,
+                                "all pages in; swap file removed"
+                            )
                         }
                         Err(e) => warn!(job, "pager: {e}"),
                     }
@@ -340,10 +515,19 @@ impl Agent {
         loop {
             match jobs.get(&job) {
                 None => return Err(err(libc::ESRCH, format!("no job {job} on this host"))),
-                Some(Job { moved: Some((host, addr)), .. }) => {
-                    return Ok(Response::Moved { host: host.clone(), addr: addr.clone() });
+                Some(Job {
+                    moved: Some((host, addr)),
+                    ..
+                }) => {
+                    return Ok(Response::Moved {
+                        host: host.clone(),
+                        addr: addr.clone(),
+                    });
                 }
-                Some(Job { exit: Some((code, signal)), .. }) => {
+                Some(Job {
+                    exit: Some((code, signal)),
+                    ..
+                }) => {
                     let (code, signal) = (*code, *signal);
                     jobs.remove(&job);
                     return Ok(Response::Exited { code, signal });
@@ -360,7 +544,15 @@ impl Agent {
 
     fn signal(&self, job: u64, sig: i32) -> Result<Response, WireError> {
         let pid = match self.jobs.lock().unwrap().get(&job) {
-            Some(Job { moved: Some((host, addr)), .. }) => return Ok(Response::Moved { host: host.clone(), addr: addr.clone() }),
+            Some(Job {
+                moved: Some((host, addr)),
+                ..
+            }) => {
+                return Ok(Response::Moved {
+                    host: host.clone(),
+                    addr: addr.clone(),
+                })
+            }
             Some(j) if j.exit.is_none() => j.info.pid,
             Some(_) => return Ok(Response::Ok),
             None => return Err(err(libc::ESRCH, format!("no job {job} on this host"))),
@@ -374,7 +566,10 @@ impl Agent {
         // SAFETY: kill(2) on the job's pid.
         if unsafe { libc::kill(pid as i32, sig) } != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(err(e.raw_os_error().unwrap_or(libc::EIO), format!("signal {sig} to job {job}: {e}")));
+            return Err(err(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("signal {sig} to job {job}: {e}"),
+            ));
         }
         Ok(Response::Ok)
     }
@@ -388,13 +583,35 @@ impl Service for AgentService {
     fn call(&self, _peer: &Arc<PeerHandle>, req: Request) -> Result<Response, WireError> {
         match req {
             Request::Ping => Ok(Response::Pong),
-            Request::Exec(spec) => Ok(Response::Started { pid: self.0.exec(spec)? }),
+            Request::Exec(spec) => Ok(Response::Started {
+                pid: self.0.exec(spec)?,
+            }),
             Request::JobWait { job } => self.0.wait(job),
             Request::JobSignal { job, signal } => self.0.signal(job, signal),
             Request::JobList => Ok(Response::Jobs(self.0.jobs())),
-            Request::MigrateOut { job, to_host, to_addr, mode } => self.0.migrate_out(job, to_host, to_addr, mode),
-            Request::MigrateIn { job, dir, uid, home, argv0, lazy } => Ok(Response::Started { pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy)? }),
-            other => Err(err(libc::EOPNOTSUPP, format!("the agent does not serve {:?}", std::mem::discriminant(&other)))),
+            Request::MigrateOut {
+                job,
+                to_host,
+                to_addr,
+                mode,
+            } => self.0.migrate_out(job, to_host, to_addr, mode),
+            Request::MigrateIn {
+                job,
+                dir,
+                uid,
+                home,
+                argv0,
+                lazy,
+            } => Ok(Response::Started {
+                pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy)?,
+            }),
+            other => Err(err(
+                libc::EOPNOTSUPP,
+                format!(
+                    "the agent does not serve {:?}",
+                    std::mem::discriminant(&other)
+                ),
+            )),
         }
     }
 }
@@ -408,13 +625,22 @@ fn signal_sandbox(pid: i32, sig: i32) -> usize {
     };
     // Never the agent's own namespace: that would be every process of the host.
     if std::fs::read_link("/proc/self/ns/pid").ok().as_ref() == Some(&ns) {
-        warn!(pid, "job is not in a sandbox of its own; not signalling its namespace");
+        warn!(
+            pid,
+            "job is not in a sandbox of its own; not signalling its namespace"
+        );
         return 0;
     }
     let mut n = 0;
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if std::fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns) {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{p}/ns/pid"))
+            .ok()
+            .as_ref()
+            == Some(&ns)
+        {
             // SAFETY: kill(2) on a process of the job's own pid namespace.
             if unsafe { libc::kill(p, sig) } == 0 {
                 n += 1;
@@ -441,7 +667,10 @@ fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig:
 
 /// The agent address of a host registered as `ip:port`.
 pub fn agent_addr(host_addr: &str) -> String {
-    let ip = host_addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(host_addr);
+    let ip = host_addr
+        .rsplit_once(':')
+        .map(|(ip, _)| ip)
+        .unwrap_or(host_addr);
     format!("{ip}:{}", crate::AGENT_PORT)
 }
 
@@ -478,7 +707,13 @@ pub async fn eviction_loop(
         let foreign: Vec<JobInfo> = {
             let jobs = agent.jobs.lock().unwrap();
             jobs.values()
-                .filter(|j| j.exit.is_none() && j.moved.is_none() && !j.migrating && !j.suspended && j.info.home != agent.cfg.host)
+                .filter(|j| {
+                    j.exit.is_none()
+                        && j.moved.is_none()
+                        && !j.migrating
+                        && !j.suspended
+                        && j.info.home != agent.cfg.host
+                })
                 .map(|j| j.info.clone())
                 .collect()
         };
@@ -490,7 +725,10 @@ pub async fn eviction_loop(
                     Some((l.host, l.addr))
                 }
                 _ => match reg.hosts().await {
-                    Ok(hs) => hs.into_iter().find(|h| h.name == j.home).map(|h| (h.name, h.addr)),
+                    Ok(hs) => hs
+                        .into_iter()
+                        .find(|h| h.name == j.home)
+                        .map(|h| (h.name, h.addr)),
                     Err(e) => {
                         warn!(job = j.job, "eviction: registry unavailable: {e}");
                         None
@@ -501,18 +739,27 @@ pub async fn eviction_loop(
                 warn!(job = j.job, home = %j.home, "eviction: no idle host and home unknown; job stays");
                 continue;
             };
-            let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Begin).await;
+            let _ = reg
+                .job_move(j.job, &to, wisp_naming::registry::MovePhase::Begin)
+                .await;
             let a = agent.clone();
             let (job, to2, addr2) = (j.job, to.clone(), agent_addr(&to_addr));
-            let r = tokio::task::spawn_blocking(move || a.migrate_out(job, to2, addr2, MigrateMode::Lazy)).await;
+            let r = tokio::task::spawn_blocking(move || {
+                a.migrate_out(job, to2, addr2, MigrateMode::Lazy)
+            })
+            .await;
             match r {
                 Ok(Ok(_)) => {
-                    let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Commit).await;
+                    let _ = reg
+                        .job_move(j.job, &to, wisp_naming::registry::MovePhase::Commit)
+                        .await;
                     agent.stats.evictions.fetch_add(1, Ordering::Relaxed);
                     info!(job = j.job, to = %to, ms = t0.elapsed().as_millis() as u64, "evicted: owner is back");
                 }
                 other => {
-                    let _ = reg.job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort).await;
+                    let _ = reg
+                        .job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort)
+                        .await;
                     // It cannot move (e.g. it has child processes): stop it, whole sandbox,
                     // so the owner gets the machine; it resumes when the owner leaves.
                     let why = match other {

@@ -13,8 +13,6 @@ use wisp_proto::key::ClusterKey;
 use wisp_proto::msg::{ExecSpec, Request, Response, PIPE_XATTR};
 use wisp_proto::rpc::{RpcClient, RpcError};
 
-use crate::AGENT_PORT;
-
 /// Errors of rexec; each says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum RexecError {
@@ -29,7 +27,10 @@ pub enum RexecError {
     #[error("agent on {host}: {source}")]
     Agent { host: String, source: RpcError },
     #[error("cannot make the job's stdio pipes in {dir}: {source}")]
-    Pipes { dir: PathBuf, source: std::io::Error },
+    Pipes {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot run locally: {0}")]
     Local(std::io::Error),
     #[error("{0}")]
@@ -55,7 +56,10 @@ pub struct Options {
 /// Make a cluster pipe at `path`: an empty file in a wisp mount marked with the pipe
 /// attribute (the file server turns it into a pipe).
 pub fn mkpipe(path: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     let name = std::ffi::CString::new(PIPE_XATTR).expect("no NUL in the name");
     // SAFETY: both pointers are valid NUL-terminated strings; the value is a 1-byte buffer.
@@ -63,7 +67,10 @@ pub fn mkpipe(path: &Path) -> std::io::Result<()> {
     if r != 0 {
         let e = std::io::Error::last_os_error();
         let _ = std::fs::remove_file(path);
-        return Err(std::io::Error::new(e.kind(), format!("{e} (is {} inside a wisp mount?)", path.display())));
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("{e} (is {} inside a wisp mount?)", path.display()),
+        ));
     }
     Ok(())
 }
@@ -76,7 +83,10 @@ fn say(verbose: bool, msg: &str) {
 
 fn run_locally(argv: &[OsString]) -> Result<i32, RexecError> {
     use std::os::unix::process::ExitStatusExt;
-    let st = std::process::Command::new(&argv[0]).args(&argv[1..]).status().map_err(RexecError::Local)?;
+    let st = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .map_err(RexecError::Local)?;
     Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
 }
 
@@ -109,17 +119,30 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
     if !cwd.starts_with(&opts.mount) {
         return Err(RexecError::CwdOutside(cwd, opts.mount.clone()));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let reg = RegistryClient::new(rt.handle().clone(), opts.registry.clone(), opts.key.clone(), format!("rexec@{}", opts.home))
-        .with_timeouts(Duration::from_secs(5), Duration::from_secs(10));
+    let reg = RegistryClient::new(
+        rt.handle().clone(),
+        opts.registry.clone(),
+        opts.key.clone(),
+        format!("rexec@{}", opts.home),
+    )
+    .with_timeouts(Duration::from_secs(5), Duration::from_secs(10));
     // Choose the host.
     let mut lease = None;
     let (host, addr) = loop {
         if let Some(h) = &opts.host {
-            let hosts = rt.block_on(reg.hosts()).map_err(|e| RexecError::Registry(e.to_string()))?;
-            let hh = hosts.into_iter().find(|x| &x.name == h).ok_or_else(|| RexecError::UnknownHost(h.clone()))?;
+            let hosts = rt
+                .block_on(reg.hosts())
+                .map_err(|e| RexecError::Registry(e.to_string()))?;
+            let hh = hosts
+                .into_iter()
+                .find(|x| &x.name == h)
+                .ok_or_else(|| RexecError::UnknownHost(h.clone()))?;
             break (hh.name, hh.addr);
         }
         match rt.block_on(reg.allocate_hosts(uid, 1, &opts.home, false)) {
@@ -143,8 +166,7 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
             }
         }
     };
-    let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(addr.clone());
-    let agent_addr = format!("{ip}:{AGENT_PORT}");
+    let agent_addr = crate::agent::agent_addr(&addr);
     say(opts.verbose, &format!("running on {host} ({agent_addr})"));
     let job = match rt.block_on(reg.job_start(uid, &opts.home, &host)) {
         Ok(j) => j,
@@ -183,9 +205,21 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, agent_addr: &str, cwd: &Path, uid: u32, gid: u32) -> Result<i32, RexecError> {
+fn run_on(
+    rt: &tokio::runtime::Runtime,
+    opts: &Options,
+    job: u64,
+    host: &str,
+    agent_addr: &str,
+    cwd: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<i32, RexecError> {
     let dir = opts.mount.join(".rexec").join(format!("{job:x}"));
-    let pipes_err = |source| RexecError::Pipes { dir: dir.clone(), source };
+    let pipes_err = |source| RexecError::Pipes {
+        dir: dir.clone(),
+        source,
+    };
     std::fs::create_dir_all(&dir).map_err(pipes_err)?;
     let (pin, pout, perr) = (dir.join("stdin"), dir.join("stdout"), dir.join("stderr"));
     for p in [&pin, &pout, &perr] {
@@ -212,7 +246,11 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
                 }
                 if let Err(e) = w.write_all(&buf[..n]) {
                     // The job closed its stdin: stop copying, like a local pipe would.
-                    return if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) };
+                    return if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    };
                 }
             }
         })
@@ -240,14 +278,25 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
     };
     let tout = copy_out(pout.clone(), false);
     let terr = copy_out(perr.clone(), true);
-    let connect = |addr: &str| RpcClient::start(rt.handle().clone(), addr.to_string(), opts.key.clone(), format!("rexec@{}", opts.home), Duration::from_secs(30), Arc::new(|_| Ok(())));
+    let connect = |addr: &str| {
+        RpcClient::start(
+            rt.handle().clone(),
+            addr.to_string(),
+            opts.key.clone(),
+            format!("rexec@{}", opts.home),
+            Duration::from_secs(30),
+            Arc::new(|_| Ok(())),
+        )
+    };
     let agent = connect(agent_addr);
     // Where the job runs now: it may migrate while we wait.
     let current = Arc::new(std::sync::Mutex::new(agent.clone()));
     let spec = ExecSpec {
         job,
         argv: opts.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: std::env::vars_os().map(|(k, v)| (k.into_vec(), v.into_vec())).collect(),
+        env: std::env::vars_os()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect(),
         cwd: cwd.as_os_str().as_bytes().to_vec(),
         uid,
         gid,
@@ -258,12 +307,17 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
         stderr: perr.as_os_str().as_bytes().to_vec(),
         home: opts.home.clone(),
     };
-    let agent_err = |source| RexecError::Agent { host: host.to_string(), source };
+    let agent_err = |source| RexecError::Agent {
+        host: host.to_string(),
+        source,
+    };
     match rt.block_on(agent.call(Request::Exec(spec))) {
         Ok(Response::Started { pid }) => debug!(job, pid, host, "started"),
         Ok(other) => {
             cleanup(&dir);
-            return Err(agent_err(RpcError::Remote(wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")))));
+            return Err(agent_err(RpcError::Remote(
+                wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")),
+            )));
         }
         Err(e) => {
             cleanup(&dir);
@@ -275,7 +329,17 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
         let current = current.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGTSTP, libc::SIGCONT, libc::SIGWINCH, libc::SIGUSR1, libc::SIGUSR2];
+            let sigs = [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGTSTP,
+                libc::SIGCONT,
+                libc::SIGWINCH,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+            ];
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
             for s in sigs {
                 let mut st = match signal(SignalKind::from_raw(s)) {
@@ -291,7 +355,9 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
             }
             while let Some(s) = rx.recv().await {
                 let agent = current.lock().unwrap().clone();
-                if let Ok(Response::Moved { .. }) = agent.call(Request::JobSignal { job, signal: s }).await {
+                if let Ok(Response::Moved { .. }) =
+                    agent.call(Request::JobSignal { job, signal: s }).await
+                {
                     // Raced with a migration: the waiter below switches hosts; try once more.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let agent = current.lock().unwrap().clone();
@@ -314,7 +380,12 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
             }
             Ok(other) => {
                 fwd.abort();
-                return Err(agent_err(RpcError::Remote(wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")))));
+                return Err(agent_err(RpcError::Remote(
+                    wisp_proto::msg::WireError::new(
+                        libc::EIO,
+                        format!("unexpected reply {other:?}"),
+                    ),
+                )));
             }
             Err(e) => {
                 fwd.abort();
@@ -338,7 +409,17 @@ fn run_on(rt: &tokio::runtime::Runtime, opts: &Options, job: u64, host: &str, ag
     }
     drop(tin); // may still be blocked reading our stdin; it dies with the process
     cleanup(&dir);
-    say(opts.verbose, &format!("job {job} on {host} exited with {code}{}", if signal != 0 { format!(" (signal {signal})") } else { String::new() }));
+    say(
+        opts.verbose,
+        &format!(
+            "job {job} on {host} exited with {code}{}",
+            if signal != 0 {
+                format!(" (signal {signal})")
+            } else {
+                String::new()
+            }
+        ),
+    );
     Ok(code)
 }
 

@@ -63,12 +63,20 @@ impl Sim {
     /// Run a shell script on `host`; returns (exit code, stdout, stderr).
     pub fn run(&self, host: &str, script: &str) -> (i32, String, String) {
         let o = self.c.sh(host, script).expect("spawn on host");
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into(),
+            String::from_utf8_lossy(&o.stderr).into(),
+        )
     }
 
     /// Run `f` on a thread that has joined `host`'s network namespace (to open raw TCP
     /// connections to the cluster's addresses from the test process).
-    pub fn in_netns<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let anchor = self.c.host(host).expect("host").anchor;
         let host = host.to_string();
         std::thread::spawn(move || {
@@ -76,7 +84,12 @@ impl Sim {
             use std::os::unix::io::AsRawFd;
             // SAFETY: setns on this thread only, with a valid namespace fd.
             let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns into {host}'s network namespace: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                r,
+                0,
+                "setns into {host}'s network namespace: {}",
+                std::io::Error::last_os_error()
+            );
             f()
         })
         .join()

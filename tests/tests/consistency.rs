@@ -4,7 +4,15 @@ use rand::Rng;
 use wisp_tests::{sim, Sim};
 
 fn stats(s: &Sim) -> serde_like::Stats {
-    let out = s.ok("ws1", &format!("{}/wisp status --server {} --key {} --json", s.bin_dir.display(), s.server_addr(), s.key_file.display()));
+    let out = s.ok(
+        "ws1",
+        &format!(
+            "{}/wisp status --server {} --key {} --json",
+            s.bin_dir.display(),
+            s.server_addr(),
+            s.key_file.display()
+        ),
+    );
     serde_like::parse(&out)
 }
 
@@ -17,10 +25,22 @@ mod serde_like {
     }
     pub fn parse(s: &str) -> Stats {
         let field = |k: &str| -> u64 {
-            let i = s.find(&format!("\"{k}\":")).unwrap_or_else(|| panic!("no {k} in {s}")) + k.len() + 3;
-            s[i..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap()
+            let i = s
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("no {k} in {s}"))
+                + k.len()
+                + 3;
+            s[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap()
         };
-        Stats { requests: field("requests"), bytes_read: field("bytes_read") }
+        Stats {
+            requests: field("requests"),
+            bytes_read: field("bytes_read"),
+        }
     }
 }
 
@@ -34,10 +54,17 @@ fn sequential_write_sharing_1000_rounds() {
     for round in 0..1000 {
         let off: u64 = rng.gen_range(0..300_000);
         let len: u64 = rng.gen_range(1..20_000);
-        let (writer, reader) = if round % 2 == 0 { ("ws1", "ws2") } else { ("ws2", "ws1") };
+        let (writer, reader) = if round % 2 == 0 {
+            ("ws1", "ws2")
+        } else {
+            ("ws2", "ws1")
+        };
         let want = s.ok(writer, &format!("head -c {len} /dev/urandom | dd of=/wisp/shared bs={len} seek={off} oflag=seek_bytes conv=notrunc iflag=fullblock status=none && sha256sum < /wisp/shared"));
         let got = s.ok(reader, "sha256sum < /wisp/shared");
-        assert_eq!(got, want, "round {round}: {reader} read stale data after {writer} wrote {len} bytes at {off}");
+        assert_eq!(
+            got, want,
+            "round {round}: {reader} read stale data after {writer} wrote {len} bytes at {off}"
+        );
     }
 }
 
@@ -46,7 +73,10 @@ fn sequential_write_sharing_1000_rounds() {
 #[test]
 fn concurrent_write_sharing_and_append() {
     let s = sim("conc", 2);
-    s.ok("ws1", "printf 'old-old-old\\n' > /wisp/f; mkdir -p /tmp/wisp-conc");
+    s.ok(
+        "ws1",
+        "printf 'old-old-old\\n' > /wisp/f; mkdir -p /tmp/wisp-conc",
+    );
     // ws2 opens the file, reads it (caching it), waits for ws1 to write, then reads again
     // through the same descriptor.
     let reader = std::thread::spawn({
@@ -65,7 +95,10 @@ fn concurrent_write_sharing_and_append() {
     s.ok("ws1", "for i in $(seq 1 400); do [ -e /wisp/ready ] && break; sleep 0.025; done; [ -e /wisp/ready ]");
     s.ok("ws1", "perl -e 'open(F, \"+<\", \"/wisp/f\") or die; print F \"new-new-new\\n\"; close F' && touch /wisp/written");
     let out = reader.join().unwrap();
-    assert_eq!(out, "first:old-old-old\nsecond:new-new-new\n", "the open descriptor on ws2 did not see ws1's write");
+    assert_eq!(
+        out, "first:old-old-old\nsecond:new-new-new\n",
+        "the open descriptor on ws2 did not see ws1's write"
+    );
 
     // Concurrent O_APPEND from both hosts.
     let script = |host: &str| {
@@ -84,10 +117,18 @@ fn concurrent_write_sharing_and_append() {
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines.len(), 4000, "records lost or torn");
     for host in ["ws1", "ws2"] {
-        let mine: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with(host)).collect();
+        let mine: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with(host))
+            .collect();
         assert_eq!(mine.len(), 2000, "{host} records missing");
         for (i, l) in mine.iter().enumerate() {
-            assert_eq!(*l, format!("{host}-{:05}-{}", i + 1, "x".repeat(80)), "torn or reordered record");
+            assert_eq!(
+                *l,
+                format!("{host}-{:05}-{}", i + 1, "x".repeat(80)),
+                "torn or reordered record"
+            );
         }
     }
 }
@@ -100,15 +141,33 @@ fn metadata_changes_are_seen_at_once() {
     s.ok("ws2", "ls /wisp/m; stat /wisp/m >/dev/null"); // B caches the directory
     for i in 0..50 {
         s.ok("ws1", &format!("echo {i} > /wisp/m/f{i}"));
-        assert_eq!(s.ok("ws2", &format!("cat /wisp/m/f{i}; ls /wisp/m | wc -l")), format!("{i}\n1\n"));
+        assert_eq!(
+            s.ok("ws2", &format!("cat /wisp/m/f{i}; ls /wisp/m | wc -l")),
+            format!("{i}\n1\n")
+        );
         s.ok("ws1", &format!("mv /wisp/m/f{i} /wisp/m/g{i}"));
-        assert_eq!(s.ok("ws2", &format!("ls /wisp/m; test ! -e /wisp/m/f{i} && echo nof")), format!("g{i}\nnof\n"));
+        assert_eq!(
+            s.ok(
+                "ws2",
+                &format!("ls /wisp/m; test ! -e /wisp/m/f{i} && echo nof")
+            ),
+            format!("g{i}\nnof\n")
+        );
         s.ok("ws1", &format!("chmod 640 /wisp/m/g{i}"));
         assert_eq!(s.ok("ws2", &format!("stat -c %a /wisp/m/g{i}")), "640\n");
         s.ok("ws1", &format!("echo more >> /wisp/m/g{i}"));
-        assert_eq!(s.ok("ws2", &format!("stat -c %s /wisp/m/g{i}")), format!("{}\n", format!("{i}\n").len() + 5));
+        assert_eq!(
+            s.ok("ws2", &format!("stat -c %s /wisp/m/g{i}")),
+            format!("{}\n", format!("{i}\n").len() + 5)
+        );
         s.ok("ws1", &format!("rm /wisp/m/g{i}"));
-        assert_eq!(s.ok("ws2", &format!("ls -A /wisp/m | wc -l; test ! -e /wisp/m/g{i} && echo gone")), "0\ngone\n");
+        assert_eq!(
+            s.ok(
+                "ws2",
+                &format!("ls -A /wisp/m | wc -l; test ! -e /wisp/m/g{i} && echo gone")
+            ),
+            "0\ngone\n"
+        );
     }
 }
 
@@ -116,7 +175,10 @@ fn metadata_changes_are_seen_at_once() {
 #[test]
 fn cached_reread_costs_no_server_traffic() {
     let s = sim("cache", 2);
-    s.ok("ws1", "dd if=/dev/urandom of=/wisp/big bs=1M count=1024 status=none");
+    s.ok(
+        "ws1",
+        "dd if=/dev/urandom of=/wisp/big bs=1M count=1024 status=none",
+    );
     let first = s.ok("ws2", "sha256sum < /wisp/big");
     let before = stats(&s);
     let second = s.ok("ws2", "sha256sum < /wisp/big");
@@ -126,10 +188,17 @@ fn cached_reread_costs_no_server_traffic() {
     // proactive reclaimer, kdamond, and other tests run in parallel); anything beyond 5 %
     // would mean the cache was not kept across opens (an uncached read fetches 100 %).
     let refetched = after.bytes_read - before.bytes_read;
-    assert!(refetched < (1 << 30) / 20, "a cached re-read fetched {refetched} bytes from the server");
+    assert!(
+        refetched < (1 << 30) / 20,
+        "a cached re-read fetched {refetched} bytes from the server"
+    );
     // Lookup, open, close and the status probe's own calls, plus a read for any page the
     // kernel dropped under memory pressure; an uncached read of 1 GiB takes over 8,000.
-    assert!(after.requests - before.requests <= 512, "a cached re-read made {} requests", after.requests - before.requests);
+    assert!(
+        after.requests - before.requests <= 512,
+        "a cached re-read made {} requests",
+        after.requests - before.requests
+    );
 }
 
 /// The server is killed and restarted in the middle of sharing: it forgot which clients
@@ -139,14 +208,19 @@ fn cached_reread_costs_no_server_traffic() {
 fn sharing_stays_consistent_across_a_server_restart() {
     let mut s = sim("restart", 2);
     // fsync'd: a metadata change nobody fsynced may be lost in a crash (POSIX), this one not.
-    s.ok("ws1", "printf 'before-restart\\n' | dd of=/wisp/r conv=fsync status=none");
+    s.ok(
+        "ws1",
+        "printf 'before-restart\\n' | dd of=/wisp/r conv=fsync status=none",
+    );
     // Both hosts read it, so both kernels cache its pages and attributes.
     assert_eq!(s.ok("ws2", "cat /wisp/r"), "before-restart\n");
     assert_eq!(s.ok("ws1", "cat /wisp/r"), "before-restart\n");
     // An open descriptor on ws2 must survive too.
     let holder = {
         let c = s.c.clone();
-        std::thread::spawn(move || c.sh_ok("ws2", "exec 3</wisp/r; touch /tmp/wisp-restart-held; sleep 4; cat <&3 >/dev/null; echo held").unwrap())
+        std::thread::spawn(move || {
+            c.sh_ok("ws2", "exec 3</wisp/r; touch /tmp/wisp-restart-held; sleep 4; cat <&3 >/dev/null; echo held").unwrap()
+        })
     };
     while !std::path::Path::new("/tmp/wisp-restart-held").exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -157,9 +231,16 @@ fn sharing_stays_consistent_across_a_server_restart() {
     // ws1 writes new contents of a different length after the restart.
     s.ok("ws1", "printf 'after-the-restart\\n' > /wisp/r");
     for _ in 0..3 {
-        assert_eq!(s.ok("ws2", "cat /wisp/r"), "after-the-restart\n", "ws2 read a stale cached copy after the server restarted");
+        assert_eq!(
+            s.ok("ws2", "cat /wisp/r"),
+            "after-the-restart\n",
+            "ws2 read a stale cached copy after the server restarted"
+        );
     }
     assert_eq!(holder.join().unwrap(), "held\n");
     let log = std::fs::read_to_string(s.log_path("ws2")).unwrap();
-    assert!(log.contains("reconnected: open files registered again"), "{log}");
+    assert!(
+        log.contains("reconnected: open files registered again"),
+        "{log}"
+    );
 }

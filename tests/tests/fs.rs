@@ -40,10 +40,26 @@ fn tree_written_on_one_host_reads_identically_on_another() {
     let want = std::fs::read_to_string("/tmp/wisp-tree.sums").expect("sums");
     let got = s.ok("ws2", "cd /wisp/tree && sha256sum f*");
     assert_eq!(got, want, "file contents differ on the reading host");
-    assert_eq!(s.ok("ws2", "dd if=/wisp/tree/sparse bs=1 skip=5368709120 count=6 status=none"), "past4g");
-    assert_eq!(s.ok("ws2", "readlink /wisp/tree/sub/link; cat /wisp/tree/sub/link | wc -c"), "../f1\n1\n");
+    assert_eq!(
+        s.ok(
+            "ws2",
+            "dd if=/wisp/tree/sparse bs=1 skip=5368709120 count=6 status=none"
+        ),
+        "past4g"
+    );
+    assert_eq!(
+        s.ok(
+            "ws2",
+            "readlink /wisp/tree/sub/link; cat /wisp/tree/sub/link | wc -c"
+        ),
+        "../f1\n1\n"
+    );
     // The sparse file stays sparse on the server: far fewer blocks than its size.
-    let blocks: u64 = s.ok("ws2", "stat -c %b /wisp/tree/sparse").trim().parse().unwrap();
+    let blocks: u64 = s
+        .ok("ws2", "stat -c %b /wisp/tree/sparse")
+        .trim()
+        .parse()
+        .unwrap();
     assert!(blocks < 1024, "sparse file allocated {blocks} blocks");
 
     // Changes made on ws2 are seen on ws1 at once.
@@ -59,7 +75,11 @@ fn tree_written_on_one_host_reads_identically_on_another() {
 fn program_suite_matches_local_ext4() {
     for tool in ["gcc", "make", "git", "sqlite3", "tar", "perl"] {
         assert!(
-            std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).status().unwrap().success(),
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .status()
+                .unwrap()
+                .success(),
             "{tool} is not installed; run scripts/test.sh (it installs the test dependencies)"
         );
     }
@@ -97,8 +117,16 @@ C
     std::fs::write("/tmp/wisp-suite.sh", suite).unwrap();
     let local = s.ok("ws1", "sh /tmp/wisp-suite.sh /tmp/wisp-suite-local");
     let wisp = s.ok("ws1", "sh /tmp/wisp-suite.sh /wisp/suite");
-    assert_eq!(wisp, local, "program suite differs between /wisp and the local disk");
-    assert!(wisp.contains("sum=499500") && wisp.contains("second\nfirst") && wisp.contains("500|125250\nrow250\nok"), "{wisp}");
+    assert_eq!(
+        wisp, local,
+        "program suite differs between /wisp and the local disk"
+    );
+    assert!(
+        wisp.contains("sum=499500")
+            && wisp.contains("second\nfirst")
+            && wisp.contains("500|125250\nrow250\nok"),
+        "{wisp}"
+    );
     // The other host sees the built program and can run it.
     assert_eq!(s.ok("ws1", "/wisp/suite/proj/app"), "sum=499500\n");
     let _ = std::fs::remove_dir_all("/tmp/wisp-suite-local");
@@ -127,11 +155,24 @@ fn server_sigkill_keeps_fsynced_data() {
     std::thread::sleep(Duration::from_millis(300));
     s.start_daemon("srv1").unwrap();
     let out = waiting.unwrap().wait_with_output().unwrap();
-    assert!(out.status.success(), "read across the restart failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "read across the restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = std::fs::read_to_string("/tmp/wisp-dur.sums").unwrap();
-    assert_eq!(s.ok("ws2", "cd /wisp/durable && sha256sum f1 f2 f3 f4 f5"), want);
-    assert_eq!(s.ok("ws1", "cat /wisp/durable/meta"), "created-and-fsynced\n");
-    s.ok("ws1", "echo after-restart > /wisp/durable/new && rm /tmp/wisp-dur-*");
+    assert_eq!(
+        s.ok("ws2", "cd /wisp/durable && sha256sum f1 f2 f3 f4 f5"),
+        want
+    );
+    assert_eq!(
+        s.ok("ws1", "cat /wisp/durable/meta"),
+        "created-and-fsynced\n"
+    );
+    s.ok(
+        "ws1",
+        "echo after-restart > /wisp/durable/new && rm /tmp/wisp-dur-*",
+    );
     assert_eq!(s.ok("ws2", "cat /wisp/durable/new"), "after-restart\n");
 }
 
@@ -172,11 +213,19 @@ fn bad_input_is_rejected_and_the_server_stays_up() {
         t.write_all(&[0, 0, 1, 0, 1, 2, 3]).unwrap();
         drop(t);
         // A client with the wrong key is refused.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let e = rt
             .block_on(async {
                 let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
-                wisp_proto::auth::client_handshake(sock, &wisp_proto::key::ClusterKey::generate(), "intruder").await
+                wisp_proto::auth::client_handshake(
+                    sock,
+                    &wisp_proto::key::ClusterKey::generate(),
+                    "intruder",
+                )
+                .await
             })
             .err()
             .expect("a wrong key must not authenticate");
@@ -186,7 +235,10 @@ fn bad_input_is_rejected_and_the_server_stays_up() {
     std::thread::sleep(Duration::from_millis(200));
     let l = std::fs::read_to_string(&log).unwrap();
     assert!(l.contains("dropping connection before any request"), "{l}");
-    assert!(l.contains("bad magic") || l.contains("malformed handshake"), "{l}");
+    assert!(
+        l.contains("bad magic") || l.contains("malformed handshake"),
+        "{l}"
+    );
     s.ok("ws1", "echo still-up > /wisp/ok && cat /wisp/ok");
     let (code, _, err) = s.run("ws1", &format!("touch /wisp/{}", "n".repeat(256)));
     assert_ne!(code, 0);
@@ -195,7 +247,10 @@ fn bad_input_is_rejected_and_the_server_stays_up() {
     s.ok("ws1", "mkdir -p /wisp/d/sub");
     let (code, _, err) = s.run("ws1", "mv /wisp/d /wisp/d/sub/");
     assert_ne!(code, 0);
-    assert!(err.contains("Invalid argument") || err.contains("subdirectory of itself"), "{err}");
+    assert!(
+        err.contains("Invalid argument") || err.contains("subdirectory of itself"),
+        "{err}"
+    );
     assert_eq!(s.ok("ws1", "ls /wisp/d"), "sub\n");
     assert_eq!(s.ok("ws1", "cat /wisp/ok"), "still-up\n");
 }

@@ -11,7 +11,11 @@ fn wisp(s: &Sim, args: &str) -> String {
         .arg(format!("{} {args} --cluster {}", cli.display(), s.name))
         .output()
         .expect("run wisp");
-    assert!(out.status.success(), "wisp {args}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "wisp {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -23,7 +27,10 @@ fn lend(s: &Sim, hosts: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = wisp(s, "hosts");
-        if hosts.iter().all(|h| out.lines().any(|l| l.starts_with(&format!("{h}*")))) {
+        if hosts
+            .iter()
+            .all(|h| out.lines().any(|l| l.starts_with(&format!("{h}*"))))
+        {
             return;
         }
         assert!(Instant::now() < deadline, "hosts never became idle:\n{out}");
@@ -34,7 +41,11 @@ fn lend(s: &Sim, hosts: &[&str]) {
 /// The host a job runs on now, from the registry.
 fn job_host(s: &Sim, job: &str) -> String {
     let out = wisp(s, "jobs");
-    out.lines().find(|l| l.split_whitespace().next() == Some(job)).and_then(|l| l.split_whitespace().nth(3)).unwrap_or_default().to_string()
+    out.lines()
+        .find(|l| l.split_whitespace().next() == Some(job))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn only_job(s: &Sim) -> String {
@@ -59,7 +70,10 @@ fn cluster_pipe_between_hosts() {
         let c = s.c.clone();
         std::thread::spawn(move || c.sh_ok("ws2", "sha256sum < /wisp/p").unwrap())
     };
-    let produced = s.ok("ws1", "head -c 1073741824 /dev/urandom | tee /wisp/p | sha256sum");
+    let produced = s.ok(
+        "ws1",
+        "head -c 1073741824 /dev/urandom | tee /wisp/p | sha256sum",
+    );
     let consumed = consumer.join().unwrap();
     assert_eq!(consumed, produced, "bytes changed in the cluster pipe");
     // Early reader exit: the writer gets SIGPIPE (exit 141 from the shell's view).
@@ -67,10 +81,19 @@ fn cluster_pipe_between_hosts() {
         let c = s.c.clone();
         std::thread::spawn(move || c.sh_ok("ws2", "head -c 10 /wisp/q | wc -c").unwrap())
     };
-    let (code, _, _) = s.run("ws1", "yes wisp > /wisp/q; echo $? > /tmp/wisp-pipe-code; exit 0");
+    let (code, _, _) = s.run(
+        "ws1",
+        "yes wisp > /wisp/q; echo $? > /tmp/wisp-pipe-code; exit 0",
+    );
     assert_eq!(code, 0);
     assert_eq!(reader.join().unwrap().trim(), "10");
-    assert_eq!(std::fs::read_to_string("/tmp/wisp-pipe-code").unwrap().trim(), "141", "writer did not get SIGPIPE");
+    assert_eq!(
+        std::fs::read_to_string("/tmp/wisp-pipe-code")
+            .unwrap()
+            .trim(),
+        "141",
+        "writer did not get SIGPIPE"
+    );
 }
 
 /// rexec runs the command on an idle host with the same cwd, environment, umask and stdio,
@@ -86,9 +109,15 @@ fn rexec_runs_on_an_idle_host_as_if_local() {
          'echo cwd=$(pwd) var=$WISP_TEST_VAR umask=$(umask) uts=$(uname -n) ip=$(ip -o -4 addr show dev eth0 | awk \"{print \\$4}\"); read l; echo got=$l; echo to-stderr >&2; touch made-here; exit 7'",
     );
     assert_eq!(code, 7, "exit status not passed back; stderr: {err}");
-    assert!(out.contains("cwd=/wisp/work/sub var=hello umask=0027 uts=ws1 ip=10.99.0.102/24"), "{out}");
+    assert!(
+        out.contains("cwd=/wisp/work/sub var=hello umask=0027 uts=ws1 ip=10.99.0.102/24"),
+        "{out}"
+    );
     assert!(out.contains("got=input-line"), "{out}");
-    assert!(err.contains("to-stderr") && err.contains("running on ws2"), "{err}");
+    assert!(
+        err.contains("to-stderr") && err.contains("running on ws2"),
+        "{err}"
+    );
     assert_eq!(s.ok("ws1", "stat -c %a /wisp/work/sub/made-here"), "640\n");
 
     // Outside /wisp: a clear refusal.
@@ -98,16 +127,25 @@ fn rexec_runs_on_an_idle_host_as_if_local() {
 
     // Signals reach the job: SIGINT to rexec ends the remote sleep with 130.
     let t0 = Instant::now();
-    let (code, _, err) = s.run("ws1", "cd /wisp/work && rexec sleep 30 & sleep 2; kill -INT $!; wait $!");
+    let (code, _, err) = s.run(
+        "ws1",
+        "cd /wisp/work && rexec sleep 30 & sleep 2; kill -INT $!; wait $!",
+    );
     assert_eq!(code, 130, "{err}");
     assert!(t0.elapsed() < Duration::from_secs(20));
 
     // No idle host: runs here, and says so.
     wisp(&s, "owner ws2 active");
     std::thread::sleep(Duration::from_secs(3));
-    let (code, out, err) = s.run("ws1", "cd /wisp/work && rexec -v sh -c 'ip -o -4 addr show dev eth0'");
+    let (code, out, err) = s.run(
+        "ws1",
+        "cd /wisp/work && rexec -v sh -c 'ip -o -4 addr show dev eth0'",
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("running locally") && out.contains("10.99.0.101"), "{out}{err}");
+    assert!(
+        err.contains("running locally") && out.contains("10.99.0.101"),
+        "{out}{err}"
+    );
 }
 
 /// make -j SHELL=rexec builds a project with every recipe on an idle host.
@@ -126,18 +164,35 @@ fn parallel_make_with_rexec() {
     s.ok("ws1", "cd /wisp/proj && make -s -j4 SHELL=rexec");
     assert_eq!(s.ok("ws2", "/wisp/proj/app"), "78\n");
     let jobs = wisp(&s, "jobs --all");
-    let on: Vec<&str> = jobs.lines().skip(1).filter_map(|l| l.split_whitespace().nth(3)).collect();
+    let on: Vec<&str> = jobs
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
     // One lease per idle host (never oversubscribed): recipes beyond that run on ws1.
     assert!(on.len() >= 2, "expected recipes to run remotely:\n{jobs}");
-    assert!(on.iter().all(|h| *h == "ws2" || *h == "ws3"), "a recipe ran on a busy host:\n{jobs}");
-    assert!(on.contains(&"ws2") && on.contains(&"ws3"), "both idle hosts should have taken work:\n{jobs}");
+    assert!(
+        on.iter().all(|h| *h == "ws2" || *h == "ws3"),
+        "a recipe ran on a busy host:\n{jobs}"
+    );
+    assert!(
+        on.contains(&"ws2") && on.contains(&"ws3"),
+        "both idle hosts should have taken work:\n{jobs}"
+    );
 }
 
 const TICKER: &str = r#"cd /wisp/mig && rexec -v perl -e '$|=1; use POSIX; open(my $log, ">>", "/wisp/mig/log") or die; $log->autoflush(1); my $heap = "h" x 50_000_000; for my $i (0..70) { printf("tick %d pid %d uts %s heap %d\n", $i, $$, (POSIX::uname())[1], length $heap); print $log "$i\n"; select(undef, undef, undef, 0.1) } exit 5'"#;
 
 /// A cluster with ws2 and ws3 lent out and the ticker job from ws1 running on one of
 /// them for 2 s: (cluster, the rexec's thread, job id, host it runs on).
-fn start_ticker(tag: &str) -> (Sim, std::thread::JoinHandle<std::process::Output>, String, String) {
+fn start_ticker(
+    tag: &str,
+) -> (
+    Sim,
+    std::thread::JoinHandle<std::process::Output>,
+    String,
+    String,
+) {
     let s = sim(tag, 3);
     lend(&s, &["ws2", "ws3"]);
     s.ok("ws1", "mkdir -p /wisp/mig");
@@ -155,7 +210,11 @@ fn check_ticks(out: &str) {
     let ticks: Vec<&str> = out.lines().filter(|l| l.starts_with("tick")).collect();
     assert_eq!(ticks.len(), 71, "output lost or duplicated:\n{out}");
     for (i, l) in ticks.iter().enumerate() {
-        assert_eq!(*l, format!("tick {i} pid 2 uts ws1 heap 50000000"), "bad tick line");
+        assert_eq!(
+            *l,
+            format!("tick {i} pid 2 uts ws1 heap 50000000"),
+            "bad tick line"
+        );
     }
 }
 
@@ -169,12 +228,22 @@ fn running_job_migrates_between_hosts() {
     assert!(m.contains(&format!("-> {to}")), "{m}");
     assert_eq!(job_host(&s, &job), to);
     let out = runner.join().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert_eq!(out.status.code(), Some(5), "{stderr}");
-    assert!(stderr.contains(&format!("moved from {from} to {to}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("moved from {from} to {to}")),
+        "{stderr}"
+    );
     check_ticks(&stdout);
     let log = s.ok("ws2", "cat /wisp/mig/log");
-    assert_eq!(log, (0..=70).map(|i| format!("{i}\n")).collect::<String>(), "the open file lost or repeated writes");
+    assert_eq!(
+        log,
+        (0..=70).map(|i| format!("{i}\n")).collect::<String>(),
+        "the open file lost or repeated writes"
+    );
     // Nothing left behind: the swap directory is gone once the target has every page.
     assert_eq!(s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l"), "0\n");
 }
@@ -190,14 +259,24 @@ fn owner_return_evicts_foreign_jobs() {
         if !h.is_empty() && h != from {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "job was not evicted from {from}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "job was not evicted from {from}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = runner.join().unwrap();
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_ticks(&String::from_utf8_lossy(&out.stdout));
     let log = s.c.log_path(&from);
-    assert!(std::fs::read_to_string(log).unwrap().contains("evicted: owner is back"));
+    assert!(std::fs::read_to_string(log)
+        .unwrap()
+        .contains("evicted: owner is back"));
 }
 
 /// A job that cannot migrate (it has child processes) is suspended, not killed, when the
@@ -209,15 +288,23 @@ fn unmigratable_job_is_suspended_then_resumed() {
     s.ok("ws1", "mkdir -p /wisp/susp");
     let runner = {
         let c = s.c.clone();
-        std::thread::spawn(move || c.sh("ws1", "cd /wisp/susp && rexec sh -c 'sleep 60 & for i in $(seq 1 30); do echo $i; sleep 0.1; done; kill $!'").unwrap())
+        std::thread::spawn(move || {
+            c.sh("ws1", "cd /wisp/susp && rexec sh -c 'sleep 60 & for i in $(seq 1 30); do echo $i; sleep 0.1; done; kill $!'").unwrap()
+        })
     };
     let job = only_job(&s);
     std::thread::sleep(Duration::from_millis(800));
     wisp(&s, "owner ws2 active");
     let log = s.c.log_path("ws2");
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap().contains("suspended, not killed") {
-        assert!(t0.elapsed() < Duration::from_secs(10), "job {job} was not suspended");
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("suspended, not killed")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "job {job} was not suspended"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Stopped: every process of the job is in state T, and the output pauses.
@@ -230,15 +317,28 @@ fn unmigratable_job_is_suspended_then_resumed() {
            done | sort -u"#,
     );
 
-    assert!(states.trim() == "T" || states.trim().is_empty(), "processes not stopped: {states}");
+    assert!(
+        states.trim() == "T" || states.trim().is_empty(),
+        "processes not stopped: {states}"
+    );
     assert!(!runner.is_finished());
     std::thread::sleep(Duration::from_secs(2));
     assert!(!runner.is_finished(), "a suspended job finished");
     wisp(&s, "owner ws2 idle");
     let out = runner.join().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), (1..=30).map(|i| format!("{i}\n")).collect::<String>());
-    assert!(std::fs::read_to_string(&log).unwrap().contains("resumed: owner is away again"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        (1..=30).map(|i| format!("{i}\n")).collect::<String>()
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("resumed: owner is away again"));
 }
 
 /// Ctrl-C of a `make -j SHELL=rexec` stops every remote job: nothing is left running on
@@ -251,7 +351,11 @@ fn interrupting_make_stops_every_remote_job() {
     let t0 = Instant::now();
     // setsid: make leads its own process group, which gets the "Ctrl-C".
     let (code, out, _) = s.run("ws1", "cd /wisp/intr && setsid make -j2 SHELL=rexec >/dev/null 2>&1 & sleep 3; pgrep -fc '^sleep 41$'; kill -INT -$(pgrep -xo make); wait $!");
-    assert_eq!(out.trim(), "2", "both recipes should be running remotely before the Ctrl-C");
+    assert_eq!(
+        out.trim(),
+        "2",
+        "both recipes should be running remotely before the Ctrl-C"
+    );
     assert_ne!(code, 0, "make should fail when interrupted");
     let jobs = wisp(&s, "jobs --all");
     assert!(jobs.contains("ws2") && jobs.contains("ws3"), "{jobs}");
@@ -262,7 +366,10 @@ fn interrupting_make_stops_every_remote_job() {
         if a == "0" && b == "0" {
             break;
         }
-        assert!(Instant::now() < deadline, "remote jobs still running after Ctrl-C: ws2 {a}, ws3 {b}");
+        assert!(
+            Instant::now() < deadline,
+            "remote jobs still running after Ctrl-C: ws2 {a}, ws3 {b}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(t0.elapsed() < Duration::from_secs(30));

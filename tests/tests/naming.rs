@@ -21,8 +21,16 @@ fn cluster(tag: &str) -> Sim {
 /// Run `wisp ARGS --cluster NAME` from the test process; (exit code, stdout, stderr).
 fn wisp(s: &Sim, args: &[&str]) -> (i32, String, String) {
     let bin = s.bin_dir.join("wisp");
-    let out = Command::new(&bin).args(args).args(["--cluster", &s.name]).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(&bin)
+        .args(args)
+        .args(["--cluster", &s.name])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// `wisp ARGS` that must succeed; returns stdout.
@@ -39,12 +47,20 @@ fn json(text: &str) -> Value {
 /// `wisp hosts --json` as host name -> object.
 fn hosts(s: &Sim) -> std::collections::BTreeMap<String, Value> {
     let v = json(&wisp_ok(s, &["hosts", "--json"]));
-    v.as_array().expect("an array").iter().map(|h| (h["name"].as_str().unwrap().to_string(), h.clone())).collect()
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|h| (h["name"].as_str().unwrap().to_string(), h.clone()))
+        .collect()
 }
 
 fn idle_hosts(s: &Sim) -> Vec<String> {
     let v = json(&wisp_ok(s, &["hosts", "--idle", "--json"]));
-    v.as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap().to_string()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -53,7 +69,11 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {} s waiting until {what}", timeout.as_secs());
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {} s waiting until {what}",
+            timeout.as_secs()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -62,14 +82,21 @@ fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
 /// leader's id if one answered.
 fn status(s: &Sim) -> (Vec<Value>, Option<u64>) {
     let (code, out, err) = wisp(s, &["registry", "status", "--json"]);
-    let v = serde_json::from_str::<Value>(&out).unwrap_or_else(|e| panic!("registry status (exit {code}) is not JSON ({e}): {out}\n{err}"));
+    let v = serde_json::from_str::<Value>(&out).unwrap_or_else(|e| {
+        panic!("registry status (exit {code}) is not JSON ({e}): {out}\n{err}")
+    });
     let all = v.as_array().unwrap().clone();
-    let leader = all.iter().find(|r| r["is_leader"] == Value::Bool(true)).and_then(|r| r["status"]["id"].as_u64());
+    let leader = all
+        .iter()
+        .find(|r| r["is_leader"] == Value::Bool(true))
+        .and_then(|r| r["status"]["id"].as_u64());
     (all, leader)
 }
 
 fn applied_of(all: &[Value], id: u64) -> Option<u64> {
-    all.iter().find(|r| r["status"]["id"].as_u64() == Some(id)).and_then(|r| r["status"]["last_applied"].as_u64())
+    all.iter()
+        .find(|r| r["status"]["id"].as_u64() == Some(id))
+        .and_then(|r| r["status"]["last_applied"].as_u64())
 }
 
 /// Lease up to `n` hosts for a test user through the registry (as rexec will), from inside
@@ -78,10 +105,16 @@ fn allocate(s: &Sim, n: u32) -> Vec<String> {
     let servers: Vec<String> = s.registry_addrs().split(',').map(String::from).collect();
     let key = wisp_proto::key::ClusterKey::load(&s.key_file).expect("cluster key");
     s.in_netns("ws1", move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let c = RegistryClient::new(rt.handle().clone(), servers, key, "e2e-alloc".into());
         rt.block_on(async {
-            let leases = c.allocate_hosts(4242, n, "e2e", false).await.expect("allocation");
+            let leases = c
+                .allocate_hosts(4242, n, "e2e", false)
+                .await
+                .expect("allocation");
             let ids = leases.iter().map(|l| l.id).collect();
             let got: Vec<String> = leases.into_iter().map(|l| l.host).collect();
             c.release_hosts(4242, ids).await.expect("release");
@@ -92,11 +125,17 @@ fn allocate(s: &Sim, n: u32) -> Vec<String> {
 
 /// Wait until ws1..ws3 are registered, up, and have sent a heartbeat recently.
 fn wait_registered(s: &Sim) -> std::collections::BTreeMap<String, Value> {
-    wait_until("ws1..ws3 are registered and up", Duration::from_secs(20), || {
-        let h = hosts(s);
-        let ok = ["ws1", "ws2", "ws3"].iter().all(|n| h.get(*n).map(|x| x["state"] == "up").unwrap_or(false));
-        ok.then_some(h)
-    })
+    wait_until(
+        "ws1..ws3 are registered and up",
+        Duration::from_secs(20),
+        || {
+            let h = hosts(s);
+            let ok = ["ws1", "ws2", "ws3"]
+                .iter()
+                .all(|n| h.get(*n).map(|x| x["state"] == "up").unwrap_or(false));
+            ok.then_some(h)
+        },
+    )
 }
 
 #[test]
@@ -107,7 +146,10 @@ fn workstations_register_and_heartbeat() {
         let h = &first[*n];
         assert_eq!(h["role"], "workstation", "{h}");
         assert_eq!(h["addr"], format!("10.99.0.{}:7071", 101 + i), "{h}");
-        assert!(h["load1"].as_f64().unwrap() >= 0.0 && h["runnable"].as_u64().is_some(), "{h}");
+        assert!(
+            h["load1"].as_f64().unwrap() >= 0.0 && h["runnable"].as_u64().is_some(),
+            "{h}"
+        );
     }
     // Servers are not workstations: they do not register as hosts.
     assert!(!first.contains_key("srv1"), "{first:?}");
@@ -115,17 +157,36 @@ fn workstations_register_and_heartbeat() {
     std::thread::sleep(BEAT * 2 + Duration::from_millis(500));
     let later = hosts(&s);
     for n in ["ws1", "ws2", "ws3"] {
-        let (a, b) = (first[n]["last_heartbeat_ms"].as_u64().unwrap(), later[n]["last_heartbeat_ms"].as_u64().unwrap());
-        assert!(b >= a + 1500, "{n}: no heartbeat in {} ms ({a} -> {b})", (BEAT * 2).as_millis());
+        let (a, b) = (
+            first[n]["last_heartbeat_ms"].as_u64().unwrap(),
+            later[n]["last_heartbeat_ms"].as_u64().unwrap(),
+        );
+        assert!(
+            b >= a + 1500,
+            "{n}: no heartbeat in {} ms ({a} -> {b})",
+            (BEAT * 2).as_millis()
+        );
         assert_eq!(later[n]["state"], "up");
         // No input device in a simulated host: the owner is idle since wispd started.
-        assert!(later[n]["owner_idle_secs"].as_u64().unwrap() >= 3, "{}", later[n]);
+        assert!(
+            later[n]["owner_idle_secs"].as_u64().unwrap() >= 3,
+            "{}",
+            later[n]
+        );
     }
     // The table a person reads.
     let table = wisp_ok(&s, &["hosts"]);
-    assert!(table.starts_with("HOST") && table.contains("OWNER IDLE") && table.contains("HEARTBEAT"), "{table}");
+    assert!(
+        table.starts_with("HOST") && table.contains("OWNER IDLE") && table.contains("HEARTBEAT"),
+        "{table}"
+    );
     for n in ["ws1", "ws2", "ws3"] {
-        assert!(table.lines().any(|l| l.starts_with(n) && l.contains(" up ")), "{n} missing or not up:\n{table}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(n) && l.contains(" up ")),
+            "{n} missing or not up:\n{table}"
+        );
     }
     // The harness registered the root domain on srv1.
     let d = json(&wisp_ok(&s, &["domains", "--json"]));
@@ -142,8 +203,14 @@ fn workstations_register_and_heartbeat() {
     let (code, _, err) = wisp(&s, &["owner", "ws9", "active"]);
     assert!(code != 0 && err.contains("unknown host ws9"), "{err}");
     // Without a registry to ask, the CLI says what to give it.
-    let out = Command::new(s.bin_dir.join("wisp")).args(["hosts"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("give --registry"), "{out:?}");
+    let out = Command::new(s.bin_dir.join("wisp"))
+        .args(["hosts"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("give --registry"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -151,39 +218,65 @@ fn owner_activity_decides_eligibility() {
     let s = cluster("owner");
     wait_registered(&s);
     wisp_ok(&s, &["owner", "ws2", "idle"]);
-    wait_until("ws2 is idle (eligible)", Duration::from_secs(10), || idle_hosts(&s).contains(&"ws2".to_string()).then_some(()));
+    wait_until("ws2 is idle (eligible)", Duration::from_secs(10), || {
+        idle_hosts(&s).contains(&"ws2".to_string()).then_some(())
+    });
     let got = allocate(&s, 3);
-    assert!(got.contains(&"ws2".to_string()), "an idle ws2 was not allocated: {got:?}");
+    assert!(
+        got.contains(&"ws2".to_string()),
+        "an idle ws2 was not allocated: {got:?}"
+    );
 
     // The owner comes back: ws2 is no longer lent out, and stays so across heartbeats
     // (its wispd reads the override file and reports the owner active).
     let out = wisp_ok(&s, &["owner", "ws2", "active"]);
     assert!(out.contains("owner active"), "{out}");
-    wait_until("ws2 is not idle", Duration::from_secs(10), || (!idle_hosts(&s).contains(&"ws2".to_string())).then_some(()));
+    wait_until("ws2 is not idle", Duration::from_secs(10), || {
+        (!idle_hosts(&s).contains(&"ws2".to_string())).then_some(())
+    });
     std::thread::sleep(BEAT * 2 + Duration::from_millis(500));
     let h = hosts(&s);
-    assert!(h["ws2"]["owner_idle_secs"].as_u64().unwrap() <= 2, "wispd does not report the owner active: {}", h["ws2"]);
+    assert!(
+        h["ws2"]["owner_idle_secs"].as_u64().unwrap() <= 2,
+        "wispd does not report the owner active: {}",
+        h["ws2"]
+    );
     assert_eq!(h["ws2"]["eligible"], false);
     for _ in 0..3 {
         let got = allocate(&s, 3);
-        assert!(!got.contains(&"ws2".to_string()), "ws2 allocated while its owner is active: {got:?}");
+        assert!(
+            !got.contains(&"ws2".to_string()),
+            "ws2 allocated while its owner is active: {got:?}"
+        );
     }
 
     // Away again: eligible again.
     wisp_ok(&s, &["owner", "ws2", "idle"]);
-    wait_until("ws2 is idle again", Duration::from_secs(10), || idle_hosts(&s).contains(&"ws2".to_string()).then_some(()));
+    wait_until("ws2 is idle again", Duration::from_secs(10), || {
+        idle_hosts(&s).contains(&"ws2".to_string()).then_some(())
+    });
     std::thread::sleep(BEAT * 2);
-    assert!(idle_hosts(&s).contains(&"ws2".to_string()), "ws2 fell back to active after heartbeats");
+    assert!(
+        idle_hosts(&s).contains(&"ws2".to_string()),
+        "ws2 fell back to active after heartbeats"
+    );
     let got = allocate(&s, 3);
-    assert!(got.contains(&"ws2".to_string()), "ws2 not allocated after its owner left: {got:?}");
+    assert!(
+        got.contains(&"ws2".to_string()),
+        "ws2 not allocated after its owner left: {got:?}"
+    );
 
     // auto: the override is dropped and wispd's own measure (idle since start) is back.
     wisp_ok(&s, &["owner", "ws2", "auto"]);
     assert!(!s.owner_file("ws2").exists());
-    wait_until("ws2 reports its own measure", Duration::from_secs(10), || {
-        let h = hosts(&s);
-        (h["ws2"]["owner_idle_secs"].as_u64().unwrap() < 600).then_some(())
-    });
+    wait_until(
+        "ws2 reports its own measure",
+        Duration::from_secs(10),
+        || {
+            let h = hosts(&s);
+            (h["ws2"]["owner_idle_secs"].as_u64().unwrap() < 600).then_some(())
+        },
+    );
 }
 
 #[test]
@@ -192,14 +285,22 @@ fn registry_survives_leader_sigkill_and_it_catches_up() {
     wait_registered(&s);
     let (_, leader) = status(&s);
     let leader = leader.expect("a leader");
-    let srv = s.server_of_replica(leader).expect("leader's server").name.clone();
+    let srv = s
+        .server_of_replica(leader)
+        .expect("leader's server")
+        .name
+        .clone();
     s.kill_daemon(&srv, libc::SIGKILL).unwrap();
     let killed = Instant::now();
     // Another replica takes over.
-    let new_leader = wait_until("a new leader is elected", Duration::from_secs(20), || match status(&s) {
-        (_, Some(l)) if l != leader => Some(l),
-        _ => None,
-    });
+    let new_leader = wait_until(
+        "a new leader is elected",
+        Duration::from_secs(20),
+        || match status(&s) {
+            (_, Some(l)) if l != leader => Some(l),
+            _ => None,
+        },
+    );
     assert_ne!(new_leader, leader);
     // Writes work: the owner of ws1 is declared away, through the surviving replicas.
     wisp_ok(&s, &["owner", "ws1", "idle"]);
@@ -209,30 +310,56 @@ fn registry_survives_leader_sigkill_and_it_catches_up() {
     while killed.elapsed() < Duration::from_secs(14) {
         let h = hosts(&s);
         for n in ["ws1", "ws2", "ws3"] {
-            assert_eq!(h[n]["state"], "up", "{n} marked down after the leader died: {}", h[n]);
+            assert_eq!(
+                h[n]["state"], "up",
+                "{n} marked down after the leader died: {}",
+                h[n]
+            );
             if h[n]["last_heartbeat_ms"].as_u64() > before[n]["last_heartbeat_ms"].as_u64() {
                 seen_fresh.insert(n);
             }
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(seen_fresh.len(), 3, "heartbeats did not all continue: {seen_fresh:?}");
+    assert_eq!(
+        seen_fresh.len(),
+        3,
+        "heartbeats did not all continue: {seen_fresh:?}"
+    );
     assert!(idle_hosts(&s).contains(&"ws1".to_string()));
     // The killed replica comes back and catches up with what it missed.
     s.start_daemon(&srv).unwrap();
-    wait_until("the restarted replica catches up", Duration::from_secs(30), || {
-        let (all, l) = status(&s);
-        let l = l?;
-        let (mine, theirs) = (applied_of(&all, leader)?, applied_of(&all, l)?);
-        let st = all.iter().find(|r| r["status"]["id"].as_u64() == Some(leader))?;
-        (st["status"]["leader"].as_u64() == Some(l) && mine + 3 >= theirs && mine > 0).then_some(())
-    });
+    wait_until(
+        "the restarted replica catches up",
+        Duration::from_secs(30),
+        || {
+            let (all, l) = status(&s);
+            let l = l?;
+            let (mine, theirs) = (applied_of(&all, leader)?, applied_of(&all, l)?);
+            let st = all
+                .iter()
+                .find(|r| r["status"]["id"].as_u64() == Some(leader))?;
+            (st["status"]["leader"].as_u64() == Some(l) && mine + 3 >= theirs && mine > 0)
+                .then_some(())
+        },
+    );
     // It holds the state written while it was away.
     // (`wisp hosts` without --fresh is answered from the asked replica's own copy.)
-    let local = s.ok(&srv, &format!("{} hosts --json --registry {}:7070 --key {}", s.bin_dir.join("wisp").display(), s.host(&srv).unwrap().addr, s.key_file.display()));
+    let local = s.ok(
+        &srv,
+        &format!(
+            "{} hosts --json --registry {}:7070 --key {}",
+            s.bin_dir.join("wisp").display(),
+            s.host(&srv).unwrap().addr,
+            s.key_file.display()
+        ),
+    );
     assert!(local.contains("\"ws1\""), "{local}");
     // The file system is back too (the killed server may have been the root domain's).
-    s.ok("ws2", "echo back > /wisp/after-restart && cat /wisp/after-restart");
+    s.ok(
+        "ws2",
+        "echo back > /wisp/after-restart && cat /wisp/after-restart",
+    );
 }
 
 #[test]
@@ -241,10 +368,15 @@ fn dead_workstation_is_marked_down() {
     wait_registered(&s);
     s.kill_daemon("ws3", libc::SIGKILL).unwrap();
     let t0 = Instant::now();
-    wait_until("ws3 is marked down", Duration::from_secs(25), || (hosts(&s)["ws3"]["state"] == "down").then_some(()));
+    wait_until("ws3 is marked down", Duration::from_secs(25), || {
+        (hosts(&s)["ws3"]["state"] == "down").then_some(())
+    });
     let took = t0.elapsed();
     // Not before the heartbeat expiry (10 s by default).
-    assert!(took >= Duration::from_secs(8), "ws3 marked down after only {took:?}");
+    assert!(
+        took >= Duration::from_secs(8),
+        "ws3 marked down after only {took:?}"
+    );
     let h = hosts(&s);
     assert_eq!(h["ws1"]["state"], "up");
     assert_eq!(h["ws2"]["state"], "up");
@@ -253,15 +385,23 @@ fn dead_workstation_is_marked_down() {
     assert!(!idle_hosts(&s).contains(&"ws3".to_string()));
     assert!(!allocate(&s, 3).contains(&"ws3".to_string()));
     let table = wisp_ok(&s, &["hosts"]);
-    assert!(table.lines().any(|l| l.starts_with("ws3") && l.contains(" down ")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("ws3") && l.contains(" down ")),
+        "{table}"
+    );
     // A new wispd brings it back up, with heartbeats, and its owner override still applies.
     let t = hosts(&s)["ws3"]["last_heartbeat_ms"].as_u64().unwrap();
     s.start_daemon("ws3").unwrap();
     wait_until("ws3 is up again", Duration::from_secs(15), || {
         let h = hosts(&s);
-        (h["ws3"]["state"] == "up" && h["ws3"]["last_heartbeat_ms"].as_u64().unwrap() > t).then_some(())
+        (h["ws3"]["state"] == "up" && h["ws3"]["last_heartbeat_ms"].as_u64().unwrap() > t)
+            .then_some(())
     });
-    wait_until("ws3 is idle again", Duration::from_secs(10), || idle_hosts(&s).contains(&"ws3".to_string()).then_some(()));
+    wait_until("ws3 is idle again", Duration::from_secs(10), || {
+        idle_hosts(&s).contains(&"ws3".to_string()).then_some(())
+    });
     s.ok("ws3", "ls /wisp >/dev/null");
 }
 
@@ -276,29 +416,53 @@ fn replicas_removed_and_added_at_run_time() {
     let out = wisp_ok(&s, &["registry", "remove", &victim.to_string()]);
     assert!(out.contains("removed"), "{out}");
     let (all, l) = status(&s);
-    let st = &all.iter().find(|r| r["status"]["id"].as_u64() == l).unwrap()["status"];
-    let voters: Vec<u64> = st["voters"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    assert!(!voters.contains(&victim) && voters.len() == 2, "voters after remove: {voters:?}");
+    let st = &all
+        .iter()
+        .find(|r| r["status"]["id"].as_u64() == l)
+        .unwrap()["status"];
+    let voters: Vec<u64> = st["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        !voters.contains(&victim) && voters.len() == 2,
+        "voters after remove: {voters:?}"
+    );
     // The registry keeps working with two voters: writes and heartbeats.
     wisp_ok(&s, &["owner", "ws1", "idle"]);
     let t = hosts(&s)["ws2"]["last_heartbeat_ms"].as_u64().unwrap();
-    wait_until("heartbeats go on", Duration::from_secs(10), || (hosts(&s)["ws2"]["last_heartbeat_ms"].as_u64().unwrap() > t).then_some(()));
+    wait_until("heartbeats go on", Duration::from_secs(10), || {
+        (hosts(&s)["ws2"]["last_heartbeat_ms"].as_u64().unwrap() > t).then_some(())
+    });
     // Bad input: a clear error, nothing changed.
     let (code, _, err) = wisp(&s, &["registry", "add", "7", "not-an-address"]);
     assert!(code != 0 && err.contains("bad address"), "{err}");
     // Add it back at run time: it catches up and votes again.
     let out = wisp_ok(&s, &["registry", "add", &victim.to_string(), &vaddr]);
     assert!(out.contains("added"), "{out}");
-    wait_until("the re-added replica votes and has caught up", Duration::from_secs(30), || {
-        let (all, l) = status(&s);
-        let l = l?;
-        let st = &all.iter().find(|r| r["status"]["id"].as_u64() == Some(l))?["status"];
-        let voters: Vec<u64> = st["voters"].as_array()?.iter().filter_map(|v| v.as_u64()).collect();
-        let (mine, theirs) = (applied_of(&all, victim)?, applied_of(&all, l)?);
-        (voters.len() == 3 && voters.contains(&victim) && mine + 3 >= theirs).then_some(())
-    });
+    wait_until(
+        "the re-added replica votes and has caught up",
+        Duration::from_secs(30),
+        || {
+            let (all, l) = status(&s);
+            let l = l?;
+            let st = &all.iter().find(|r| r["status"]["id"].as_u64() == Some(l))?["status"];
+            let voters: Vec<u64> = st["voters"]
+                .as_array()?
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .collect();
+            let (mine, theirs) = (applied_of(&all, victim)?, applied_of(&all, l)?);
+            (voters.len() == 3 && voters.contains(&victim) && mine + 3 >= theirs).then_some(())
+        },
+    );
     let table = wisp_ok(&s, &["registry", "status"]);
-    assert!(table.contains("leader") && table.lines().filter(|l| l.contains("follower")).count() == 2, "{table}");
+    assert!(
+        table.contains("leader") && table.lines().filter(|l| l.contains("follower")).count() == 2,
+        "{table}"
+    );
 }
 
 #[test]
@@ -312,28 +476,42 @@ fn registry_survives_a_partition_and_stops_cleanly_without_quorum() {
     let cut = s.server_of_replica(leader).unwrap().name.clone();
     s.set_partitioned(&cut, true).unwrap();
     let cut_at = Instant::now();
-    let new_leader = wait_until("a leader on the majority side", Duration::from_secs(20), || match status(&s) {
-        (_, Some(l)) if l != leader => Some(l),
-        _ => None,
-    });
+    let new_leader = wait_until(
+        "a leader on the majority side",
+        Duration::from_secs(20),
+        || match status(&s) {
+            (_, Some(l)) if l != leader => Some(l),
+            _ => None,
+        },
+    );
     wisp_ok(&s, &["owner", "ws3", "idle"]);
     while cut_at.elapsed() < Duration::from_secs(12) {
         let h = hosts(&s);
         for n in ["ws1", "ws2", "ws3"] {
-            assert_eq!(h[n]["state"], "up", "{n} marked down during the partition: {}", h[n]);
+            assert_eq!(
+                h[n]["state"], "up",
+                "{n} marked down during the partition: {}",
+                h[n]
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(idle_hosts(&s).contains(&"ws3".to_string()));
     // Heal: the cut replica follows the new leader and catches up.
     s.set_partitioned(&cut, false).unwrap();
-    wait_until("the partitioned replica rejoins and catches up", Duration::from_secs(30), || {
-        let (all, l) = status(&s);
-        let l = l?;
-        let st = all.iter().find(|r| r["status"]["id"].as_u64() == Some(leader))?;
-        let (mine, theirs) = (applied_of(&all, leader)?, applied_of(&all, l)?);
-        (st["status"]["leader"].as_u64() == Some(l) && mine + 3 >= theirs).then_some(())
-    });
+    wait_until(
+        "the partitioned replica rejoins and catches up",
+        Duration::from_secs(30),
+        || {
+            let (all, l) = status(&s);
+            let l = l?;
+            let st = all
+                .iter()
+                .find(|r| r["status"]["id"].as_u64() == Some(leader))?;
+            let (mine, theirs) = (applied_of(&all, leader)?, applied_of(&all, l)?);
+            (st["status"]["leader"].as_u64() == Some(l) && mine + 3 >= theirs).then_some(())
+        },
+    );
     let _ = new_leader;
 
     // Kill two of three: writes stop with a clear error; reads still answer; nothing is lost.
@@ -344,22 +522,44 @@ fn registry_survives_a_partition_and_stops_cleanly_without_quorum() {
     let t0 = Instant::now();
     let (code, out, err) = wisp(&s, &["owner", "ws3", "active"]);
     assert_ne!(code, 0, "a write succeeded without a quorum: {out}");
-    assert!(err.contains("quorum"), "unclear error without a quorum: {err}");
-    assert!(t0.elapsed() < Duration::from_secs(40), "the write took {:?} to fail", t0.elapsed());
+    assert!(
+        err.contains("quorum"),
+        "unclear error without a quorum: {err}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(40),
+        "the write took {:?} to fail",
+        t0.elapsed()
+    );
     let h = hosts(&s);
-    assert!(["ws1", "ws2", "ws3"].iter().all(|n| h.contains_key(*n)), "hosts lost: {h:?}");
-    assert_eq!(json(&wisp_ok(&s, &["domains", "--json"]))["/"], "10.99.0.11:7070");
+    assert!(
+        ["ws1", "ws2", "ws3"].iter().all(|n| h.contains_key(*n)),
+        "hosts lost: {h:?}"
+    );
+    assert_eq!(
+        json(&wisp_ok(&s, &["domains", "--json"]))["/"],
+        "10.99.0.11:7070"
+    );
     let _ = alive;
     // One comes back: writes resume, heartbeats resume, and the state is intact.
     s.start_daemon("srv2").unwrap();
-    wait_until("writes resume", Duration::from_secs(40), || (wisp(&s, &["owner", "ws3", "active"]).0 == 0).then_some(()));
-    let t = hosts(&s)["ws1"]["last_heartbeat_ms"].as_u64().unwrap();
-    wait_until("heartbeats resume and every host is up", Duration::from_secs(20), || {
-        let h = hosts(&s);
-        let ok = h["ws1"]["last_heartbeat_ms"].as_u64().unwrap() > t && ["ws1", "ws2", "ws3"].iter().all(|n| h[*n]["state"] == "up");
-        ok.then_some(())
+    wait_until("writes resume", Duration::from_secs(40), || {
+        (wisp(&s, &["owner", "ws3", "active"]).0 == 0).then_some(())
     });
-    wait_until("ws3's owner is active", Duration::from_secs(10), || (!idle_hosts(&s).contains(&"ws3".to_string())).then_some(()));
+    let t = hosts(&s)["ws1"]["last_heartbeat_ms"].as_u64().unwrap();
+    wait_until(
+        "heartbeats resume and every host is up",
+        Duration::from_secs(20),
+        || {
+            let h = hosts(&s);
+            let ok = h["ws1"]["last_heartbeat_ms"].as_u64().unwrap() > t
+                && ["ws1", "ws2", "ws3"].iter().all(|n| h[*n]["state"] == "up");
+            ok.then_some(())
+        },
+    );
+    wait_until("ws3's owner is active", Duration::from_secs(10), || {
+        (!idle_hosts(&s).contains(&"ws3".to_string())).then_some(())
+    });
     s.start_daemon("srv3").unwrap();
 }
 
@@ -370,21 +570,39 @@ fn concurrent_allocations_never_hand_a_host_out_twice() {
     for n in ["ws1", "ws2", "ws3"] {
         wisp_ok(&s, &["owner", n, "idle"]);
     }
-    wait_until("all three workstations are idle", Duration::from_secs(10), || (idle_hosts(&s).len() == 3).then_some(()));
+    wait_until(
+        "all three workstations are idle",
+        Duration::from_secs(10),
+        || (idle_hosts(&s).len() == 3).then_some(()),
+    );
     // 100 users ask for one host each, at once, through all three replicas.
     let servers: Vec<String> = s.registry_addrs().split(',').map(String::from).collect();
     let key = wisp_proto::key::ClusterKey::load(&s.key_file).expect("cluster key");
     let granted: Vec<(u32, String)> = s.in_netns("ws1", move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
             for i in 0..100u32 {
                 let mut sv = servers.clone();
                 sv.rotate_left(i as usize % 3);
-                let c = RegistryClient::new(tokio::runtime::Handle::current(), sv, key.clone(), format!("e2e-user{i}"));
+                let c = RegistryClient::new(
+                    tokio::runtime::Handle::current(),
+                    sv,
+                    key.clone(),
+                    format!("e2e-user{i}"),
+                );
                 set.spawn(async move {
-                    let l = c.allocate_hosts(5000 + i, 1, "e2e", false).await.expect("allocation");
-                    l.into_iter().map(|l| (5000 + i, l.host)).collect::<Vec<_>>()
+                    let l = c
+                        .allocate_hosts(5000 + i, 1, "e2e", false)
+                        .await
+                        .expect("allocation");
+                    l.into_iter()
+                        .map(|l| (5000 + i, l.host))
+                        .collect::<Vec<_>>()
                 });
             }
             let mut all = Vec::new();
@@ -398,6 +616,13 @@ fn concurrent_allocations_never_hand_a_host_out_twice() {
     hosts_granted.sort();
     let n = hosts_granted.len();
     hosts_granted.dedup();
-    assert_eq!(hosts_granted.len(), n, "a host was handed out twice: {granted:?}");
-    assert_eq!(n, 3, "three idle hosts, 100 requests: all three should be granted, once: {granted:?}");
+    assert_eq!(
+        hosts_granted.len(),
+        n,
+        "a host was handed out twice: {granted:?}"
+    );
+    assert_eq!(
+        n, 3,
+        "three idle hosts, 100 requests: all three should be granted, once: {granted:?}"
+    );
 }

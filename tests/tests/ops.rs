@@ -23,20 +23,42 @@ fn metrics_endpoints_move_as_work_happens() {
     let s = sim("metrics", 2);
     let c0 = scrape(&s, "ws1", 9464);
     let s0 = scrape(&s, "srv1", 9465);
-    s.ok("ws1", "head -c 3000000 /dev/urandom > /wisp/m && cat /wisp/m > /dev/null");
+    s.ok(
+        "ws1",
+        "head -c 3000000 /dev/urandom > /wisp/m && cat /wisp/m > /dev/null",
+    );
     s.ok("ws2", "cat /wisp/m > /dev/null; echo x >> /wisp/m");
     let c1 = scrape(&s, "ws1", 9464);
     let s1 = scrape(&s, "srv1", 9465);
-    assert!(c1["wisp_client_written_bytes_total"] >= c0["wisp_client_written_bytes_total"] + 3e6, "{c1:?}");
+    assert!(
+        c1["wisp_client_written_bytes_total"] >= c0["wisp_client_written_bytes_total"] + 3e6,
+        "{c1:?}"
+    );
     assert!(c1["wisp_client_rpcs_total"] > c0["wisp_client_rpcs_total"]);
     assert!(c1["wisp_client_rpc_seconds_total"] > 0.0);
-    assert!(c1["wisp_client_callbacks_total"] >= 1.0, "ws2's append should have called ws1 back: {c1:?}");
+    assert!(
+        c1["wisp_client_callbacks_total"] >= 1.0,
+        "ws2's append should have called ws1 back: {c1:?}"
+    );
     assert!(s1["wisp_server_written_bytes_total"] >= s0["wisp_server_written_bytes_total"] + 3e6);
     assert!(s1["wisp_server_requests_total"] > s0["wisp_server_requests_total"]);
     assert!(s1["wisp_server_callbacks_total"] >= 1.0);
-    assert!(s1["wisp_server_clients"] >= 2.0, "both workstations are clients: {s1:?}");
-    assert!(c1.contains_key("wisp_agent_migrations_out_total") && c1.contains_key("wisp_agent_evictions_total"));
-    let st = s.ok("ws1", &format!("wisp status --server {} --key {}", s.server_addr(), s.key_file.display()));
+    assert!(
+        s1["wisp_server_clients"] >= 2.0,
+        "both workstations are clients: {s1:?}"
+    );
+    assert!(
+        c1.contains_key("wisp_agent_migrations_out_total")
+            && c1.contains_key("wisp_agent_evictions_total")
+    );
+    let st = s.ok(
+        "ws1",
+        &format!(
+            "wisp status --server {} --key {}",
+            s.server_addr(),
+            s.key_file.display()
+        ),
+    );
     assert!(st.contains("up, round trip"), "{st}");
 }
 
@@ -50,7 +72,10 @@ fn replayed_handshake_is_rejected() {
     s.in_netns("ws1", move || {
         use std::io::{Read, Write};
         // Record a genuine client's first and third messages through a relay.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let recorded: Vec<Vec<u8>> = rt.block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -62,7 +87,11 @@ fn replayed_handshake_is_rejected() {
                 let mut frames = Vec::new();
                 // client hello -> server, server hello -> client, proof -> server
                 for dir in 0..3 {
-                    let (from, to) = if dir % 2 == 0 { (&mut c, &mut srv) } else { (&mut srv, &mut c) };
+                    let (from, to) = if dir % 2 == 0 {
+                        (&mut c, &mut srv)
+                    } else {
+                        (&mut srv, &mut c)
+                    };
                     let mut len = [0u8; 4];
                     from.read_exact(&mut len).await.unwrap();
                     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -88,7 +117,8 @@ fn replayed_handshake_is_rejected() {
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         sock.read_exact(&mut body).unwrap();
         sock.write_all(&recorded[1]).unwrap();
-        sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let mut rest = Vec::new();
         let n = sock.read_to_end(&mut rest).unwrap_or(0);
         assert_eq!(n, 0, "the server answered a replayed handshake");

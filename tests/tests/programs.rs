@@ -32,7 +32,11 @@ print(hashlib.sha256(d).hexdigest())
 fn real_programs_migrate_back_and_forth() {
     for tool in ["bc", "python3", "sha256sum"] {
         assert!(
-            std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).status().unwrap().success(),
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .status()
+                .unwrap()
+                .success(),
             "{tool} is not installed; run scripts/deps.sh"
         );
     }
@@ -40,10 +44,16 @@ fn real_programs_migrate_back_and_forth() {
     for h in ["ws2", "ws3"] {
         wisp(&s, &format!("owner {h} idle")).unwrap();
     }
-    s.ok("ws1", "mkdir -p /wisp/p && head -c 2147483648 /dev/zero > /wisp/p/big");
+    s.ok(
+        "ws1",
+        "mkdir -p /wisp/p && head -c 2147483648 /dev/zero > /wisp/p/big",
+    );
     std::fs::write("/tmp/wisp-prog.py", PYTHON).unwrap();
     // Unmigrated reference outputs, computed on ws1 itself.
-    let want_sha = s.ok("ws1", "head -c 2147483648 /dev/zero | sha256sum | cut -d' ' -f1");
+    let want_sha = s.ok(
+        "ws1",
+        "head -c 2147483648 /dev/zero | sha256sum | cut -d' ' -f1",
+    );
     let want_bc = s.ok("ws1", "echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 bc -l");
     let want_py = s.ok("ws1", "python3 /tmp/wisp-prog.py");
 
@@ -52,16 +62,21 @@ fn real_programs_migrate_back_and_forth() {
         std::thread::spawn(move || c.sh("ws1", script).unwrap())
     };
     let sha = start("cd /wisp/p && rexec --host ws2 sha256sum /wisp/p/big | cut -d' ' -f1");
-    let bc = start("cd /wisp/p && echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 rexec --host ws3 bc -l");
+    let bc =
+        start("cd /wisp/p && echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 rexec --host ws3 bc -l");
     let py = start("cd /wisp/p && rexec --host ws2 python3 /tmp/wisp-prog.py");
     // Wait for the three jobs.
     let deadline = Instant::now() + Duration::from_secs(30);
     let jobs: Vec<(String, String)> = loop {
         let out = wisp(&s, "jobs").unwrap();
-        let v: Vec<(String, String)> = out.lines().skip(1).filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4).then(|| (f[0].to_string(), f[3].to_string()))
-        }).collect();
+        let v: Vec<(String, String)> = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4).then(|| (f[0].to_string(), f[3].to_string()))
+            })
+            .collect();
         if v.len() == 3 {
             break v;
         }
@@ -75,7 +90,11 @@ fn real_programs_migrate_back_and_forth() {
     for round in 0..2 {
         for (job, _) in &jobs {
             let now = wisp(&s, "jobs").unwrap();
-            let Some(host) = now.lines().find(|l| l.starts_with(&format!("{job} "))).and_then(|l| l.split_whitespace().nth(3)) else {
+            let Some(host) = now
+                .lines()
+                .find(|l| l.starts_with(&format!("{job} ")))
+                .and_then(|l| l.split_whitespace().nth(3))
+            else {
                 continue; // already finished
             };
             let to = if host == "ws2" { "ws3" } else { "ws2" };
@@ -86,15 +105,26 @@ fn real_programs_migrate_back_and_forth() {
             }
         }
     }
-    assert!(moved >= 4, "only {moved} migrations happened mid-run; the programs finished too soon");
+    assert!(
+        moved >= 4,
+        "only {moved} migrations happened mid-run; the programs finished too soon"
+    );
     let out = |h: std::thread::JoinHandle<std::process::Output>| {
         let o = h.join().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert_eq!(out(sha), want_sha, "sha256sum of a 2 GiB /wisp file changed by migration");
+    assert_eq!(
+        out(sha),
+        want_sha,
+        "sha256sum of a 2 GiB /wisp file changed by migration"
+    );
     assert_eq!(out(bc), want_bc, "bc's digits of pi changed by migration");
-    assert_eq!(out(py), want_py, "python's 200 MiB state changed by migration");
+    assert_eq!(
+        out(py),
+        want_py,
+        "python's 200 MiB state changed by migration"
+    );
     let _ = std::fs::remove_file("/tmp/wisp-prog.py");
 }
 
@@ -125,7 +155,13 @@ fn big_jobs_migrate_lazily_and_with_precopy() {
     for (mib, mode) in [(2048u64, "--lazy"), (512, "--precopy")] {
         let want = s.ok("ws1", &format!("python3 /tmp/wisp-big.py {mib}"));
         let c = s.c.clone();
-        let runner = std::thread::spawn(move || c.sh("ws1", &format!("cd /wisp/big && rexec --host ws2 python3 /tmp/wisp-big.py {mib}")).unwrap());
+        let runner = std::thread::spawn(move || {
+            c.sh(
+                "ws1",
+                &format!("cd /wisp/big && rexec --host ws2 python3 /tmp/wisp-big.py {mib}"),
+            )
+            .unwrap()
+        });
         // Wait for the job and for it to have filled its memory.
         let deadline = Instant::now() + Duration::from_secs(60);
         let job = loop {
@@ -138,23 +174,37 @@ fn big_jobs_migrate_lazily_and_with_precopy() {
         };
         std::thread::sleep(Duration::from_secs(if mib > 1024 { 4 } else { 2 }));
         let t = Instant::now();
-        let m = wisp(&s, &format!("migrate {job} --to ws3 {mode}")).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let m = wisp(&s, &format!("migrate {job} --to ws3 {mode}"))
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
         let took = t.elapsed();
         eprintln!("{mib} MiB {mode}: {} ({took:?})", m.trim());
         assert!(m.contains("-> ws3"), "{m}");
         let o = runner.join().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(String::from_utf8_lossy(&o.stdout), want, "{mib} MiB job's memory changed by a {mode} migration");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            want,
+            "{mib} MiB job's memory changed by a {mode} migration"
+        );
         // The pager removes the swap directory once every page is in.
         let deadline = Instant::now() + Duration::from_secs(60);
         while s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l").trim() != "0" {
-            assert!(Instant::now() < deadline, "swap files left behind after a {mode} migration");
+            assert!(
+                Instant::now() < deadline,
+                "swap files left behind after a {mode} migration"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         // The target's pager did the paging: its metrics say so.
         let m = s.ok("ws3", "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9464; printf \"GET /metrics HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3' | grep -E '^wisp_agent_(pager_faults|pages_pushed)_total'");
-        let paged: f64 = m.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).sum();
-        assert!(paged > 0.0, "no page went through the lazy pager on ws3: {m}");
+        let paged: f64 = m
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            paged > 0.0,
+            "no page went through the lazy pager on ws3: {m}"
+        );
     }
     let _ = std::fs::remove_file("/tmp/wisp-big.py");
 }

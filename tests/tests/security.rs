@@ -16,7 +16,15 @@ fn encode(m: &Message) -> Vec<u8> {
 }
 
 fn mkdir(id: u64, name: &str) -> Message {
-    Message::Call { id, req: Request::Mkdir { cred: Cred::ROOT, parent: ROOT_INO, name: name.as_bytes().to_vec(), mode: 0o755 } }
+    Message::Call {
+        id,
+        req: Request::Mkdir {
+            cred: Cred::ROOT,
+            parent: ROOT_INO,
+            name: name.as_bytes().to_vec(),
+            mode: 0o755,
+        },
+    }
 }
 
 /// Authenticate for real from `host`'s network namespace, as client `name`; returns the raw
@@ -25,17 +33,26 @@ fn authenticate(s: &Sim, host: &str, name: &'static str) -> (TcpStream, SealedCo
     let addr = s.server_addr();
     let key = wisp_proto::key::ClusterKey::load(&s.key_file).unwrap();
     let (sock, codec) = s.in_netns(host, move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            let (framed, _session) = wisp_proto::auth::client_handshake(sock, &key, name).await.expect("genuine handshake");
+            let (framed, _session) = wisp_proto::auth::client_handshake(sock, &key, name)
+                .await
+                .expect("genuine handshake");
             let parts = framed.into_parts();
-            assert!(parts.read_buf.is_empty(), "nothing follows the Welcome unasked");
+            assert!(
+                parts.read_buf.is_empty(),
+                "nothing follows the Welcome unasked"
+            );
             (parts.io.into_std().unwrap(), parts.codec)
         })
     });
     sock.set_nonblocking(false).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     (sock, codec)
 }
 
@@ -44,7 +61,12 @@ fn read_frame(sock: &mut TcpStream) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
     match sock.read_exact(&mut len) {
         Ok(()) => {}
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             panic!("the server neither answered nor closed the connection within 15 s")
         }
         Err(_) => return None,
@@ -56,9 +78,15 @@ fn read_frame(sock: &mut TcpStream) -> Option<Vec<u8>> {
 
 /// A genuine call on a sealed connection, and its reply.
 fn call(sock: &mut TcpStream, codec: &mut SealedCodec, m: &Message) -> Message {
-    sock.write_all(&codec.seal_frame(&encode(m)).unwrap()).unwrap();
+    sock.write_all(&codec.seal_frame(&encode(m)).unwrap())
+        .unwrap();
     let reply = read_frame(sock).expect("the server closed a genuine connection");
-    postcard::from_bytes(&codec.open_frame(&reply).expect("the server's reply verifies")).unwrap()
+    postcard::from_bytes(
+        &codec
+            .open_frame(&reply)
+            .expect("the server's reply verifies"),
+    )
+    .unwrap()
 }
 
 /// Whether the server closes `sock` (EOF or reset) within 15 s, reading whatever comes.
@@ -68,7 +96,14 @@ fn closed_by_server(sock: &mut TcpStream) -> bool {
         match sock.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
             Err(_) => return true,
         }
     }
@@ -81,15 +116,28 @@ fn forged_and_replayed_frames_on_an_authenticated_connection_are_refused() {
 
     // 1. A key holder whose frame carries a wrong tag: dropped, and the request never runs.
     let (mut sock, mut codec) = authenticate(&s, "ws1", "forger");
-    match call(&mut sock, &mut codec, &Message::Call { id: 1, req: Request::Ping }) {
-        Message::Reply { id: 1, resp: Ok(Response::Pong) } => {}
+    match call(
+        &mut sock,
+        &mut codec,
+        &Message::Call {
+            id: 1,
+            req: Request::Ping,
+        },
+    ) {
+        Message::Reply {
+            id: 1,
+            resp: Ok(Response::Pong),
+        } => {}
         other => panic!("a sealed ping got {other:?}"),
     }
     let mut forged = codec.seal_frame(&encode(&mkdir(2, "forged"))).unwrap();
     let last = forged.len() - 1;
     forged[last] ^= 1; // one bit of the tag
     sock.write_all(&forged).unwrap();
-    assert!(closed_by_server(&mut sock), "the server kept a connection that sent a forged frame");
+    assert!(
+        closed_by_server(&mut sock),
+        "the server kept a connection that sent a forged frame"
+    );
 
     // 2. A frame replayed on its own connection: the first copy runs, the copy closes the
     //    connection and does not run again (the directory removed in between stays gone).
@@ -98,19 +146,29 @@ fn forged_and_replayed_frames_on_an_authenticated_connection_are_refused() {
     sock.write_all(&frame).unwrap();
     let reply = read_frame(&mut sock).expect("reply to the genuine mkdir");
     match postcard::from_bytes(&codec.open_frame(&reply).unwrap()).unwrap() {
-        Message::Reply { id: 1, resp: Ok(Response::Entry(_)) } => {}
+        Message::Reply {
+            id: 1,
+            resp: Ok(Response::Entry(_)),
+        } => {}
         other => panic!("the genuine mkdir got {other:?}"),
     }
     s.ok("ws1", "test -d /wisp/replayed");
     // Removed on the same connection (a workstation's rmdir would wait for this raw client
     // to answer the server's invalidation callback, which it never does).
-    let rmdir = Request::Rmdir { cred: Cred::ROOT, parent: ROOT_INO, name: b"replayed".to_vec() };
+    let rmdir = Request::Rmdir {
+        cred: Cred::ROOT,
+        parent: ROOT_INO,
+        name: b"replayed".to_vec(),
+    };
     match call(&mut sock, &mut codec, &Message::Call { id: 2, req: rmdir }) {
         Message::Reply { id: 2, resp: Ok(_) } => {}
         other => panic!("the genuine rmdir got {other:?}"),
     }
     sock.write_all(&frame).unwrap();
-    assert!(closed_by_server(&mut sock), "the server kept a connection that replayed a frame");
+    assert!(
+        closed_by_server(&mut sock),
+        "the server kept a connection that replayed a frame"
+    );
 
     // 3. A frame altered in flight (one payload bit: mkdir "forged" becomes another name):
     //    refused the same way.
@@ -119,20 +177,34 @@ fn forged_and_replayed_frames_on_an_authenticated_connection_are_refused() {
     let at = altered.len() - 32 - 8; // inside the payload, before the tag
     altered[at] ^= 0x20;
     sock.write_all(&altered).unwrap();
-    assert!(closed_by_server(&mut sock), "the server kept a connection that sent an altered frame");
+    assert!(
+        closed_by_server(&mut sock),
+        "the server kept a connection that sent an altered frame"
+    );
 
     // Nothing the refused frames asked for happened, and the file system serves as before.
     std::thread::sleep(Duration::from_millis(300));
     s.ok("ws1", "ls -a /wisp > /dev/null; test ! -e /wisp/forged && test ! -e /wisp/replayed && test ! -e /wisp/Forged");
-    assert_eq!(s.ok("ws1", "echo after > /wisp/after && cat /wisp/before /wisp/after"), "before\nafter\n");
+    assert_eq!(
+        s.ok(
+            "ws1",
+            "echo after > /wisp/after && cat /wisp/before /wisp/after"
+        ),
+        "before\nafter\n"
+    );
 
     // The server said why, naming each client, and only for these three.
     let log = std::fs::read_to_string(s.log_path("srv1")).unwrap();
     for who in ["forger", "replayer", "tamperer"] {
         assert!(
-            log.lines().any(|l| l.contains("frame authentication failed") && l.contains(who)),
+            log.lines()
+                .any(|l| l.contains("frame authentication failed") && l.contains(who)),
             "no 'frame authentication failed' line naming {who} in the server log:\n{log}"
         );
     }
-    assert_eq!(log.matches("frame authentication failed").count(), 3, "{log}");
+    assert_eq!(
+        log.matches("frame authentication failed").count(),
+        3,
+        "{log}"
+    );
 }

@@ -20,7 +20,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {msg}")]
     Parse { path: String, msg: String },
     #[error("config file {path}: key {key} has a value of a kind no flag takes (use a string, number, boolean or list)")]
@@ -59,7 +62,9 @@ pub fn args_with_config() -> Result<Vec<OsString>, ConfigError> {
     let mut i = 0;
     while i < from_file.len() {
         let flag = from_file[i].to_string_lossy().into_owned();
-        let has_value = from_file.get(i + 1).is_some_and(|v| !v.to_string_lossy().starts_with("--"));
+        let has_value = from_file
+            .get(i + 1)
+            .is_some_and(|v| !v.to_string_lossy().starts_with("--"));
         let n = if has_value { 2 } else { 1 };
         if !given.contains(&flag) {
             out.extend(from_file[i..i + n].iter().cloned());
@@ -73,8 +78,16 @@ pub fn args_with_config() -> Result<Vec<OsString>, ConfigError> {
 /// The flags a config file stands for.
 pub fn flags_from_file(path: &Path) -> Result<Vec<OsString>, ConfigError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: p.clone(), msg: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
     let mut out = Vec::new();
     for (k, v) in table {
         let flag = format!("--{}", k.replace('_', "-"));
@@ -91,12 +104,18 @@ pub fn flags_from_file(path: &Path) -> Result<Vec<OsString>, ConfigError> {
             toml::Value::Boolean(false) => {}
             toml::Value::Array(items) => {
                 let vals: Option<Vec<String>> = items.iter().map(scalar).collect();
-                let vals = vals.ok_or_else(|| ConfigError::Value { path: p.clone(), key: k.clone() })?;
+                let vals = vals.ok_or_else(|| ConfigError::Value {
+                    path: p.clone(),
+                    key: k.clone(),
+                })?;
                 out.push(flag.into());
                 out.push(vals.join(",").into());
             }
             other => {
-                let s = scalar(other).ok_or_else(|| ConfigError::Value { path: p.clone(), key: k.clone() })?;
+                let s = scalar(other).ok_or_else(|| ConfigError::Value {
+                    path: p.clone(),
+                    key: k.clone(),
+                })?;
                 out.push(flag.into());
                 out.push(s.into());
             }
@@ -113,15 +132,25 @@ mod tests {
     fn toml_becomes_flags() {
         let d = std::env::temp_dir().join(format!("wisp-cfg-{}", std::process::id()));
         std::fs::write(&d, "server = \"1.2.3.4:7070\"\nthreads = 8\nno_agent = true\nquiet = false\nregistry = [\"a:1\", \"b:2\"]\n").unwrap();
-        let f: Vec<String> = flags_from_file(&d).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
+        let f: Vec<String> = flags_from_file(&d)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
         assert!(f.windows(2).any(|w| w == ["--server", "1.2.3.4:7070"]));
         assert!(f.windows(2).any(|w| w == ["--threads", "8"]));
         assert!(f.windows(2).any(|w| w == ["--registry", "a:1,b:2"]));
         assert!(f.contains(&"--no-agent".to_string()) && !f.iter().any(|x| x == "--quiet"));
         std::fs::write(&d, "server = {a = 1}\n").unwrap();
-        assert!(matches!(flags_from_file(&d), Err(ConfigError::Value { .. })));
+        assert!(matches!(
+            flags_from_file(&d),
+            Err(ConfigError::Value { .. })
+        ));
         std::fs::write(&d, "server = \n").unwrap();
-        assert!(matches!(flags_from_file(&d), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            flags_from_file(&d),
+            Err(ConfigError::Parse { .. })
+        ));
         let _ = std::fs::remove_file(&d);
     }
 }

@@ -32,13 +32,24 @@ impl Drop for Demo {
 impl Demo {
     fn say(&mut self, what: &str) {
         self.step += 1;
-        println!("\n\x1b[1m[{}] {what}\x1b[0m  (t+{:.1}s)", self.step, self.t0.elapsed().as_secs_f64());
+        println!(
+            "\n\x1b[1m[{}] {what}\x1b[0m  (t+{:.1}s)",
+            self.step,
+            self.t0.elapsed().as_secs_f64()
+        );
     }
 
     fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.wisp).args(args).args(["--cluster", &self.c.name]).output()?;
+        let out = Command::new(&self.wisp)
+            .args(args)
+            .args(["--cluster", &self.c.name])
+            .output()?;
         if !out.status.success() {
-            bail!("wisp {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "wisp {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -79,33 +90,59 @@ pub fn run(name: &str) -> Result<()> {
     spec.log = "info,openraft=warn".into();
     let c = Cluster::up(&spec).context("bringing up the simulated cluster")?;
     let wisp = c.bin_dir.join("wisp");
-    let mut d = Demo { c, wisp, t0, step: 0, report: vec![] };
-    d.report.push(("cluster up (4 hosts, /wisp mounted)".into(), format!("{:.1} s", t0.elapsed().as_secs_f64())));
+    let mut d = Demo {
+        c,
+        wisp,
+        t0,
+        step: 0,
+        report: vec![],
+    };
+    d.report.push((
+        "cluster up (4 hosts, /wisp mounted)".into(),
+        format!("{:.1} s", t0.elapsed().as_secs_f64()),
+    ));
     d.step += 1;
     println!("\n\x1b[1m[1] cluster up\x1b[0m\n{}", d.c.status());
 
     d.say("one namespace: ws1 writes, ws2 and ws3 read at once");
     let t = Instant::now();
-    d.on("ws1", "echo \"written on $(uname -n) at $(date +%T.%N)\" > /wisp/hello")?;
+    d.on(
+        "ws1",
+        "echo \"written on $(uname -n) at $(date +%T.%N)\" > /wisp/hello",
+    )?;
     for h in ["ws2", "ws3"] {
         print!("  {h} reads: {}", d.on(h, "cat /wisp/hello")?);
     }
-    d.report.push(("write on ws1 -> read on ws2, ws3".into(), format!("{:.0} ms", t.elapsed().as_secs_f64() * 1e3)));
+    d.report.push((
+        "write on ws1 -> read on ws2, ws3".into(),
+        format!("{:.0} ms", t.elapsed().as_secs_f64() * 1e3),
+    ));
 
     d.say("parallel build: make -j6 SHELL=rexec on ws1, recipes on idle ws2 and ws3");
     d.cli(&["owner", "ws2", "idle"])?;
     d.cli(&["owner", "ws3", "idle"])?;
     d.on("ws1", PROJECT)?;
     let t = Instant::now();
-    d.on("ws1", "cd /wisp/demo/proj && make -s -j2 >/dev/null && make -s clean")?;
+    d.on(
+        "ws1",
+        "cd /wisp/demo/proj && make -s -j2 >/dev/null && make -s clean",
+    )?;
     let local = t.elapsed();
     println!("  local make -j2 on ws1: {:.1} s", local.as_secs_f64());
     std::thread::sleep(Duration::from_secs(2));
-    let mut make = d.c.command("ws1", &["sh", "-c", "cd /wisp/demo/proj && make -s -j6 SHELL=rexec && ./app"])?;
+    let mut make = d.c.command(
+        "ws1",
+        &[
+            "sh",
+            "-c",
+            "cd /wisp/demo/proj && make -s -j6 SHELL=rexec && ./app",
+        ],
+    )?;
     make.stdout(Stdio::piped()).stderr(Stdio::piped());
     let t = Instant::now();
     let mut child = make.spawn()?;
-    let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    let mut seen: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
     while child.try_wait()?.is_none() {
         let jobs = d.jobs();
         let mut per: std::collections::BTreeMap<String, usize> = Default::default();
@@ -113,23 +150,48 @@ pub fn run(name: &str) -> Result<()> {
             *per.entry(h.clone()).or_default() += 1;
             seen.entry(h.clone()).or_default().insert(j.clone());
         }
-        let view: Vec<String> = ["ws1", "ws2", "ws3"].iter().map(|h| format!("{h}: {:<2}", per.get(*h).copied().unwrap_or(0))).collect();
-        print!("\r  jobs running   {}   t={:.1}s ", view.join("  "), t.elapsed().as_secs_f64());
+        let view: Vec<String> = ["ws1", "ws2", "ws3"]
+            .iter()
+            .map(|h| format!("{h}: {:<2}", per.get(*h).copied().unwrap_or(0)))
+            .collect();
+        print!(
+            "\r  jobs running   {}   t={:.1}s ",
+            view.join("  "),
+            t.elapsed().as_secs_f64()
+        );
         std::io::stdout().flush().ok();
         std::thread::sleep(Duration::from_millis(300));
     }
     let out = child.wait_with_output()?;
     println!();
     if !out.status.success() {
-        bail!("the rexec build failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "the rexec build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let remote = t.elapsed();
     print!("  {}", String::from_utf8_lossy(&out.stdout));
-    let spread: Vec<String> = seen.iter().map(|(h, js)| format!("{h} ran {}", js.len())).collect();
-    println!("  rexec build: {:.1} s; {}", remote.as_secs_f64(), spread.join(", "));
-    d.report.push(("build, local make -j2".into(), format!("{:.1} s", local.as_secs_f64())));
-    d.report.push(("build, make -j6 SHELL=rexec".into(), format!("{:.1} s ({})", remote.as_secs_f64(), spread.join(", "))));
-    println!("  (every host here shares this machine's cores: the demo shows jobs moving, not speed-up)");
+    let spread: Vec<String> = seen
+        .iter()
+        .map(|(h, js)| format!("{h} ran {}", js.len()))
+        .collect();
+    println!(
+        "  rexec build: {:.1} s; {}",
+        remote.as_secs_f64(),
+        spread.join(", ")
+    );
+    d.report.push((
+        "build, local make -j2".into(),
+        format!("{:.1} s", local.as_secs_f64()),
+    ));
+    d.report.push((
+        "build, make -j6 SHELL=rexec".into(),
+        format!("{:.1} s ({})", remote.as_secs_f64(), spread.join(", ")),
+    ));
+    println!(
+        "  (every host here shares this machine's cores: the demo shows jobs moving, not speed-up)"
+    );
 
     d.say("migration: a running job moves between hosts while its output streams");
     let mut ticker = d.c.command("ws1", &["sh", "-c", TICKER])?;
@@ -161,10 +223,15 @@ pub fn run(name: &str) -> Result<()> {
     let to = if from == "ws2" { "ws3" } else { "ws2" };
     let m = d.cli(&["migrate", &job, "--to", to])?;
     println!("  >>> {}", m.trim());
-    d.report.push((format!("migrate job {job} {from} -> {to}"), m.split(": ").nth(1).unwrap_or("").trim().to_string()));
+    d.report.push((
+        format!("migrate job {job} {from} -> {to}"),
+        m.split(": ").nth(1).unwrap_or("").trim().to_string(),
+    ));
     std::thread::sleep(Duration::from_secs(2));
 
-    d.say(&format!("eviction: the owner of {to} comes back; the job leaves at once"));
+    d.say(&format!(
+        "eviction: the owner of {to} comes back; the job leaves at once"
+    ));
     let t = Instant::now();
     d.cli(&["owner", to, "active"])?;
     let mut evicted_to = String::new();
@@ -182,17 +249,27 @@ pub fn run(name: &str) -> Result<()> {
     }
     let ev = t.elapsed();
     println!("  >>> job {job} evicted from {to} to {evicted_to} in {:.0} ms (owner touch to job running elsewhere)", ev.as_secs_f64() * 1e3);
-    d.report.push((format!("evict job {job} from {to} -> {evicted_to}"), format!("{:.0} ms", ev.as_secs_f64() * 1e3)));
+    d.report.push((
+        format!("evict job {job} from {to} -> {evicted_to}"),
+        format!("{:.0} ms", ev.as_secs_f64() * 1e3),
+    ));
     let st = tk.wait()?;
     pump.join().ok();
     pump_err.join().ok();
-    d.report.push(("long-running job exit status".into(), format!("{}", st.code().unwrap_or(-1))));
+    d.report.push((
+        "long-running job exit status".into(),
+        format!("{}", st.code().unwrap_or(-1)),
+    ));
 
     println!("\n\x1b[1mreport\x1b[0m");
     for (k, v) in &d.report {
         println!("  {k:<40} {v}");
     }
-    println!("  {:<40} {:.1} s", "whole demo", d.t0.elapsed().as_secs_f64());
+    println!(
+        "  {:<40} {:.1} s",
+        "whole demo",
+        d.t0.elapsed().as_secs_f64()
+    );
     println!("\ntearing the cluster down");
     Ok(())
 }

@@ -9,6 +9,8 @@ use clap::Args;
 use wisp_proto::msg::{Request, Response};
 use wisp_proto::rpc::RpcClient;
 
+use wisp_rexec::agent::agent_addr;
+
 use crate::registry_cli::{connect, RegistryOpts};
 
 /// Move a running job to another host while it runs.
@@ -49,42 +51,69 @@ pub struct JobsArgs {
     pub reg: RegistryOpts,
 }
 
-/// The agent address of a host registered as `ip:port`.
-pub fn agent_addr(host_addr: &str) -> String {
-    let ip = host_addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(host_addr);
-    format!("{ip}:{}", wisp_rexec::AGENT_PORT)
-}
-
 pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
     let c = connect(&a.reg, "wisp-migrate")?;
     let jobs = c.run(c.client.jobs())?;
-    let job = jobs.iter().find(|j| j.id == a.job).ok_or_else(|| anyhow!("no job {} in the registry (see `wisp jobs`)", a.job))?;
+    let job = jobs
+        .iter()
+        .find(|j| j.id == a.job)
+        .ok_or_else(|| anyhow!("no job {} in the registry (see `wisp jobs`)", a.job))?;
     let hosts = c.run(c.client.hosts())?;
-    let from = hosts.iter().find(|h| h.name == job.current_host).ok_or_else(|| anyhow!("job {} runs on {}, which the registry does not know", a.job, job.current_host))?;
-    let to = hosts.iter().find(|h| h.name == a.to).ok_or_else(|| anyhow!("no host {} (see `wisp hosts`)", a.to))?;
+    let from = hosts
+        .iter()
+        .find(|h| h.name == job.current_host)
+        .ok_or_else(|| {
+            anyhow!(
+                "job {} runs on {}, which the registry does not know",
+                a.job,
+                job.current_host
+            )
+        })?;
+    let to = hosts
+        .iter()
+        .find(|h| h.name == a.to)
+        .ok_or_else(|| anyhow!("no host {} (see `wisp hosts`)", a.to))?;
     if from.name == to.name {
         bail!("job {} already runs on {}", a.job, to.name);
     }
     let key = wisp_proto::key::ClusterKey::load(&crate::registry_cli::key_path(&a.reg)?)?;
-    c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Begin))?;
+    c.run(
+        c.client
+            .job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Begin),
+    )?;
     // Longer than the source agent's own wait for the target (600 s), so the registry is
     // told the outcome the agents agreed on.
-    let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&from.addr), key, "wisp-migrate".into(), Duration::from_secs(660), Arc::new(|_| Ok(())));
+    let agent = RpcClient::start(
+        c.rt.handle().clone(),
+        agent_addr(&from.addr),
+        key,
+        "wisp-migrate".into(),
+        Duration::from_secs(660),
+        Arc::new(|_| Ok(())),
+    );
     let r = c.rt.block_on(agent.call(Request::MigrateOut {
-            job: a.job,
-            to_host: to.name.clone(),
-            to_addr: agent_addr(&to.addr),
-            mode: if a.precopy {
-                wisp_proto::msg::MigrateMode::PreCopy
-            } else if a.lazy {
-                wisp_proto::msg::MigrateMode::Lazy
-            } else {
-                wisp_proto::msg::MigrateMode::Eager
-            },
-        }));
+        job: a.job,
+        to_host: to.name.clone(),
+        to_addr: agent_addr(&to.addr),
+        mode: if a.precopy {
+            wisp_proto::msg::MigrateMode::PreCopy
+        } else if a.lazy {
+            wisp_proto::msg::MigrateMode::Lazy
+        } else {
+            wisp_proto::msg::MigrateMode::Eager
+        },
+    }));
     match r {
-        Ok(Response::Migrated { pid, frozen_ms, bytes, total_ms }) => {
-            c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Commit))?;
+        Ok(Response::Migrated {
+            pid,
+            frozen_ms,
+            bytes,
+            total_ms,
+        }) => {
+            c.run(
+                c.client
+                    .job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Commit),
+            )?;
             println!(
                 "job {} moved {} -> {}: pid {} there, frozen {} ms, {:.1} MiB of state, {} ms in all",
                 a.job,
@@ -98,7 +127,11 @@ pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         other => {
-            let _ = c.run(c.client.job_move(a.job, &to.name, wisp_naming::registry::MovePhase::Abort));
+            let _ = c.run(c.client.job_move(
+                a.job,
+                &to.name,
+                wisp_naming::registry::MovePhase::Abort,
+            ));
             let why = match other {
                 Err(e) => e.to_string(),
                 Ok(r) => format!("unexpected reply {r:?}"),
@@ -115,7 +148,10 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
         if a.watch.is_some() {
             print!("\x1b[H\x1b[2J");
         }
-        println!("{:<20} {:>6} {:<8} {:<8} {:<10} MIGRATING", "JOB", "UID", "HOME", "HOST", "STATE");
+        println!(
+            "{:<20} {:>6} {:<8} {:<8} {:<10} MIGRATING",
+            "JOB", "UID", "HOME", "HOST", "STATE"
+        );
         for j in jobs.iter().filter(|j| a.all || j.ended_ms.is_none()) {
             println!(
                 "{:<20} {:>6} {:<8} {:<8} {:<10} {}",
@@ -126,7 +162,8 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
                 match &j.state {
                     wisp_naming::registry::JobState::Running => "running".to_string(),
                     wisp_naming::registry::JobState::Migrating => "migrating".to_string(),
-                    wisp_naming::registry::JobState::Done { exit_status } => format!("exit:{exit_status}"),
+                    wisp_naming::registry::JobState::Done { exit_status } =>
+                        format!("exit:{exit_status}"),
                 },
                 j.migrating_to.clone().unwrap_or_default()
             );
@@ -179,18 +216,36 @@ pub fn kill(a: KillArgs) -> Result<ExitCode> {
     // A job may move between the lookup and the signal: follow it (a few hops at most).
     for _ in 0..5 {
         let jobs = c.run(c.client.jobs())?;
-        let job = jobs.iter().find(|j| j.id == a.job && j.ended_ms.is_none()).ok_or_else(|| anyhow!("no running job {} (see `wisp jobs`)", a.job))?;
+        let job = jobs
+            .iter()
+            .find(|j| j.id == a.job && j.ended_ms.is_none())
+            .ok_or_else(|| anyhow!("no running job {} (see `wisp jobs`)", a.job))?;
         let hosts = c.run(c.client.hosts())?;
-        let h = hosts.iter().find(|h| h.name == job.current_host).ok_or_else(|| anyhow!("job {} runs on unknown host {}", a.job, job.current_host))?;
-        let agent = RpcClient::start(c.rt.handle().clone(), agent_addr(&h.addr), key.clone(), "wisp-kill".into(), Duration::from_secs(10), Arc::new(|_| Ok(())));
-        match c.rt.block_on(agent.call(Request::JobSignal { job: a.job, signal: sig })) {
+        let h = hosts
+            .iter()
+            .find(|h| h.name == job.current_host)
+            .ok_or_else(|| anyhow!("job {} runs on unknown host {}", a.job, job.current_host))?;
+        let agent = RpcClient::start(
+            c.rt.handle().clone(),
+            agent_addr(&h.addr),
+            key.clone(),
+            "wisp-kill".into(),
+            Duration::from_secs(10),
+            Arc::new(|_| Ok(())),
+        );
+        match c.rt.block_on(agent.call(Request::JobSignal {
+            job: a.job,
+            signal: sig,
+        })) {
             Ok(Response::Ok) => {
                 println!("signal {sig} sent to job {} on {}", a.job, h.name);
                 return Ok(ExitCode::SUCCESS);
             }
             Ok(Response::Moved { .. }) => std::thread::sleep(Duration::from_millis(200)),
             Ok(other) => bail!("unexpected reply {other:?}"),
-            Err(e) => return Err(anyhow!("{e}")).context(format!("signal job {} on {}", a.job, h.name)),
+            Err(e) => {
+                return Err(anyhow!("{e}")).context(format!("signal job {} on {}", a.job, h.name))
+            }
         }
     }
     bail!("job {} kept moving; try again", a.job)

@@ -5,11 +5,11 @@
 //! Architecture Invariant: binaries are thin. Each command parses its flags (one clap struct
 //! per subcommand) and calls library code; no mechanism lives here.
 
-pub mod owner;
 pub mod config;
 pub mod demo;
 pub mod jobs_cli;
 pub mod metrics;
+pub mod owner;
 pub mod registry_cli;
 
 /// The port a workstation's wispd is recorded at in the registry (`wispd --advertise`
@@ -21,7 +21,10 @@ pub const WISPD_PORT: u16 = 7071;
 pub fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Resolve when SIGTERM or SIGINT arrives.

@@ -20,7 +20,10 @@ pub fn render(samples: &[Sample]) -> String {
 }
 
 /// Serve `GET /metrics` on `addr` until the runtime stops; other paths get 404.
-pub async fn serve(addr: String, samples: Arc<dyn Fn() -> Vec<Sample> + Send + Sync>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: String,
+    samples: Arc<dyn Fn() -> Vec<Sample> + Send + Sync>,
+) -> std::io::Result<()> {
     let l = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "metrics endpoint at /metrics");
     loop {
@@ -31,10 +34,13 @@ pub async fn serve(addr: String, samples: Arc<dyn Fn() -> Vec<Sample> + Send + S
         let samples = samples.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
                 ("200 OK", render(&samples()))

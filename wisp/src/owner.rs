@@ -46,13 +46,21 @@ pub enum OwnerError {
     #[error("owner file {path}: {why}")]
     Bad { path: String, why: String },
     #[error("owner file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("bad input device pattern {0:?}: expected DIR/PREFIX* (e.g. /dev/input/event*) or none")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "bad input device pattern {0:?}: expected DIR/PREFIX* (e.g. /dev/input/event*) or none"
+    )]
     Pattern(String),
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The default override file of `host`.
@@ -65,8 +73,14 @@ impl Override {
         let mut w = text.split_whitespace();
         match (w.next(), w.next(), w.next()) {
             (Some("active"), None, _) => Ok(Override::Active),
-            (Some("idle"), Some(t), None) => t.parse().map(Override::IdleSince).map_err(|_| format!("bad time {t:?}")),
-            _ => Err(format!("expected `active` or `idle <unix-seconds>`, found {:?}", text.trim())),
+            (Some("idle"), Some(t), None) => t
+                .parse()
+                .map(Override::IdleSince)
+                .map_err(|_| format!("bad time {t:?}")),
+            _ => Err(format!(
+                "expected `active` or `idle <unix-seconds>`, found {:?}",
+                text.trim()
+            )),
         }
     }
 
@@ -89,15 +103,26 @@ impl Override {
 /// Read the override file: `Ok(None)` when there is none.
 pub fn read_override(path: &Path) -> Result<Option<Override>, OwnerError> {
     match std::fs::read_to_string(path) {
-        Ok(t) => Override::parse(&t).map(Some).map_err(|why| OwnerError::Bad { path: path.display().to_string(), why }),
+        Ok(t) => Override::parse(&t)
+            .map(Some)
+            .map_err(|why| OwnerError::Bad {
+                path: path.display().to_string(),
+                why,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(OwnerError::Io { path: path.display().to_string(), source }),
+        Err(source) => Err(OwnerError::Io {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 
 /// Write the override file atomically (creating its directory).
 pub fn write_override(path: &Path, o: Override) -> Result<(), OwnerError> {
-    let io = |source| OwnerError::Io { path: path.display().to_string(), source };
+    let io = |source| OwnerError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(io)?;
     }
@@ -120,14 +145,22 @@ impl OwnerMonitor {
     /// Start watching `devices` (a `DIR/PREFIX*` pattern, or `None` for no devices).
     pub fn start(file: PathBuf, devices: Option<&str>) -> Result<OwnerMonitor, OwnerError> {
         let started = now_secs();
-        let m = OwnerMonitor { file, last_input: Arc::new(AtomicU64::new(started)), devices: Arc::new(AtomicU64::new(0)), started };
+        let m = OwnerMonitor {
+            file,
+            last_input: Arc::new(AtomicU64::new(started)),
+            devices: Arc::new(AtomicU64::new(0)),
+            started,
+        };
         if let Some(pat) = devices {
             let (dir, prefix) = split_pattern(pat)?;
             let (last, n) = (m.last_input.clone(), m.devices.clone());
             std::thread::Builder::new()
                 .name("owner-input".into())
                 .spawn(move || watch_devices(&dir, &prefix, &last, &n))
-                .map_err(|source| OwnerError::Io { path: pat.into(), source })?;
+                .map_err(|source| OwnerError::Io {
+                    path: pat.into(),
+                    source,
+                })?;
         }
         Ok(m)
     }
@@ -146,9 +179,15 @@ impl OwnerMonitor {
             Err(e) => tracing::warn!("ignoring {e}"),
         }
         if self.devices() > 0 {
-            (now.saturating_sub(self.last_input.load(Ordering::Relaxed)), "input devices")
+            (
+                now.saturating_sub(self.last_input.load(Ordering::Relaxed)),
+                "input devices",
+            )
         } else {
-            (now.saturating_sub(self.started), "no input device: idle since wispd started")
+            (
+                now.saturating_sub(self.started),
+                "no input device: idle since wispd started",
+            )
         }
     }
 }
@@ -160,7 +199,10 @@ fn split_pattern(pat: &str) -> Result<(PathBuf, String), OwnerError> {
     if prefix.contains('*') || dir.contains('*') {
         return Err(bad());
     }
-    Ok((PathBuf::from(if dir.is_empty() { "/" } else { dir }), prefix.to_string()))
+    Ok((
+        PathBuf::from(if dir.is_empty() { "/" } else { dir }),
+        prefix.to_string(),
+    ))
 }
 
 /// Input event types that mean a person is there: keys and buttons, relative and absolute
@@ -181,15 +223,31 @@ fn watch_devices(dir: &Path, prefix: &str, last: &AtomicU64, count: &AtomicU64) 
     loop {
         if scanned.map(|t| t.elapsed() >= RESCAN).unwrap_or(true) {
             scanned = Some(std::time::Instant::now());
-            let entries = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default();
+            let entries = std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
             for p in entries {
-                let matches = p.file_name().map(|n| n.as_bytes().starts_with(prefix.as_bytes())).unwrap_or(false);
+                let matches = p
+                    .file_name()
+                    .map(|n| n.as_bytes().starts_with(prefix.as_bytes()))
+                    .unwrap_or(false);
                 if !matches || open.iter().any(|(q, _)| *q == p) {
                     continue;
                 }
-                let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else { continue };
+                let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+                    continue;
+                };
                 // SAFETY: c is a valid NUL-terminated path; the returned fd is owned below.
-                let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+                let fd = unsafe {
+                    libc::open(
+                        c.as_ptr(),
+                        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                    )
+                };
                 if fd < 0 {
                     tracing::debug!(dev = %p.display(), "cannot open input device: {}", std::io::Error::last_os_error());
                     continue;
@@ -204,7 +262,14 @@ fn watch_devices(dir: &Path, prefix: &str, last: &AtomicU64, count: &AtomicU64) 
             std::thread::sleep(RESCAN);
             continue;
         }
-        let mut fds: Vec<libc::pollfd> = open.iter().map(|(_, f)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|(_, f)| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         // SAFETY: fds is a valid array of fds.len() pollfd structs for the whole call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
         if n <= 0 {
@@ -259,7 +324,10 @@ mod tests {
     fn override_file_round_trips_and_rejects_garbage() {
         assert_eq!(Override::parse("active\n"), Ok(Override::Active));
         assert_eq!(Override::parse("idle 100"), Ok(Override::IdleSince(100)));
-        assert_eq!(Override::parse(&Override::IdleSince(7).render()), Ok(Override::IdleSince(7)));
+        assert_eq!(
+            Override::parse(&Override::IdleSince(7).render()),
+            Ok(Override::IdleSince(7))
+        );
         for bad in ["", "idle", "idle x", "busy", "active now", "idle 1 2"] {
             assert!(Override::parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -269,7 +337,10 @@ mod tests {
 
     #[test]
     fn patterns() {
-        assert_eq!(split_pattern("/dev/input/event*").unwrap(), (PathBuf::from("/dev/input"), "event".into()));
+        assert_eq!(
+            split_pattern("/dev/input/event*").unwrap(),
+            (PathBuf::from("/dev/input"), "event".into())
+        );
         assert!(split_pattern("/dev/input/event").is_err());
         assert!(split_pattern("/dev/*/event*").is_err());
     }
@@ -278,12 +349,19 @@ mod tests {
     fn without_devices_idle_since_start_and_override_wins() {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("owner");
-        let m = OwnerMonitor::start(file.clone(), Some(&format!("{}/event*", d.path().display()))).unwrap();
+        let m = OwnerMonitor::start(
+            file.clone(),
+            Some(&format!("{}/event*", d.path().display())),
+        )
+        .unwrap();
         let (idle, src) = m.idle_secs();
         assert!(idle <= 1 && src.contains("no input device"), "{idle} {src}");
         write_override(&file, Override::IdleSince(now_secs() - 500)).unwrap();
         let (idle, src) = m.idle_secs();
-        assert!((500..=501).contains(&idle) && src == "override file", "{idle} {src}");
+        assert!(
+            (500..=501).contains(&idle) && src == "override file",
+            "{idle} {src}"
+        );
         write_override(&file, Override::Active).unwrap();
         assert_eq!(m.idle_secs().0, 0);
         std::fs::write(&file, "garbage").unwrap();
@@ -298,7 +376,11 @@ mod tests {
         let c = std::ffi::CString::new(dev.to_str().unwrap()).unwrap();
         // SAFETY: valid path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let m = OwnerMonitor::start(d.path().join("none"), Some(&format!("{}/event*", d.path().display()))).unwrap();
+        let m = OwnerMonitor::start(
+            d.path().join("none"),
+            Some(&format!("{}/event*", d.path().display())),
+        )
+        .unwrap();
         // Keep a writer open so the reader does not see hangups.
         let mut w = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

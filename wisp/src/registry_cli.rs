@@ -27,7 +27,12 @@ pub const DEFAULT_KEY: &str = "/etc/wisp/cluster.key";
 pub struct RegistryOpts {
     /// Registry replicas to ask: the file servers started with --registry-id, as ip:port,
     /// comma separated. Any one that answers will do; the others are fallbacks.
-    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        global = true
+    )]
     pub registry: Vec<String>,
     /// Use the simulated cluster NAME (from `wisp cluster up`): its servers are the registry
     /// and its key is the key. Joins the cluster's network namespace (needs root).
@@ -206,7 +211,10 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn run<T>(&self, f: impl std::future::Future<Output = Result<T, NamingError>>) -> Result<T> {
+    pub(crate) fn run<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, NamingError>>,
+    ) -> Result<T> {
         self.rt.block_on(f).map_err(|e| explain(e, &self.servers))
     }
 }
@@ -245,11 +253,20 @@ fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<
     use std::os::unix::io::AsRawFd;
     let join = |anchor: u32| -> Result<()> {
         let path = format!("/proc/{anchor}/ns/net");
-        let f = std::fs::File::open(&path).with_context(|| format!("cannot open {path} (is cluster {} still up? are you root?)", c.name))?;
+        let f = std::fs::File::open(&path).with_context(|| {
+            format!(
+                "cannot open {path} (is cluster {} still up? are you root?)",
+                c.name
+            )
+        })?;
         // SAFETY: setns on the calling thread with a valid namespace fd; no other thread
         // exists yet in this process that could be confused by the switch.
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("cannot join the network namespace of cluster {}: {} (run as root)", c.name, std::io::Error::last_os_error());
+            bail!(
+                "cannot join the network namespace of cluster {}: {} (run as root)",
+                c.name,
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     };
@@ -260,7 +277,11 @@ fn enter_cluster_netns(c: &wisp_cluster::Cluster, servers: &[String]) -> Result<
         if up.len() == servers.len() {
             return Ok(up);
         }
-        if best.as_ref().map(|(b, _)| up.len() > b.len()).unwrap_or(true) {
+        if best
+            .as_ref()
+            .map(|(b, _)| up.len() > b.len())
+            .unwrap_or(true)
+        {
             best = Some((up, h.anchor));
         }
     }
@@ -281,14 +302,22 @@ fn reachable(addr: &str) -> bool {
 }
 
 pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
-    let mut servers: Vec<String> = o.registry.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let mut servers: Vec<String> = o
+        .registry
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     let mut key = o.key.clone();
     let mut cluster = None;
     let mut up_here: Option<Vec<String>> = None;
     if let Some(cn) = &o.cluster {
         let c = wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?;
         if servers.is_empty() {
-            servers = c.servers().map(|h| format!("{}:{}", h.addr, wisp_cluster::SERVER_PORT)).collect();
+            servers = c
+                .servers()
+                .map(|h| format!("{}:{}", h.addr, wisp_cluster::SERVER_PORT))
+                .collect();
         }
         key.get_or_insert(c.key_file.clone());
         let up = enter_cluster_netns(&c, &servers)?;
@@ -302,32 +331,49 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
         wisp_naming::registry::check_addr("--registry", s).map_err(|e| anyhow!("{e}"))?;
     }
     let key_path = key.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY));
-    let key = wisp_proto::key::ClusterKey::load(&key_path).map_err(|e| anyhow!("{e} (give --key FILE, the cluster's key)"))?;
+    let key = wisp_proto::key::ClusterKey::load(&key_path)
+        .map_err(|e| anyhow!("{e} (give --key FILE, the cluster's key)"))?;
     // The replicas that answer first (known already with --cluster).
     let servers = match up_here {
         Some(up) => {
-            let rest: Vec<String> = servers.iter().filter(|a| !up.contains(a)).cloned().collect();
+            let rest: Vec<String> = servers
+                .iter()
+                .filter(|a| !up.contains(a))
+                .cloned()
+                .collect();
             up.into_iter().chain(rest).collect()
         }
         None => reachable_first(servers),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     // Past a replica's own write timeout (5 s) so its "no quorum" answer arrives.
     let client = RegistryClient::new(rt.handle().clone(), servers.clone(), key, name.to_string())
         .with_timeouts(Duration::from_secs(6), Duration::from_secs(20));
-    Ok(Conn { rt, client, servers, cluster })
+    Ok(Conn {
+        rt,
+        client,
+        servers,
+        cluster,
+    })
 }
 
 /// The replicas that accept a TCP connection first: a dead one would otherwise cost a whole
 /// call timeout (its connection never comes up) before the next one is tried.
 fn reachable_first(servers: Vec<String>) -> Vec<String> {
-    let (mut good, bad): (Vec<String>, Vec<String>) = servers.into_iter().partition(|a| reachable(a));
+    let (mut good, bad): (Vec<String>, Vec<String>) =
+        servers.into_iter().partition(|a| reachable(a));
     good.extend(bad);
     good
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// "42s", "3m05s", "2h10m", "3d4h".
@@ -378,7 +424,10 @@ pub fn hosts(a: HostsArgs) -> Result<ExitCode> {
         list = idle.iter().filter_map(|n| reg.hosts.get(n)).collect();
     }
     if a.json {
-        let v: Vec<serde_json::Value> = list.iter().map(|h| host_json(h, now, idle.contains(&h.name))).collect();
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|h| host_json(h, now, idle.contains(&h.name)))
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -390,9 +439,15 @@ pub fn hosts(a: HostsArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<16} {:<11} {:<21} {:<5} {:<20} {:>10} {:>7} {:>9}", "HOST", "ROLE", "ADDR", "STATE", "LOAD 1/5/15 (RUN)", "OWNER IDLE", "FOREIGN", "HEARTBEAT");
+    println!(
+        "{:<16} {:<11} {:<21} {:<5} {:<20} {:>10} {:>7} {:>9}",
+        "HOST", "ROLE", "ADDR", "STATE", "LOAD 1/5/15 (RUN)", "OWNER IDLE", "FOREIGN", "HEARTBEAT"
+    );
     for h in list {
-        let load = format!("{:.2}/{:.2}/{:.2} ({})", h.load.load1, h.load.load5, h.load.load15, h.load.runnable);
+        let load = format!(
+            "{:.2}/{:.2}/{:.2} ({})",
+            h.load.load1, h.load.load5, h.load.load15, h.load.runnable
+        );
         let mark = if idle.contains(&h.name) { "*" } else { "" };
         println!(
             "{:<16} {:<11} {:<21} {:<5} {:<20} {:>10} {:>7} {:>9}",
@@ -403,7 +458,10 @@ pub fn hosts(a: HostsArgs) -> Result<ExitCode> {
             load,
             human_secs(h.owner_idle_secs(now)),
             h.foreign_jobs,
-            format!("{} ago", human_secs(now.saturating_sub(h.last_heartbeat_ms) / 1000)),
+            format!(
+                "{} ago",
+                human_secs(now.saturating_sub(h.last_heartbeat_ms) / 1000)
+            ),
         );
     }
     if !a.idle {
@@ -448,7 +506,12 @@ fn status_all(c: &Conn) -> Vec<(String, Result<NodeStatus, NamingError>)> {
             // Concurrently, each bounded: a dead replica must not hold the whole table up.
             let futs = addrs.iter().map(|a| async move {
                 let r = tokio::time::timeout(Duration::from_secs(3), c.client.status_of(a)).await;
-                let r = r.unwrap_or_else(|_| Err(NamingError::Rpc { addr: a.clone(), msg: "no answer within 3 s".into() }));
+                let r = r.unwrap_or_else(|_| {
+                    Err(NamingError::Rpc {
+                        addr: a.clone(),
+                        msg: "no answer within 3 s".into(),
+                    })
+                });
                 (a.clone(), r)
             });
             join_all(futs.collect()).await
@@ -494,7 +557,9 @@ async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
         }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every future finished")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
 }
 
 /// `wisp registry ...`.
@@ -504,7 +569,9 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
         RegistryCmd::Status { json } => {
             let all = status_all(&c);
             // The leader as a replica that answered says it is.
-            let leader = all.iter().find_map(|(_, r)| r.as_ref().ok().filter(|s| s.leader == Some(s.id)));
+            let leader = all
+                .iter()
+                .find_map(|(_, r)| r.as_ref().ok().filter(|s| s.leader == Some(s.id)));
             if json {
                 let v: Vec<serde_json::Value> = all
                     .iter()
@@ -525,7 +592,10 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
                     ),
                     None => println!("registry: NO LEADER answering (fewer than a quorum of replicas up, or an election in progress)"),
                 }
-                println!("{:<4} {:<21} {:<9} {:>6} {:>9}  LEADER", "ID", "ADDR", "ROLE", "TERM", "APPLIED");
+                println!(
+                    "{:<4} {:<21} {:<9} {:>6} {:>9}  LEADER",
+                    "ID", "ADDR", "ROLE", "TERM", "APPLIED"
+                );
                 for (addr, r) in &all {
                     match r {
                         Ok(s) => {
@@ -538,9 +608,18 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
                             } else {
                                 "removed"
                             };
-                            let applied = s.last_applied.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-                            let ld = s.leader.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
-                            println!("{:<4} {:<21} {:<9} {:>6} {:>9}  {}", s.id, addr, role, s.term, applied, ld);
+                            let applied = s
+                                .last_applied
+                                .map(|x| x.to_string())
+                                .unwrap_or_else(|| "-".into());
+                            let ld = s
+                                .leader
+                                .map(|x| x.to_string())
+                                .unwrap_or_else(|| "?".into());
+                            println!(
+                                "{:<4} {:<21} {:<9} {:>6} {:>9}  {}",
+                                s.id, addr, role, s.term, applied, ld
+                            );
                         }
                         Err(e) => println!("{:<4} {:<21} {:<9} {}", "?", addr, "DOWN", e),
                     }
@@ -551,15 +630,30 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
             }
         }
         RegistryCmd::Add { id, addr } => {
-            wisp_naming::registry::check_addr("the new replica", &addr).map_err(|e| anyhow!("{e}"))?;
+            wisp_naming::registry::check_addr("the new replica", &addr)
+                .map_err(|e| anyhow!("{e}"))?;
             let s = c.run(c.client.add_replica(id, &addr)).with_context(|| {
                 format!("replica {id} at {addr} could not join: is its wisp-server running with --registry-id {id} and the cluster key?")
             })?;
-            println!("replica {id} at {addr} added; voters now {}", s.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
+            println!(
+                "replica {id} at {addr} added; voters now {}",
+                s.voters
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
         }
         RegistryCmd::Remove { id } => {
             let s = c.run(c.client.remove_replica(id))?;
-            println!("replica {id} removed; voters now {}", s.voters.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","));
+            println!(
+                "replica {id} removed; voters now {}",
+                s.voters
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
             if s.voters.len() % 2 == 0 {
                 println!("note: {} voters survive no more failures than {}; add or remove one to make the count odd", s.voters.len(), s.voters.len() - 1);
             }
@@ -567,7 +661,11 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
         RegistryCmd::Policy(p) => {
             let reg = c.run(c.client.read(true))?;
             let mut pol: IdlePolicy = reg.policy.clone();
-            let changed = p.min_owner_idle.is_some() || p.max_load.is_some() || p.down_after.is_some() || p.lease_ttl.is_some() || p.allocate_servers.is_some();
+            let changed = p.min_owner_idle.is_some()
+                || p.max_load.is_some()
+                || p.down_after.is_some()
+                || p.lease_ttl.is_some()
+                || p.allocate_servers.is_some();
             if let Some(v) = p.min_owner_idle {
                 pol.min_owner_idle_secs = v;
             }
@@ -605,7 +703,9 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
 }
 
 fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// `wisp owner HOST active|idle|auto`.
@@ -626,10 +726,16 @@ pub fn owner(a: OwnerArgs) -> Result<ExitCode> {
     // Check the host exists before leaving a file behind for it.
     let reg = c.run(c.client.read(false))?;
     if !reg.hosts.contains_key(&a.host) {
-        return Err(explain(NamingError::Registry(RegistryError::UnknownHost { host: a.host.clone() }), &c.servers));
+        return Err(explain(
+            NamingError::Registry(RegistryError::UnknownHost {
+                host: a.host.clone(),
+            }),
+            &c.servers,
+        ));
     }
     match (&file, ov) {
-        (Some(f), Some(o)) => write_override(f, o).with_context(|| format!("cannot write the owner override for {}", a.host))?,
+        (Some(f), Some(o)) => write_override(f, o)
+            .with_context(|| format!("cannot write the owner override for {}", a.host))?,
         (Some(f), None) => match std::fs::remove_file(f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -664,7 +770,9 @@ pub(crate) fn key_path(o: &RegistryOpts) -> Result<PathBuf> {
         return Ok(k.clone());
     }
     if let Some(cn) = &o.cluster {
-        return Ok(wisp_cluster::Cluster::load(cn).map_err(|e| anyhow!("{e}"))?.key_file);
+        return Ok(wisp_cluster::Cluster::load(cn)
+            .map_err(|e| anyhow!("{e}"))?
+            .key_file);
     }
     Ok(PathBuf::from(DEFAULT_KEY))
 }

@@ -86,9 +86,15 @@ impl std::fmt::Debug for SessionKeys {
 impl SessionKeys {
     /// Keys for a connection whose handshake used these nonces and client name. Both ends
     /// compute the same keys; nobody without the cluster key can.
-    pub fn derive(key: &ClusterKey, client_nonce: &[u8; 32], server_nonce: &[u8; 32], name: &str) -> Self {
+    pub fn derive(
+        key: &ClusterKey,
+        client_nonce: &[u8; 32],
+        server_nonce: &[u8; 32],
+        name: &str,
+    ) -> Self {
         let one = |d: Direction| -> [u8; 32] {
-            let mut m = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
+            let mut m =
+                Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
             m.update(b"wisp-session-key");
             m.update(d.label());
             m.update(&PROTOCOL_VERSION.to_le_bytes());
@@ -97,7 +103,10 @@ impl SessionKeys {
             m.update(name.as_bytes());
             m.finalize().into_bytes().into()
         };
-        SessionKeys { c2s: one(Direction::ClientToServer), s2c: one(Direction::ServerToClient) }
+        SessionKeys {
+            c2s: one(Direction::ClientToServer),
+            s2c: one(Direction::ServerToClient),
+        }
     }
 }
 
@@ -133,7 +142,11 @@ struct DirState {
 
 impl DirState {
     fn new(key: &[u8; 32], dir: Direction) -> Self {
-        DirState { mac: Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length"), dir, seq: 0 }
+        DirState {
+            mac: Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length"),
+            dir,
+            seq: 0,
+        }
     }
 
     fn tag(&self, payload: &[u8]) -> [u8; TAG_LEN] {
@@ -183,13 +196,24 @@ impl SealedCodec {
     /// of at most `max_payload` bytes.
     pub fn new(keys: &SessionKeys, side: Side, max_payload: usize) -> Self {
         let (send, recv) = match side {
-            Side::Client => (DirState::new(&keys.c2s, Direction::ClientToServer), DirState::new(&keys.s2c, Direction::ServerToClient)),
-            Side::Server => (DirState::new(&keys.s2c, Direction::ServerToClient), DirState::new(&keys.c2s, Direction::ClientToServer)),
+            Side::Client => (
+                DirState::new(&keys.c2s, Direction::ClientToServer),
+                DirState::new(&keys.s2c, Direction::ServerToClient),
+            ),
+            Side::Server => (
+                DirState::new(&keys.s2c, Direction::ServerToClient),
+                DirState::new(&keys.c2s, Direction::ClientToServer),
+            ),
         };
         let mut c = SealedCodec {
-            sealer: FrameSealer { max_payload: 0, send },
+            sealer: FrameSealer {
+                max_payload: 0,
+                send,
+            },
             opener: FrameOpener {
-                inner: LengthDelimitedCodec::builder().length_field_length(4).new_codec(),
+                inner: LengthDelimitedCodec::builder()
+                    .length_field_length(4)
+                    .new_codec(),
                 max_payload: 0,
                 recv,
                 failed: false,
@@ -203,7 +227,9 @@ impl SealedCodec {
     pub fn set_max_payload(&mut self, max_payload: usize) {
         self.sealer.max_payload = max_payload;
         self.opener.max_payload = max_payload;
-        self.opener.inner.set_max_frame_length(max_payload + TAG_LEN);
+        self.opener
+            .inner
+            .set_max_frame_length(max_payload + TAG_LEN);
     }
 
     pub fn max_payload(&self) -> usize {
@@ -214,7 +240,8 @@ impl SealedCodec {
     /// [`Encoder`] would; for code that drives a socket by hand (tests, tools).
     pub fn seal_frame(&mut self, payload: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut out = BytesMut::new();
-        self.sealer.encode(Bytes::copy_from_slice(payload), &mut out)?;
+        self.sealer
+            .encode(Bytes::copy_from_slice(payload), &mut out)?;
         Ok(out.to_vec())
     }
 
@@ -222,10 +249,18 @@ impl SealedCodec {
     /// the [`Decoder`] would. Bytes past the first frame are an error.
     pub fn open_frame(&mut self, wire: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut buf = BytesMut::from(wire);
-        let incomplete = || SealError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "incomplete frame"));
+        let incomplete = || {
+            SealError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "incomplete frame",
+            ))
+        };
         let payload = self.opener.decode(&mut buf)?.ok_or_else(incomplete)?;
         if !buf.is_empty() {
-            return Err(SealError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "bytes after the frame")));
+            return Err(SealError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bytes after the frame",
+            )));
         }
         Ok(payload.to_vec())
     }
@@ -244,7 +279,10 @@ impl SealedCodec {
 impl FrameOpener {
     fn refuse(&mut self, detail: &'static str) -> SealError {
         self.failed = true;
-        SealError::Authentication { seq: self.recv.seq, detail }
+        SealError::Authentication {
+            seq: self.recv.seq,
+            detail,
+        }
     }
 }
 
@@ -254,10 +292,15 @@ impl Decoder for FrameOpener {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, SealError> {
         if self.failed {
-            return Err(SealError::Authentication { seq: self.recv.seq, detail: "an earlier frame failed" });
+            return Err(SealError::Authentication {
+                seq: self.recv.seq,
+                detail: "an earlier frame failed",
+            });
         }
         // The inner codec refuses an oversized length prefix before buffering the frame.
-        let Some(mut frame) = self.inner.decode(src)? else { return Ok(None) };
+        let Some(mut frame) = self.inner.decode(src)? else {
+            return Ok(None);
+        };
         if frame.len() < TAG_LEN {
             return Err(self.refuse("frame shorter than its tag"));
         }
@@ -279,11 +322,15 @@ impl Encoder<Bytes> for FrameSealer {
 
     fn encode(&mut self, payload: Bytes, dst: &mut BytesMut) -> Result<(), SealError> {
         if payload.len() > self.max_payload {
-            return Err(SealError::TooLarge { len: payload.len(), max: self.max_payload });
+            return Err(SealError::TooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
         }
-        let next = self.send.seq.checked_add(1).ok_or_else(|| {
-            SealError::Io(std::io::Error::other("sequence numbers exhausted"))
-        })?;
+        let next =
+            self.send.seq.checked_add(1).ok_or_else(|| {
+                SealError::Io(std::io::Error::other("sequence numbers exhausted"))
+            })?;
         let tag = self.send.tag(&payload);
         dst.reserve(4 + payload.len() + TAG_LEN);
         dst.put_u32((payload.len() + TAG_LEN) as u32);
@@ -320,7 +367,10 @@ mod tests {
     }
 
     fn pair(keys: &SessionKeys) -> (SealedCodec, SealedCodec) {
-        (SealedCodec::new(keys, Side::Client, 1024), SealedCodec::new(keys, Side::Server, 1024))
+        (
+            SealedCodec::new(keys, Side::Client, 1024),
+            SealedCodec::new(keys, Side::Server, 1024),
+        )
     }
 
     fn seal(c: &mut SealedCodec, payload: &[u8]) -> BytesMut {
@@ -359,11 +409,17 @@ mod tests {
         // The by-hand helpers agree with the codec and keep the same count.
         let w = c.seal_frame(b"by hand").unwrap();
         assert_eq!(s.open_frame(&w).unwrap(), b"by hand");
-        assert!(s.open_frame(&w[..w.len() - 1]).is_err(), "an incomplete frame is an error");
+        assert!(
+            s.open_frame(&w[..w.len() - 1]).is_err(),
+            "an incomplete frame is an error"
+        );
         let (mut c, mut s) = pair(&keys());
         let w = seal(&mut c, b"x");
         assert_eq!(&open(&mut s, &w).unwrap().unwrap()[..], b"x");
-        assert_eq!((c.sent(), s.received(), s.sent(), c.received()), (1, 1, 0, 0));
+        assert_eq!(
+            (c.sent(), s.received(), s.sent(), c.received()),
+            (1, 1, 0, 0)
+        );
     }
 
     #[test]
@@ -388,7 +444,10 @@ mod tests {
             let mut buf = bad.clone();
             match s.decode(&mut buf) {
                 // A longer length prefix: the frame is not complete yet, nothing accepted.
-                Ok(None) => assert!(bit < 32, "bit {bit}: payload bit flip left the frame pending"),
+                Ok(None) => assert!(
+                    bit < 32,
+                    "bit {bit}: payload bit flip left the frame pending"
+                ),
                 // A much longer one: refused as oversized before it is read.
                 Err(SealError::Io(e)) => assert!(bit < 32, "bit {bit}: {e}"),
                 r => assert_auth_failure(r),
@@ -463,8 +522,19 @@ mod tests {
         let (mut c, mut s) = pair(&keys());
         // Sending: over the limit is refused, nothing written, sequence unchanged.
         let mut out = BytesMut::new();
-        let e = c.encode(Bytes::from(vec![0u8; 1025]), &mut out).unwrap_err();
-        assert!(matches!(e, SealError::TooLarge { len: 1025, max: 1024 }), "{e}");
+        let e = c
+            .encode(Bytes::from(vec![0u8; 1025]), &mut out)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SealError::TooLarge {
+                    len: 1025,
+                    max: 1024
+                }
+            ),
+            "{e}"
+        );
         assert!(out.is_empty());
         assert_eq!(c.sent(), 0);
         // The largest legal payload goes through.

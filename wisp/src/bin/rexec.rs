@@ -52,7 +52,9 @@ struct Args {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn main() -> ExitCode {
@@ -70,7 +72,11 @@ fn main() -> ExitCode {
         eprintln!("rexec: no command given; try `rexec --help`");
         return ExitCode::from(2);
     }
-    let key_path = a.key.clone().or_else(|| std::env::var_os("WISP_KEY").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("/etc/wisp/cluster.key"));
+    let key_path = a
+        .key
+        .clone()
+        .or_else(|| std::env::var_os("WISP_KEY").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/wisp/cluster.key"));
     let key = match wisp_proto::key::ClusterKey::load(&key_path) {
         Ok(k) => k,
         Err(e) => {
@@ -82,7 +88,12 @@ fn main() -> ExitCode {
         .registry
         .clone()
         .or_else(|| std::env::var("WISP_REGISTRY").ok())
-        .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     if registry.is_empty() {
         eprintln!("rexec: no registry given; pass --registry ADDR or set WISP_REGISTRY");

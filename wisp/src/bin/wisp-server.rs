@@ -81,23 +81,37 @@ fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>> {
             format!("bad --registry-peers entry {item:?}: the id must be a positive integer")
         })?;
         let addr = addr.trim();
-        wisp_naming::registry::check_addr("--registry-peers", addr).map_err(|e| anyhow::anyhow!("bad --registry-peers entry {item:?}: {e}"))?;
+        wisp_naming::registry::check_addr("--registry-peers", addr)
+            .map_err(|e| anyhow::anyhow!("bad --registry-peers entry {item:?}: {e}"))?;
         if m.insert(id, addr.to_string()).is_some() {
             bail!("--registry-peers names replica {id} twice");
         }
     }
     if m.is_empty() {
-        bail!("--registry-peers is empty: list every initial replica as ID=ADDR, this one included");
+        bail!(
+            "--registry-peers is empty: list every initial replica as ID=ADDR, this one included"
+        );
     }
     Ok(m)
 }
 
 /// The logging filter: the level (or RUST_LOG), with openraft held at warn unless asked for.
 fn init_logging(level: &str) {
-    let base = std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| level.to_string());
-    let spec = if base.contains("openraft") { base } else { format!("{base},openraft=warn") };
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let base = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| level.to_string());
+    let spec = if base.contains("openraft") {
+        base
+    } else {
+        format!("{base},openraft=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 struct Replica {
@@ -108,9 +122,18 @@ struct Replica {
 }
 
 fn replica_plan(args: &Args) -> Result<Option<Replica>> {
-    let Some(id) = args.registry_id else { return Ok(None) };
-    let dir = args.registry_dir.clone().unwrap_or_else(|| args.data.join("registry"));
-    let peers = args.registry_peers.as_deref().map(parse_peers).transpose()?;
+    let Some(id) = args.registry_id else {
+        return Ok(None);
+    };
+    let dir = args
+        .registry_dir
+        .clone()
+        .unwrap_or_else(|| args.data.join("registry"));
+    let peers = args
+        .registry_peers
+        .as_deref()
+        .map(parse_peers)
+        .transpose()?;
     let addr = match peers.as_ref().and_then(|p| p.get(&id)) {
         Some(a) => a.clone(),
         None if peers.is_some() => bail!("--registry-peers does not list this replica's own id {id}: add {id}=ADDR (this server's reachable address)"),
@@ -124,7 +147,12 @@ fn replica_plan(args: &Args) -> Result<Option<Replica>> {
         }
     };
     let init = if args.init_registry { peers } else { None };
-    Ok(Some(Replica { id, addr, dir, init }))
+    Ok(Some(Replica {
+        id,
+        addr,
+        dir,
+        init,
+    }))
 }
 
 fn main() -> Result<()> {
@@ -134,7 +162,10 @@ fn main() -> Result<()> {
     let plan = replica_plan(&args)?;
     let server = Arc::new(wisp_fs_server::FsServer::open(&args.data)?);
     server.start_flusher();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(256).build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(256)
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -202,7 +233,14 @@ mod tests {
         let m = parse_peers("1=10.0.0.1:7070, 2=10.0.0.2:7070").unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m[&2], "10.0.0.2:7070");
-        for bad in ["", "1", "0=10.0.0.1:7070", "x=10.0.0.1:7070", "1=nope", "1=10.0.0.1:7070,1=10.0.0.2:7070"] {
+        for bad in [
+            "",
+            "1",
+            "0=10.0.0.1:7070",
+            "x=10.0.0.1:7070",
+            "1=nope",
+            "1=10.0.0.1:7070,1=10.0.0.2:7070",
+        ] {
             assert!(parse_peers(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -147,12 +147,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Keygen(k) => {
             wisp_proto::key::ClusterKey::generate().save(&k.file)?;
-            println!("wrote a new cluster key to {}; copy it (mode 0600) to every host", k.file.display());
+            println!(
+                "wrote a new cluster key to {}; copy it (mode 0600) to every host",
+                k.file.display()
+            );
         }
         Cmd::Cluster(ClusterCmd::Up(u)) => {
-            let c = Cluster::up(&Spec::new(&u.name, u.servers, u.workstations)).context("cluster up")?;
+            let c = Cluster::up(&Spec::new(&u.name, u.servers, u.workstations))
+                .context("cluster up")?;
             print!("{}", c.status());
-            println!("run commands with: wisp cluster exec --name {} ws1 -- ls {}", c.name, wisp_cluster::MOUNTPOINT);
+            println!(
+                "run commands with: wisp cluster exec --name {} ws1 -- ls {}",
+                c.name,
+                wisp_cluster::MOUNTPOINT
+            );
         }
         Cmd::Cluster(ClusterCmd::Down(d)) => {
             wisp_cluster::down(&d.name)?;
@@ -161,15 +169,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cluster(ClusterCmd::Exec(e)) => {
             let c = Cluster::load(&e.name)?;
             let argv: Vec<&str> = e.argv.iter().map(|s| s.as_str()).collect();
-            let status = c.command(&e.host, &argv)?.status().with_context(|| format!("run on {}", e.host))?;
+            let status = c
+                .command(&e.host, &argv)?
+                .status()
+                .with_context(|| format!("run on {}", e.host))?;
             return Ok(ExitCode::from(status.code().unwrap_or(128) as u8));
         }
         Cmd::Mkpipe(m) => {
-            wisp::mkpipe(&m.path).with_context(|| format!("cannot make a cluster pipe at {}", m.path.display()))?;
+            wisp::mkpipe(&m.path)
+                .with_context(|| format!("cannot make a cluster pipe at {}", m.path.display()))?;
         }
         Cmd::Status(st) => {
             let key = wisp_proto::key::ClusterKey::load(&st.key)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let rpc = wisp_proto::rpc::RpcClient::start(
                 rt.handle().clone(),
                 st.server.clone(),
@@ -179,7 +193,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::sync::Arc::new(|_| Ok(())),
             );
             let t0 = std::time::Instant::now();
-            rt.block_on(rpc.call(wisp_proto::msg::Request::Ping)).with_context(|| format!("file server {} is not answering", st.server))?;
+            rt.block_on(rpc.call(wisp_proto::msg::Request::Ping))
+                .with_context(|| format!("file server {} is not answering", st.server))?;
             let rtt = t0.elapsed();
             let stats = match rt.block_on(rpc.call(wisp_proto::msg::Request::Stats))? {
                 wisp_proto::msg::Response::Stats(s) => s,
@@ -188,8 +203,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if st.json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!("server {} up, round trip {:.2} ms", st.server, rtt.as_secs_f64() * 1e3);
-                println!("  clients {}  requests {}  bytes read {}  bytes written {}  callbacks {}", stats.clients, stats.requests, stats.bytes_read, stats.bytes_written, stats.callbacks);
+                println!(
+                    "server {} up, round trip {:.2} ms",
+                    st.server,
+                    rtt.as_secs_f64() * 1e3
+                );
+                println!(
+                    "  clients {}  requests {}  bytes read {}  bytes written {}  callbacks {}",
+                    stats.clients,
+                    stats.requests,
+                    stats.bytes_read,
+                    stats.bytes_written,
+                    stats.callbacks
+                );
             }
         }
         Cmd::Demo(a) => wisp::demo::run(&a.name)?,

@@ -93,7 +93,9 @@ struct Args {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Load averages and runnable scheduling entities from /proc/loadavg
@@ -106,19 +108,31 @@ fn read_load() -> Result<Load> {
 fn parse_loadavg(t: &str) -> Option<Load> {
     let f: Vec<&str> = t.split_whitespace().collect();
     let runnable = f.get(3)?.split('/').next()?.parse().ok()?;
-    Some(Load { load1: f.first()?.parse().ok()?, load5: f.get(1)?.parse().ok()?, load15: f.get(2)?.parse().ok()?, runnable })
+    Some(Load {
+        load1: f.first()?.parse().ok()?,
+        load5: f.get(1)?.parse().ok()?,
+        load15: f.get(2)?.parse().ok()?,
+        runnable,
+    })
 }
 
 /// This host's address on the way to `peer` (no packet is sent).
 fn local_ip_toward(peer: &str) -> Result<std::net::IpAddr> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0").context("udp socket")?;
-    s.connect(peer).with_context(|| format!("no route to the registry at {peer}"))?;
+    s.connect(peer)
+        .with_context(|| format!("no route to the registry at {peer}"))?;
     Ok(s.local_addr()?.ip())
 }
 
 /// Register, then heartbeat forever. Errors are logged (once per kind of error, and again
 /// when things recover) and retried; the registry losing the host re-registers it.
-async fn registry_loop(client: RegistryClient, name: String, addr: String, owner: std::sync::Arc<OwnerMonitor>, every: Duration) {
+async fn registry_loop(
+    client: RegistryClient,
+    name: String,
+    addr: String,
+    owner: std::sync::Arc<OwnerMonitor>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registered = false;
@@ -131,7 +145,10 @@ async fn registry_loop(client: RegistryClient, name: String, addr: String, owner
         }
         Err(e) => {
             if last_err.as_deref() != Some(e.as_str()) {
-                tracing::warn!("registry {what} failed (retrying every {} s): {e}", every.as_secs());
+                tracing::warn!(
+                    "registry {what} failed (retrying every {} s): {e}",
+                    every.as_secs()
+                );
                 last_err = Some(e);
             }
         }
@@ -178,25 +195,38 @@ fn main() -> Result<()> {
     if name.is_empty() {
         bail!("this host has no name: give --name");
     }
-    let registry: Vec<String> = if args.registry.is_empty() { vec![args.server.clone()] } else { args.registry.clone() };
+    let registry: Vec<String> = if args.registry.is_empty() {
+        vec![args.server.clone()]
+    } else {
+        args.registry.clone()
+    };
     for r in &registry {
         wisp_naming::registry::check_addr("--registry", r).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let advertise = match &args.advertise {
         Some(a) => a.clone(),
         None => {
-            let ip = local_ip_toward(&registry[0]).context("cannot tell this host's address: give --advertise IP:PORT")?;
+            let ip = local_ip_toward(&registry[0])
+                .context("cannot tell this host's address: give --advertise IP:PORT")?;
             format!("{ip}:{}", wisp::WISPD_PORT)
         }
     };
-    wisp_naming::registry::check_addr("--advertise", &advertise).map_err(|e| anyhow::anyhow!("{e}"))?;
+    wisp_naming::registry::check_addr("--advertise", &advertise)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let devices = match args.input_devices.as_str() {
         "none" | "" => None,
         p => Some(p),
     };
-    let owner = OwnerMonitor::start(args.owner_file.clone().unwrap_or_else(|| owner_file(&name)), devices)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    std::fs::create_dir_all(&args.mount).with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
+    let owner = OwnerMonitor::start(
+        args.owner_file.clone().unwrap_or_else(|| owner_file(&name)),
+        devices,
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    std::fs::create_dir_all(&args.mount)
+        .with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
     let opts = wisp_fs_client::MountOptions {
         server: args.server.clone(),
         mountpoint: args.mount.clone(),
@@ -227,15 +257,35 @@ fn main() -> Result<()> {
             key: wisp_proto::key::ClusterKey::load(&args.key)?,
             host: name.clone(),
         });
-        let listen = format!("0.0.0.0:{}", advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071"));
-        let listener = rt.block_on(tokio::net::TcpListener::bind(&listen)).with_context(|| format!("cannot listen for jobs on {listen}"))?;
+        let listen = format!(
+            "0.0.0.0:{}",
+            advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071")
+        );
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(&listen))
+            .with_context(|| format!("cannot listen for jobs on {listen}"))?;
         let svc = std::sync::Arc::new(wisp_rexec::agent::AgentService(agent.clone()));
-        rt.spawn(wisp_proto::rpc::serve(listener, wisp_proto::key::ClusterKey::load(&args.key)?, svc, std::future::pending::<()>()));
+        rt.spawn(wisp_proto::rpc::serve(
+            listener,
+            wisp_proto::key::ClusterKey::load(&args.key)?,
+            svc,
+            std::future::pending::<()>(),
+        ));
         let (o2, below) = (owner.clone(), args.evict_below);
-        let evict_reg = RegistryClient::new(rt.handle().clone(), registry.clone(), wisp_proto::key::ClusterKey::load(&args.key)?, format!("{name}-evict"))
-            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        let evict_reg = RegistryClient::new(
+            rt.handle().clone(),
+            registry.clone(),
+            wisp_proto::key::ClusterKey::load(&args.key)?,
+            format!("{name}-evict"),
+        )
+        .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
         agent_handle = Some(agent.clone());
-        rt.spawn(wisp_rexec::agent::eviction_loop(agent, evict_reg, move || o2.idle_secs().0 < below, Duration::from_millis(500)));
+        rt.spawn(wisp_rexec::agent::eviction_loop(
+            agent,
+            evict_reg,
+            move || o2.idle_secs().0 < below,
+            Duration::from_millis(500),
+        ));
         tracing::info!(%listen, "accepting jobs");
     }
     if args.metrics != "none" {
@@ -244,11 +294,36 @@ fn main() -> Result<()> {
             use std::sync::atomic::Ordering::Relaxed;
             let rpcs = cs.rpcs.load(Relaxed) as f64;
             let mut v: Vec<wisp::metrics::Sample> = vec![
-                ("wisp_client_rpcs_total", "Requests sent to the file server", "counter", rpcs),
-                ("wisp_client_rpc_seconds_total", "Time spent waiting for the file server", "counter", cs.rpc_micros.load(Relaxed) as f64 / 1e6),
-                ("wisp_client_callbacks_total", "Consistency callbacks received from the server", "counter", cs.callbacks.load(Relaxed) as f64),
-                ("wisp_client_read_bytes_total", "Bytes fetched from the server (kernel page-cache hits never reach wispd)", "counter", cs.bytes_read.load(Relaxed) as f64),
-                ("wisp_client_written_bytes_total", "Bytes written through to the server", "counter", cs.bytes_written.load(Relaxed) as f64),
+                (
+                    "wisp_client_rpcs_total",
+                    "Requests sent to the file server",
+                    "counter",
+                    rpcs,
+                ),
+                (
+                    "wisp_client_rpc_seconds_total",
+                    "Time spent waiting for the file server",
+                    "counter",
+                    cs.rpc_micros.load(Relaxed) as f64 / 1e6,
+                ),
+                (
+                    "wisp_client_callbacks_total",
+                    "Consistency callbacks received from the server",
+                    "counter",
+                    cs.callbacks.load(Relaxed) as f64,
+                ),
+                (
+                    "wisp_client_read_bytes_total",
+                    "Bytes fetched from the server (kernel page-cache hits never reach wispd)",
+                    "counter",
+                    cs.bytes_read.load(Relaxed) as f64,
+                ),
+                (
+                    "wisp_client_written_bytes_total",
+                    "Bytes written through to the server",
+                    "counter",
+                    cs.bytes_written.load(Relaxed) as f64,
+                ),
             ];
             if let Some(a) = &agent_handle {
                 let st = &a.stats;
@@ -288,7 +363,10 @@ mod tests {
     #[test]
     fn loadavg() {
         let l = parse_loadavg("0.08 0.03 1.50 2/345 6789\n").unwrap();
-        assert_eq!((l.load1, l.load5, l.load15, l.runnable), (0.08, 0.03, 1.5, 2));
+        assert_eq!(
+            (l.load1, l.load5, l.load15, l.runnable),
+            (0.08, 0.03, 1.5, 2)
+        );
         assert!(parse_loadavg("0.08 0.03").is_none());
         assert!(parse_loadavg("a b c 1/2 3").is_none());
     }
