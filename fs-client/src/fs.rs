@@ -13,9 +13,11 @@ use tracing::{debug, info};
 use wisp_proto::key::ClusterKey;
 use wisp_proto::msg::{
     self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq, Response as Rs, SetAttrs, SetTime,
+    WireError,
 };
 use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
 
+use crate::cache::{Hit, Meta, WriteBack};
 use crate::notify;
 use crate::{CACHE_TTL, ENTRY_TTL};
 
@@ -43,6 +45,34 @@ pub struct MountOptions {
     pub call_timeout: Duration,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Cache names and attributes in this client (callback-invalidated). Off: every
+    /// lookup and attribute fetch asks the server (for comparison).
+    pub cache_names: bool,
+    /// Most names and attributes kept.
+    pub cache_entries: usize,
+    /// How long a written block may stay on this client before it is written back
+    /// (Sprite: 30 s). Zero: write-through.
+    pub writeback_delay: Duration,
+    /// Most delayed-write bytes held before writers wait for a write-back.
+    pub dirty_max: u64,
+}
+
+impl MountOptions {
+    /// Defaults for everything but where to mount and what to talk to.
+    pub fn new(server: String, mountpoint: PathBuf, key: ClusterKey, host: String) -> Self {
+        MountOptions {
+            server,
+            mountpoint,
+            key,
+            host,
+            call_timeout: Duration::from_secs(60),
+            threads: 16,
+            cache_names: true,
+            cache_entries: 200_000,
+            writeback_delay: Duration::from_secs(30),
+            dirty_max: 256 << 20,
+        }
+    }
 }
 
 /// A mounted file system; dropping it unmounts.
@@ -51,11 +81,18 @@ pub struct Mounted {
     pub rpc: RpcClient,
     pub stats: Arc<ClientStats>,
     mountpoint: PathBuf,
+    core: Arc<Core>,
 }
 
 impl Mounted {
-    /// Unmount and wait for the FUSE session to end.
+    /// Write back every delayed write now (as on unmount).
+    pub fn sync(&self) {
+        self.core.flush_all();
+    }
+
+    /// Write back every delayed write, unmount and wait for the FUSE session to end.
     pub fn unmount(mut self) -> std::io::Result<()> {
+        self.core.flush_all();
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
@@ -84,6 +121,12 @@ pub struct ClientStats {
     pub callbacks: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Lookups and attribute fetches answered from this client's cache.
+    pub meta_hits: AtomicU64,
+    /// Bytes written back to the server after a delay (part of `bytes_written`).
+    pub written_back: AtomicU64,
+    /// Delayed-write bytes dropped because the file was removed first.
+    pub discarded: AtomicU64,
 }
 
 struct Handle {
@@ -92,9 +135,149 @@ struct Handle {
     append: bool,
     /// A cluster pipe: blocking reads and writes are re-asked until they complete.
     pipe: bool,
+    /// Writes may be delayed (the open was cacheable and write-back is on).
+    delayed: bool,
+}
+
+/// What both the FUSE threads and the callback handler use: the connection and the caches.
+struct Core {
+    rpc: RpcClient,
+    rt: tokio::runtime::Handle,
+    stats: Arc<ClientStats>,
+    meta: Meta,
+    wb: WriteBack,
+}
+
+/// Write-backs of one file sent at once.
+const FLUSH_PARALLEL: usize = 8;
+
+impl Core {
+    /// Write back `ino`'s delayed writes, and return once the server has them.
+    fn flush(&self, ino: u64) -> Result<(), RpcError> {
+        let _g = self.wb.stripe(ino);
+        let Some(d) = self.wb.take(ino) else {
+            return Ok(());
+        };
+        let mut chunks = Vec::new();
+        for (off, buf) in &d.extents {
+            let mut at = 0usize;
+            while at < buf.len() {
+                let n = (buf.len() - at).min(wisp_proto::MAX_IO);
+                chunks.push((off + at as u64, &buf[at..at + n]));
+                at += n;
+            }
+        }
+        let mut res = Ok(());
+        for batch in chunks.chunks(FLUSH_PARALLEL) {
+            let calls = batch.iter().map(|(off, data)| {
+                self.rpc.call(Rq::Write {
+                    ino,
+                    offset: *off,
+                    data: data.to_vec(),
+                    append: false,
+                    nonblock: false,
+                })
+            });
+            self.stats
+                .rpcs
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for r in self.rt.block_on(futures::future::join_all(calls)) {
+                match r {
+                    Ok(_) => {}
+                    // Removed on the server meanwhile: nothing to keep.
+                    Err(RpcError::Remote(w)) if w.errno == libc::ENOENT => {}
+                    Err(e) => res = Err(e),
+                }
+            }
+            if res.is_err() {
+                break;
+            }
+        }
+        self.meta.changed(&[ino], &[]);
+        match res {
+            Ok(()) => {
+                self.stats
+                    .written_back
+                    .fetch_add(d.bytes, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(d.bytes, Ordering::Relaxed);
+                self.wb.done(ino, None);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(ino, "write-back failed, kept for a retry: {e}");
+                self.wb.done(ino, Some(d));
+                Err(e)
+            }
+        }
+    }
+
+    /// Write back everything held, oldest first.
+    fn flush_all(&self) {
+        for ino in self.wb.older_than(Duration::ZERO) {
+            let _ = self.flush(ino);
+        }
+    }
+
+    /// A server callback, applied to this client's own caches before the kernel's.
+    fn on_callback(&self, cb: &Callback) -> Result<(), WireError> {
+        let flush = |ino: u64| {
+            self.flush(ino)
+                .map_err(|e| WireError::new(e.errno(), format!("write-back failed: {e}")))
+        };
+        match cb {
+            Callback::WriteBack { ino } => flush(*ino),
+            Callback::InvalidateInode { ino } => {
+                // Another client changed it, or opened it while we write: what we hold
+                // goes back first, and writes go through until our next cacheable open.
+                let r = flush(*ino);
+                if self.wb.enabled() {
+                    self.wb.set_cacheable(*ino, false);
+                }
+                self.meta.invalidate(*ino);
+                r
+            }
+            Callback::InvalidateEntry { parent, .. } => {
+                self.meta.invalidate(*parent);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Write back what is old enough, until the client goes away; and everything at once
+/// after reconnecting (a restarted server forgot who holds delayed writes, and holds its
+/// reads for the server's recovery window meanwhile).
+fn start_flusher(core: std::sync::Weak<Core>, delay: Duration) {
+    let tick = Duration::from_millis(100);
+    let mut seen_conn = 0;
+    let mut last_age_check = std::time::Instant::now();
+    std::thread::Builder::new()
+        .name("wisp-writeback".into())
+        .spawn(move || loop {
+            std::thread::sleep(tick);
+            let Some(core) = core.upgrade() else { return };
+            let conn = core.rpc.connections();
+            if conn != seen_conn {
+                if seen_conn != 0 && core.wb.any() {
+                    info!("reconnected: writing back every delayed write");
+                    core.flush_all();
+                }
+                seen_conn = conn;
+            }
+            if last_age_check.elapsed() >= (delay / 4).min(Duration::from_secs(1)) {
+                last_age_check = std::time::Instant::now();
+                for ino in core.wb.older_than(delay) {
+                    let _ = core.flush(ino);
+                }
+            }
+        })
+        .expect("spawn write-back thread");
 }
 
 struct WispFs {
+    core: Arc<Core>,
     rpc: RpcClient,
     stats: Arc<ClientStats>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -238,6 +421,7 @@ impl WispFs {
                 tracing::warn!(ino, "re-registering an open file after reconnecting: {e}");
             }
         }
+        self.core.meta.clear();
         let inos: Vec<u64> = self.known.lock().unwrap().keys().copied().collect();
         if let Some(tx) = self.notifier.get() {
             // Waited for, but briefly: this is a FUSE request thread, and the kernel might
@@ -276,33 +460,101 @@ impl WispFs {
         *self.known.lock().unwrap().entry(ino).or_default() += 1;
     }
 
-    fn entry(&self, r: Rq, reply: ReplyEntry) {
-        match self.call(r) {
+    /// Attributes as this client sees them: the server's, with our delayed writes.
+    fn seen(&self, mut a: Attr) -> FileAttr {
+        self.core.wb.overlay_attr(&mut a);
+        fattr(&a)
+    }
+
+    /// A request that changes `inos` and `names` (this client's own change: the server
+    /// calls back only the others, so our caches are dropped here, before and after).
+    fn changing(&self, inos: &[u64], names: &[(u64, &[u8])], r: Rq) -> Result<Rs, RpcError> {
+        if inos.is_empty() && names.is_empty() {
+            return self.call(r);
+        }
+        self.core.meta.changed(inos, names);
+        let res = self.call(r);
+        self.core.meta.changed(inos, names);
+        res
+    }
+
+    fn entry(&self, inos: &[u64], names: &[(u64, &[u8])], r: Rq, reply: ReplyEntry) {
+        match self.changing(inos, names, r) {
             Ok(Rs::Entry(a)) | Ok(Rs::Attr(a)) => {
                 self.remember(a.ino);
-                reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &fattr(&a), Generation(0))
+                reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &self.seen(a), Generation(0))
             }
             Ok(other) => unexpected(other, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn empty(&self, r: Rq, reply: ReplyEmpty) {
-        match self.call(r) {
+    fn empty(&self, inos: &[u64], names: &[(u64, &[u8])], r: Rq, reply: ReplyEmpty) {
+        match self.changing(inos, names, r) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn new_handle(&self, ino: u64, flags: i32, pipe: bool) -> u64 {
+    /// Write back `ino` before a request that must see all of its data.
+    fn flushed(&self, ino: u64) -> Result<(), Errno> {
+        if self.core.wb.holds(ino) {
+            self.core.flush(ino).map_err(|e| errno(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The inode a name points to, from the cache or the server (not cached: the caller
+    /// is about to change it).
+    fn child_ino(&self, req: &Request, parent: u64, name: &[u8]) -> Option<u64> {
+        if let Some(i) = self.core.meta.child(parent, name) {
+            return Some(i);
+        }
+        match self.call(Rq::Lookup {
+            cred: cred(req),
+            parent,
+            name: name.to_vec(),
+        }) {
+            Ok(Rs::Entry(a)) => Some(a.ino),
+            _ => None,
+        }
+    }
+
+    /// Attributes, from the cache when it has them.
+    fn attr_of(&self, ino: u64) -> Result<Attr, RpcError> {
+        if let Some(a) = self.core.meta.attr(ino) {
+            self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(a);
+        }
+        let e = self.core.meta.epoch();
+        match self.call(Rq::GetAttr { ino })? {
+            Rs::Attr(a) => {
+                self.core.meta.put_attr(e, &a);
+                Ok(a)
+            }
+            o => Err(RpcError::Remote(WireError::new(
+                libc::EIO,
+                format!("unexpected reply {o:?}"),
+            ))),
+        }
+    }
+
+    fn new_handle(&self, ino: u64, flags: i32, pipe: bool, cache: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mode = open_mode(flags);
+        let append = flags & libc::O_APPEND != 0;
+        let delayed = cache && mode.write && !append && !pipe && self.core.wb.enabled();
+        if delayed {
+            self.core.wb.set_cacheable(ino, true);
+        }
         self.handles.lock().unwrap().insert(
             fh,
             Handle {
                 ino,
-                mode: open_mode(flags),
-                append: flags & libc::O_APPEND != 0,
+                mode,
+                append,
                 pipe,
+                delayed,
             },
         );
         fh
@@ -362,6 +614,10 @@ impl Filesystem for WispFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        self.core.flush_all();
+    }
+
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let mut known = self.known.lock().unwrap();
         if let Some(n) = known.get_mut(&ino.0) {
@@ -376,20 +632,43 @@ impl Filesystem for WispFs {
         if name.len() > msg::NAME_MAX {
             return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
         }
-        self.entry(
-            Rq::Lookup {
-                cred: cred(req),
-                parent: parent.0,
-                name: name.as_bytes().to_vec(),
-            },
-            reply,
-        )
+        let n = name.as_bytes();
+        match self.core.meta.lookup(parent.0, n) {
+            Some(Hit::Found(a)) => {
+                self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+                self.remember(a.ino);
+                return reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &self.seen(a), Generation(0));
+            }
+            Some(Hit::Absent) => {
+                self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+                return reply.error(Errno::from_i32(libc::ENOENT));
+            }
+            None => {}
+        }
+        let e = self.core.meta.epoch();
+        match self.call(Rq::Lookup {
+            cred: cred(req),
+            parent: parent.0,
+            name: n.to_vec(),
+        }) {
+            Ok(Rs::Entry(a)) => {
+                self.core.meta.put_entry(e, parent.0, n, Some(&a));
+                self.remember(a.ino);
+                reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &self.seen(a), Generation(0))
+            }
+            Ok(o) => unexpected(o, reply),
+            Err(err) => {
+                if err.errno() == libc::ENOENT {
+                    self.core.meta.put_entry(e, parent.0, n, None);
+                }
+                reply.error(errno(&err))
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.call(Rq::GetAttr { ino: ino.0 }) {
-            Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &fattr(&a)),
-            Ok(o) => unexpected(o, reply),
+        match self.attr_of(ino.0) {
+            Ok(a) => reply.attr(&CACHE_TTL, &self.seen(a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -420,12 +699,19 @@ impl Filesystem for WispFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        match self.call(Rq::SetAttr {
-            cred: cred(req),
-            ino: ino.0,
-            set,
-        }) {
-            Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &fattr(&a)),
+        if let Err(e) = self.flushed(ino.0) {
+            return reply.error(e);
+        }
+        match self.changing(
+            &[ino.0],
+            &[],
+            Rq::SetAttr {
+                cred: cred(req),
+                ino: ino.0,
+                set,
+            },
+        ) {
+            Ok(Rs::Attr(a)) => reply.attr(&CACHE_TTL, &self.seen(a)),
             Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
@@ -451,6 +737,8 @@ impl Filesystem for WispFs {
     ) {
         let mode = mode & !(umask & 0o777);
         self.entry(
+            &[parent.0],
+            &[(parent.0, name.as_bytes())],
             Rq::MkNod {
                 cred: cred(req),
                 parent: parent.0,
@@ -473,6 +761,8 @@ impl Filesystem for WispFs {
     ) {
         let mode = mode & !(umask & 0o777);
         self.entry(
+            &[parent.0],
+            &[(parent.0, name.as_bytes())],
             Rq::Mkdir {
                 cred: cred(req),
                 parent: parent.0,
@@ -484,18 +774,43 @@ impl Filesystem for WispFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(
+        let n = name.as_bytes();
+        // A file with delayed writes, removed by its last name: its writes need never
+        // reach the server (Sprite's short-lived files).
+        let victim = if self.core.wb.any() {
+            self.child_ino(req, parent.0, n)
+                .filter(|i| self.core.wb.is_dirty(*i))
+                .filter(|i| self.attr_of(*i).is_ok_and(|a| a.nlink <= 1))
+        } else {
+            None
+        };
+        match self.changing(
+            &[parent.0],
+            &[(parent.0, n)],
             Rq::Unlink {
                 cred: cred(req),
                 parent: parent.0,
-                name: name.as_bytes().to_vec(),
+                name: n.to_vec(),
             },
-            reply,
-        )
+        ) {
+            Ok(_) => {
+                if let Some(ino) = victim {
+                    if !self.handles.lock().unwrap().values().any(|h| h.ino == ino) {
+                        let _g = self.core.wb.stripe(ino);
+                        let dropped = self.core.wb.discard(ino);
+                        self.stats.discarded.fetch_add(dropped, Ordering::Relaxed);
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.empty(
+            &[parent.0],
+            &[(parent.0, name.as_bytes())],
             Rq::Rmdir {
                 cred: cred(req),
                 parent: parent.0,
@@ -514,6 +829,8 @@ impl Filesystem for WispFs {
         reply: ReplyEntry,
     ) {
         self.entry(
+            &[parent.0],
+            &[(parent.0, link_name.as_bytes())],
             Rq::Symlink {
                 cred: cred(req),
                 parent: parent.0,
@@ -535,6 +852,11 @@ impl Filesystem for WispFs {
         reply: ReplyEmpty,
     ) {
         self.empty(
+            &[parent.0, newparent.0],
+            &[
+                (parent.0, name.as_bytes()),
+                (newparent.0, newname.as_bytes()),
+            ],
             Rq::Rename {
                 cred: cred(req),
                 parent: parent.0,
@@ -556,6 +878,8 @@ impl Filesystem for WispFs {
         reply: ReplyEntry,
     ) {
         self.entry(
+            &[ino.0, newparent.0],
+            &[(newparent.0, newname.as_bytes())],
             Rq::Link {
                 cred: cred(req),
                 ino: ino.0,
@@ -568,6 +892,13 @@ impl Filesystem for WispFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mode = open_mode(flags.0);
+        if mode.truncate {
+            if let Err(e) = self.flushed(ino.0) {
+                return reply.error(e);
+            }
+            self.core.meta.changed(&[ino.0], &[]);
+        }
+        let e = self.core.meta.epoch();
         let r = match self.call(Rq::Open {
             cred: cred(req),
             ino: ino.0,
@@ -594,7 +925,19 @@ impl Filesystem for WispFs {
         match r {
             Ok(Rs::Opened { attr, cache }) => {
                 let pipe = attr.kind == Kind::Pipe;
-                let fh = self.new_handle(ino.0, flags.0, pipe);
+                if mode.truncate {
+                    self.core.meta.changed(&[ino.0], &[]);
+                } else {
+                    self.core.meta.put_attr(e, &attr);
+                }
+                if !cache && !pipe && self.core.wb.enabled() {
+                    // Write-shared from now on: nothing of ours may stay behind.
+                    self.core.wb.set_cacheable(ino.0, false);
+                    if let Err(e) = self.flushed(ino.0) {
+                        return reply.error(e);
+                    }
+                }
+                let fh = self.new_handle(ino.0, flags.0, pipe, cache);
                 reply.opened(
                     FileHandle(fh),
                     fopen_flags(&attr, cache, mode, flags.0 & libc::O_APPEND != 0),
@@ -623,6 +966,9 @@ impl Filesystem for WispFs {
             .unwrap()
             .get(&fh.0)
             .is_some_and(|h| h.pipe);
+        // With delayed writes of ours, the server's bytes get ours laid over them, and no
+        // write-back may be in flight meanwhile.
+        let held = (!pipe && self.core.wb.holds(ino.0)).then(|| self.core.wb.stripe(ino.0));
         match self.call_pipe(
             pipe && !nonblock,
             Rq::Read {
@@ -633,6 +979,13 @@ impl Filesystem for WispFs {
             },
         ) {
             Ok(Rs::Data(d)) => {
+                let d = match &held {
+                    Some(_) => self.core.wb.with_dirty(ino.0, |dirty| match dirty {
+                        Some(dirty) => dirty.overlay(offset, size as u64, d),
+                        None => d,
+                    }),
+                    None => d,
+                };
                 self.stats
                     .bytes_read
                     .fetch_add(d.len() as u64, Ordering::Relaxed);
@@ -655,14 +1008,39 @@ impl Filesystem for WispFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let (append, pipe) = self
+        let (append, pipe, delayed) = self
             .handles
             .lock()
             .unwrap()
             .get(&fh.0)
-            .map(|h| (h.append, h.pipe))
-            .unwrap_or((flags.0 & libc::O_APPEND != 0, false));
+            .map(|h| (h.append, h.pipe, h.delayed))
+            .unwrap_or((flags.0 & libc::O_APPEND != 0, false, false));
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+        if delayed && self.core.wb.cacheable(ino.0) {
+            let total = {
+                let _g = self.core.wb.stripe(ino.0);
+                self.core.wb.add(ino.0, offset, data)
+            };
+            if total > self.core.wb.max_bytes {
+                // Over the memory bound: this writer waits for write-backs, oldest first.
+                for victim in std::iter::once(ino.0).chain(self.core.wb.older_than(Duration::ZERO))
+                {
+                    if let Err(e) = self.core.flush(victim) {
+                        return reply.error(errno(&e));
+                    }
+                    if self.core.wb.total() <= self.core.wb.max_bytes / 2 {
+                        break;
+                    }
+                }
+            }
+            return reply.written(data.len() as u32);
+        }
+        if !pipe {
+            if let Err(e) = self.flushed(ino.0) {
+                return reply.error(e);
+            }
+            self.core.meta.changed(&[ino.0], &[]);
+        }
         match self.call_pipe(
             pipe && !nonblock,
             Rq::Write {
@@ -699,7 +1077,8 @@ impl Filesystem for WispFs {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes go through to the server as they happen; nothing is buffered here.
+        // Close does not write back (Sprite's delayed write): fsync, age, a callback or
+        // unmount does.
         reply.ok()
     }
 
@@ -716,6 +1095,8 @@ impl Filesystem for WispFs {
         let h = self.handles.lock().unwrap().remove(&fh.0);
         match h {
             Some(h) => self.empty(
+                &[],
+                &[],
                 Rq::Close {
                     ino: h.ino,
                     mode: h.mode,
@@ -737,7 +1118,10 @@ impl Filesystem for WispFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(Rq::Fsync { ino: ino.0 }, reply)
+        if let Err(e) = self.flushed(ino.0) {
+            return reply.error(e);
+        }
+        self.empty(&[], &[], Rq::Fsync { ino: ino.0 }, reply)
     }
 
     fn fsyncdir(
@@ -748,7 +1132,7 @@ impl Filesystem for WispFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(Rq::Fsync { ino: ino.0 }, reply)
+        self.empty(&[], &[], Rq::Fsync { ino: ino.0 }, reply)
     }
 
     fn readdir(
@@ -806,7 +1190,7 @@ impl Filesystem for WispFs {
                         e.cookie,
                         name,
                         &ENTRY_TTL,
-                        &fattr(&e.attr),
+                        &self.seen(e.attr),
                         Generation(0),
                     ) {
                         break;
@@ -846,6 +1230,8 @@ impl Filesystem for WispFs {
         reply: ReplyEmpty,
     ) {
         self.empty(
+            &[ino.0],
+            &[],
             Rq::SetXattr {
                 cred: cred(req),
                 ino: ino.0,
@@ -874,6 +1260,8 @@ impl Filesystem for WispFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.empty(
+            &[ino.0],
+            &[],
             Rq::RemoveXattr {
                 cred: cred(req),
                 ino: ino.0,
@@ -884,15 +1272,14 @@ impl Filesystem for WispFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.call(Rq::GetAttr { ino: ino.0 }) {
-            Ok(Rs::Attr(a)) => {
+        match self.attr_of(ino.0) {
+            Ok(a) => {
                 if access_ok(&a, req.uid(), req.gid(), mask.bits()) {
                     reply.ok()
                 } else {
                     reply.error(Errno::from_i32(libc::EACCES))
                 }
             }
-            Ok(o) => unexpected(o, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -912,22 +1299,26 @@ impl Filesystem for WispFs {
         }
         let mode = mode & !(umask & 0o777);
         let mode_open = open_mode(flags);
-        let r = self.call(Rq::Create {
-            cred: cred(req),
-            parent: parent.0,
-            name: name.as_bytes().to_vec(),
-            mode,
-            excl: flags & libc::O_EXCL != 0,
-            mode_open,
-        });
+        let r = self.changing(
+            &[parent.0],
+            &[(parent.0, name.as_bytes())],
+            Rq::Create {
+                cred: cred(req),
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                mode,
+                excl: flags & libc::O_EXCL != 0,
+                mode_open,
+            },
+        );
         match r {
             Ok(Rs::Opened { attr, cache }) => {
                 self.remember(attr.ino);
-                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe);
+                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe, cache);
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
                 reply.created(
                     &ENTRY_TTL,
-                    &fattr(&attr),
+                    &self.seen(attr.clone()),
                     Generation(0),
                     FileHandle(fh),
                     fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0),
@@ -948,7 +1339,12 @@ impl Filesystem for WispFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.flushed(ino.0) {
+            return reply.error(e);
+        }
         self.empty(
+            &[ino.0],
+            &[],
             Rq::Fallocate {
                 ino: ino.0,
                 offset,
@@ -1020,17 +1416,28 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
     let stats = Arc::new(ClientStats::default());
     let notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>> =
         Arc::new(OnceLock::new());
+    let core_cell: Arc<OnceLock<Arc<Core>>> = Arc::new(OnceLock::new());
     let n2 = notifier.clone();
     let s2 = stats.clone();
+    let c2 = core_cell.clone();
     let handler: CallbackHandler = Arc::new(move |cb: Callback| {
         s2.callbacks.fetch_add(1, Ordering::Relaxed);
-        match n2.get() {
+        // Our own caches first (delayed writes go back before anything is dropped).
+        let own = match c2.get() {
+            Some(core) => core.on_callback(&cb),
+            None => Ok(()),
+        };
+        if matches!(cb, Callback::WriteBack { .. }) {
+            return own;
+        }
+        let kernel = match n2.get() {
             Some(tx) => notify::apply(tx, cb, Duration::from_secs(5)),
             None => Ok(()), // not mounted yet: the kernel holds nothing to invalidate
-        }
+        };
+        own.and(kernel)
     });
     let rpc = RpcClient::start(
-        rt,
+        rt.clone(),
         opts.server.clone(),
         opts.key.clone(),
         opts.host.clone(),
@@ -1043,7 +1450,19 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
             addr: opts.server.clone(),
             source,
         })?;
+    let core = Arc::new(Core {
+        rpc: rpc.clone(),
+        rt,
+        stats: stats.clone(),
+        meta: Meta::new(opts.cache_names, opts.cache_entries),
+        wb: WriteBack::new(opts.writeback_delay, opts.dirty_max),
+    });
+    let _ = core_cell.set(core.clone());
+    if core.wb.enabled() {
+        start_flusher(Arc::downgrade(&core), opts.writeback_delay);
+    }
     let fs = WispFs {
+        core: core.clone(),
         rpc: rpc.clone(),
         stats: stats.clone(),
         handles: Mutex::new(HashMap::new()),
@@ -1081,5 +1500,6 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
         rpc,
         stats,
         mountpoint: opts.mountpoint,
+        core,
     })
 }

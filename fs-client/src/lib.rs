@@ -19,6 +19,7 @@
 //! Architecture Invariant: this crate knows nothing of Raft, the registry or processes; it
 //! speaks the file protocol of `wisp-proto` to one server.
 
+mod cache;
 mod fs;
 mod notify;
 

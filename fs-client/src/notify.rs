@@ -37,6 +37,8 @@ fn run(n: Notifier, rx: Receiver<Job>) {
             Callback::InvalidateEntry { parent, name } => {
                 n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
             }
+            // Handled by the client's own cache (cache.rs); nothing of the kernel's to drop.
+            Callback::WriteBack { .. } => Ok(()),
         };
         if let Err(e) = r {
             debug!("invalidation {:?}: {e}", job.cb);

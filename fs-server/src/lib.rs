@@ -73,7 +73,17 @@ pub struct FsServer {
     interest: Mutex<Interest>,
     /// Buffers of the cluster pipes served here, by inode.
     pipes: Mutex<HashMap<Ino, Arc<Pipe>>>,
+    /// ino -> sessions that opened it for writing and may still hold delayed writes
+    /// (clients write back after a delay). Before another session looks at the file, they
+    /// are told to write back ([`Callback::WriteBack`]): sequential write-sharing.
+    writers: Mutex<HashMap<Ino, std::collections::HashSet<u64>>>,
+    /// After a restart, reads wait until this instant: clients reconnect and write back
+    /// what they held meanwhile (the server forgot who may hold delayed writes).
+    recovering_until: Option<std::time::Instant>,
 }
+
+/// The recovery window after a restart (clients reconnect within about a second).
+pub const RECOVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long one pipe request may wait on the server before the client asks again.
 const PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -164,6 +174,7 @@ impl FsServer {
             source,
         })?;
         let db = data_dir.join("meta.redb");
+        let restarted = db.exists();
         let store = Store::open(&db).map_err(|source| ServerError::Store {
             path: db.clone(),
             source,
@@ -184,6 +195,8 @@ impl FsServer {
             naming: RwLock::new(None),
             interest: Mutex::new(Interest::default()),
             pipes: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
+            recovering_until: restarted.then(|| std::time::Instant::now() + RECOVERY_GRACE),
         };
         s.sweep()
             .map_err(|source| ServerError::Store { path: db, source })?;
@@ -939,6 +952,8 @@ impl FsServer {
                         )
                     })?,
                 };
+                self.watch(peer.session, ino);
+                self.settle(peer, ino);
                 Response::Entry(self.getattr(ino)?)
             }
             Request::GetAttr { ino } => Response::Attr(self.getattr(ino)?),
@@ -996,6 +1011,7 @@ impl FsServer {
                 self.changed(peer, &[parent]);
                 let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
                 self.call_back(&sharers, attr.ino);
+                self.note_writer(peer.session, attr.ino, mode_open);
                 Response::Opened { attr, cache }
             }
             Request::Symlink {
@@ -1083,6 +1099,7 @@ impl FsServer {
                     self.changed(peer, &[ino]);
                 }
                 self.call_back(&sharers, ino);
+                self.note_writer(peer.session, ino, mode);
                 Response::Opened { attr, cache }
             }
             Request::Close { ino, mode } => {
@@ -1156,7 +1173,25 @@ impl FsServer {
                 Response::Ok
             }
             Request::ReadDir { ino, offset, max } => {
-                Response::Entries(self.readdir(ino, offset, max)?)
+                let mut es = self.readdir(ino, offset, max)?;
+                // Entries whose files another client may hold delayed writes for: have them
+                // written back, then read their attributes again.
+                let held: Vec<usize> = {
+                    let w = self.writers.lock().unwrap();
+                    es.iter()
+                        .enumerate()
+                        .filter(|(_, e)| {
+                            w.get(&e.attr.ino)
+                                .is_some_and(|s| s.iter().any(|s| *s != peer.session))
+                        })
+                        .map(|(i, _)| i)
+                        .collect()
+                };
+                for i in held {
+                    self.settle(peer, es[i].attr.ino);
+                    es[i].attr = self.getattr(es[i].attr.ino)?;
+                }
+                Response::Entries(es)
             }
             Request::StatFs => self.statfs()?,
             Request::SetXattr {
@@ -1268,6 +1303,70 @@ impl FsServer {
         self.send_callbacks(calls);
     }
 
+    /// Remember that `session` may hold delayed writes for `ino` (it opened it to write).
+    fn note_writer(&self, session: u64, ino: Ino, mode: OpenMode) {
+        if mode.write {
+            self.writers
+                .lock()
+                .unwrap()
+                .entry(ino)
+                .or_default()
+                .insert(session);
+        }
+    }
+
+    /// Record that `session` may cache `ino` (attributes, pages, or a directory's names).
+    /// Done *before* the state is read for the reply, so a change committed after the read
+    /// always finds the session and calls it back.
+    fn watch(&self, session: u64, ino: Ino) {
+        self.interest
+            .lock()
+            .unwrap()
+            .cachers
+            .entry(ino)
+            .or_default()
+            .insert(session);
+    }
+
+    /// Sequential write-sharing: before `peer` looks at `ino`, every other client that
+    /// opened it for writing writes back its delayed blocks (and the wait is bounded by the
+    /// callback timeout). A writer that no longer has the file open is forgotten after.
+    fn settle(&self, peer: &Arc<PeerHandle>, ino: Ino) {
+        let others: Vec<u64> = match self.writers.lock().unwrap().get(&ino) {
+            Some(s) => s.iter().copied().filter(|s| *s != peer.session).collect(),
+            None => return,
+        };
+        if others.is_empty() {
+            return;
+        }
+        self.send_callbacks(
+            others
+                .iter()
+                .map(|s| (*s, Callback::WriteBack { ino }))
+                .collect(),
+        );
+        let still_open: Vec<u64> = {
+            let opens = self.opens.lock().unwrap();
+            others
+                .iter()
+                .copied()
+                .filter(|s| {
+                    opens
+                        .get(&ino)
+                        .and_then(|m| m.get(s))
+                        .is_some_and(|c| c.writers > 0)
+                })
+                .collect()
+        };
+        let mut w = self.writers.lock().unwrap();
+        if let Some(set) = w.get_mut(&ino) {
+            set.retain(|s| *s == peer.session || still_open.contains(s) || !others.contains(s));
+            if set.is_empty() {
+                w.remove(&ino);
+            }
+        }
+    }
+
     /// Tell `sessions` to drop their cached copy of `ino` (write-sharing began).
     fn call_back(&self, sessions: &[u64], ino: Ino) {
         self.send_callbacks(
@@ -1322,22 +1421,51 @@ impl Service for FsServer {
         // crate's to count.
         if !matches!(req, Request::Naming(_)) {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(peer = %peer.name, "request {}", format!("{req:?}").split([' ', '{', '(']).next().unwrap_or("?"));
         }
         self.peers
             .lock()
             .unwrap()
             .entry(peer.session)
             .or_insert_with(|| peer.clone());
-        let read = match &req {
-            Request::Read { ino, .. } => Some(*ino),
-            _ => None,
-        };
+        if let Some(until) = self.recovering_until {
+            let reads = matches!(
+                req,
+                Request::Lookup { .. }
+                    | Request::ReadDir { .. }
+                    | Request::GetAttr { .. }
+                    | Request::Read { .. }
+                    | Request::Open { .. }
+            );
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if reads && !left.is_zero() {
+                std::thread::sleep(left);
+            }
+        }
+        // Register interest before the state is read, and have other clients' delayed
+        // writes written back before this one looks at the file.
+        match &req {
+            Request::Lookup { parent: ino, .. } | Request::ReadDir { ino, .. } => {
+                self.watch(peer.session, *ino)
+            }
+            Request::GetAttr { ino }
+            | Request::Read { ino, .. }
+            | Request::Open { ino, .. }
+            | Request::SetAttr { ino, .. }
+            | Request::Fallocate { ino, .. }
+            | Request::Link { ino, .. } => {
+                self.watch(peer.session, *ino);
+                self.settle(peer, *ino);
+            }
+            // Not settled: a client flushing its own delayed writes must never wait for
+            // another's (two flushes would wait on each other), and a write-shared file
+            // has no delayed writes anywhere (its opens write through).
+            Request::Write { ino, .. } => self.watch(peer.session, *ino),
+            _ => {}
+        }
         let resp = self.dispatch(peer, req)?;
         let s = peer.session;
         let mut interest = self.interest.lock().unwrap();
-        if let Some(i) = read {
-            interest.cachers.entry(i).or_default().insert(s);
-        }
         match &resp {
             Response::Attr(a)
             | Response::Entry(a)
@@ -1357,6 +1485,10 @@ impl Service for FsServer {
 
     fn disconnected(&self, peer: &Arc<PeerHandle>) {
         self.peers.lock().unwrap().remove(&peer.session);
+        self.writers.lock().unwrap().retain(|_, s| {
+            s.remove(&peer.session);
+            !s.is_empty()
+        });
         {
             let mut i = self.interest.lock().unwrap();
             i.cachers.retain(|_, s| {

@@ -19,7 +19,7 @@ pub mod msg;
 pub mod rpc;
 
 /// Protocol version carried in the handshake; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame payload accepted after the handshake, in bytes (the 4-byte length
 /// prefix comes on top).

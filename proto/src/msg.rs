@@ -463,6 +463,9 @@ pub enum Callback {
     InvalidateInode { ino: Ino },
     /// Drop a cached name in a directory.
     InvalidateEntry { parent: Ino, name: Vec<u8> },
+    /// Write back the dirty (delayed-write) blocks of an inode now, keeping the cache:
+    /// another client is about to look at the file (sequential write-sharing).
+    WriteBack { ino: Ino },
 }
 
 /// The extended attribute that turns an empty regular file into a cluster pipe

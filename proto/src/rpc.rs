@@ -45,6 +45,15 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_INFLIGHT: usize = 256;
 /// How long a server waits for a client to answer a callback before giving up on it.
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection on which nothing arrives for this long is closed: a client that was
+/// killed without a FIN, or partitioned away, loses its opens and callbacks after it (its
+/// lease), and a client stops waiting on a server that vanished. Live clients send a
+/// [`Request::Ping`] every [`KEEPALIVE`].
+pub const LEASE: Duration = Duration::from_secs(20);
+/// How often a client proves it is alive when it has nothing else to say.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Call id of keepalive pings (their replies are dropped).
+const KEEPALIVE_ID: u64 = u64::MAX;
 
 fn encode(m: &Message) -> Bytes {
     Bytes::from(postcard::to_allocvec(m).expect("messages always encode"))
@@ -241,7 +250,13 @@ async fn run_server_conn<S: Service>(
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
     loop {
         let frame = tokio::select! {
-            f = stream.next() => f,
+            f = tokio::time::timeout(LEASE, stream.next()) => match f {
+                Ok(f) => f,
+                Err(_) => {
+                    warn!(peer = %peer.name, session = peer.session, %addr, "lease expired: nothing heard for {} s; dropping the client's opens", LEASE.as_secs());
+                    break;
+                }
+            },
             _ = stop.wait_for(|s| *s) => {
                 debug!(peer = %peer.name, "server shutting down: closing connection");
                 break;
@@ -268,6 +283,19 @@ async fn run_server_conn<S: Service>(
             }
         };
         match msg {
+            // Keepalives are the rpc layer's own: answered here, never counted as requests.
+            Message::Call {
+                id,
+                req: Request::Ping,
+            } => {
+                let _ = handle
+                    .tx
+                    .send(encode(&Message::Reply {
+                        id,
+                        resp: Ok(Response::Pong),
+                    }))
+                    .await;
+            }
             Message::Call { id, req } => {
                 let permit = inflight
                     .clone()
@@ -478,7 +506,28 @@ async fn connection_loop(
             }
         }));
         inner.state.send_replace(ConnState::Up { tx: tx.clone() });
-        while let Some(frame) = stream.next().await {
+        let ktx = tx.clone();
+        let _keepalive = AbortOnDrop(tokio::spawn(async move {
+            let ping = encode(&Message::Call {
+                id: KEEPALIVE_ID,
+                req: Request::Ping,
+            });
+            loop {
+                tokio::time::sleep(KEEPALIVE).await;
+                if ktx.send(ping.clone()).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        loop {
+            let frame = match tokio::time::timeout(LEASE, stream.next()).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(addr = %inner.addr, "nothing heard from the server for {} s; reconnecting", LEASE.as_secs());
+                    break;
+                }
+            };
             let frame = match frame {
                 Ok(f) => f,
                 Err(e) => {

@@ -60,6 +60,20 @@ impl Sim {
         }
     }
 
+    /// The file server's counters (`wisp status --json`, asked from ws1).
+    pub fn server_stats(&self) -> wisp_proto::msg::ServerStats {
+        let out = self.ok(
+            "ws1",
+            &format!(
+                "{}/wisp status --server {} --key {} --json",
+                self.bin_dir.display(),
+                self.server_addr(),
+                self.key_file.display()
+            ),
+        );
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad stats {out:?}: {e}"))
+    }
+
     /// Run a shell script on `host`; returns (exit code, stdout, stderr).
     pub fn run(&self, host: &str, script: &str) -> (i32, String, String) {
         let o = self.c.sh(host, script).expect("spawn on host");

@@ -1,48 +1,7 @@
 //! End-to-end: Sprite-style consistency of cached data and metadata between hosts.
 
 use rand::Rng;
-use wisp_tests::{sim, Sim};
-
-fn stats(s: &Sim) -> serde_like::Stats {
-    let out = s.ok(
-        "ws1",
-        &format!(
-            "{}/wisp status --server {} --key {} --json",
-            s.bin_dir.display(),
-            s.server_addr(),
-            s.key_file.display()
-        ),
-    );
-    serde_like::parse(&out)
-}
-
-/// Tiny parser for the flat JSON object `wisp status --json` prints.
-mod serde_like {
-    #[derive(Debug, Default, Clone, Copy)]
-    pub struct Stats {
-        pub requests: u64,
-        pub bytes_read: u64,
-    }
-    pub fn parse(s: &str) -> Stats {
-        let field = |k: &str| -> u64 {
-            let i = s
-                .find(&format!("\"{k}\":"))
-                .unwrap_or_else(|| panic!("no {k} in {s}"))
-                + k.len()
-                + 3;
-            s[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-                .parse()
-                .unwrap()
-        };
-        Stats {
-            requests: field("requests"),
-            bytes_read: field("bytes_read"),
-        }
-    }
-}
+use wisp_tests::sim;
 
 /// Host A writes and closes, host B opens and reads at once: new bytes every time.
 #[test]
@@ -180,9 +139,9 @@ fn cached_reread_costs_no_server_traffic() {
         "dd if=/dev/urandom of=/wisp/big bs=1M count=1024 status=none",
     );
     let first = s.ok("ws2", "sha256sum < /wisp/big");
-    let before = stats(&s);
+    let before = s.server_stats();
     let second = s.ok("ws2", "sha256sum < /wisp/big");
-    let after = stats(&s);
+    let after = s.server_stats();
     assert_eq!(first, second);
     // The kernel may reclaim some clean pages between the two reads (this machine runs a
     // proactive reclaimer, kdamond, and other tests run in parallel); anything beyond 5 %

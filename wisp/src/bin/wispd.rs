@@ -55,6 +55,18 @@ struct Args {
     /// FUSE worker threads (requests served in parallel).
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Seconds a written block may stay on this host before it is written back to the
+    /// file server (Sprite's delayed write); 0 writes through. fsync, another host opening
+    /// the file and unmount write back at once.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    writeback_delay: u64,
+    /// Most delayed-write data held in memory, in MiB (writers wait beyond it).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    dirty_max: u64,
+    /// Do not cache names and attributes on this host (every lookup asks the server;
+    /// for comparison).
+    #[arg(long)]
+    no_name_cache: bool,
     /// Registry replicas (file servers running with --registry-id), comma separated
     /// (default: the --server address).
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
@@ -228,12 +240,17 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.mount)
         .with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
     let opts = wisp_fs_client::MountOptions {
-        server: args.server.clone(),
-        mountpoint: args.mount.clone(),
-        key: key.clone(),
-        host: name.clone(),
         call_timeout: Duration::from_secs(args.timeout),
         threads: args.threads,
+        cache_names: !args.no_name_cache,
+        writeback_delay: Duration::from_secs(args.writeback_delay),
+        dirty_max: args.dirty_max << 20,
+        ..wisp_fs_client::MountOptions::new(
+            args.server.clone(),
+            args.mount.clone(),
+            key.clone(),
+            name.clone(),
+        )
     };
     let mounted = wisp_fs_client::mount(rt.handle().clone(), opts)
         .with_context(|| format!("cannot mount {} from {}", args.mount.display(), args.server))?;
@@ -320,9 +337,27 @@ fn main() -> Result<()> {
                 ),
                 (
                     "wisp_client_written_bytes_total",
-                    "Bytes written through to the server",
+                    "Bytes written to the server (through, or back after a delay)",
                     "counter",
                     cs.bytes_written.load(Relaxed) as f64,
+                ),
+                (
+                    "wisp_client_written_back_bytes_total",
+                    "Delayed-write bytes written back to the server",
+                    "counter",
+                    cs.written_back.load(Relaxed) as f64,
+                ),
+                (
+                    "wisp_client_discarded_bytes_total",
+                    "Delayed-write bytes never sent because the file was removed first",
+                    "counter",
+                    cs.discarded.load(Relaxed) as f64,
+                ),
+                (
+                    "wisp_client_meta_hits_total",
+                    "Lookups and attribute fetches answered from this host's cache",
+                    "counter",
+                    cs.meta_hits.load(Relaxed) as f64,
                 ),
             ];
             if let Some(a) = &agent_handle {
