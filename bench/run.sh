@@ -59,6 +59,7 @@ cleanup() {
         # The sshfs mount lives only in ws1's mount namespace: unmount it there.
         "$WISP" cluster exec --name "$NAME" ws1 -- sh -c "grep -q ' $SSHFS_MNT fuse.sshfs' /proc/self/mounts && { fusermount3 -u $SSHFS_MNT || umount -l $SSHFS_MNT; }" >/dev/null 2>&1
         [ -s "$W/sshd.pid" ] && kill "$(cat "$W/sshd.pid")" 2>/dev/null
+        [ -s "$W/nocache.pid" ] && kill "$(cat "$W/nocache.pid")" 2>/dev/null
         [ -n "${SSHD_PID:-}" ] && kill "$SSHD_PID" 2>/dev/null
         "$WISP" cluster down --name "$NAME" >/dev/null 2>&1 # kills anything left in its namespaces
     fi
@@ -168,7 +169,7 @@ printf '#!/bin/sh\nwisp status --server %s:7070 --key /run/wisp/%s/cluster.key -
 chmod +x "$W/rpcs.sh"
 for fs in "${FSES[@]}"; do
     hook=
-    [ "$fs" = wisp ] && hook="SMALLFILES_HOOK=$W/rpcs.sh"
+    [[ $fs == wisp* ]] && hook="SMALLFILES_HOOK=$W/rpcs.sh"
     out=$(on ws1 "$hook perl $ROOT/bench/smallfiles.pl ${DIR[$fs]}/sf $NFILES $FSIZE")
     prev= prevcb=
     while read -r what a b c; do
@@ -193,7 +194,7 @@ for fs in "${FSES[@]}"; do
     s=$(timed ws1 "dd if=/dev/zero of=$f bs=1M count=$SEQ_MB conv=fsync status=none")
     rec "$fs.seq_write.MBps" "$(mbps "$SEQ_MB" "$s")"
     # MiB the wisp server sent for one read (shows whether a re-read came from the cache).
-    served() { [ "$fs" = wisp ] && rec "wisp.$1.server_MiB" "$(( ($(counters | cut -d' ' -f3) - $2) / 1048576 ))"; return 0; }
+    served() { [[ $fs == wisp* ]] && rec "wisp.$1.server_MiB" "$(( ($(counters | cut -d' ' -f3) - $2) / 1048576 ))"; return 0; }
     if [ "$fs" = wisp ]; then
         # Cold on another client: ws2 never had the file; server's disk cache dropped too.
         drop_caches
@@ -205,12 +206,12 @@ for fs in "${FSES[@]}"; do
     # Cold on ws1: drop_caches empties every page cache of this one kernel: the client's
     # (ext4, FUSE) and the server's backing files alike.
     drop_caches
-    [ "$fs" = wisp ] && b0=$(counters | cut -d' ' -f3)
+    [[ $fs == wisp* ]] && b0=$(counters | cut -d' ' -f3)
     s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
     rec "$fs.seq_read_cold.MBps" "$(mbps "$SEQ_MB" "$s")"
     served seq_read_cold "${b0:-0}"
     # Cached re-read, three times (a 1 GiB memory copy is at the mercy of other load): median.
-    [ "$fs" = wisp ] && b0=$(counters | cut -d' ' -f3)
+    [[ $fs == wisp* ]] && b0=$(counters | cut -d' ' -f3)
     vals=
     for i in 1 2 3; do
         s=$(timed ws1 "dd if=$f of=/dev/null bs=1M status=none")
@@ -230,17 +231,17 @@ build_on() { # build_on FS DIR MAKEARGS KEY ROUND
     local fs=$1 d=$2 margs=$3 key=$4.r$5 ra rb ca cb s
     s=$(timed ws1 "mkdir -p $d && tar -C $d -xzf $W/proj.tar.gz")
     rec "$fs.$key.unpack_s" "$s"
-    [ "$fs" = wisp ] && read -r ra ca _ <<<"$(counters)"
+    [[ $fs == wisp* ]] && read -r ra ca _ <<<"$(counters)"
     s=$(timed ws1 "cd $d/proj && make $margs")
-    [ "$fs" = wisp ] && read -r rb cb _ <<<"$(counters)"
+    [[ $fs == wisp* ]] && read -r rb cb _ <<<"$(counters)"
     rec "$fs.$key.s" "$s"
-    [ "$fs" = wisp ] && rec "$fs.$key.rpcs" "$(net_rpcs $((rb - ra)) "$s")" && rec "$fs.$key.callbacks" "$((cb - ca))"
+    [[ $fs == wisp* ]] && rec "$fs.$key.rpcs" "$(net_rpcs $((rb - ra)) "$s")" && rec "$fs.$key.callbacks" "$((cb - ca))"
     on ws1 "test \"\$($d/proj/prog)\" = \"$EXPECT\"" || die "$fs: the built program gives the wrong output"
-    [ "$fs" = wisp ] && ra=$(rpcs)
+    [[ $fs == wisp* ]] && ra=$(rpcs)
     s=$(timed ws1 "cd $d/proj && make $margs")
-    [ "$fs" = wisp ] && rb=$(rpcs)
+    [[ $fs == wisp* ]] && rb=$(rpcs)
     rec "$fs.$key.noop_s" "$s"
-    [ "$fs" = wisp ] && rec "$fs.$key.noop_rpcs" "$(net_rpcs $((rb - ra)) "$s")"
+    [[ $fs == wisp* ]] && rec "$fs.$key.noop_rpcs" "$(net_rpcs $((rb - ra)) "$s")"
     on ws1 "rm -rf $d"
 }
 (cd "$W/proj" && make -s -j"$JOBS" >>"$LOG" 2>&1)
@@ -260,6 +261,21 @@ for key in ext4.build sshfs.build wisp.build wisp.build_rexec; do
         [ -n "${vals// /}" ] && rec "$key.$m" "$(median <<<"$vals")"
     done
 done
+# The same build with wisp's client caches off: a second mount on ws1 whose wispd caches no
+# names or attributes and writes through (the kernel page cache and callbacks stay).
+NC=/wisp-nocache
+on ws1 "mkdir -p $NC && { wispd --server $SRV_IP:7070 --mount $NC --key /run/wisp/$NAME/cluster.key --name ws1-nocache --no-agent --no-name-cache --writeback-delay 0 --metrics none --input-devices none >$W/nocache.log 2>&1 & echo \$! >$W/nocache.pid; } && for i in \$(seq 100); do grep -q ' $NC fuse' /proc/self/mounts && break; sleep 0.1; done && grep -q ' $NC fuse' /proc/self/mounts" ||
+    die "the cache-off mount did not come up"
+on ws1 "mkdir -p $NC/bench"
+for r in $(seq "$ROUNDS"); do
+    build_on wispnc "$NC/bench/n$r" "-s -j$JOBS" build "$r"
+done
+for m in s noop_s rpcs callbacks noop_rpcs; do
+    vals=
+    for r in $(seq "$ROUNDS"); do vals+="${R[wispnc.build.r$r.$m]:-} "; done
+    [ -n "${vals// /}" ] && rec "wispnc.build.$m" "$(median <<<"$vals")"
+done
+kill "$(cat "$W/nocache.pid")" 2>/dev/null
 rec wisp.build_rexec.jobs_on_ws2 "$(( $(grep -c 'rexec: running on ws2' "$LOG" || true) / ROUNDS ))"
 rec wisp.build_rexec.jobs_local "$(( $(grep -c 'rexec: no idle host; running locally' "$LOG" || true) / ROUNDS ))"
 
@@ -287,6 +303,7 @@ echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg); finished $(date -
     row "make no-op (s, median)" build.noop_s
     echo "wisp cold read on ws2 (never cached there): ${R[wisp.seq_read_cold_ws2.MBps]} MB/s"
     echo "wisp make -j$RJOBS SHELL=rexec: ${R[wisp.build_rexec.s]} s (median of $ROUNDS; per build ${R[wisp.build_rexec.jobs_on_ws2]} recipes on ws2, ${R[wisp.build_rexec.jobs_local]} local); $(fmt_ratio "${R[wisp.build_rexec.s]}" "${R[ext4.build.s]}") x ext4 make -j$JOBS"
+    echo "client caches (names, attributes, delayed writes) on vs off, make -j$JOBS: ${R[wisp.build.s]} s vs ${R[wispnc.build.s]} s; server requests ${R[wisp.build.rpcs]} vs ${R[wispnc.build.rpcs]}; no-op make ${R[wisp.build.noop_rpcs]} vs ${R[wispnc.build.noop_rpcs]}"
     echo "wisp server requests: make -j$JOBS ${R[wisp.build.rpcs]}, no-op make ${R[wisp.build.noop_rpcs]}, rexec make ${R[wisp.build_rexec.rpcs]}, per small file: create ${R[wisp.create.rpcs_per_file]}, stat ${R[wisp.stat.rpcs_per_file]}, unlink ${R[wisp.unlink.rpcs_per_file]} (background ${BG}/s subtracted); null RPC ${R[wisp.null_rpc_ms]} ms"
 } | tee -a "$OUT"
 echo "results written to $OUT" >&2

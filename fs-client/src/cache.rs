@@ -37,6 +37,9 @@ struct MetaInner {
     attrs: HashMap<u64, Attr>,
     /// dir -> name -> inode (None: the name does not exist).
     names: HashMap<u64, HashMap<Vec<u8>, Option<u64>>>,
+    /// inode -> xattr name -> value (None: not set). The kernel asks for
+    /// `security.capability` before every write.
+    xattrs: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
     n_names: usize,
 }
 
@@ -144,6 +147,36 @@ impl Meta {
         }
     }
 
+    pub fn xattr(&self, ino: u64, name: &[u8]) -> Option<Option<Vec<u8>>> {
+        if !self.enabled {
+            return None;
+        }
+        self.inner
+            .lock()
+            .unwrap()
+            .xattrs
+            .get(&ino)?
+            .get(name)
+            .cloned()
+    }
+
+    pub fn put_xattr(&self, since: u64, ino: u64, name: &[u8], value: Option<&[u8]>) {
+        if !self.enabled {
+            return;
+        }
+        let mut m = self.inner.lock().unwrap();
+        if m.stale(since, &[ino]) {
+            return;
+        }
+        if m.xattrs.len() >= self.max_entries {
+            m.xattrs.clear();
+        }
+        m.xattrs
+            .entry(ino)
+            .or_default()
+            .insert(name.to_vec(), value.map(|v| v.to_vec()));
+    }
+
     pub fn put_attr(&self, since: u64, attr: &Attr) {
         if !self.enabled {
             return;
@@ -163,6 +196,7 @@ impl Meta {
         let mut m = self.inner.lock().unwrap();
         m.note(ino);
         m.attrs.remove(&ino);
+        m.xattrs.remove(&ino);
         if let Some(n) = m.names.remove(&ino) {
             m.n_names -= n.len();
         }
@@ -187,6 +221,7 @@ impl Meta {
         for ino in inos {
             m.note(*ino);
             m.attrs.remove(ino);
+            m.xattrs.remove(ino);
         }
     }
 
@@ -195,6 +230,7 @@ impl Meta {
         let mut m = self.inner.lock().unwrap();
         m.note(ALL);
         m.attrs.clear();
+        m.xattrs.clear();
         m.names.clear();
         m.n_names = 0;
     }

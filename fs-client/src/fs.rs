@@ -1244,14 +1244,30 @@ impl Filesystem for WispFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr_reply(
-            self.call(Rq::GetXattr {
-                ino: ino.0,
-                name: name.as_bytes().to_vec(),
-            }),
-            size,
-            reply,
-        )
+        let n = name.as_bytes();
+        let r = match self.core.meta.xattr(ino.0, n) {
+            Some(v) => {
+                self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+                v.map(Rs::Xattr)
+                    .ok_or_else(|| RpcError::Remote(WireError::new(libc::ENODATA, "no such xattr")))
+            }
+            None => {
+                let e = self.core.meta.epoch();
+                let r = self.call(Rq::GetXattr {
+                    ino: ino.0,
+                    name: n.to_vec(),
+                });
+                match &r {
+                    Ok(Rs::Xattr(v)) => self.core.meta.put_xattr(e, ino.0, n, Some(v)),
+                    Err(err) if err.errno() == libc::ENODATA => {
+                        self.core.meta.put_xattr(e, ino.0, n, None)
+                    }
+                    _ => {}
+                }
+                r
+            }
+        };
+        xattr_reply(r, size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {

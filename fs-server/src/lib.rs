@@ -82,6 +82,10 @@ pub struct FsServer {
     recovering_until: Option<std::time::Instant>,
 }
 
+/// Longest wait for another client to write back its delayed writes before a request
+/// that needs them fails with EIO (below the clients' 60 s call timeout).
+pub const WRITEBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// The recovery window after a restart (clients reconnect within about a second).
 pub const RECOVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -953,7 +957,7 @@ impl FsServer {
                     })?,
                 };
                 self.watch(peer.session, ino);
-                self.settle(peer, ino);
+                self.settle(peer, ino)?;
                 Response::Entry(self.getattr(ino)?)
             }
             Request::GetAttr { ino } => Response::Attr(self.getattr(ino)?),
@@ -1188,7 +1192,7 @@ impl FsServer {
                         .collect()
                 };
                 for i in held {
-                    self.settle(peer, es[i].attr.ino);
+                    self.settle(peer, es[i].attr.ino)?;
                     es[i].attr = self.getattr(es[i].attr.ino)?;
                 }
                 Response::Entries(es)
@@ -1202,6 +1206,7 @@ impl FsServer {
                 ..
             } => {
                 self.setxattr(ino, &name, &value, flags)?;
+                self.changed(peer, &[ino]);
                 Response::Ok
             }
             Request::GetXattr { ino, name } => {
@@ -1230,6 +1235,7 @@ impl FsServer {
                 rec.ctime = Time::now();
                 t.put(ino, &rec)?;
                 t.commit()?;
+                self.changed(peer, &[ino]);
                 Response::Ok
             }
             Request::Fallocate {
@@ -1329,22 +1335,40 @@ impl FsServer {
     }
 
     /// Sequential write-sharing: before `peer` looks at `ino`, every other client that
-    /// opened it for writing writes back its delayed blocks (and the wait is bounded by the
-    /// callback timeout). A writer that no longer has the file open is forgotten after.
-    fn settle(&self, peer: &Arc<PeerHandle>, ino: Ino) {
+    /// opened it for writing writes back its delayed blocks. A writer that does not manage
+    /// it within [`WRITEBACK_WAIT`] fails this request with EIO (never stale data); a
+    /// writer that is gone has lost them (they were never fsynced). A writer that no longer
+    /// has the file open is forgotten after.
+    fn settle(&self, peer: &Arc<PeerHandle>, ino: Ino) -> R<()> {
         let others: Vec<u64> = match self.writers.lock().unwrap().get(&ino) {
             Some(s) => s.iter().copied().filter(|s| *s != peer.session).collect(),
-            None => return,
+            None => return Ok(()),
         };
         if others.is_empty() {
-            return;
+            return Ok(());
         }
-        self.send_callbacks(
+        let results = self.send_callbacks_within(
             others
                 .iter()
                 .map(|s| (*s, Callback::WriteBack { ino }))
                 .collect(),
+            WRITEBACK_WAIT,
         );
+        for (name, r) in &results {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.errno == libc::ENOTCONN => {
+                    warn!(ino, writer = %name, "writer gone before writing back: its unsynced writes are lost")
+                }
+                Err(e) => return Err(WireError::new(
+                    libc::EIO,
+                    format!(
+                        "{name} holds delayed writes for this file and did not write them back: {}",
+                        e.msg
+                    ),
+                )),
+            }
+        }
         let still_open: Vec<u64> = {
             let opens = self.opens.lock().unwrap();
             others
@@ -1365,6 +1389,7 @@ impl FsServer {
                 w.remove(&ino);
             }
         }
+        Ok(())
     }
 
     /// Tell `sessions` to drop their cached copy of `ino` (write-sharing began).
@@ -1380,23 +1405,33 @@ impl FsServer {
     /// Send each (session, callback) and wait until every client has answered (each wait
     /// bounded by the rpc layer). Called with no lock held.
     fn send_callbacks(&self, calls: Vec<(u64, Callback)>) {
+        for (name, r) in self.send_callbacks_within(calls, wisp_proto::rpc::CALLBACK_TIMEOUT) {
+            if let Err(e) = r {
+                warn!(peer = %name, "callback failed: {e}");
+            }
+        }
+    }
+
+    /// Send each (session, callback) in parallel and wait for every answer, at most
+    /// `limit`. Sessions no longer connected are skipped.
+    fn send_callbacks_within(
+        &self,
+        calls: Vec<(u64, Callback)>,
+        limit: std::time::Duration,
+    ) -> Vec<(String, Result<(), WireError>)> {
         if calls.is_empty() {
-            return;
+            return vec![];
         }
         let peers = self.peers.lock().unwrap().clone();
         let futs: Vec<_> = calls
             .into_iter()
             .filter_map(|(s, cb)| peers.get(&s).cloned().map(|p| (p, cb)))
-            .map(|(p, cb)| async move {
-                if let Err(e) = p.callback(cb.clone()).await {
-                    warn!(peer = %p.name, "callback {cb:?} failed: {e}");
-                }
-            })
+            .map(|(p, cb)| async move { (p.name.clone(), p.callback_within(cb, limit).await) })
             .collect();
         self.counters
             .callbacks
             .fetch_add(futs.len() as u64, Ordering::Relaxed);
-        tokio::runtime::Handle::current().block_on(futures::future::join_all(futs));
+        tokio::runtime::Handle::current().block_on(futures::future::join_all(futs))
     }
 
     pub fn stats(&self) -> ServerStats {
@@ -1445,9 +1480,10 @@ impl Service for FsServer {
         // Register interest before the state is read, and have other clients' delayed
         // writes written back before this one looks at the file.
         match &req {
-            Request::Lookup { parent: ino, .. } | Request::ReadDir { ino, .. } => {
-                self.watch(peer.session, *ino)
-            }
+            Request::Lookup { parent: ino, .. }
+            | Request::ReadDir { ino, .. }
+            | Request::GetXattr { ino, .. }
+            | Request::ListXattr { ino } => self.watch(peer.session, *ino),
             Request::GetAttr { ino }
             | Request::Read { ino, .. }
             | Request::Open { ino, .. }
@@ -1455,7 +1491,7 @@ impl Service for FsServer {
             | Request::Fallocate { ino, .. }
             | Request::Link { ino, .. } => {
                 self.watch(peer.session, *ino);
-                self.settle(peer, *ino);
+                self.settle(peer, *ino)?;
             }
             // Not settled: a client flushing its own delayed writes must never wait for
             // another's (two flushes would wait on each other), and a write-shared file

@@ -110,6 +110,12 @@ impl std::fmt::Debug for PeerHandle {
 impl PeerHandle {
     /// Send a callback and wait for the client's answer (bounded by [`CALLBACK_TIMEOUT`]).
     pub async fn callback(&self, cb: Callback) -> Result<(), WireError> {
+        self.callback_within(cb, CALLBACK_TIMEOUT).await
+    }
+
+    /// Send a callback and wait for the client's answer, at most `limit`. A client that is
+    /// gone answers `ENOTCONN` (107); one that did not answer in time, `ETIMEDOUT` (110).
+    pub async fn callback_within(&self, cb: Callback, limit: Duration) -> Result<(), WireError> {
         let id = self.next_cb.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
@@ -122,7 +128,7 @@ impl PeerHandle {
             self.pending.lock().unwrap().remove(&id);
             return Err(WireError::new(107, format!("client {} is gone", self.name)));
         }
-        match tokio::time::timeout(CALLBACK_TIMEOUT, rx).await {
+        match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(WireError::new(107, format!("client {} is gone", self.name))),
             Err(_) => {

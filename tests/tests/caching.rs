@@ -157,6 +157,20 @@ fn cached_names_are_called_back() {
         );
         s.ok("ws1", "chmod 0644 /wisp/d/a");
     }
+    // Extended attributes are cached too (the kernel asks for one before every write),
+    // and called back the same way.
+    let getx = "python3 -c \"import os; print(os.getxattr('/wisp/d/a', 'user.k').decode())\"";
+    assert_ne!(s.run("ws2", getx).0, 0);
+    s.ok(
+        "ws1",
+        "python3 -c \"import os; os.setxattr('/wisp/d/a', 'user.k', b'v1')\"",
+    );
+    assert_eq!(s.ok("ws2", getx), "v1\n");
+    s.ok(
+        "ws1",
+        "python3 -c \"import os; os.setxattr('/wisp/d/a', 'user.k', b'v2')\"",
+    );
+    assert_eq!(s.ok("ws2", getx), "v2\n");
     // Effectiveness: 40 paths looked up 20 times each cost one round of lookups.
     s.ok(
         "ws1",

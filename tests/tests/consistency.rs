@@ -139,6 +139,8 @@ fn cached_reread_costs_no_server_traffic() {
         "dd if=/dev/urandom of=/wisp/big bs=1M count=1024 status=none",
     );
     let first = s.ok("ws2", "sha256sum < /wisp/big");
+    // ws1's delayed writes were written back before ws2 could look: same bytes.
+    assert_eq!(first, s.ok("ws1", "sha256sum < /wisp/big"));
     let before = s.server_stats();
     let second = s.ok("ws2", "sha256sum < /wisp/big");
     let after = s.server_stats();
