@@ -40,6 +40,9 @@ struct MetaInner {
     /// inode -> xattr name -> value (None: not set). The kernel asks for
     /// `security.capability` before every write.
     xattrs: HashMap<u64, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// inode -> the version (bumped by the server on every open for writing) this host
+    /// saw at its last open.
+    versions: HashMap<u64, u64>,
     n_names: usize,
 }
 
@@ -144,6 +147,19 @@ impl Meta {
             .is_none()
         {
             m.n_names += 1;
+        }
+    }
+
+    /// Record the version an open returned; whether the pages this host may hold are of
+    /// that version (the last version seen here, or one more if this open writes).
+    pub fn same_version(&self, attr: &Attr, writing: bool) -> bool {
+        let mut m = self.inner.lock().unwrap();
+        if m.versions.len() >= self.max_entries {
+            m.versions.clear();
+        }
+        match m.versions.insert(attr.ino, attr.version) {
+            None => true,
+            Some(v) => v == attr.version || (writing && v + 1 == attr.version),
         }
     }
 

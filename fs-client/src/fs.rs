@@ -18,6 +18,7 @@ use wisp_proto::msg::{
 use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
 
 use crate::cache::{Hit, Meta, WriteBack};
+use crate::domains::{self, child_path, join, split, Domain, DomainSource, Domains};
 use crate::notify;
 use crate::{CACHE_TTL, ENTRY_TTL};
 
@@ -34,7 +35,7 @@ pub enum MountError {
 }
 
 /// What a workstation needs to mount a domain.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MountOptions {
     pub server: String,
     pub mountpoint: PathBuf,
@@ -55,6 +56,8 @@ pub struct MountOptions {
     pub writeback_delay: Duration,
     /// Most delayed-write bytes held before writers wait for a write-back.
     pub dirty_max: u64,
+    /// Where the other domains are (prefix -> server); None: only `server`'s tree.
+    pub domains: Option<DomainSource>,
 }
 
 impl MountOptions {
@@ -71,6 +74,7 @@ impl MountOptions {
             cache_entries: 200_000,
             writeback_delay: Duration::from_secs(30),
             dirty_max: 256 << 20,
+            domains: None,
         }
     }
 }
@@ -141,7 +145,7 @@ struct Handle {
 
 /// What both the FUSE threads and the callback handler use: the connection and the caches.
 struct Core {
-    rpc: RpcClient,
+    domains: Domains,
     rt: tokio::runtime::Handle,
     stats: Arc<ClientStats>,
     meta: Meta,
@@ -170,7 +174,7 @@ impl Core {
         let mut res = Ok(());
         for batch in chunks.chunks(FLUSH_PARALLEL) {
             let calls = batch.iter().map(|(off, data)| {
-                self.rpc.call(Rq::Write {
+                self.domains.call(Rq::Write {
                     ino,
                     offset: *off,
                     data: data.to_vec(),
@@ -246,6 +250,87 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Make the directory a new domain covers in its parent domain, so `ls` shows it, as a
+    /// mount point (the directories on the way to it must exist or are made too).
+    fn make_mountpoint(&self, prefix: &str) {
+        let comps: Vec<&str> = prefix.trim_start_matches('/').split('/').collect();
+        let (mut dir, mut path) = (msg::ROOT_INO, "/".to_string());
+        for (i, c) in comps.iter().enumerate() {
+            let cp = child_path(&path, c);
+            let last = i + 1 == comps.len();
+            if !last {
+                if let Some(d) = self.domains.domain_at(&cp) {
+                    (dir, path) = (join(d, msg::ROOT_INO), cp);
+                    continue;
+                }
+            }
+            let name = c.as_bytes().to_vec();
+            let found = self.domains.call_blocking(Rq::Lookup {
+                cred: Cred::ROOT,
+                parent: dir,
+                name: name.clone(),
+            });
+            let ino = match found {
+                Ok(Rs::Entry(a)) => a.ino,
+                Err(e) if e.errno() == libc::ENOENT => {
+                    let made = self.domains.call_blocking(Rq::Mkdir {
+                        cred: Cred::ROOT,
+                        parent: dir,
+                        name,
+                        mode: 0o755,
+                    });
+                    self.meta.changed(&[dir], &[(dir, c.as_bytes())]);
+                    match made {
+                        Ok(Rs::Entry(a)) => a.ino,
+                        // Made meanwhile by another host.
+                        Err(e) if e.errno() == libc::EEXIST => {
+                            match self.domains.call_blocking(Rq::Lookup {
+                                cred: Cred::ROOT,
+                                parent: dir,
+                                name: c.as_bytes().to_vec(),
+                            }) {
+                                Ok(Rs::Entry(a)) => a.ino,
+                                _ => return,
+                            }
+                        }
+                        other => {
+                            tracing::warn!(%prefix, "cannot make the directory the domain covers: {other:?}");
+                            return;
+                        }
+                    }
+                }
+                other => {
+                    tracing::warn!(%prefix, "cannot reach the directory the domain covers: {other:?}");
+                    return;
+                }
+            };
+            if !last {
+                self.domains.remember_path(ino, cp.clone());
+            }
+            (dir, path) = (ino, cp);
+        }
+    }
+
+    fn refresh_domains(&self) {
+        for p in self.domains.refresh() {
+            self.make_mountpoint(&p);
+        }
+    }
+}
+
+/// Refresh the domain table every [`domains::REFRESH`] until the client goes away.
+fn start_domain_refresher(core: std::sync::Weak<Core>) {
+    std::thread::Builder::new()
+        .name("wisp-domains".into())
+        .spawn(move || loop {
+            std::thread::sleep(domains::REFRESH);
+            let Some(core) = core.upgrade() else { return };
+            core.refresh_domains();
+        })
+        .expect("spawn domain refresher thread");
+}
+
 /// Write back what is old enough, until the client goes away; and everything at once
 /// after reconnecting (a restarted server forgot who holds delayed writes, and holds its
 /// reads for the server's recovery window meanwhile).
@@ -258,7 +343,7 @@ fn start_flusher(core: std::sync::Weak<Core>, delay: Duration) {
         .spawn(move || loop {
             std::thread::sleep(tick);
             let Some(core) = core.upgrade() else { return };
-            let conn = core.rpc.connections();
+            let conn = core.domains.connections();
             if conn != seen_conn {
                 if seen_conn != 0 && core.wb.any() {
                     info!("reconnected: writing back every delayed write");
@@ -278,15 +363,12 @@ fn start_flusher(core: std::sync::Weak<Core>, delay: Duration) {
 
 struct WispFs {
     core: Arc<Core>,
-    rpc: RpcClient,
     stats: Arc<ClientStats>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// Inodes the kernel may hold (lookup counts), to drop its copies after the server
     /// restarted (it forgot who caches what, so it cannot call us back for them).
     known: Mutex<HashMap<u64, u64>>,
-    /// The connection generation whose opens are registered with the server.
-    registered_gen: Mutex<u64>,
     notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>>,
 }
 
@@ -374,24 +456,34 @@ fn open_mode(flags: i32) -> OpenMode {
 }
 
 impl WispFs {
+    /// Send a request to the server of its inodes' domain.
     fn call(&self, r: Rq) -> Result<Rs, RpcError> {
-        self.after_reconnect();
+        let (d, conn, r) = self.core.domains.route(r)?;
+        self.send(d, &conn, r)
+    }
+
+    /// Send a request (with server inode numbers) to domain `d`.
+    fn send(&self, d: usize, conn: &Domain, r: Rq) -> Result<Rs, RpcError> {
+        self.after_reconnect(d, conn);
         self.stats.rpcs.fetch_add(1, Ordering::Relaxed);
         let t = std::time::Instant::now();
-        let res = self.rpc.call_blocking(r);
+        let res = conn.rpc.call_blocking(r);
         self.stats
             .rpc_micros
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-        res
+        res.map(|mut resp| {
+            domains::globalize(d, &mut resp);
+            resp
+        })
     }
 
     /// After the connection to the server was re-established (the server restarted, or the
     /// network came back): register our open files again, so the server tracks them and
     /// calls us back for them, and drop every copy the kernel holds, since the server may
     /// not know we have them. Runs once per new connection, before any other request.
-    fn after_reconnect(&self) {
-        let gen = self.rpc.connections();
-        let mut reg = self.registered_gen.lock().unwrap();
+    fn after_reconnect(&self, d: usize, conn: &Domain) {
+        let gen = conn.rpc.connections();
+        let mut reg = conn.registered_gen.lock().unwrap();
         if *reg == gen {
             return;
         }
@@ -405,15 +497,15 @@ impl WispFs {
             .lock()
             .unwrap()
             .values()
-            .filter(|h| !h.pipe)
-            .map(|h| (h.ino, h.mode))
+            .filter(|h| !h.pipe && split(h.ino).0 == d)
+            .map(|h| (split(h.ino).1, h.mode))
             .collect();
         for (ino, mode) in &opens {
             let mode = OpenMode {
                 truncate: false,
                 ..*mode
             };
-            if let Err(e) = self.rpc.call_blocking(Rq::Open {
+            if let Err(e) = conn.rpc.call_blocking(Rq::Open {
                 cred: Cred::ROOT,
                 ino: *ino,
                 mode,
@@ -449,6 +541,7 @@ impl WispFs {
             }
         }
         info!(
+            domain = %conn.prefix,
             generation = gen,
             opens = opens.len(),
             dropped = inos.len(),
@@ -633,6 +726,24 @@ impl Filesystem for WispFs {
             return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
         }
         let n = name.as_bytes();
+        // On the way to another domain: its prefix is answered with its root.
+        let mut on_the_way = None;
+        if let (Some(ppath), Some(name_str)) = (self.core.domains.path_of(parent.0), name.to_str())
+        {
+            let cp = child_path(&ppath, name_str);
+            if let Some(d) = self.core.domains.domain_at(&cp) {
+                return match self.attr_of(join(d, msg::ROOT_INO)) {
+                    Ok(a) => {
+                        self.remember(a.ino);
+                        reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &self.seen(a), Generation(0))
+                    }
+                    Err(e) => reply.error(errno(&e)),
+                };
+            }
+            if self.core.domains.leads_to_prefix(&cp) {
+                on_the_way = Some(cp);
+            }
+        }
         match self.core.meta.lookup(parent.0, n) {
             Some(Hit::Found(a)) => {
                 self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
@@ -653,6 +764,9 @@ impl Filesystem for WispFs {
         }) {
             Ok(Rs::Entry(a)) => {
                 self.core.meta.put_entry(e, parent.0, n, Some(&a));
+                if let Some(cp) = on_the_way {
+                    self.core.domains.remember_path(a.ino, cp);
+                }
                 self.remember(a.ino);
                 reply.entry_with_ttls(&CACHE_TTL, &ENTRY_TTL, &self.seen(a), Generation(0))
             }
@@ -940,7 +1054,13 @@ impl Filesystem for WispFs {
                 let fh = self.new_handle(ino.0, flags.0, pipe, cache);
                 reply.opened(
                     FileHandle(fh),
-                    fopen_flags(&attr, cache, mode, flags.0 & libc::O_APPEND != 0),
+                    fopen_flags(
+                        &attr,
+                        cache,
+                        mode,
+                        flags.0 & libc::O_APPEND != 0,
+                        self.core.meta.same_version(&attr, mode.write),
+                    ),
                 )
             }
             Ok(o) => unexpected(o, reply),
@@ -1203,8 +1323,13 @@ impl Filesystem for WispFs {
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.call(Rq::StatFs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let d = split(ino.0).0;
+        let r = match self.core.domains.get(d) {
+            Some(conn) => self.send(d, &conn, Rq::StatFs),
+            None => return reply.error(Errno::from_i32(libc::ESTALE)),
+        };
+        match r {
             Ok(Rs::StatFs {
                 blocks,
                 bfree,
@@ -1337,7 +1462,13 @@ impl Filesystem for WispFs {
                     &self.seen(attr.clone()),
                     Generation(0),
                     FileHandle(fh),
-                    fopen_flags(&attr, cache, mode_open, flags & libc::O_APPEND != 0),
+                    fopen_flags(
+                        &attr,
+                        cache,
+                        mode_open,
+                        flags & libc::O_APPEND != 0,
+                        self.core.meta.same_version(&attr, mode_open.write),
+                    ),
                 )
             }
             Ok(o) => unexpected(o, reply),
@@ -1374,16 +1505,18 @@ impl Filesystem for WispFs {
 
 /// How the kernel should treat an open: cluster pipes are streams; a write-shared file is
 /// read and written straight through to the server; otherwise the page cache is kept
-/// across opens, because the server calls us back before any cached page goes stale.
+/// across opens when the file's version is the one this host saw last (the server calls
+/// us back before any cached page goes stale; the version check is Sprite's open-time
+/// check on top), and dropped when another host opened it for writing since.
 ///
 /// O_APPEND writes bypass the page cache too: the server places them at its own end of
 /// file, which may not be where this kernel believes the end is.
-fn fopen_flags(attr: &Attr, cache: bool, mode: OpenMode, append: bool) -> FopenFlags {
+fn fopen_flags(attr: &Attr, cache: bool, mode: OpenMode, append: bool, same: bool) -> FopenFlags {
     if attr.kind == Kind::Pipe {
         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE | FopenFlags::FOPEN_STREAM
     } else if !cache || append {
         FopenFlags::FOPEN_DIRECT_IO
-    } else if mode.truncate {
+    } else if mode.truncate || !same {
         FopenFlags::empty()
     } else {
         FopenFlags::FOPEN_KEEP_CACHE
@@ -1452,22 +1585,38 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
         };
         own.and(kernel)
     });
-    let rpc = RpcClient::start(
-        rt.clone(),
-        opts.server.clone(),
+    let (key, host, timeout, rt2, h2) = (
         opts.key.clone(),
         opts.host.clone(),
         opts.call_timeout,
-        handler,
+        rt.clone(),
+        handler.clone(),
     );
+    let connect: domains::Connect = Box::new(move |d, addr: &str| {
+        RpcClient::start(
+            rt2.clone(),
+            addr.to_string(),
+            key.clone(),
+            host.clone(),
+            timeout,
+            domains::domain_handler(d, h2.clone()),
+        )
+    });
+    let rpc = connect(0, &opts.server);
     // Fail early with a clear message when the server is unreachable or refuses our key.
     rpc.call_blocking(Rq::Ping)
         .map_err(|source| MountError::Server {
             addr: opts.server.clone(),
             source,
         })?;
-    let core = Arc::new(Core {
+    let root = Domain {
+        prefix: "/".into(),
+        addr: opts.server.clone(),
         rpc: rpc.clone(),
+        registered_gen: Mutex::new(0),
+    };
+    let core = Arc::new(Core {
+        domains: Domains::new(root, opts.domains.clone(), connect),
         rt,
         stats: stats.clone(),
         meta: Meta::new(opts.cache_names, opts.cache_entries),
@@ -1477,14 +1626,16 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
     if core.wb.enabled() {
         start_flusher(Arc::downgrade(&core), opts.writeback_delay);
     }
+    if core.domains.has_source() {
+        core.refresh_domains();
+        start_domain_refresher(Arc::downgrade(&core));
+    }
     let fs = WispFs {
         core: core.clone(),
-        rpc: rpc.clone(),
         stats: stats.clone(),
         handles: Mutex::new(HashMap::new()),
         next_fh: AtomicU64::new(1),
         known: Mutex::new(HashMap::new()),
-        registered_gen: Mutex::new(0),
         notifier: notifier.clone(),
     };
     let mut config = Config::default();

@@ -20,9 +20,11 @@
 //! speaks the file protocol of `wisp-proto` to one server.
 
 mod cache;
+mod domains;
 mod fs;
 mod notify;
 
+pub use domains::DomainSource;
 pub use fs::{mount, MountError, MountOptions, Mounted};
 
 use std::time::Duration;

@@ -626,3 +626,95 @@ fn concurrent_allocations_never_hand_a_host_out_twice() {
         "three idle hosts, 100 requests: all three should be granted, once: {granted:?}"
     );
 }
+
+/// Three servers, each serving a domain (`/`, `/home`, `/scratch`): a workstation sees one
+/// tree, files land on the server of their domain, a rename across domains is EXDEV (as
+/// across a mount boundary; `mv` then copies), and callbacks work in every domain.
+#[test]
+fn three_domains_appear_as_one_tree() {
+    let s = sim_with("domains3", 2, |sp| sp.servers = 3);
+    let (srv2, srv3) = (
+        format!("{}:7070", s.host("srv2").unwrap().addr),
+        format!("{}:7070", s.host("srv3").unwrap().addr),
+    );
+    s.wisp_cli("ws1", &["domains", "add", "/home", &srv2])
+        .unwrap();
+    s.wisp_cli("ws1", &["domains", "add", "/scratch", &srv3])
+        .unwrap();
+    // Each workstation picks the table up within its refresh period (2 s): the domain
+    // roots then carry a domain number in the top byte of their inode numbers.
+    for ws in ["ws1", "ws2"] {
+        let t0 = std::time::Instant::now();
+        loop {
+            let ino = s.ok(
+                ws,
+                "stat -c %i /wisp/home /wisp/scratch 2>/dev/null || true",
+            );
+            if ino.lines().count() == 2 && ino.lines().all(|l| l.trim().len() >= 17) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(15),
+                "{ws} never saw the domains: {ino}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    s.ok(
+        "ws1",
+        "echo in-root-domain > /wisp/top.txt && echo in-home-domain > /wisp/home/a.txt && mkdir /wisp/scratch/d && echo in-scratch-domain > /wisp/scratch/d/b.txt && sync",
+    );
+    // Written back (delayed writes) once another host reads them.
+    assert_eq!(
+        s.ok(
+            "ws2",
+            "cat /wisp/top.txt /wisp/home/a.txt /wisp/scratch/d/b.txt; ls /wisp | grep -c -e '^home$' -e '^scratch$'"
+        ),
+        "in-root-domain\nin-home-domain\nin-scratch-domain\n2\n"
+    );
+    let on = |srv: &str, what: &str| -> bool {
+        let dir = s.data_root.join(srv).join("objects");
+        std::process::Command::new("grep")
+            .args(["-rlq", what])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success()
+    };
+    for (srv, what) in [
+        ("srv1", "in-root-domain"),
+        ("srv2", "in-home-domain"),
+        ("srv3", "in-scratch-domain"),
+    ] {
+        assert!(on(srv, what), "{what} is not on {srv}");
+        for other in ["srv1", "srv2", "srv3"] {
+            if other != srv {
+                assert!(!on(other, what), "{what} is also on {other}");
+            }
+        }
+    }
+    // rename(2) and link(2) across domains: EXDEV.
+    let (code, _, err) = s.run(
+        "ws1",
+        "python3 -c \"import os; os.rename('/wisp/home/a.txt', '/wisp/scratch/a.txt')\"",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("Invalid cross-device link"), "{err}");
+    let (code, _, err) = s.run("ws1", "ln /wisp/home/a.txt /wisp/top-link");
+    assert_ne!(code, 0);
+    assert!(err.contains("cross-device"), "{err}");
+    // Within a domain, rename works; mv across domains copies.
+    s.ok(
+        "ws1",
+        "mv /wisp/home/a.txt /wisp/home/a2.txt && mv /wisp/home/a2.txt /wisp/scratch/moved.txt",
+    );
+    assert_eq!(
+        s.ok("ws2", "cat /wisp/scratch/moved.txt; ls /wisp/home | wc -l"),
+        "in-home-domain\n0\n"
+    );
+    // Consistency inside another domain: ws2 has it cached, ws1 changes it.
+    s.ok("ws1", "echo v1 > /wisp/home/c.txt");
+    assert_eq!(s.ok("ws2", "cat /wisp/home/c.txt"), "v1\n");
+    s.ok("ws1", "echo version-two > /wisp/home/c.txt");
+    assert_eq!(s.ok("ws2", "cat /wisp/home/c.txt"), "version-two\n");
+}

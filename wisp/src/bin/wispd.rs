@@ -67,6 +67,9 @@ struct Args {
     /// for comparison).
     #[arg(long)]
     no_name_cache: bool,
+    /// Most names, attributes and extended attributes cached on this host.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    cache_entries: usize,
     /// Registry replicas (file servers running with --registry-id), comma separated
     /// (default: the --server address).
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
@@ -239,10 +242,30 @@ fn main() -> Result<()> {
         .build()?;
     std::fs::create_dir_all(&args.mount)
         .with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
+    // The domain table (prefix tables): read from the registry at mount and every 2 s by a
+    // background thread of the client; short bounds, as an unreachable registry only
+    // delays seeing a new domain.
+    let domains_reg = std::sync::Arc::new(
+        RegistryClient::new(
+            rt.handle().clone(),
+            registry.clone(),
+            key.clone(),
+            format!("{name}-domains"),
+        )
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(3)),
+    );
+    let domains_rt = rt.handle().clone();
+    let domains: wisp_fs_client::DomainSource = std::sync::Arc::new(move || {
+        domains_rt
+            .block_on(domains_reg.domains())
+            .map_err(|e| e.to_string())
+    });
     let opts = wisp_fs_client::MountOptions {
+        domains: Some(domains),
         call_timeout: Duration::from_secs(args.timeout),
         threads: args.threads,
         cache_names: !args.no_name_cache,
+        cache_entries: args.cache_entries,
         writeback_delay: Duration::from_secs(args.writeback_delay),
         dirty_max: args.dirty_max << 20,
         ..wisp_fs_client::MountOptions::new(
