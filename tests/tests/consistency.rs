@@ -153,12 +153,13 @@ fn cached_reread_costs_no_server_traffic() {
         refetched < (1 << 30) / 20,
         "a cached re-read fetched {refetched} bytes from the server"
     );
-    // Lookup, open, close and the status probe's own calls, plus a read for any page the
-    // kernel dropped under memory pressure; an uncached read of 1 GiB takes over 8,000.
+    // Open, close and the status probe's own calls, plus at most one read per page the
+    // kernel dropped (scattered single pages come back one read each); an uncached read
+    // of 1 GiB takes over 4,000 reads of 256 KiB.
+    let requests = after.requests - before.requests;
     assert!(
-        after.requests - before.requests <= 512,
-        "a cached re-read made {} requests",
-        after.requests - before.requests
+        requests <= 64 + refetched / 4096,
+        "a cached re-read made {requests} requests for {refetched} bytes re-fetched"
     );
 }
 

@@ -140,6 +140,20 @@ pub enum RegistryCmd {
     },
     /// Show the idle-host policy, or change the parts given.
     Policy(PolicyArgs),
+    /// Load test (for a test cluster only): register HOSTS simulated hosts named
+    /// bench-N, have each send a heartbeat every PERIOD seconds for SECS seconds, print
+    /// the write rate and heartbeat latency (p50, p99, max), then unregister them.
+    Bench {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        period: f64,
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        secs: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Idle-host policy changes; fields not given stay as they are.
@@ -658,6 +672,20 @@ pub fn registry(a: RegistryArgs) -> Result<ExitCode> {
                 println!("note: {} voters survive no more failures than {}; add or remove one to make the count odd", s.voters.len(), s.voters.len() - 1);
             }
         }
+        RegistryCmd::Bench {
+            hosts,
+            period,
+            secs,
+            json,
+        } => {
+            return bench(
+                &c,
+                hosts,
+                Duration::from_secs_f64(period.max(0.01)),
+                secs,
+                json,
+            )
+        }
         RegistryCmd::Policy(p) => {
             let reg = c.run(c.client.read(true))?;
             let mut pol: IdlePolicy = reg.policy.clone();
@@ -799,4 +827,110 @@ mod tests {
             .collect();
         assert_eq!(join_all(futs).await, vec![0, 1, 2, 3, 4]);
     }
+}
+
+/// `wisp registry bench`: heartbeats from many simulated hosts, as one process.
+fn bench(c: &Conn, hosts: usize, period: Duration, secs: u64, json: bool) -> Result<ExitCode> {
+    use futures::future::join_all;
+    use std::time::Instant;
+    let names: Vec<String> = (0..hosts).map(|i| format!("bench-{i}")).collect();
+    let client = &c.client;
+    let t0 = Instant::now();
+    for chunk in names.chunks(100) {
+        let regs = chunk.iter().enumerate().map(|(i, n)| {
+            let addr = format!("10.250.{}.{}:7071", (i / 250) % 250, i % 250 + 1);
+            async move { client.register_host(n, &addr, Role::Workstation).await }
+        });
+        for r in c.rt.block_on(join_all(regs)) {
+            r.map_err(|e| anyhow!("registering the simulated hosts: {e}"))?;
+        }
+    }
+    let registered = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let load = wisp_naming::registry::Load {
+        load1: 0.1,
+        load5: 0.1,
+        load15: 0.1,
+        runnable: 0,
+    };
+    let beats = names.iter().enumerate().map(|(i, n)| {
+        async move {
+            // Spread the hosts over the period, as real ones drift apart.
+            let offset = period.mul_f64(i as f64 / hosts.max(1) as f64);
+            let mut next = tokio::time::Instant::now() + offset;
+            let (mut lat, mut errors, mut first_err) = (Vec::new(), 0u64, None);
+            loop {
+                tokio::time::sleep_until(next).await;
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let t = Instant::now();
+                match client.heartbeat(n, load, 600).await {
+                    Ok(()) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        errors += 1;
+                        first_err.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                next += period;
+            }
+            (lat, errors, first_err)
+        }
+    });
+    let started = Instant::now();
+    let results = c.rt.block_on(join_all(beats));
+    let wall = started.elapsed();
+    let mut lat: Vec<Duration> = results
+        .iter()
+        .flat_map(|(l, _, _)| l.iter().copied())
+        .collect();
+    let errors: u64 = results.iter().map(|(_, e, _)| e).sum();
+    if let Some(e) = results.iter().find_map(|(_, _, e)| e.clone()) {
+        eprintln!("registry bench: first error: {e}");
+    }
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i].as_secs_f64() * 1e3
+    };
+    // Over the measured interval (the wall time also holds the last host's offset).
+    let rate = lat.len() as f64 / secs.max(1) as f64;
+    let _ = wall;
+    for chunk in names.chunks(100) {
+        let unregs = chunk.iter().map(|n| client.unregister_host(n));
+        c.rt.block_on(join_all(unregs));
+    }
+    let replicas = c.servers.len();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "hosts": hosts, "period_s": period.as_secs_f64(), "secs": secs,
+                "replicas_asked": replicas, "writes": lat.len(), "writes_per_s": rate,
+                "errors": errors, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                "max_ms": pct(1.0), "register_s": registered.as_secs_f64(),
+            })
+        );
+    } else {
+        println!(
+            "registry bench: {hosts} hosts, a heartbeat every {:.1} s each, {secs} s, {replicas} replica address(es) given",
+            period.as_secs_f64()
+        );
+        println!(
+            "  {} heartbeats ({rate:.0}/s), {errors} errors; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; registering took {:.1} s",
+            lat.len(),
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            registered.as_secs_f64()
+        );
+    }
+    Ok(if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
