@@ -170,11 +170,11 @@ fn forged_and_replayed_frames_on_an_authenticated_connection_are_refused() {
         "the server kept a connection that replayed a frame"
     );
 
-    // 3. A frame altered in flight (one payload bit: mkdir "forged" becomes another name):
+    // 3. A frame altered in flight (one bit of the encrypted payload):
     //    refused the same way.
     let (mut sock, mut codec) = authenticate(&s, "ws1", "tamperer");
     let mut altered = codec.seal_frame(&encode(&mkdir(1, "forged"))).unwrap();
-    let at = altered.len() - 32 - 8; // inside the payload, before the tag
+    let at = altered.len() - wisp_proto::auth::seal::TAG_LEN - 8; // inside the payload, before the tag
     altered[at] ^= 0x20;
     sock.write_all(&altered).unwrap();
     assert!(

@@ -1,13 +1,16 @@
-//! Sealed frames: integrity, authenticity and order of every frame after the handshake.
+//! Sealed frames: confidentiality, integrity, authenticity and order of every frame after
+//! the handshake.
 //!
 //! The handshake ([`crate::auth`]) proves that both ends hold the cluster key; without more,
-//! anyone on the path could then inject, alter, replay, drop or reorder the frames of that
-//! authenticated connection. So each connection derives two session keys from the handshake
-//! ([`SessionKeys::derive`]), one per direction, and every frame after it is sealed:
+//! anyone on the path could then read the traffic, or inject, alter, replay, drop or
+//! reorder the frames of that authenticated connection. So each connection derives two
+//! session keys from the handshake ([`SessionKeys::derive`]), one per direction, and every
+//! frame after it is encrypted and authenticated with AES-256-GCM (`ring`):
 //!
 //! ```text
-//! frame   = len: u32 big-endian | payload | tag[32]          (len = payload length + 32)
-//! tag     = HMAC-SHA256(k_dir, dir | seq: u64 big-endian | payload)
+//! frame   = len: u32 big-endian | ciphertext | tag[16]     (len = payload length + 16)
+//! (ciphertext, tag) = AES-256-GCM(k_dir, nonce, aad = "", payload)
+//! nonce   = dir: u8 | 0 0 0 | seq: u64 big-endian
 //! k_c2s   = HMAC-SHA256(cluster_key, "wisp-session-key" | "client->server" | version
 //!                       | client_nonce | server_nonce | name)
 //! k_s2c   = the same with "server->client"
@@ -17,28 +20,30 @@
 //! already sent in that direction, from 0 (the server's `Welcome` is frame 0 server ->
 //! client). The sequence number is never sent: both ends count, so a replayed, reordered,
 //! dropped, truncated or altered frame, or one copied from another connection or the other
-//! direction, fails verification. The tag is checked (in constant time) before the payload
-//! reaches postcard; a failure poisons the decoder, so nothing later on that connection is
-//! accepted either, and the caller closes the connection.
+//! direction, fails verification. Each (key, nonce) pair is used once: the keys are fresh
+//! per connection (both nonces of the handshake go into them) and `seq` never repeats. The
+//! tag is checked before the payload reaches postcard; a failure poisons the decoder, so
+//! nothing later on that connection is accepted either, and the caller closes the
+//! connection.
 //!
 //! Bounds: the length prefix is checked against `max_payload + TAG_LEN` before the frame is
 //! read or hashed, and the encoder refuses a payload over `max_payload` without touching its
 //! sequence number or the output.
 //!
-//! Not provided here: confidentiality (frames travel in clear; see docs/security.md) and
-//! per-host identity (every key holder can open a session).
+//! Not provided here: per-host identity (every key holder can open a session; see
+//! docs/security.md). The handshake frames themselves travel in clear (nonces, host name).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::key::ClusterKey;
 use crate::PROTOCOL_VERSION;
 
-/// Bytes of the tag appended to every sealed frame (full HMAC-SHA256 output).
-pub const TAG_LEN: usize = 32;
+/// Bytes of the tag appended to every sealed frame (AES-GCM's tag).
+pub const TAG_LEN: usize = 16;
 
 /// Which way a frame travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,10 +137,9 @@ impl SealError {
     }
 }
 
-/// One direction's state: its keyed MAC (cloned per frame, so the key schedule runs once)
-/// and the next sequence number.
+/// One direction's state: its AEAD key (expanded once) and the next sequence number.
 struct DirState {
-    mac: Hmac<Sha256>,
+    key: LessSafeKey,
     dir: Direction,
     seq: u64,
 }
@@ -143,18 +147,20 @@ struct DirState {
 impl DirState {
     fn new(key: &[u8; 32], dir: Direction) -> Self {
         DirState {
-            mac: Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length"),
+            key: LessSafeKey::new(
+                UnboundKey::new(&AES_256_GCM, key).expect("AES-256 takes a 32-byte key"),
+            ),
             dir,
             seq: 0,
         }
     }
 
-    fn tag(&self, payload: &[u8]) -> [u8; TAG_LEN] {
-        let mut m = self.mac.clone();
-        m.update(&[self.dir.byte()]);
-        m.update(&self.seq.to_be_bytes());
-        m.update(payload);
-        m.finalize().into_bytes().into()
+    /// The frame's nonce: direction and sequence number, never repeated under one key.
+    fn nonce(&self) -> Nonce {
+        let mut n = [0u8; 12];
+        n[0] = self.dir.byte();
+        n[4..].copy_from_slice(&self.seq.to_be_bytes());
+        Nonce::assume_unique_for_key(n)
     }
 }
 
@@ -304,11 +310,18 @@ impl Decoder for FrameOpener {
         if frame.len() < TAG_LEN {
             return Err(self.refuse("frame shorter than its tag"));
         }
-        let tag = frame.split_off(frame.len() - TAG_LEN);
-        let expect = self.recv.tag(&frame);
-        if !bool::from(expect.ct_eq(&tag[..])) {
-            return Err(self.refuse("altered, forged, replayed, reordered or out of sequence"));
-        }
+        let nonce = self.recv.nonce();
+        let len = match self
+            .recv
+            .key
+            .open_in_place(nonce, Aad::empty(), &mut frame[..])
+        {
+            Ok(plain) => plain.len(),
+            Err(_) => {
+                return Err(self.refuse("altered, forged, replayed, reordered or out of sequence"))
+            }
+        };
+        frame.truncate(len);
         self.recv.seq = match self.recv.seq.checked_add(1) {
             Some(s) => s,
             None => return Err(self.refuse("sequence numbers exhausted")),
@@ -331,11 +344,16 @@ impl Encoder<Bytes> for FrameSealer {
             self.send.seq.checked_add(1).ok_or_else(|| {
                 SealError::Io(std::io::Error::other("sequence numbers exhausted"))
             })?;
-        let tag = self.send.tag(&payload);
         dst.reserve(4 + payload.len() + TAG_LEN);
         dst.put_u32((payload.len() + TAG_LEN) as u32);
+        let start = dst.len();
         dst.extend_from_slice(&payload);
-        dst.extend_from_slice(&tag);
+        let tag = self
+            .send
+            .key
+            .seal_in_place_separate_tag(self.send.nonce(), Aad::empty(), &mut dst[start..])
+            .map_err(|_| SealError::Io(std::io::Error::other("encryption failed")))?;
+        dst.extend_from_slice(tag.as_ref());
         self.send.seq = next;
         Ok(())
     }
@@ -456,6 +474,23 @@ mod tests {
         // The untouched frame still verifies.
         let (_, mut s) = pair(&k);
         assert!(open(&mut s, &w).unwrap().is_some());
+    }
+
+    #[test]
+    fn payloads_travel_encrypted() {
+        let k = keys();
+        let (mut c, mut srv) = pair(&k);
+        let secret = b"the contents of /wisp/home/alice/diary.txt, twice: diary diary";
+        let wire = seal(&mut c, secret);
+        assert!(
+            !wire.windows(8).any(|w| secret.windows(8).any(|x| x == w)),
+            "8 plaintext bytes in a row on the wire"
+        );
+        // The same payload sealed again looks different (a new nonce).
+        let again = seal(&mut c, secret);
+        assert_ne!(wire[4..], again[4..]);
+        assert_eq!(&open(&mut srv, &wire).unwrap().unwrap()[..], secret);
+        assert_eq!(&open(&mut srv, &again).unwrap().unwrap()[..], secret);
     }
 
     #[test]
