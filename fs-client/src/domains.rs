@@ -115,6 +115,8 @@ pub(crate) struct Domains {
     paths: Mutex<HashMap<u64, String>>,
     source: Option<DomainSource>,
     connect: Connect,
+    /// The registry names another server for `/` (said once).
+    warned_root: std::sync::atomic::AtomicBool,
 }
 
 fn exdev() -> RpcError {
@@ -134,6 +136,7 @@ impl Domains {
             paths: Mutex::new(paths),
             source,
             connect,
+            warned_root: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -229,7 +232,11 @@ impl Domains {
         let mut map = BTreeMap::new();
         for (prefix, addr) in t {
             if prefix == "/" {
-                if addr != self.root().addr {
+                if addr != self.root().addr
+                    && !self
+                        .warned_root
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::warn!(%addr, root = %self.root().addr, "the registry names another server for /; this mount keeps its own");
                 }
                 continue;
