@@ -1440,6 +1440,10 @@ impl Filesystem for WispFs {
         }
         let mode = mode & !(umask & 0o777);
         let mode_open = open_mode(flags);
+        // The new file's attributes are cached below unless something about that inode was
+        // invalidated meanwhile (the server records us as its cacher before it commits the
+        // create; `changing` itself only drops the parent and the name).
+        let e = self.core.meta.epoch();
         let r = self.changing(
             &[parent.0],
             &[(parent.0, name.as_bytes())],
@@ -1455,6 +1459,9 @@ impl Filesystem for WispFs {
         match r {
             Ok(Rs::Opened { attr, cache }) => {
                 self.remember(attr.ino);
+                // The kernel keeps a created file's attributes for the entry TTL (0), so
+                // it asks again at once: answered from here.
+                self.core.meta.put_attr(e, &attr);
                 let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe, cache);
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
                 reply.created(

@@ -330,8 +330,12 @@ impl FsServer {
     }
 
     #[allow(clippy::too_many_arguments)] // one call per kind of node; a struct would only rename them
+    /// Make `name` in `parent` (or, for a non-exclusive file create, return the existing
+    /// file). `session` is recorded as a cacher of the new inode before it is committed, so
+    /// any change another client makes to it afterwards calls this client back.
     fn new_child(
         &self,
+        session: u64,
         cred: Cred,
         parent: Ino,
         name: &[u8],
@@ -361,6 +365,7 @@ impl FsServer {
                 ));
             }
             drop(t);
+            self.watch(session, existing);
             let rec = self.store.get(existing)?;
             if rec.kind == Kind::Dir {
                 return Err(WireError::new(libc::EISDIR, "is a directory"));
@@ -368,6 +373,7 @@ impl FsServer {
             return Ok((self.attr(existing, &rec)?, false));
         }
         let ino = t.alloc_ino()?;
+        self.watch(session, ino);
         let gid = if prec.perm & 0o2000 != 0 {
             prec.gid
         } else {
@@ -985,7 +991,17 @@ impl FsServer {
                     return Err(WireError::new(libc::EINVAL, "use mkdir or symlink"));
                 }
                 let a = self
-                    .new_child(cred, parent, &name, kind, mode, rdev, &[], true)?
+                    .new_child(
+                        peer.session,
+                        cred,
+                        parent,
+                        &name,
+                        kind,
+                        mode,
+                        rdev,
+                        &[],
+                        true,
+                    )?
                     .0;
                 self.changed(peer, &[parent]);
                 Response::Entry(a)
@@ -997,7 +1013,17 @@ impl FsServer {
                 mode,
             } => {
                 let a = self
-                    .new_child(cred, parent, &name, Kind::Dir, mode, 0, &[], true)?
+                    .new_child(
+                        peer.session,
+                        cred,
+                        parent,
+                        &name,
+                        Kind::Dir,
+                        mode,
+                        0,
+                        &[],
+                        true,
+                    )?
                     .0;
                 self.changed(peer, &[parent]);
                 Response::Entry(a)
@@ -1010,8 +1036,17 @@ impl FsServer {
                 excl,
                 mode_open,
             } => {
-                let (attr, _) =
-                    self.new_child(cred, parent, &name, Kind::File, mode, 0, &[], excl)?;
+                let (attr, _) = self.new_child(
+                    peer.session,
+                    cred,
+                    parent,
+                    &name,
+                    Kind::File,
+                    mode,
+                    0,
+                    &[],
+                    excl,
+                )?;
                 self.changed(peer, &[parent]);
                 let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
                 self.call_back(&sharers, attr.ino);
@@ -1031,7 +1066,17 @@ impl FsServer {
                     ));
                 }
                 let a = self
-                    .new_child(cred, parent, &name, Kind::Symlink, 0o777, 0, &target, true)?
+                    .new_child(
+                        peer.session,
+                        cred,
+                        parent,
+                        &name,
+                        Kind::Symlink,
+                        0o777,
+                        0,
+                        &target,
+                        true,
+                    )?
                     .0;
                 self.changed(peer, &[parent]);
                 Response::Entry(a)
