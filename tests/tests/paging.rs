@@ -1,0 +1,102 @@
+//! End-to-end: faults during demand paging (the demand-paging issue). A job migrated
+//! lazily is still being paged in from its swap file in /wisp when the file server is
+//! killed and restarted: the job stalls on its missing pages, then continues and gives the
+//! same result as an unmigrated run; the swap directory is gone afterwards.
+//!
+//! The job writes its result to a file: its stdio are cluster pipes, whose buffers live on
+//! the file server and do not survive its restart (docs/operations.md, "Limitations").
+
+use std::time::{Duration, Instant};
+
+use wisp_tests::{sim, Sim};
+
+const JOB: &str = r#"import hashlib, sys, time
+n = int(sys.argv[1]) << 20
+d = bytearray(n)
+for j in range(0, n, 4096):
+    d[j] = (j // 4096 * 7 + 3) % 251
+time.sleep(float(sys.argv[2]))
+with open(sys.argv[3] + ".tmp", "w") as f:
+    f.write(hashlib.sha256(d).hexdigest() + "\n")
+import os
+os.rename(sys.argv[3] + ".tmp", sys.argv[3])
+"#;
+
+fn wisp(s: &Sim, args: &str) -> String {
+    let out = std::process::Command::new(s.bin_dir.join("wisp"))
+        .args(args.split_whitespace())
+        .args(["--cluster", &s.name])
+        .output()
+        .expect("run wisp");
+    assert!(
+        out.status.success(),
+        "wisp {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn lazy_paging_survives_a_file_server_restart() {
+    let mut s = sim("pagingrestart", 3);
+    for h in ["ws2", "ws3"] {
+        wisp(&s, &format!("owner {h} idle"));
+    }
+    s.ok("ws1", "mkdir -p /wisp/pg");
+    std::fs::write("/tmp/wisp-paging-job.py", JOB).unwrap();
+    let want = s.ok(
+        "ws1",
+        "python3 /tmp/wisp-paging-job.py 768 0 /tmp/wisp-paging-want && cat /tmp/wisp-paging-want",
+    );
+    let c = s.c.clone();
+    let runner = std::thread::spawn(move || {
+        c.sh(
+            "ws1",
+            "cd /wisp/pg && rexec --host ws2 python3 /tmp/wisp-paging-job.py 768 7 /wisp/pg/out",
+        )
+        .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        if let Some(l) = wisp(&s, "jobs").lines().nth(1) {
+            break l.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the job did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(3)); // memory filled; the job sleeps
+    let m = wisp(&s, &format!("migrate {job} --to ws3 --lazy"));
+    assert!(m.contains("-> ws3"), "{m}");
+    // The target runs the job and pages it in from the swap file: now the server goes.
+    s.kill_daemon("srv1", libc::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.start_daemon("srv1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let (code, out, _) = s.run("ws1", "cat /wisp/pg/out");
+        if code == 0 {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never finished after the server restart: {:?}",
+            wisp(&s, "jobs")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        got, want,
+        "the job's memory changed across a lazy migration with a server restart"
+    );
+    let _ = runner.join();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l").trim() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "swap files left behind after the lazy migration"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_file("/tmp/wisp-paging-job.py");
+    let _ = std::fs::remove_file("/tmp/wisp-paging-want");
+}
