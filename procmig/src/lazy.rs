@@ -62,26 +62,42 @@ pub struct LazyStats {
 /// Handle on the pager thread of a lazily restored process.
 #[derive(Debug)]
 pub struct LazyPager {
-    /// None when the image had no lazily paged memory.
-    handle: Option<JoinHandle<Result<LazyStats, LazyError>>>,
+    /// One pager thread per lazily restored process (none when nothing is paged lazily).
+    handles: Vec<JoinHandle<Result<LazyStats, LazyError>>>,
 }
 
 impl LazyPager {
-    /// A pager with nothing to do.
-    pub(crate) fn idle() -> Self {
-        LazyPager { handle: None }
+    /// One handle over the pagers of several processes.
+    pub(crate) fn all(pagers: Vec<LazyPager>) -> Self {
+        LazyPager {
+            handles: pagers.into_iter().flat_map(|p| p.handles).collect(),
+        }
     }
 
-    /// Wait until all pages are in the process (or it exited).
+    /// Wait until all pages are in the process(es) (or they exited); stats are summed,
+    /// the first error is returned.
     pub fn wait(self) -> Result<LazyStats, LazyError> {
-        match self.handle.map(|h| h.join()) {
-            None => Ok(LazyStats::default()),
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(LazyError::Read {
-                pid: 0,
-                source: std::io::Error::other("pager thread panicked"),
-            }),
+        let mut total = LazyStats::default();
+        let mut first = None;
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(s)) => {
+                    total.faults += s.faults;
+                    total.pushed += s.pushed;
+                    total.process_gone |= s.process_gone;
+                }
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(LazyError::Read {
+                        pid: 0,
+                        source: std::io::Error::other("pager thread panicked"),
+                    });
+                }
+            }
         }
+        first.map_or(Ok(total), Err)
     }
 }
 
@@ -114,16 +130,16 @@ pub(crate) fn start(
         .map_err(|e| e.to_string());
     match handle {
         Ok(handle) => LazyPager {
-            handle: Some(handle),
+            handles: vec![handle],
         },
         // Could not spawn: report through a thread that returns the error at once.
         Err(e) => LazyPager {
-            handle: Some(std::thread::spawn(move || {
+            handles: vec![std::thread::spawn(move || {
                 Err(LazyError::Read {
                     pid,
                     source: std::io::Error::other(e),
                 })
-            })),
+            })],
         },
     }
 }

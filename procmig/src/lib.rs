@@ -54,7 +54,9 @@ pub mod restore;
 pub mod sandbox;
 pub mod sys;
 
-pub use dump::{dump, kill_stopped, resume_stopped, DumpError, DumpInfo, Frozen, PreCopy};
+pub use dump::{
+    dump, kill_stopped, resume_stopped, tree_pids, DumpError, DumpInfo, Frozen, PreCopy,
+};
 pub use image::{ImageError, ImageMeta};
 pub use lazy::{LazyError, LazyPager, LazyStats};
 pub use restore::{

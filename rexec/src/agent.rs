@@ -296,9 +296,20 @@ impl Agent {
                 format!("cannot make {}: {e}", dir.display()),
             ));
         }
-        // Freeze and write the image; on failure procmig resumes the process itself.
+        // Freeze and write the image (the whole process tree of the job's sandbox); on
+        // failure procmig resumes every process itself. Pre-copy tracks one process's
+        // writes: a job with several processes is frozen and copied at once instead.
+        let procs = wisp_procmig::tree_pids(pid).len();
         let dumped = match mode {
-            MigrateMode::PreCopy => precopy(pid, &dir),
+            MigrateMode::PreCopy if procs == 1 => precopy(pid, &dir),
+            MigrateMode::PreCopy => {
+                info!(
+                    job,
+                    processes = procs,
+                    "pre-copy is for single processes; freezing the whole tree"
+                );
+                wisp_procmig::dump(pid, &dir)
+            }
             _ => wisp_procmig::dump(pid, &dir),
         };
         let dumped = match dumped {
@@ -348,7 +359,7 @@ impl Agent {
                 self.stats
                     .frozen_ms
                     .fetch_add(stopped_ms, Ordering::Relaxed);
-                info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
+                info!(job, to = %to_host, new_pid, processes = dumped.processes, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
                 Ok(Response::Migrated {
                     pid: new_pid,
                     frozen_ms: stopped_ms,
@@ -504,7 +515,12 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        info!(job, pid = r.pid, "job arrived");
+        info!(
+            job,
+            pid = r.pid,
+            processes = r.members.len() + 1,
+            "job arrived"
+        );
         self.stats.migrations_in.fetch_add(1, Ordering::Relaxed);
         Ok(r.pid as u32)
     }
@@ -760,8 +776,9 @@ pub async fn eviction_loop(
                     let _ = reg
                         .job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort)
                         .await;
-                    // It cannot move (e.g. it has child processes): stop it, whole sandbox,
-                    // so the owner gets the machine; it resumes when the owner leaves.
+                    // It cannot move (e.g. it holds a TCP socket; process trees do move):
+                    // stop it, whole sandbox, so the owner gets the machine; it resumes
+                    // when the owner leaves.
                     let why = match other {
                         Ok(Err(e)) => e.to_string(),
                         Ok(Ok(r)) => format!("{r:?}"),

@@ -1,0 +1,269 @@
+//! Process trees migrate: a job of several processes (shell pipelines, a shell waiting for
+//! its child) is dumped whole and restored with the same pids, parents, process groups,
+//! pipes (with their unread data) and shared descriptors. Real processes, local restore
+//! into a fresh pid namespace while the source is frozen. Needs root, gzip, sha256sum.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use wisp_procmig::{dump, image, restore_with, run_sandboxed, PidMode, RestoreOptions};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "procmig tree tests need root (ptrace, pid namespaces, clone3 set_tid)"
+    );
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field(pid: i32, key: &str) -> Option<String> {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    st.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+}
+
+fn innermost(pid: i32, key: &str) -> i32 {
+    status_field(pid, key)
+        .and_then(|v| v.split_whitespace().last().map(|x| x.parse().unwrap()))
+        .unwrap_or(-1)
+}
+
+/// Every process of the pid namespace whose init is `init` (host pid), as
+/// (pid, ppid, pgid, sid, comm) seen inside the namespace, sorted.
+fn tree(init: i32) -> Vec<(i32, i32, i32, i32, String)> {
+    let ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).unwrap();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if p == init || std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() != Some(ns.clone()) {
+            continue;
+        }
+        let Some(ppid) = status_field(p, "PPid:").and_then(|v| v.parse::<i32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        out.push((
+            innermost(p, "NSpid:"),
+            innermost(ppid, "NSpid:"),
+            innermost(p, "NSpgid:"),
+            innermost(p, "NSsid:"),
+            comm.trim().to_string(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Kills the given processes (our children) when the test ends.
+struct Reap(std::cell::RefCell<Vec<i32>>);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p), None);
+        }
+    }
+}
+
+fn wait_exit(init: i32) -> i32 {
+    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None).unwrap() {
+        nix::sys::wait::WaitStatus::Exited(_, c) => c,
+        other => panic!("init ended with {other:?}"),
+    }
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+/// Dump the sandboxed job `pid`, restore it into a new namespace, kill the source; returns
+/// the new init and the restore time.
+fn migrate(pid: i32, src_init: i32, img: &Path, reap: &Reap) -> (i32, Duration) {
+    let before = tree(src_init);
+    let t = Instant::now();
+    let info = dump(pid, img).unwrap_or_else(|e| panic!("dump: {e}"));
+    let frozen_ms = info.frozen_ms;
+    let opts = RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        ..Default::default()
+    };
+    let r = restore_with(img, &opts).unwrap_or_else(|e| panic!("restore: {e}"));
+    let took = t.elapsed();
+    let init = r.init_pid.unwrap();
+    reap.0.borrow_mut().push(init);
+    info.frozen.kill().unwrap();
+    eprintln!(
+        "tree of {} processes: frozen {frozen_ms} ms for the dump, dump+restore {took:?}, {} pages",
+        info.processes, info.image_pages
+    );
+    assert_eq!(info.processes, before.len(), "{before:?}");
+    assert_eq!(r.members.len() + 1, before.len());
+    let after = tree(init);
+    assert_eq!(before, after, "pids, parents, groups or sessions changed");
+    (init, took)
+}
+
+/// A shell blocked in wait4 for its `sleep` child migrates; the wait resumes on the
+/// restored child and sees its real exit status; $$ and $PPID do not change.
+#[test]
+fn shell_waiting_for_its_child_migrates() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "echo \"start $$ $PPID\" > {o}; sh -c 'sleep 1.5; exit 7'; echo \"status $?\" >> {o}; \
+         (sleep 0.5; exit 3) & wait $!; echo \"bg $?\" >> {o}; echo \"end $$ $PPID\" >> {o}",
+        o = out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("the sleep child", Duration::from_secs(5), || {
+        tree(sb.init_pid).iter().any(|p| p.4 == "sleep")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let img = tmp.path().join("img");
+    let (init, _) = migrate(sb.pid, sb.init_pid, &img, &reap);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sb.init_pid), None);
+    assert_eq!(wait_exit(init), 0);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "start 2 1\nstatus 7\nbg 3\nend 2 1\n"
+    );
+}
+
+/// Pipes between processes of the job keep their unread data: once through a checkpoint
+/// (dump, then the source resumes: the data must still be there), once through a restore.
+#[test]
+fn pipe_with_unread_data_between_two_processes() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "{{ printf abc; sleep 2.5; printf def; }} | {{ sleep 1.5; cat > {}; }}",
+        out.display()
+    );
+    for restore in [false, true] {
+        let _ = std::fs::remove_file(&out);
+        let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+        let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+        wait_for("both sleeps", Duration::from_secs(5), || {
+            tree(sb.init_pid).iter().filter(|p| p.4 == "sleep").count() == 2
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let img = tmp.path().join(format!("img-{restore}"));
+        let init = if restore {
+            let (init, _) = migrate(sb.pid, sb.init_pid, &img, &reap);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sb.init_pid), None);
+            init
+        } else {
+            let info = dump(sb.pid, &img).unwrap();
+            info.frozen.resume().unwrap();
+            sb.init_pid
+        };
+        let meta = image::load(&img).unwrap();
+        assert!(
+            meta.pipes.iter().any(|p| p.data == b"abc" && !p.external),
+            "unread pipe data not in the image: {:?}",
+            meta.pipes
+        );
+        assert!(!meta.members.is_empty());
+        assert_eq!(wait_exit(init), 0);
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "abcdef",
+            "restore={restore}"
+        );
+    }
+}
+
+fn big_file(dir: &Path) -> PathBuf {
+    // 96 MiB of compressible but not trivial data.
+    let p = dir.join("big");
+    let mut data = Vec::with_capacity(96 << 20);
+    let mut x: u64 = 0x1234_5678;
+    while data.len() < 96 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let line = format!("line {} value {:x} {}\n", data.len(), x, x % 1000);
+        data.extend_from_slice(line.as_bytes());
+    }
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// `sh -c 'gzip -c < big | sha256sum > out'` migrated twice mid-run gives the output of an
+/// unmigrated run.
+#[test]
+fn gzip_pipeline_migrates_mid_run() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let big = big_file(tmp.path());
+    let script = |out: &Path| {
+        format!(
+            "gzip -c < {} | sha256sum > {}",
+            big.display(),
+            out.display()
+        )
+    };
+    let want_out = tmp.path().join("want");
+    let t = Instant::now();
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script(&want_out))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let unmigrated = t.elapsed();
+    let want = std::fs::read_to_string(&want_out).unwrap();
+
+    let out = tmp.path().join("out");
+    let sb = run_sandboxed(&sh(&script(&out)), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("gzip and sha256sum", Duration::from_secs(5), || {
+        let t = tree(sb.init_pid);
+        t.iter().any(|p| p.4 == "gzip") && t.iter().any(|p| p.4 == "sha256sum")
+    });
+    std::thread::sleep(unmigrated / 4);
+    let (mut init, mut pid) = (sb.init_pid, sb.pid);
+    let mut times = Vec::new();
+    for round in 0..2 {
+        let img = tmp.path().join(format!("img{round}"));
+        let (new_init, took) = migrate(pid, init, &img, &reap);
+        times.push(took);
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
+        init = new_init;
+        pid = tree_host_root(init);
+        std::thread::sleep(unmigrated / 4);
+    }
+    assert!(
+        tree(init).iter().any(|p| p.4 == "gzip"),
+        "gzip finished before the second migration; the test proves nothing"
+    );
+    assert_eq!(wait_exit(init), 0);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+    eprintln!("unmigrated run {unmigrated:?}, migrations {times:?}");
+}
+
+/// Host pid of the main process (pid 2) of the namespace whose init is `init`.
+fn tree_host_root(init: i32) -> i32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if status_field(p, "PPid:").and_then(|v| v.parse::<i32>().ok()) == Some(init) {
+            return p;
+        }
+    }
+    panic!("no main process under init {init}");
+}
