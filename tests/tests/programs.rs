@@ -1,6 +1,6 @@
 //! End-to-end: real programs migrated mid-run, back and forth between hosts, give the
-//! same output as unmigrated runs (issue procmig's acceptance, as far as single processes
-//! go: process trees do not migrate yet).
+//! same output as unmigrated runs (issue procmig's acceptance): single processes, and
+//! process trees (shell pipelines, a shell waiting for its command).
 
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,108 @@ fn real_programs_migrate_back_and_forth() {
         "python's 200 MiB state changed by migration"
     );
     let _ = std::fs::remove_file("/tmp/wisp-prog.py");
+}
+
+/// Jobs of several processes — `sh -c 'gzip | sha256sum'` and a shell running `sort` of a
+/// large file into /wisp — moved between ws2 and ws3 while they run give byte-identical
+/// output to unmigrated runs.
+#[test]
+fn process_trees_migrate_back_and_forth() {
+    let s = sim("ptrees", 3);
+    for h in ["ws2", "ws3"] {
+        wisp(&s, &format!("owner {h} idle")).unwrap();
+    }
+    s.ok(
+        "ws1",
+        "mkdir -p /wisp/t && seq 1 30000000 > /wisp/t/nums && awk 'BEGIN{for(i=0;i<6000000;i++) printf \"%08x %d\\n\", (i*2654435761)%4294967296, i}' > /wisp/t/lines",
+    );
+    // Unmigrated reference outputs, computed on ws1 itself.
+    let t = Instant::now();
+    let want_gz = s.ok("ws1", "gzip -9 -c < /wisp/t/nums | sha256sum");
+    let gz_alone = t.elapsed();
+    let t = Instant::now();
+    let want_sort = s.ok(
+        "ws1",
+        "sort -S 1G --parallel=1 /wisp/t/lines > /wisp/t/want && sha256sum < /wisp/t/want",
+    );
+    eprintln!(
+        "unmigrated: gzip pipeline {gz_alone:?}, sort {:?}",
+        t.elapsed()
+    );
+
+    let start = |script: &'static str| {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", script).unwrap())
+    };
+    let gz = start(
+        "cd /wisp/t && rexec --host ws2 sh -c 'gzip -9 -c < /wisp/t/nums | sha256sum; echo \"pids $$ $PPID\"'",
+    );
+    let sort = start(
+        "cd /wisp/t && rexec --host ws3 sh -c 'sort -S 1G --parallel=1 /wisp/t/lines > /wisp/t/sorted; echo \"sorted $?\"'",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let jobs: Vec<String> = loop {
+        let out = wisp(&s, "jobs").unwrap();
+        let v: Vec<String> = out
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        if v.len() == 2 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "jobs did not start: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let the shells start their pipelines.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut moves = std::collections::HashMap::new();
+    for round in 0..2 {
+        for job in &jobs {
+            let now = wisp(&s, "jobs").unwrap();
+            let Some(host) = now
+                .lines()
+                .find(|l| l.starts_with(&format!("{job} ")))
+                .and_then(|l| l.split_whitespace().nth(3))
+            else {
+                continue; // already finished
+            };
+            let to = if host == "ws2" { "ws3" } else { "ws2" };
+            let t = Instant::now();
+            match wisp(&s, &format!("migrate {job} --to {to}")) {
+                Ok(m) => {
+                    eprintln!(
+                        "round {round}: job {job} {host} -> {to}: {} ({:?})",
+                        m.trim(),
+                        t.elapsed()
+                    );
+                    *moves.entry(job.clone()).or_insert(0) += 1;
+                }
+                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
+                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
+            }
+        }
+    }
+    let out = |h: std::thread::JoinHandle<std::process::Output>| {
+        let o = h.join().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(
+        out(gz),
+        format!("{want_gz}pids 2 1\n"),
+        "the gzip | sha256sum pipeline's output changed by migration"
+    );
+    assert_eq!(out(sort), "sorted 0\n");
+    assert_eq!(
+        s.ok("ws1", "sha256sum < /wisp/t/sorted"),
+        want_sort,
+        "sort's output in /wisp changed by migration"
+    );
+    assert!(
+        jobs.iter().all(|j| moves.get(j).copied().unwrap_or(0) >= 2),
+        "each job should have moved there and back mid-run: {moves:?}"
+    );
 }
 
 const BIG: &str = r#"import hashlib, sys, time
