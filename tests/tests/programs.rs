@@ -28,6 +28,61 @@ for i in range(40):
 print(hashlib.sha256(d).hexdigest())
 "#;
 
+/// Wait until the registry lists `n` jobs; returns their ids.
+fn wait_for_jobs(s: &Sim, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = wisp(s, "jobs").unwrap();
+        let v: Vec<String> = out
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().count() >= 4)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        if v.len() == n {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "jobs did not start: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two rounds of moving every job still running to the other of ws2/ws3; returns how
+/// often each job moved.
+fn move_back_and_forth(s: &Sim, jobs: &[String]) -> std::collections::HashMap<String, usize> {
+    let mut moves = std::collections::HashMap::new();
+    for round in 0..2 {
+        for job in jobs {
+            let now = wisp(s, "jobs").unwrap();
+            let Some(host) = now
+                .lines()
+                .find(|l| l.starts_with(&format!("{job} ")))
+                .and_then(|l| l.split_whitespace().nth(3))
+            else {
+                continue; // already finished
+            };
+            let to = if host == "ws2" { "ws3" } else { "ws2" };
+            let t = Instant::now();
+            match wisp(s, &format!("migrate {job} --to {to}")) {
+                Ok(m) => {
+                    eprintln!("round {round}: {} ({:?})", m.trim(), t.elapsed());
+                    *moves.entry(job.clone()).or_insert(0) += 1;
+                }
+                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
+                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
+            }
+        }
+    }
+    moves
+}
+
+/// The stdout of a finished rexec, which must have succeeded.
+fn output_of(h: std::thread::JoinHandle<std::process::Output>) -> String {
+    let o = h.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn real_programs_migrate_back_and_forth() {
     for tool in ["bc", "python3", "sha256sum"] {
@@ -65,63 +120,27 @@ fn real_programs_migrate_back_and_forth() {
     let bc =
         start("cd /wisp/p && echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 rexec --host ws3 bc -l");
     let py = start("cd /wisp/p && rexec --host ws2 python3 /tmp/wisp-prog.py");
-    // Wait for the three jobs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let jobs: Vec<(String, String)> = loop {
-        let out = wisp(&s, "jobs").unwrap();
-        let v: Vec<(String, String)> = out
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 4).then(|| (f[0].to_string(), f[3].to_string()))
-            })
-            .collect();
-        if v.len() == 3 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "jobs did not start: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let jobs = wait_for_jobs(&s, 3);
     // Let each job get past its start-up (the sandbox's exec chain).
     std::thread::sleep(Duration::from_millis(700));
     // Move every job to the other host and back while it runs.
-    let mut moved = 0;
-    for round in 0..2 {
-        for (job, _) in &jobs {
-            let now = wisp(&s, "jobs").unwrap();
-            let Some(host) = now
-                .lines()
-                .find(|l| l.starts_with(&format!("{job} ")))
-                .and_then(|l| l.split_whitespace().nth(3))
-            else {
-                continue; // already finished
-            };
-            let to = if host == "ws2" { "ws3" } else { "ws2" };
-            match wisp(&s, &format!("migrate {job} --to {to}")) {
-                Ok(_) => moved += 1,
-                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
-                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
-            }
-        }
-    }
+    let moved: usize = move_back_and_forth(&s, &jobs).values().sum();
     assert!(
         moved >= 4,
         "only {moved} migrations happened mid-run; the programs finished too soon"
     );
-    let out = |h: std::thread::JoinHandle<std::process::Output>| {
-        let o = h.join().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
     assert_eq!(
-        out(sha),
+        output_of(sha),
         want_sha,
         "sha256sum of a 2 GiB /wisp file changed by migration"
     );
-    assert_eq!(out(bc), want_bc, "bc's digits of pi changed by migration");
     assert_eq!(
-        out(py),
+        output_of(bc),
+        want_bc,
+        "bc's digits of pi changed by migration"
+    );
+    assert_eq!(
+        output_of(py),
         want_py,
         "python's 200 MiB state changed by migration"
     );
@@ -165,60 +184,16 @@ fn process_trees_migrate_back_and_forth() {
     let sort = start(
         "cd /wisp/t && rexec --host ws3 sh -c 'sort -S 1G --parallel=1 /wisp/t/lines > /wisp/t/sorted; echo \"sorted $?\"'",
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let jobs: Vec<String> = loop {
-        let out = wisp(&s, "jobs").unwrap();
-        let v: Vec<String> = out
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect();
-        if v.len() == 2 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "jobs did not start: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let jobs = wait_for_jobs(&s, 2);
     // Let the shells start their pipelines.
     std::thread::sleep(Duration::from_millis(1500));
-    let mut moves = std::collections::HashMap::new();
-    for round in 0..2 {
-        for job in &jobs {
-            let now = wisp(&s, "jobs").unwrap();
-            let Some(host) = now
-                .lines()
-                .find(|l| l.starts_with(&format!("{job} ")))
-                .and_then(|l| l.split_whitespace().nth(3))
-            else {
-                continue; // already finished
-            };
-            let to = if host == "ws2" { "ws3" } else { "ws2" };
-            let t = Instant::now();
-            match wisp(&s, &format!("migrate {job} --to {to}")) {
-                Ok(m) => {
-                    eprintln!(
-                        "round {round}: job {job} {host} -> {to}: {} ({:?})",
-                        m.trim(),
-                        t.elapsed()
-                    );
-                    *moves.entry(job.clone()).or_insert(0) += 1;
-                }
-                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
-                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
-            }
-        }
-    }
-    let out = |h: std::thread::JoinHandle<std::process::Output>| {
-        let o = h.join().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let moves = move_back_and_forth(&s, &jobs);
     assert_eq!(
-        out(gz),
+        output_of(gz),
         format!("{want_gz}pids 2 1\n"),
         "the gzip | sha256sum pipeline's output changed by migration"
     );
-    assert_eq!(out(sort), "sorted 0\n");
+    assert_eq!(output_of(sort), "sorted 0\n");
     assert_eq!(
         s.ok("ws1", "sha256sum < /wisp/t/sorted"),
         want_sort,
