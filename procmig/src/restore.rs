@@ -258,14 +258,6 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
         e
     };
     let mut warnings = Vec::new();
-    let lazy = if lazy && tree {
-        // A process of the tree could fork while its memory is still being paged in, and
-        // its child would miss those pages (no UFFD_EVENT_FORK handling): eager instead.
-        warnings.push("process trees are restored eagerly (lazy paging is for one process)".into());
-        false
-    } else {
-        lazy
-    };
     let r = (|| -> Result<(Vec<Option<LazyPager>>, Vec<i32>)> {
         sys::seize(
             pid,
@@ -1137,8 +1129,10 @@ fn build(
             [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
         )?;
         let mut api = Vec::new();
-        let features =
-            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+        let features = uffd::FEATURE_EVENT_REMAP
+            | uffd::FEATURE_EVENT_REMOVE
+            | uffd::FEATURE_EVENT_UNMAP
+            | uffd::FEATURE_EVENT_FORK;
         for w in [uffd::API, features, 0] {
             api.extend_from_slice(&w.to_le_bytes());
         }

@@ -667,6 +667,7 @@ pub mod uffd {
     pub const REGISTER_MODE_WP: u64 = 2;
     pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
     pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+    pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
     pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
     pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
     pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;

@@ -267,3 +267,56 @@ fn tree_host_root(init: i32) -> i32 {
     }
     panic!("no main process under init {init}");
 }
+
+/// Lazy restore of a tree: a shell holding 20 MB in a variable keeps forking subshells
+/// that read it while its memory is still being paged in on demand (UFFD_EVENT_FORK:
+/// each child gets its own pager); every child sees the whole variable.
+#[test]
+fn lazy_tree_restore_serves_children_forked_during_paging() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "x=$(head -c 20000000 /dev/zero | tr '\\0' a); sleep 30 & \
+         i=0; while [ $i -lt 40 ]; do (echo \"$i ${{#x}}\") >> {o}; i=$((i+1)); sleep 0.1; done; kill $!",
+        o = out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("the loop", Duration::from_secs(20), || {
+        std::fs::read_to_string(&out)
+            .map(|s| s.lines().count() >= 3)
+            .unwrap_or(false)
+    });
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    assert!(
+        info.processes >= 2,
+        "expected a tree, got {}",
+        info.processes
+    );
+    let opts = RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        lazy_push_delay: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (r, pager) = wisp_procmig::restore_lazy(&img, &opts).unwrap();
+    let init = r.init_pid.unwrap();
+    reap.0.borrow_mut().push(init);
+    info.frozen.kill().unwrap();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sb.init_pid), None);
+    assert_eq!(wait_exit(init), 0);
+    let stats = pager.wait().unwrap();
+    eprintln!("lazy tree: {stats:?}");
+    assert!(stats.faults > 0, "nothing was demand-paged: {stats:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 40, "{text}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(
+            *l,
+            format!("{i} 20000000"),
+            "a forked child saw other memory"
+        );
+    }
+}
