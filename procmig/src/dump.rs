@@ -5,6 +5,15 @@
 //! [`Frozen::kill`] (target confirmed) and [`Frozen::resume`] (restore failed). If the dump
 //! itself fails, the process is resumed before the error is returned: nothing is lost.
 //!
+//! Process trees: when the process is the main process of its own pid namespace (a
+//! sandbox), every other process of the namespace but the init is frozen as well
+//! (repeated scans until none appears; a zombie, a vfork child before exec or a process
+//! vanishing mid-freeze resume everything and retry), each dumped into `proc-<ns pid>/`,
+//! and the root image written last with the member list and the job's pipes. Unread pipe
+//! data is duplicated with tee(2) into a private pipe and read from there: the job's pipe
+//! is not drained, so a resumed source loses nothing. Descriptors are numbered by open
+//! file description (kcmp KCMP_FILE), across processes.
+//!
 //! Syscall restart: a process stopped inside an interruptible syscall has rax = -ERESTART*
 //! and orig_rax = the syscall number. The image (and a resumed source) gets registers with
 //! the restart already applied, the way the kernel would on signal return:
@@ -327,14 +336,25 @@ pub fn process_state(pid: i32) -> Option<char> {
     procfs::stat_fields(pid).ok()?.first()?.chars().next()
 }
 
-/// Resume a process left frozen by [`Frozen::release_stopped`].
+/// Resume a process (with its tree) left frozen by [`Frozen::release_stopped`].
 pub fn resume_stopped(pid: i32) -> Result<()> {
-    Ok(sys::kill(pid, libc::SIGCONT)?)
+    signal_tree(pid, libc::SIGCONT)
 }
 
-/// Kill a process left frozen by [`Frozen::release_stopped`].
+/// Kill a process (with its tree) left frozen by [`Frozen::release_stopped`].
 pub fn kill_stopped(pid: i32) -> Result<()> {
-    Ok(sys::kill(pid, libc::SIGKILL)?)
+    signal_tree(pid, libc::SIGKILL)
+}
+
+/// Signal `pid` and the other processes its dump would take ([`tree_pids`]); the error
+/// is `pid`'s own.
+fn signal_tree(pid: i32, sig: i32) -> Result<()> {
+    let others = tree_pids(pid);
+    let own = sys::kill(pid, sig);
+    for p in others.into_iter().filter(|p| *p != pid) {
+        let _ = sys::kill(p, sig);
+    }
+    Ok(own?)
 }
 
 fn file_id(meta: &std::fs::Metadata) -> FileId {
@@ -627,9 +647,11 @@ fn freeze_tree(
                         threads,
                         frozen,
                     }),
+                    // Gone (or dying) meanwhile; a live process we cannot seize (EPERM:
+                    // traced by a debugger) is a real refusal.
                     Err(DumpError::Freeze { source, .. })
                         if source.errno() == Some(libc::ESRCH)
-                            || source.errno() == Some(libc::EPERM) =>
+                            || !matches!(process_state(p), Some(s) if s != 'Z' && s != 'X') =>
                     {
                         return Err(TreeError::Transient(format!(
                             "process {p} went away while the tree was being frozen"

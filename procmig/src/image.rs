@@ -879,6 +879,46 @@ mod tests {
     }
 
     #[test]
+    fn version_4_images_are_refused_with_a_clear_message() {
+        let d = tempfile::tempdir().unwrap();
+        write_sample(d.path());
+        let p = d.path().join(META_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = load(d.path()).unwrap_err();
+        assert!(matches!(e, ImageError::Version { found: 4, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 4") && msg.contains("reads version 5"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn malformed_tree_fields_are_refused() {
+        let p = Path::new("x");
+        let mut m = sample();
+        m.members.push(Member {
+            ns_pid: 3,
+            dir: "../escape".into(),
+            image_id: 1,
+        });
+        assert!(validate(p, &m)
+            .unwrap_err()
+            .to_string()
+            .contains("member 0"));
+        let mut m = sample();
+        m.pipes.push(PipeImage {
+            ino: 9,
+            size: 4,
+            data: vec![1; 5],
+            external: false,
+        });
+        assert!(validate(p, &m).unwrap_err().to_string().contains("pipe 0"));
+    }
+
+    #[test]
     fn bad_magic_and_version() {
         let d = tempfile::tempdir().unwrap();
         write_sample(d.path());

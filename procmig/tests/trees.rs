@@ -320,3 +320,124 @@ fn lazy_tree_restore_serves_children_forked_during_paging() {
         );
     }
 }
+
+/// A tree image with one member's pages file truncated is refused before any process is
+/// created, and the frozen source tree resumes and finishes normally.
+#[test]
+fn truncated_member_image_is_refused_and_the_tree_resumes() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "sleep 1; echo \"done $$\" > {}; sleep 0.2 | cat",
+        out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("the sleep child", Duration::from_secs(5), || {
+        tree(sb.init_pid).iter().any(|p| p.4 == "sleep")
+    });
+    let before = tree(sb.init_pid);
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    let meta = image::load(&img).unwrap();
+    let member = img.join(&meta.members[0].dir).join(image::PAGES_FILE);
+    let len = std::fs::metadata(&member).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&member)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let ours = |me: i32| {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit(')').next().map(|r| r.to_string()))
+                    .and_then(|r| r.split_whitespace().nth(1).map(|p| p == me.to_string()))
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    let me = std::process::id() as i32;
+    let kids = ours(me);
+    let opts = RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        ..Default::default()
+    };
+    let e = restore_with(&img, &opts).unwrap_err().to_string();
+    assert!(e.contains("proc-") && e.contains("pages file"), "{e}");
+    assert_eq!(ours(me), kids, "a failed restore left a process behind");
+    assert_eq!(before, tree(sb.init_pid), "the source tree changed");
+    info.frozen.resume().unwrap();
+    assert_eq!(wait_exit(sb.init_pid), 0);
+    reap.0.borrow_mut().clear();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "done 2\n");
+}
+
+/// `make` running a recipe `gcc -O2 -c big.c` (make → gcc → cc1, then as) migrated twice
+/// mid-compile produces the same object file as an unmigrated build.
+#[test]
+fn make_running_gcc_migrates_mid_compile() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut src = String::new();
+    for i in 0..1200 {
+        src.push_str(&format!(
+            "int f{i}(int *a, int n) {{ int s = {i}; for (int k = 0; k < n; k++) {{ s += a[k] * {i} ^ (s >> 3); if (s % 7 == {}) s -= a[(k*{i})%n]; }} return s; }}\n",
+            i % 7
+        ));
+    }
+    let d = tmp.path();
+    std::fs::write(d.join("big.c"), src).unwrap();
+    std::fs::write(
+        d.join("Makefile"),
+        "big.o: big.c\n\tgcc -O2 -c big.c -o big.o\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let st = std::process::Command::new("gcc")
+        .args(["-O2", "-c", "big.c", "-o", "want.o"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let unmigrated = t.elapsed();
+    let make = vec![
+        "/usr/bin/make".to_string(),
+        "-s".into(),
+        "-C".into(),
+        d.to_string_lossy().into(),
+    ];
+    let sb = run_sandboxed(&make, [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("cc1", Duration::from_secs(10), || {
+        tree(sb.init_pid).iter().any(|p| p.4 == "cc1")
+    });
+    std::thread::sleep(unmigrated / 4);
+    let (mut init, mut pid) = (sb.init_pid, sb.pid);
+    for round in 0..2 {
+        let img = d.join(format!("img{round}"));
+        let before = tree(init);
+        assert!(
+            before.iter().any(|p| p.4 == "cc1"),
+            "cc1 finished before migration {round}; the test proves nothing: {before:?}"
+        );
+        let (new_init, took) = migrate(pid, init, &img, &reap);
+        eprintln!("make tree migration {round}: {took:?}");
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(init), None);
+        init = new_init;
+        pid = tree_host_root(init);
+        std::thread::sleep(unmigrated / 5);
+    }
+    assert_eq!(wait_exit(init), 0);
+    assert_eq!(
+        std::fs::read(d.join("big.o")).unwrap(),
+        std::fs::read(d.join("want.o")).unwrap(),
+        "the object file differs from an unmigrated build"
+    );
+    eprintln!("unmigrated compile {unmigrated:?}");
+}

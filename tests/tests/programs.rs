@@ -47,11 +47,15 @@ fn wait_for_jobs(s: &Sim, n: usize) -> Vec<String> {
     }
 }
 
-/// Two rounds of moving every job still running to the other of ws2/ws3; returns how
-/// often each job moved.
-fn move_back_and_forth(s: &Sim, jobs: &[String]) -> std::collections::HashMap<String, usize> {
+/// Rounds of moving every job still running to the other of ws2/ws3, one round per
+/// entry of `modes` (extra `wisp migrate` flags); returns how often each job moved.
+fn move_back_and_forth(
+    s: &Sim,
+    jobs: &[String],
+    modes: &[&str],
+) -> std::collections::HashMap<String, usize> {
     let mut moves = std::collections::HashMap::new();
-    for round in 0..2 {
+    for (round, mode) in modes.iter().enumerate() {
         for job in jobs {
             let now = wisp(s, "jobs").unwrap();
             let Some(host) = now
@@ -63,9 +67,9 @@ fn move_back_and_forth(s: &Sim, jobs: &[String]) -> std::collections::HashMap<St
             };
             let to = if host == "ws2" { "ws3" } else { "ws2" };
             let t = Instant::now();
-            match wisp(s, &format!("migrate {job} --to {to}")) {
+            match wisp(s, &format!("migrate {job} --to {to} {mode}")) {
                 Ok(m) => {
-                    eprintln!("round {round}: {} ({:?})", m.trim(), t.elapsed());
+                    eprintln!("round {round} {mode}: {} ({:?})", m.trim(), t.elapsed());
                     *moves.entry(job.clone()).or_insert(0) += 1;
                 }
                 Err(e) if e.contains("no longer running") || e.contains("no job") => {}
@@ -124,7 +128,7 @@ fn real_programs_migrate_back_and_forth() {
     // Let each job get past its start-up (the sandbox's exec chain).
     std::thread::sleep(Duration::from_millis(700));
     // Move every job to the other host and back while it runs.
-    let moved: usize = move_back_and_forth(&s, &jobs).values().sum();
+    let moved: usize = move_back_and_forth(&s, &jobs, &["", ""]).values().sum();
     assert!(
         moved >= 4,
         "only {moved} migrations happened mid-run; the programs finished too soon"
@@ -148,8 +152,8 @@ fn real_programs_migrate_back_and_forth() {
 }
 
 /// Jobs of several processes — `sh -c 'gzip | sha256sum'` and a shell running `sort` of a
-/// large file into /wisp — moved between ws2 and ws3 while they run give byte-identical
-/// output to unmigrated runs.
+/// large file into /wisp — moved between ws2 and ws3 while they run (eagerly, lazily,
+/// with pre-copy) give byte-identical output to unmigrated runs.
 #[test]
 fn process_trees_migrate_back_and_forth() {
     let s = sim("ptrees", 3);
@@ -187,7 +191,9 @@ fn process_trees_migrate_back_and_forth() {
     let jobs = wait_for_jobs(&s, 2);
     // Let the shells start their pipelines.
     std::thread::sleep(Duration::from_millis(1500));
-    let moves = move_back_and_forth(&s, &jobs);
+    // Eager, then lazy (a tree's processes forking during the paging get pagers of their
+    // own), then pre-copy (which freezes a tree whole).
+    let moves = move_back_and_forth(&s, &jobs, &["", "--lazy", "--precopy"]);
     assert_eq!(
         output_of(gz),
         format!("{want_gz}pids 2 1\n"),
