@@ -1086,6 +1086,18 @@ fn dump_frozen(
                 what: format!("device mapping {:#x}-{:#x} {}", m.start, m.end, m.name),
             });
         }
+        // Missing-mode userfaultfd ("um"): pages not yet paged in by a lazy restore (or by
+        // the program's own handler) are absent, and would come back as zeros.
+        if m.has_flag("um") {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "mapping {:#x}-{:#x} is served by a userfaultfd (still being paged in \
+                     after a lazy restore?); its missing pages would be lost",
+                    m.start, m.end
+                ),
+            });
+        }
         if m.name.ends_with(" (deleted)")
             && !m.name.starts_with("/dev/zero")
             && !m.name.starts_with("/SYSV")
