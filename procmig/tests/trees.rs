@@ -441,3 +441,49 @@ fn make_running_gcc_migrates_mid_compile() {
     );
     eprintln!("unmigrated compile {unmigrated:?}");
 }
+
+/// A file descriptor shared by a shell and its background child (one open file
+/// description, no O_APPEND) stays shared: writes after the migration continue at the
+/// common offset instead of overwriting each other.
+#[test]
+fn shared_open_file_description_keeps_one_offset() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("shared");
+    let script = format!(
+        "exec 3> {}; (echo child-a >&3; sleep 1.5; echo child-b >&3) & sleep 0.5; \
+         echo parent-c >&3; wait; echo parent-d >&3",
+        f.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("parent-c", Duration::from_secs(5), || {
+        std::fs::read_to_string(&f).is_ok_and(|s| s.contains("parent-c"))
+    });
+    let img = tmp.path().join("img");
+    let (init, _) = migrate(sb.pid, sb.init_pid, &img, &reap);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sb.init_pid), None);
+    // Still one description in the restored tree.
+    let meta = image::load(&img).unwrap();
+    let sub = image::load(&img.join(&meta.members[0].dir)).unwrap();
+    let desc = |m: &image::ImageMeta| m.fds.iter().find(|e| e.fd == 3).unwrap().desc;
+    assert_eq!(desc(&meta), desc(&sub), "fd 3 was not seen as shared");
+    let root = tree_host_root(init);
+    let child = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| status_field(*p, "PPid:").and_then(|v| v.parse().ok()) == Some(root))
+        .unwrap();
+    // SAFETY: kcmp(KCMP_FILE) takes no pointers; 0 means one open file description.
+    let same = unsafe { libc::syscall(libc::SYS_kcmp, root, child, 0, 3, 3) };
+    assert_eq!(
+        same, 0,
+        "fd 3 of the restored shell and child are not one description"
+    );
+    assert_eq!(wait_exit(init), 0);
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        "child-a\nparent-c\nchild-b\nparent-d\n"
+    );
+}
