@@ -399,13 +399,13 @@ fn vdso_syscall(pid: i32) -> Result<(File, std::ops::Range<u64>, u64)> {
 
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
-    dump_with(pid, dir, None, None)
+    dump_with(pid, dir, Vec::new(), None)
 }
 
 fn dump_with(
     pid: i32,
     dir: &Path,
-    store: Option<(PageStore, Tracker)>,
+    copied: Vec<PreCopied>,
     restart_hint: Option<i64>,
 ) -> Result<DumpInfo> {
     let t0 = sys::monotonic_ns();
@@ -429,7 +429,7 @@ fn dump_with(
     // before its exec, a process exiting under us) resume everything and try again.
     let mut attempt = 0;
     let mut tree = loop {
-        match freeze_tree(pid, init, restart_hint) {
+        match freeze_tree(pid, init, restart_hint, &copied) {
             Ok(t) => break t,
             Err(TreeError::Transient(what)) if attempt < TREE_FREEZE_ATTEMPTS => {
                 tracing::debug!(pid, attempt, "tree freeze retried: {what}");
@@ -445,10 +445,23 @@ fn dump_with(
             Err(TreeError::Fatal(e)) => return Err(e),
         }
     };
-    // Pre-copy covers one process: a tree found at the final freeze is dumped whole.
-    let store = if tree.procs.len() > 1 { None } else { store };
+    // Pre-copied pages serve the process they were copied from: same pid, same start.
+    let mut copied = copied;
+    let stores: Vec<Option<(PageStore, Tracker)>> = tree
+        .procs
+        .iter()
+        .map(|f| {
+            let st = start_time(f.pid).ok();
+            let i = copied
+                .iter()
+                .position(|c| c.pid == f.pid && Some(c.start_time) == st)?;
+            let c = copied.swap_remove(i);
+            Some((c.store, c.tracker))
+        })
+        .collect();
+    drop(copied);
     let note = tree.procs[0].note.clone();
-    match dump_tree(dir, &mut tree, store) {
+    match dump_tree(dir, &mut tree, stores) {
         Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
             pid,
             dir: dir.to_path_buf(),
@@ -607,6 +620,7 @@ fn freeze_tree(
     root: i32,
     init: Option<i32>,
     hint: Option<i64>,
+    copied: &[PreCopied],
 ) -> std::result::Result<FrozenTree, TreeError> {
     let (regs, norm, note, frozen, threads) = freeze_process(root, hint)?;
     let mut tree = FrozenTree {
@@ -636,7 +650,8 @@ fn freeze_tree(
                     )));
                 }
                 new = true;
-                match freeze_process(p, None) {
+                let hint = copied.iter().find(|c| c.pid == p).and_then(|c| c.hint);
+                match freeze_process(p, hint) {
                     Ok((regs, norm, note, frozen, threads)) => tree.procs.push(FrozenProc {
                         pid: p,
                         ns_pid: 0,
@@ -695,11 +710,10 @@ fn freeze_tree(
 fn dump_tree(
     dir: &Path,
     tree: &mut FrozenTree,
-    store: Option<(PageStore, Tracker)>,
+    mut stores: Vec<Option<(PageStore, Tracker)>>,
 ) -> Result<(usize, u64, usize, u64)> {
     let mut metas = Vec::new();
     let mut pages_total = 0u64;
-    let mut store = store;
     let host_to_ns: std::collections::HashMap<i32, i32> =
         tree.procs.iter().map(|f| (f.pid, f.ns_pid)).collect();
     for (i, f) in tree.procs.iter_mut().enumerate() {
@@ -716,7 +730,7 @@ fn dump_tree(
             &f.norm,
             &f.note,
             &mut f.frozen,
-            if i == 0 { store.take() } else { None },
+            stores.get_mut(i).and_then(Option::take),
             std::mem::take(&mut f.threads),
         )?;
         meta.ns_ppid = if f.ppid == 0 {
@@ -1990,6 +2004,25 @@ pub struct PreCopy {
     /// The sleep syscall seen interrupted by a brief freeze (the kernel then continues it
     /// as restart_syscall, whose meaning the final dump must know).
     restart_hint: Option<i64>,
+    /// Start time (clock ticks after boot, /proc stat field 22): tells a pid reused by
+    /// another process from the one whose pages were copied.
+    start_time: u64,
+    /// Pre-copies of the other processes of a sandboxed tree (as they were at `start`).
+    members: Vec<PreCopy>,
+}
+
+/// What pre-copy hands to the final dump for one process.
+struct PreCopied {
+    pid: i32,
+    start_time: u64,
+    store: PageStore,
+    tracker: Tracker,
+    hint: Option<i64>,
+}
+
+fn start_time(pid: i32) -> Result<u64> {
+    let f = procfs::stat_fields(pid)?;
+    Ok(procfs::stat_field(pid, &f, 22)?)
 }
 
 fn clear_soft_dirty(pid: i32) -> Result<()> {
@@ -2026,8 +2059,26 @@ fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
 }
 
 impl PreCopy {
-    /// First round: start tracking and copy all memory of the running `pid` into `dir`.
+    /// First round: start tracking and copy all memory of the running `pid` into `dir`;
+    /// for the main process of a sandbox, of every other process of its tree as well
+    /// (into `dir/proc-<ns pid>/`; one that cannot be tracked, e.g. gone meanwhile, is
+    /// simply copied whole at the final freeze, like any process started after this).
     pub fn start(pid: i32, dir: &Path) -> Result<Self> {
+        let mut pc = Self::start_one(pid, dir)?;
+        for p in tree_pids(pid).into_iter().skip(1) {
+            let one = innermost_pid(p).and_then(|ns| Self::start_one(p, &dir.join(member_dir(ns))));
+            match one {
+                Ok(m) => {
+                    pc.rounds[0] += m.rounds[0];
+                    pc.members.push(m);
+                }
+                Err(e) => tracing::debug!(pid = p, "no pre-copy for this process: {e}"),
+            }
+        }
+        Ok(pc)
+    }
+
+    fn start_one(pid: i32, dir: &Path) -> Result<Self> {
         // Soft-dirty rounds freeze only the leader, which is atomic only for a
         // single-threaded process; threaded ones use uffd-wp (atomic scan, no freeze).
         let single = procfs::threads(pid)?.len() == 1;
@@ -2051,6 +2102,8 @@ impl PreCopy {
             tracker,
             rounds: Vec::new(),
             restart_hint: None,
+            start_time: start_time(pid)?,
+            members: Vec::new(),
         };
         let vmas = vmas_of(pid)?;
         let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, None, true)?;
@@ -2073,6 +2126,26 @@ impl PreCopy {
     /// again during the copy has its bit set again and is copied by the next round or by
     /// [`PreCopy::finish`]. Returns the number of pages copied.
     pub fn round(&mut self) -> Result<u64> {
+        let mut n = self.round_one()?;
+        // A member that ended or changed meanwhile just leaves the pre-copy.
+        let mut kept = Vec::new();
+        for mut m in std::mem::take(&mut self.members) {
+            match m.round_one() {
+                Ok(k) => {
+                    n += k;
+                    kept.push(m);
+                }
+                Err(e) => tracing::debug!(pid = m.pid, "pre-copy round skipped: {e}"),
+            }
+        }
+        self.members = kept;
+        if let Some(last) = self.rounds.last_mut() {
+            *last = n;
+        }
+        Ok(n)
+    }
+
+    fn round_one(&mut self) -> Result<u64> {
         let pid = self.pid;
         let vmas = vmas_of(pid)?;
         let targets = match &self.tracker {
@@ -2111,15 +2184,32 @@ impl PreCopy {
 
     /// Freeze the process and complete the image (same result as [`dump`]).
     pub fn finish(self) -> Result<DumpInfo> {
+        let (pid, dir, hint) = (self.pid, self.dir.clone(), self.restart_hint);
+        let mut copied = Vec::new();
+        self.into_copied(&mut copied);
+        dump_with(pid, &dir, copied, hint)
+    }
+
+    fn into_copied(self, out: &mut Vec<PreCopied>) {
         let PreCopy {
             pid,
-            dir,
             store,
             tracker,
             restart_hint,
+            start_time,
+            members,
             ..
         } = self;
-        dump_with(pid, &dir, Some((store, tracker)), restart_hint)
+        out.push(PreCopied {
+            pid,
+            start_time,
+            store,
+            tracker,
+            hint: restart_hint,
+        });
+        for m in members {
+            m.into_copied(out);
+        }
     }
 }
 

@@ -37,7 +37,8 @@
 //! the same pid, parent, process group and session; pipes between them are recreated with
 //! their unread data (copied with tee(2), not consumed), and descriptors that shared an
 //! open file description share one again. Zombies and vfork children before exec are
-//! refused after about a second of retries. See `docs/ARCHITECTURE.md`.
+//! refused after about a second of retries. [`PreCopy`] tracks every process of the tree
+//! present at its start. See `docs/ARCHITECTURE.md`.
 //!
 //! # Limits (checked, with a clear `unsupported` error)
 //! A process with children that is not the main process of its own pid namespace; a

@@ -487,3 +487,65 @@ fn shared_open_file_description_keeps_one_offset() {
         "child-a\nparent-c\nchild-b\nparent-d\n"
     );
 }
+
+/// Pre-copy of a tree: every process's pages are copied while the pipeline runs, the final
+/// freeze copies only what changed, and the restored pipeline finishes with the output of
+/// an unmigrated run.
+#[test]
+fn gzip_pipeline_precopy() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let big = big_file(tmp.path());
+    let want = {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("gzip -c < {} | sha256sum", big.display()))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let out = tmp.path().join("out");
+    let script = format!(
+        "gzip -c < {} | sha256sum > {}",
+        big.display(),
+        out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("gzip and sha256sum", Duration::from_secs(5), || {
+        let t = tree(sb.init_pid);
+        t.iter().any(|p| p.4 == "gzip") && t.iter().any(|p| p.4 == "sha256sum")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tree(sb.init_pid);
+    let img = tmp.path().join("img");
+    let mut pc = wisp_procmig::PreCopy::start(sb.pid, &img).unwrap();
+    for _ in 0..2 {
+        pc.round().unwrap();
+    }
+    let rounds = pc.rounds.clone();
+    let info = pc.finish().unwrap();
+    eprintln!(
+        "tree pre-copy: rounds {rounds:?}, final freeze copied {} pages of {} in the image, frozen {} ms",
+        info.pages, info.image_pages, info.frozen_ms
+    );
+    assert_eq!(info.processes, before.len());
+    assert!(
+        info.pages < info.image_pages,
+        "the final freeze copied everything again ({} of {})",
+        info.pages,
+        info.image_pages
+    );
+    let opts = RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        ..Default::default()
+    };
+    let r = restore_with(&img, &opts).unwrap();
+    let init = r.init_pid.unwrap();
+    reap.0.borrow_mut().push(init);
+    info.frozen.kill().unwrap();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sb.init_pid), None);
+    assert_eq!(before, tree(init));
+    assert_eq!(wait_exit(init), 0);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+}

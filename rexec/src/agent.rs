@@ -332,19 +332,9 @@ impl Agent {
             ));
         }
         // Freeze and write the image (the whole process tree of the job's sandbox); on
-        // failure procmig resumes every process itself. Pre-copy tracks one process's
-        // writes: a job with several processes is frozen and copied at once instead.
-        let procs = wisp_procmig::tree_pids(pid).len();
+        // failure procmig resumes every process itself.
         let dumped = match mode {
-            MigrateMode::PreCopy if procs == 1 => precopy(pid, &dir),
-            MigrateMode::PreCopy => {
-                info!(
-                    job,
-                    processes = procs,
-                    "pre-copy is for single processes; freezing the whole tree"
-                );
-                wisp_procmig::dump(pid, &dir)
-            }
+            MigrateMode::PreCopy => precopy(pid, &dir),
             _ => wisp_procmig::dump(pid, &dir),
         };
         let dumped = match dumped {
