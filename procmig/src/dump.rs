@@ -587,11 +587,8 @@ fn innermost_pid(pid: i32) -> Result<i32> {
     Ok(*ns.last().unwrap_or(&pid))
 }
 
-/// Freeze one process: its leader, then every other thread.
-fn freeze_process(
-    pid: i32,
-    hint: Option<i64>,
-) -> Result<(Regs, Regs, String, Frozen, Vec<(i32, Regs)>)> {
+/// Freeze one process (child of `ppid`): its leader, then every other thread.
+fn freeze_process(pid: i32, ppid: i32, hint: Option<i64>) -> Result<FrozenProc> {
     sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD)
         .map_err(|source| DumpError::Freeze { pid, source })?;
     let mut suppressed = Vec::new();
@@ -606,7 +603,16 @@ fn freeze_process(
     let (norm, note) = normalize_restart(&regs, hint);
     let mut frozen = Frozen::new(pid, norm, suppressed);
     match freeze_other_threads(pid, &mut frozen) {
-        Ok(threads) => Ok((regs, norm, note, frozen, threads)),
+        Ok(threads) => Ok(FrozenProc {
+            pid,
+            ns_pid: 0,
+            ppid,
+            regs,
+            norm,
+            note,
+            threads,
+            frozen,
+        }),
         Err(e) => {
             let _ = frozen.resume();
             Err(e)
@@ -622,18 +628,8 @@ fn freeze_tree(
     hint: Option<i64>,
     copied: &[PreCopied],
 ) -> std::result::Result<FrozenTree, TreeError> {
-    let (regs, norm, note, frozen, threads) = freeze_process(root, hint)?;
     let mut tree = FrozenTree {
-        procs: vec![FrozenProc {
-            pid: root,
-            ns_pid: 0,
-            ppid: init.unwrap_or(0),
-            regs,
-            norm,
-            note,
-            threads,
-            frozen,
-        }],
+        procs: vec![freeze_process(root, init.unwrap_or(0), hint)?],
     };
     let r = (|| -> std::result::Result<(), TreeError> {
         tree.procs[0].ns_pid = innermost_pid(root)?;
@@ -651,17 +647,8 @@ fn freeze_tree(
                 }
                 new = true;
                 let hint = copied.iter().find(|c| c.pid == p).and_then(|c| c.hint);
-                match freeze_process(p, hint) {
-                    Ok((regs, norm, note, frozen, threads)) => tree.procs.push(FrozenProc {
-                        pid: p,
-                        ns_pid: 0,
-                        ppid: pp,
-                        regs,
-                        norm,
-                        note,
-                        threads,
-                        frozen,
-                    }),
+                match freeze_process(p, pp, hint) {
+                    Ok(f) => tree.procs.push(f),
                     // Gone (or dying) meanwhile; a live process we cannot seize (EPERM:
                     // traced by a debugger) is a real refusal.
                     Err(DumpError::Freeze { source, .. })
@@ -723,16 +710,7 @@ fn dump_tree(
             dir.join(member_dir(f.ns_pid))
         };
         image::create_private_dir(&d)?;
-        let (mut meta, pages) = dump_frozen(
-            f.pid,
-            &d,
-            &f.regs,
-            &f.norm,
-            &f.note,
-            &mut f.frozen,
-            stores.get_mut(i).and_then(Option::take),
-            std::mem::take(&mut f.threads),
-        )?;
+        let (mut meta, pages) = dump_frozen(f, &d, stores.get_mut(i).and_then(Option::take))?;
         meta.ns_ppid = if f.ppid == 0 {
             0
         } else {
@@ -950,15 +928,14 @@ fn freeze(pid: i32, suppressed: &mut Vec<i32>) -> Result<()> {
 }
 
 fn dump_frozen(
-    pid: i32,
+    f: &mut FrozenProc,
     dir: &Path,
-    regs: &Regs,
-    norm: &Regs,
-    note: &str,
-    frozen: &mut Frozen,
     store: Option<(PageStore, Tracker)>,
-    threads: Vec<(i32, Regs)>,
 ) -> Result<(ImageMeta, u64)> {
+    let (pid, regs, norm) = (f.pid, &f.regs, &f.norm);
+    let note = f.note.as_str();
+    let threads = std::mem::take(&mut f.threads);
+    let frozen = &mut f.frozen;
     let xstate = sys::get_xstate(pid)?;
     let rseq = match sys::get_rseq(pid) {
         Ok(c) if c.abi_size > 0 => Some(Rseq {
