@@ -549,3 +549,56 @@ fn gzip_pipeline_precopy() {
     assert_eq!(wait_exit(init), 0);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
 }
+
+/// A restore that fails late — in the rebuild of a member, after every process of the tree
+/// was created and the root already rebuilt — kills everything it created; the frozen
+/// source tree then resumes and finishes normally.
+#[test]
+fn late_member_failure_leaves_nothing_and_the_tree_resumes() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let wd = tmp.path().join("member-cwd-that-goes-away");
+    std::fs::create_dir(&wd).unwrap();
+    let script = format!(
+        "(cd {} && sleep 1.5); echo \"done $$ $?\" > {}",
+        wd.display(),
+        out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("the sleep", Duration::from_secs(5), || {
+        tree(sb.init_pid).iter().any(|p| p.4 == "sleep")
+    });
+    let before = tree(sb.init_pid);
+    let img = tmp.path().join("img");
+    let info = dump(sb.pid, &img).unwrap();
+    // sh and its subshell (which execs sleep, in the directory that goes away).
+    assert_eq!(info.processes, 2, "{before:?}");
+    std::fs::remove_dir(&wd).unwrap();
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "sleep")
+                    && std::fs::read_to_string(e.path().join("cmdline"))
+                        .is_ok_and(|c| c.contains("1.5"))
+            })
+            .count()
+    };
+    assert_eq!(sleeping(), 1);
+    let opts = RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        ..Default::default()
+    };
+    let e = restore_with(&img, &opts).unwrap_err().to_string();
+    assert!(e.contains("member-cwd-that-goes-away"), "{e}");
+    assert_eq!(sleeping(), 1, "a failed restore left a process behind");
+    assert_eq!(before, tree(sb.init_pid), "the source tree changed");
+    std::fs::create_dir(&wd).unwrap();
+    info.frozen.resume().unwrap();
+    assert_eq!(wait_exit(sb.init_pid), 0);
+    reap.0.borrow_mut().clear();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "done 2 0\n");
+}
