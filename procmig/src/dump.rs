@@ -719,6 +719,21 @@ fn dump_tree(
         pages_total += pages;
         metas.push(meta);
     }
+    // A group or session is recreated by its leader (setpgid/setsid): one whose leader
+    // exited cannot be.
+    let ns_pids: Vec<i32> = tree.procs.iter().map(|f| f.ns_pid).collect();
+    for (f, m) in tree.procs.iter().zip(&metas) {
+        for (what, id) in [("process group", m.ns_pgid), ("session", m.ns_sid)] {
+            if id != 0 && !ns_pids.contains(&id) {
+                return Err(DumpError::Unsupported {
+                    pid: f.pid,
+                    what: format!(
+                        "its {what} {id} has no leader in the job any more; it cannot be recreated"
+                    ),
+                });
+            }
+        }
+    }
     assign_descriptions(&tree.procs, &mut metas)?;
     let pipes = dump_pipes(&tree.procs, &metas)?;
     let members: Vec<image::Member> = metas[1..]

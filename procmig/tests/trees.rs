@@ -602,3 +602,33 @@ fn late_member_failure_leaves_nothing_and_the_tree_resumes() {
     reap.0.borrow_mut().clear();
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "done 2 0\n");
 }
+
+/// A process group whose leader exited (its member lives on) cannot be recreated: the dump
+/// says so and the job runs on untouched.
+#[test]
+fn process_group_without_leader_is_refused_clearly() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = format!(
+        "perl -e 'setpgrp(0, 0); fork or do {{ sleep 2; exit 0 }}; exit 0'; sleep 0.5; echo ok > {}",
+        out.display()
+    );
+    let sb = run_sandboxed(&sh(&script), [None, None, None]).unwrap();
+    let reap = Reap(std::cell::RefCell::new(vec![sb.init_pid]));
+    wait_for("the orphaned group member", Duration::from_secs(5), || {
+        tree(sb.init_pid)
+            .iter()
+            .any(|p| p.4 == "perl" && p.1 == 1 && p.2 != 0 && p.2 != p.0)
+    });
+    let e = dump(sb.pid, &tmp.path().join("img"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("process group") && e.contains("no leader"),
+        "{e}"
+    );
+    assert_eq!(wait_exit(sb.init_pid), 0);
+    reap.0.borrow_mut().clear();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "ok\n");
+}
