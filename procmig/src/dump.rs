@@ -720,9 +720,10 @@ fn dump_tree(
         metas.push(meta);
     }
     // A group or session is recreated by its leader (setpgid/setsid): one whose leader
-    // exited cannot be.
+    // exited cannot be. (Outside a sandbox the ids are the host's and are not recreated.)
     let ns_pids: Vec<i32> = tree.procs.iter().map(|f| f.ns_pid).collect();
-    for (f, m) in tree.procs.iter().zip(&metas) {
+    let sandboxed = tree.procs[0].ppid != 0;
+    for (f, m) in tree.procs.iter().zip(&metas).filter(|_| sandboxed) {
         for (what, id) in [("process group", m.ns_pgid), ("session", m.ns_sid)] {
             if id != 0 && !ns_pids.contains(&id) {
                 return Err(DumpError::Unsupported {

@@ -4,24 +4,37 @@ use std::time::{Duration, Instant};
 
 use wisp_tests::{sim, Sim};
 
-fn wisp(s: &Sim, args: &str) -> String {
+fn try_wisp(s: &Sim, args: &str) -> Result<String, String> {
     let cli = s.bin_dir.join("wisp");
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{} {args} --cluster {}", cli.display(), s.name))
         .output()
         .expect("run wisp");
-    assert!(
-        out.status.success(),
-        "wisp {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn wisp(s: &Sim, args: &str) -> String {
+    try_wisp(s, args).unwrap_or_else(|e| panic!("wisp {args}: {e}"))
 }
 
 fn lend(s: &Sim, hosts: &[&str]) {
+    // A workstation may not be registered yet right after the cluster came up.
+    let deadline = Instant::now() + Duration::from_secs(20);
     for h in hosts {
-        wisp(s, &format!("owner {h} idle"));
+        loop {
+            match try_wisp(s, &format!("owner {h} idle")) {
+                Ok(_) => break,
+                Err(e) if e.contains("unknown host") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("wisp owner {h} idle: {e}"),
+            }
+        }
     }
     // Wait until the registry sees them idle.
     let deadline = Instant::now() + Duration::from_secs(20);
