@@ -5,6 +5,15 @@
 //! [`Frozen::kill`] (target confirmed) and [`Frozen::resume`] (restore failed). If the dump
 //! itself fails, the process is resumed before the error is returned: nothing is lost.
 //!
+//! Process trees: when the process is the main process of its own pid namespace (a
+//! sandbox), every other process of the namespace but the init is frozen as well
+//! (repeated scans until none appears; a zombie, a vfork child before exec or a process
+//! vanishing mid-freeze resume everything and retry), each dumped into `proc-<ns pid>/`,
+//! and the root image written last with the member list and the job's pipes. Unread pipe
+//! data is duplicated with tee(2) into a private pipe and read from there: the job's pipe
+//! is not drained, so a resumed source loses nothing. Descriptors are numbered by open
+//! file description (kcmp KCMP_FILE), across processes.
+//!
 //! Syscall restart: a process stopped inside an interruptible syscall has rax = -ERESTART*
 //! and orig_rax = the syscall number. The image (and a resumed source) gets registers with
 //! the restart already applied, the way the kernel would on signal return:
@@ -143,6 +152,8 @@ pub struct DumpInfo {
     pub fds: usize,
     /// Time the process was frozen before the image was complete.
     pub frozen_ms: u64,
+    /// Processes in the image (1, or the size of the process tree).
+    pub processes: usize,
     pub syscall_note: String,
     /// The still-frozen source.
     pub frozen: Frozen,
@@ -167,12 +178,34 @@ pub struct Frozen {
     /// (tid, signal) dequeued from non-leader threads, re-sent to them on release.
     thread_suppressed: Vec<(i32, i32)>,
     state: FrozenState,
+    /// The other processes of a frozen process tree (root only), parents first.
+    members: Vec<Frozen>,
     _not_send: PhantomData<*const ()>,
 }
 
 impl Frozen {
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Host pids of every frozen process (the root first).
+    pub fn pids(&self) -> Vec<i32> {
+        std::iter::once(self.pid)
+            .chain(self.members.iter().map(|m| m.pid))
+            .collect()
+    }
+
+    fn new(pid: i32, resume_regs: Regs, suppressed: Vec<i32>) -> Self {
+        Frozen {
+            pid,
+            resume_regs,
+            others: Vec::new(),
+            suppressed,
+            thread_suppressed: Vec::new(),
+            state: FrozenState::Traced,
+            members: Vec::new(),
+            _not_send: PhantomData,
+        }
     }
 
     fn resend(&self) {
@@ -184,8 +217,15 @@ impl Frozen {
         }
     }
 
-    /// Let the source run on (restore failed or this was a checkpoint).
+    /// Let the source run on (restore failed or this was a checkpoint): every process of
+    /// a tree, even when one of them fails to resume (the first error is returned).
     pub fn resume(mut self) -> Result<()> {
+        let members = std::mem::take(&mut self.members);
+        let r = self.resume_one();
+        first_error(members.into_iter().map(Frozen::resume).chain([r]))
+    }
+
+    fn resume_one(&mut self) -> Result<()> {
         self.state = FrozenState::Released;
         for (tid, regs) in &self.others {
             sys::set_regs(*tid, regs)?;
@@ -197,8 +237,19 @@ impl Frozen {
         Ok(())
     }
 
-    /// Kill the source (the target confirmed) and wait until it is gone.
+    /// Kill the source (the target confirmed), every process of a tree, and wait until
+    /// they are gone.
     pub fn kill(mut self) -> Result<()> {
+        let members = std::mem::take(&mut self.members);
+        for m in &members {
+            let _ = sys::kill(m.pid, libc::SIGKILL);
+        }
+        let killed: Vec<Result<()>> = members.into_iter().map(Frozen::kill).collect();
+        let r = self.kill_one();
+        first_error(killed.into_iter().chain([r]))
+    }
+
+    fn kill_one(&mut self) -> Result<()> {
         self.state = FrozenState::Released;
         sys::kill(self.pid, libc::SIGKILL)?;
         // Each traced thread reports its death to us; the leader's comes last.
@@ -227,6 +278,15 @@ impl Frozen {
     }
 
     fn release_stopped_inner(&mut self) -> Result<()> {
+        let released: Vec<Result<()>> = std::mem::take(&mut self.members)
+            .iter_mut()
+            .map(Frozen::release_stopped_inner)
+            .collect();
+        let r = self.release_one_stopped();
+        first_error(released.into_iter().chain([r]))
+    }
+
+    fn release_one_stopped(&mut self) -> Result<()> {
         self.state = FrozenState::Released;
         sys::kill(self.pid, libc::SIGSTOP)?;
         for (tid, regs) in &self.others {
@@ -260,19 +320,41 @@ impl Drop for Frozen {
     }
 }
 
+/// Ok when every result is, else the first error (all of them have been run).
+fn first_error(results: impl Iterator<Item = Result<()>>) -> Result<()> {
+    let mut first = None;
+    for r in results {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// The one-letter state of /proc/pid/stat.
 pub fn process_state(pid: i32) -> Option<char> {
     procfs::stat_fields(pid).ok()?.first()?.chars().next()
 }
 
-/// Resume a process left frozen by [`Frozen::release_stopped`].
+/// Resume a process (with its tree) left frozen by [`Frozen::release_stopped`].
 pub fn resume_stopped(pid: i32) -> Result<()> {
-    Ok(sys::kill(pid, libc::SIGCONT)?)
+    signal_tree(pid, libc::SIGCONT)
 }
 
-/// Kill a process left frozen by [`Frozen::release_stopped`].
+/// Kill a process (with its tree) left frozen by [`Frozen::release_stopped`].
 pub fn kill_stopped(pid: i32) -> Result<()> {
-    Ok(sys::kill(pid, libc::SIGKILL)?)
+    signal_tree(pid, libc::SIGKILL)
+}
+
+/// Signal `pid` and the other processes its dump would take ([`tree_pids`]); the error
+/// is `pid`'s own.
+fn signal_tree(pid: i32, sig: i32) -> Result<()> {
+    let others = tree_pids(pid);
+    let own = sys::kill(pid, sig);
+    for p in others.into_iter().filter(|p| *p != pid) {
+        let _ = sys::kill(p, sig);
+    }
+    Ok(own?)
 }
 
 fn file_id(meta: &std::fs::Metadata) -> FileId {
@@ -317,26 +399,196 @@ fn vdso_syscall(pid: i32) -> Result<(File, std::ops::Range<u64>, u64)> {
 
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
-    dump_with(pid, dir, None, None)
+    dump_with(pid, dir, Vec::new(), None)
 }
 
 fn dump_with(
     pid: i32,
     dir: &Path,
-    store: Option<(PageStore, Tracker)>,
+    copied: Vec<PreCopied>,
     restart_hint: Option<i64>,
 ) -> Result<DumpInfo> {
     let t0 = sys::monotonic_ns();
     procfs::threads(pid)?;
-    let kids = procfs::children_of(pid);
-    if !kids.is_empty() {
-        return Err(DumpError::Unsupported {
-            pid,
-            what: format!("has child processes {kids:?} (process trees do not migrate)"),
-        });
+    let init = sandbox_init_of(pid);
+    if init.is_none() {
+        let kids = procfs::children_of(pid);
+        if !kids.is_empty() {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "has child processes {kids:?}; a process tree migrates only as the main \
+                     process of a pid namespace of its own (run_sandboxed)"
+                ),
+            });
+        }
     }
     image::create_private_dir(dir)?;
 
+    // Freeze the whole tree. Transient states (a zombie not yet reaped, a vfork child
+    // before its exec, a process exiting under us) resume everything and try again.
+    let mut attempt = 0;
+    let mut tree = loop {
+        match freeze_tree(pid, init, restart_hint, &copied) {
+            Ok(t) => break t,
+            Err(TreeError::Transient(what)) if attempt < TREE_FREEZE_ATTEMPTS => {
+                tracing::debug!(pid, attempt, "tree freeze retried: {what}");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(TreeError::Transient(what)) => {
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!("{what} (still so after {attempt} attempts)"),
+                })
+            }
+            Err(TreeError::Fatal(e)) => return Err(e),
+        }
+    };
+    // Pre-copied pages serve the process they were copied from: same pid, same start.
+    let mut copied = copied;
+    let stores: Vec<Option<(PageStore, Tracker)>> = tree
+        .procs
+        .iter()
+        .map(|f| {
+            let st = start_time(f.pid).ok();
+            let i = copied
+                .iter()
+                .position(|c| c.pid == f.pid && Some(c.start_time) == st)?;
+            let c = copied.swap_remove(i);
+            Some((c.store, c.tracker))
+        })
+        .collect();
+    drop(copied);
+    let note = tree.procs[0].note.clone();
+    match dump_tree(dir, &mut tree, stores) {
+        Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
+            pid,
+            dir: dir.to_path_buf(),
+            vmas,
+            pages,
+            bytes: pages * PAGE,
+            image_pages,
+            fds,
+            frozen_ms: (sys::monotonic_ns() - t0) / 1_000_000,
+            syscall_note: note,
+            processes: tree.procs.len(),
+            frozen: tree.into_frozen(),
+        }),
+        Err(e) => {
+            if let Err(re) = tree.into_frozen().resume() {
+                tracing::error!(
+                    pid,
+                    "dump failed ({e}) and resuming the source failed too: {re}"
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The processes a dump of `pid` would take: `pid` itself and, when it is the main
+/// process of a pid namespace of its own (a sandboxed job), every other process of that
+/// namespace but its init, parents before children.
+pub fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut v = vec![pid];
+    if let Some(init) = sandbox_init_of(pid) {
+        v.extend(
+            descendants(init)
+                .into_iter()
+                .map(|d| d.0)
+                .filter(|p| *p != pid),
+        );
+    }
+    v
+}
+
+/// How often a tree freeze that met a transient state is retried.
+const TREE_FREEZE_ATTEMPTS: u32 = 100;
+
+enum TreeError {
+    Transient(String),
+    Fatal(DumpError),
+}
+
+impl From<DumpError> for TreeError {
+    fn from(e: DumpError) -> Self {
+        TreeError::Fatal(e)
+    }
+}
+
+/// One frozen process of a tree, with what its dump needs.
+struct FrozenProc {
+    pid: i32,
+    ns_pid: i32,
+    /// Host pid of the parent (the sandbox init for the root and for orphans).
+    ppid: i32,
+    regs: Regs,
+    norm: Regs,
+    note: String,
+    threads: Vec<(i32, Regs)>,
+    frozen: Frozen,
+}
+
+struct FrozenTree {
+    /// The root first, then the other processes, each after its parent.
+    procs: Vec<FrozenProc>,
+}
+
+impl FrozenTree {
+    fn into_frozen(self) -> Frozen {
+        let mut it = self.procs.into_iter();
+        let mut root = it.next().expect("a tree has its root").frozen;
+        root.members = it.map(|p| p.frozen).collect();
+        root
+    }
+}
+
+/// The init of `pid`'s pid namespace when `pid` is its direct child (a sandboxed job).
+fn sandbox_init_of(pid: i32) -> Option<i32> {
+    let st = procfs::status(pid).ok()?;
+    let ns: Vec<i32> =
+        procfs::nums(pid, "NSpid", procfs::status_get(pid, &st, "NSpid").ok()?).ok()?;
+    if ns.len() < 2 {
+        return None;
+    }
+    let ppid: i32 = procfs::status_get(pid, &st, "PPid").ok()?.parse().ok()?;
+    let pst = procfs::status(ppid).ok()?;
+    let pns: Vec<i32> =
+        procfs::nums(ppid, "NSpid", procfs::status_get(ppid, &pst, "NSpid").ok()?).ok()?;
+    (pns.len() == ns.len() && pns.last() == Some(&1)).then_some(ppid)
+}
+
+/// Descendants of `init` in breadth-first order (parents before children).
+fn descendants(init: i32) -> Vec<(i32, i32, char)> {
+    let table = procfs::process_table();
+    let mut out: Vec<(i32, i32, char)> = Vec::new();
+    let mut frontier = vec![init];
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for p in frontier {
+            let mut kids: Vec<_> = table
+                .iter()
+                .filter(|(_, pp, _)| *pp == p)
+                .copied()
+                .collect();
+            kids.sort_unstable();
+            next.extend(kids.iter().map(|k| k.0));
+            out.extend(kids);
+        }
+        frontier = next;
+    }
+    out
+}
+
+fn innermost_pid(pid: i32) -> Result<i32> {
+    let st = procfs::status(pid)?;
+    let ns: Vec<i32> = procfs::nums(pid, "NSpid", procfs::status_get(pid, &st, "NSpid")?)?;
+    Ok(*ns.last().unwrap_or(&pid))
+}
+
+/// Freeze one process (child of `ppid`): its leader, then every other thread.
+fn freeze_process(pid: i32, ppid: i32, hint: Option<i64>) -> Result<FrozenProc> {
     sys::seize(pid, libc::PTRACE_O_TRACESYSGOOD)
         .map_err(|source| DumpError::Freeze { pid, source })?;
     let mut suppressed = Vec::new();
@@ -348,39 +600,321 @@ fn dump_with(
             return Err(e);
         }
     };
-    let (norm, note) = normalize_restart(&regs, restart_hint);
-    let mut frozen = Frozen {
-        pid,
-        resume_regs: norm,
-        others: Vec::new(),
-        suppressed,
-        thread_suppressed: Vec::new(),
-        state: FrozenState::Traced,
-        _not_send: PhantomData,
-    };
-    match dump_frozen(pid, dir, &regs, &norm, &note, &mut frozen, store) {
-        Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
+    let (norm, note) = normalize_restart(&regs, hint);
+    let mut frozen = Frozen::new(pid, norm, suppressed);
+    match freeze_other_threads(pid, &mut frozen) {
+        Ok(threads) => Ok(FrozenProc {
             pid,
-            dir: dir.to_path_buf(),
-            vmas,
-            pages,
-            bytes: pages * PAGE,
-            image_pages,
-            fds,
-            frozen_ms: (sys::monotonic_ns() - t0) / 1_000_000,
-            syscall_note: note,
+            ns_pid: 0,
+            ppid,
+            regs,
+            norm,
+            note,
+            threads,
             frozen,
         }),
         Err(e) => {
-            if let Err(re) = frozen.resume() {
-                tracing::error!(
-                    pid,
-                    "dump failed ({e}) and resuming the source failed too: {re}"
-                );
-            }
+            let _ = frozen.resume();
             Err(e)
         }
     }
+}
+
+/// Freeze `root` and, in a sandbox, every other process of its pid namespace but the init,
+/// until no new one shows up. On any error everything frozen so far is resumed.
+fn freeze_tree(
+    root: i32,
+    init: Option<i32>,
+    hint: Option<i64>,
+    copied: &[PreCopied],
+) -> std::result::Result<FrozenTree, TreeError> {
+    let mut tree = FrozenTree {
+        procs: vec![freeze_process(root, init.unwrap_or(0), hint)?],
+    };
+    let r = (|| -> std::result::Result<(), TreeError> {
+        tree.procs[0].ns_pid = innermost_pid(root)?;
+        let Some(init) = init else { return Ok(()) };
+        loop {
+            let mut new = false;
+            for (p, pp, state) in descendants(init) {
+                if tree.procs.iter().any(|f| f.pid == p) {
+                    continue;
+                }
+                if state == 'Z' || state == 'X' {
+                    return Err(TreeError::Transient(format!(
+                        "process {p} is a zombie (its parent {pp} has not reaped it); zombies do not migrate"
+                    )));
+                }
+                new = true;
+                let hint = copied.iter().find(|c| c.pid == p).and_then(|c| c.hint);
+                match freeze_process(p, pp, hint) {
+                    Ok(f) => tree.procs.push(f),
+                    // Gone (or dying) meanwhile; a live process we cannot seize (EPERM:
+                    // traced by a debugger) is a real refusal.
+                    Err(DumpError::Freeze { source, .. })
+                        if source.errno() == Some(libc::ESRCH)
+                            || !matches!(process_state(p), Some(s) if s != 'Z' && s != 'X') =>
+                    {
+                        return Err(TreeError::Transient(format!(
+                            "process {p} went away while the tree was being frozen"
+                        )))
+                    }
+                    Err(DumpError::Vanished { what, .. }) => {
+                        return Err(TreeError::Transient(format!("process {p} {what}")))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let last = tree.procs.len() - 1;
+                tree.procs[last].ns_pid = innermost_pid(p)?;
+            }
+            if !new {
+                break;
+            }
+        }
+        // A vfork child shares its parent's memory until it execs: not a state to move.
+        for f in &tree.procs[1..] {
+            if f.ppid != init && sys::kcmp_same(f.pid, f.ppid, sys::KCMP_VM, 0, 0).unwrap_or(false)
+            {
+                return Err(TreeError::Transient(format!(
+                    "process {} shares the memory of its parent {} (vfork before exec)",
+                    f.pid, f.ppid
+                )));
+            }
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => Ok(tree),
+        Err(e) => {
+            let _ = tree.into_frozen().resume();
+            Err(e)
+        }
+    }
+}
+
+/// Dump every process of a frozen tree: members into `dir/proc-<ns pid>/`, then the root
+/// image (with the member list and the pipes) into `dir`, last.
+fn dump_tree(
+    dir: &Path,
+    tree: &mut FrozenTree,
+    mut stores: Vec<Option<(PageStore, Tracker)>>,
+) -> Result<(usize, u64, usize, u64)> {
+    let mut metas = Vec::new();
+    let mut pages_total = 0u64;
+    let host_to_ns: std::collections::HashMap<i32, i32> =
+        tree.procs.iter().map(|f| (f.pid, f.ns_pid)).collect();
+    for (i, f) in tree.procs.iter_mut().enumerate() {
+        let d = if i == 0 {
+            dir.to_path_buf()
+        } else {
+            dir.join(member_dir(f.ns_pid))
+        };
+        image::create_private_dir(&d)?;
+        let (mut meta, pages) = dump_frozen(f, &d, stores.get_mut(i).and_then(Option::take))?;
+        meta.ns_ppid = if f.ppid == 0 {
+            0
+        } else {
+            *host_to_ns.get(&f.ppid).unwrap_or(&1)
+        };
+        pages_total += pages;
+        metas.push(meta);
+    }
+    // A group or session is recreated by its leader (setpgid/setsid): one whose leader
+    // exited cannot be. (Outside a sandbox the ids are the host's and are not recreated.)
+    let ns_pids: Vec<i32> = tree.procs.iter().map(|f| f.ns_pid).collect();
+    let sandboxed = tree.procs[0].ppid != 0;
+    for (f, m) in tree.procs.iter().zip(&metas).filter(|_| sandboxed) {
+        for (what, id) in [("process group", m.ns_pgid), ("session", m.ns_sid)] {
+            if id != 0 && !ns_pids.contains(&id) {
+                return Err(DumpError::Unsupported {
+                    pid: f.pid,
+                    what: format!(
+                        "its {what} {id} has no leader in the job any more; it cannot be recreated"
+                    ),
+                });
+            }
+        }
+    }
+    assign_descriptions(&tree.procs, &mut metas)?;
+    let pipes = dump_pipes(&tree.procs, &metas)?;
+    let members: Vec<image::Member> = metas[1..]
+        .iter()
+        .map(|m| image::Member {
+            ns_pid: *m.ns_pids.last().unwrap_or(&m.pid),
+            dir: member_dir(*m.ns_pids.last().unwrap_or(&m.pid)),
+            image_id: m.image_id,
+        })
+        .collect();
+    for m in &metas[1..] {
+        let d = dir.join(member_dir(*m.ns_pids.last().unwrap_or(&m.pid)));
+        image::validate(&d.join(image::META_FILE), m)?;
+        image::write_meta(&d, m)?;
+    }
+    let root = &mut metas[0];
+    root.members = members;
+    root.pipes = pipes;
+    image::validate(&dir.join(image::META_FILE), root)?;
+    image::write_meta(dir, root)?;
+    let vmas = metas.iter().map(|m| m.vmas.len()).sum();
+    let fds = metas.iter().map(|m| m.fds.len()).sum();
+    let image_pages = metas
+        .iter()
+        .flat_map(|m| m.page_runs.iter())
+        .map(|r| r.npages)
+        .sum();
+    Ok((vmas, pages_total, fds, image_pages))
+}
+
+/// Subdirectory of a tree image holding the image of the process with namespace pid `ns_pid`.
+pub fn member_dir(ns_pid: i32) -> String {
+    format!("proc-{ns_pid}")
+}
+
+/// Number descriptors by open file description: two descriptors (in one process or in
+/// two) that kcmp(KCMP_FILE) reports as the same `struct file` get the same `desc`.
+fn assign_descriptions(procs: &[FrozenProc], metas: &mut [ImageMeta]) -> Result<()> {
+    let mut all: Vec<(usize, usize)> = Vec::new();
+    for (pi, m) in metas.iter().enumerate() {
+        for fi in 0..m.fds.len() {
+            all.push((pi, fi));
+        }
+    }
+    let mut ids = vec![0u32; all.len()];
+    let mut next = 1u32;
+    for a in 0..all.len() {
+        if ids[a] != 0 {
+            continue;
+        }
+        ids[a] = next;
+        let (pa, fa) = all[a];
+        let ea = &metas[pa].fds[fa];
+        for b in a + 1..all.len() {
+            if ids[b] != 0 {
+                continue;
+            }
+            let (pb, fb) = all[b];
+            let eb = &metas[pb].fds[fb];
+            if ea.kind != eb.kind || ea.path != eb.path {
+                continue;
+            }
+            let same = sys::kcmp_same(
+                procs[pa].pid,
+                procs[pb].pid,
+                sys::KCMP_FILE,
+                ea.fd as u64,
+                eb.fd as u64,
+            )?;
+            if same {
+                ids[b] = next;
+            }
+        }
+        next += 1;
+    }
+    for (k, (pi, fi)) in all.into_iter().enumerate() {
+        metas[pi].fds[fi].desc = ids[k];
+    }
+    Ok(())
+}
+
+/// Pipes held by the tree: internal ones (no process outside the tree holds an end) with
+/// their unread data, copied out with tee(2) so that the pipe itself is left untouched
+/// (a resumed source finds it as it was); external ones are only marked.
+fn dump_pipes(procs: &[FrozenProc], metas: &[ImageMeta]) -> Result<Vec<image::PipeImage>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out: Vec<image::PipeImage> = Vec::new();
+    let mut holder: Vec<(u64, i32, i32)> = Vec::new();
+    for (pi, m) in metas.iter().enumerate() {
+        for f in &m.fds {
+            if let FdKind::Pipe { ino } = f.kind {
+                if !holder.iter().any(|(i, _, _)| *i == ino) {
+                    holder.push((ino, procs[pi].pid, f.fd));
+                }
+            }
+        }
+    }
+    if holder.is_empty() {
+        return Ok(out);
+    }
+    let members: Vec<i32> = procs.iter().map(|p| p.pid).collect();
+    let outside = pipes_held_outside(&members, &holder.iter().map(|h| h.0).collect::<Vec<_>>());
+    for (ino, pid, fd) in holder {
+        let src = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&src)
+            .map_err(|e| DumpError::Unsupported {
+                pid,
+                what: format!("pipe {ino} cannot be inspected through {src}: {e}"),
+            })?;
+        let size = sys::pipe_size(file.as_raw_fd())?;
+        if outside.contains(&ino) {
+            out.push(image::PipeImage {
+                ino,
+                size,
+                data: Vec::new(),
+                external: true,
+            });
+            continue;
+        }
+        let n = sys::bytes_unread(file.as_raw_fd())? as usize;
+        let mut data = vec![0u8; n];
+        if n > 0 {
+            let (rd, wr) = sys::pipe2(libc::O_NONBLOCK)?;
+            sys::set_pipe_size(wr.as_raw_fd(), size.max(n as u32))?;
+            let got = sys::tee_nonblock(file.as_raw_fd(), wr.as_raw_fd(), n)?;
+            if got != n {
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!("pipe {ino}: copied {got} of its {n} unread bytes"),
+                });
+            }
+            drop(wr);
+            let mut r = File::from(rd);
+            std::io::Read::read_exact(&mut r, &mut data).map_err(|e| DumpError::Unsupported {
+                pid,
+                what: format!("pipe {ino}: cannot read its copied data: {e}"),
+            })?;
+        }
+        out.push(image::PipeImage {
+            ino,
+            size,
+            data,
+            external: false,
+        });
+    }
+    Ok(out)
+}
+
+/// Which of `inos` some process other than `members` holds open (this one included).
+fn pipes_held_outside(members: &[i32], inos: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (pid, _, _) in procfs::process_table() {
+        if members.contains(&pid) {
+            continue;
+        }
+        // Our own descriptors count too: a caller that passes a pipe end to the job.
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for f in fds.flatten() {
+            let Ok(l) = std::fs::read_link(f.path()) else {
+                continue;
+            };
+            let l = l.to_string_lossy();
+            if let Some(ino) = l
+                .strip_prefix("pipe:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                if inos.contains(&ino) && !out.contains(&ino) {
+                    out.push(ino);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn freeze(pid: i32, suppressed: &mut Vec<i32>) -> Result<()> {
@@ -410,14 +944,14 @@ fn freeze(pid: i32, suppressed: &mut Vec<i32>) -> Result<()> {
 }
 
 fn dump_frozen(
-    pid: i32,
+    f: &mut FrozenProc,
     dir: &Path,
-    regs: &Regs,
-    norm: &Regs,
-    note: &str,
-    frozen: &mut Frozen,
     store: Option<(PageStore, Tracker)>,
-) -> Result<(usize, u64, usize, u64)> {
+) -> Result<(ImageMeta, u64)> {
+    let (pid, regs, norm) = (f.pid, &f.regs, &f.norm);
+    let note = f.note.as_str();
+    let threads = std::mem::take(&mut f.threads);
+    let frozen = &mut f.frozen;
     let xstate = sys::get_xstate(pid)?;
     let rseq = match sys::get_rseq(pid) {
         Ok(c) if c.abi_size > 0 => Some(Rseq {
@@ -440,8 +974,7 @@ fn dump_frozen(
         })?;
     let vdso_sha256 = sha2::Sha256::digest(&vdso_bytes).to_vec();
 
-    // --- other threads: freeze each, collect its own state ---------------------------
-    let threads = freeze_other_threads(pid, frozen)?;
+    // --- other threads (frozen with the leader): collect each one's own state ---------
     let mut thread_images = Vec::new();
     for (tid, tregs) in threads {
         thread_images.push(thread_state(pid, tid, syscall_ip, &tregs, frozen)?);
@@ -474,6 +1007,15 @@ fn dump_frozen(
     let gids: Vec<u32> = procfs::nums(pid, "Gid", procfs::status_get(pid, &st, "Gid")?)?;
     let groups: Vec<u32> = procfs::nums(pid, "Groups", procfs::status_get(pid, &st, "Groups")?)?;
     let ns_pids: Vec<i32> = procfs::nums(pid, "NSpid", procfs::status_get(pid, &st, "NSpid")?)?;
+    let innermost = |key: &str| -> Result<i32> {
+        Ok(
+            procfs::nums::<i32>(pid, key, procfs::status_get(pid, &st, key)?)?
+                .last()
+                .copied()
+                .unwrap_or(0),
+        )
+    };
+    let (ns_pgid, ns_sid) = (innermost("NSpgid")?, innermost("NSsid")?);
     // State that would silently not move: refuse rather than lose it.
     if procfs::status_get(pid, &st, "Seccomp")
         .map(|v| v != "0")
@@ -549,6 +1091,18 @@ fn dump_frozen(
             return Err(DumpError::Unsupported {
                 pid,
                 what: format!("device mapping {:#x}-{:#x} {}", m.start, m.end, m.name),
+            });
+        }
+        // Missing-mode userfaultfd ("um"): pages not yet paged in by a lazy restore (or by
+        // the program's own handler) are absent, and would come back as zeros.
+        if m.has_flag("um") {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "mapping {:#x}-{:#x} is served by a userfaultfd (still being paged in \
+                     after a lazy restore?); its missing pages would be lost",
+                    m.start, m.end
+                ),
             });
         }
         if m.name.ends_with(" (deleted)")
@@ -670,7 +1224,7 @@ fn dump_frozen(
         sigmask,
         pending,
         altstack: q.altstack,
-        fds: fds.clone(),
+        fds,
         cwd,
         umask,
         rlimits,
@@ -680,11 +1234,13 @@ fn dump_frozen(
         syscall_note: note.to_string(),
         threads: thread_images,
         no_new_privs,
+        ns_ppid: 0,
+        ns_pgid,
+        ns_sid,
+        members: Vec::new(),
+        pipes: Vec::new(),
     };
-    image::validate(&dir.join(image::META_FILE), &meta)?;
-    image::write_meta(dir, &meta)?;
-    let image_pages = meta.page_runs.iter().map(|r| r.npages).sum();
-    Ok((meta.vmas.len(), pages, fds.len(), image_pages))
+    Ok((meta, pages))
 }
 
 /// Seize and stop every thread but the leader (repeating until no new thread shows up),
@@ -1051,6 +1607,7 @@ fn dump_fds(pid: i32) -> Result<Vec<FdEntry>> {
             pos: info.pos,
             flags: info.flags,
             file,
+            desc: 0,
         });
     }
     Ok(out)
@@ -1440,6 +1997,25 @@ pub struct PreCopy {
     /// The sleep syscall seen interrupted by a brief freeze (the kernel then continues it
     /// as restart_syscall, whose meaning the final dump must know).
     restart_hint: Option<i64>,
+    /// Start time (clock ticks after boot, /proc stat field 22): tells a pid reused by
+    /// another process from the one whose pages were copied.
+    start_time: u64,
+    /// Pre-copies of the other processes of a sandboxed tree (as they were at `start`).
+    members: Vec<PreCopy>,
+}
+
+/// What pre-copy hands to the final dump for one process.
+struct PreCopied {
+    pid: i32,
+    start_time: u64,
+    store: PageStore,
+    tracker: Tracker,
+    hint: Option<i64>,
+}
+
+fn start_time(pid: i32) -> Result<u64> {
+    let f = procfs::stat_fields(pid)?;
+    Ok(procfs::stat_field(pid, &f, 22)?)
 }
 
 fn clear_soft_dirty(pid: i32) -> Result<()> {
@@ -1476,8 +2052,26 @@ fn vmas_of(pid: i32) -> Result<Vec<Vma>> {
 }
 
 impl PreCopy {
-    /// First round: start tracking and copy all memory of the running `pid` into `dir`.
+    /// First round: start tracking and copy all memory of the running `pid` into `dir`;
+    /// for the main process of a sandbox, of every other process of its tree as well
+    /// (into `dir/proc-<ns pid>/`; one that cannot be tracked, e.g. gone meanwhile, is
+    /// simply copied whole at the final freeze, like any process started after this).
     pub fn start(pid: i32, dir: &Path) -> Result<Self> {
+        let mut pc = Self::start_one(pid, dir)?;
+        for p in tree_pids(pid).into_iter().skip(1) {
+            let one = innermost_pid(p).and_then(|ns| Self::start_one(p, &dir.join(member_dir(ns))));
+            match one {
+                Ok(m) => {
+                    pc.rounds[0] += m.rounds[0];
+                    pc.members.push(m);
+                }
+                Err(e) => tracing::debug!(pid = p, "no pre-copy for this process: {e}"),
+            }
+        }
+        Ok(pc)
+    }
+
+    fn start_one(pid: i32, dir: &Path) -> Result<Self> {
         // Soft-dirty rounds freeze only the leader, which is atomic only for a
         // single-threaded process; threaded ones use uffd-wp (atomic scan, no freeze).
         let single = procfs::threads(pid)?.len() == 1;
@@ -1501,6 +2095,8 @@ impl PreCopy {
             tracker,
             rounds: Vec::new(),
             restart_hint: None,
+            start_time: start_time(pid)?,
+            members: Vec::new(),
         };
         let vmas = vmas_of(pid)?;
         let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, None, true)?;
@@ -1523,6 +2119,26 @@ impl PreCopy {
     /// again during the copy has its bit set again and is copied by the next round or by
     /// [`PreCopy::finish`]. Returns the number of pages copied.
     pub fn round(&mut self) -> Result<u64> {
+        let mut n = self.round_one()?;
+        // A member that ended or changed meanwhile just leaves the pre-copy.
+        let mut kept = Vec::new();
+        for mut m in std::mem::take(&mut self.members) {
+            match m.round_one() {
+                Ok(k) => {
+                    n += k;
+                    kept.push(m);
+                }
+                Err(e) => tracing::debug!(pid = m.pid, "pre-copy round skipped: {e}"),
+            }
+        }
+        self.members = kept;
+        if let Some(last) = self.rounds.last_mut() {
+            *last = n;
+        }
+        Ok(n)
+    }
+
+    fn round_one(&mut self) -> Result<u64> {
         let pid = self.pid;
         let vmas = vmas_of(pid)?;
         let targets = match &self.tracker {
@@ -1561,15 +2177,32 @@ impl PreCopy {
 
     /// Freeze the process and complete the image (same result as [`dump`]).
     pub fn finish(self) -> Result<DumpInfo> {
+        let (pid, dir, hint) = (self.pid, self.dir.clone(), self.restart_hint);
+        let mut copied = Vec::new();
+        self.into_copied(&mut copied);
+        dump_with(pid, &dir, copied, hint)
+    }
+
+    fn into_copied(self, out: &mut Vec<PreCopied>) {
         let PreCopy {
             pid,
-            dir,
             store,
             tracker,
             restart_hint,
+            start_time,
+            members,
             ..
         } = self;
-        dump_with(pid, &dir, Some((store, tracker)), restart_hint)
+        out.push(PreCopied {
+            pid,
+            start_time,
+            store,
+            tracker,
+            hint: restart_hint,
+        });
+        for m in members {
+            m.into_copied(out);
+        }
     }
 }
 

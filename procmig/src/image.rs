@@ -6,7 +6,7 @@
 //! ```text
 //! offset size  field
 //! 0      8     magic  b"WISPPMIG"
-//! 8      4     format version, u32 little-endian (currently 4)
+//! 8      4     format version, u32 little-endian (currently 5; 5 added process trees)
 //! 12     4     reserved, zero
 //! 16     8     payload length N, u64 little-endian (at most META_MAX = 64 MiB)
 //! 24     32    SHA-256 of the payload
@@ -56,7 +56,7 @@ pub const META_MAGIC: &[u8; 8] = b"WISPPMIG";
 /// Magic of `pages.img`.
 pub const PAGES_MAGIC: &[u8; 8] = b"WISPPAGE";
 /// Current format version.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Size cap of the metadata payload.
 pub const META_MAX: u64 = 64 << 20;
 /// Header length of `image.meta`.
@@ -81,7 +81,7 @@ pub enum ImageError {
     Truncated { path: PathBuf, what: String },
     #[error("{path}: bad magic (not a wisp image file)")]
     BadMagic { path: PathBuf },
-    #[error("{path}: unsupported format version {found} (this build reads version {VERSION})")]
+    #[error("{path}: unsupported format version {found} (this build reads version {VERSION} only; an image written by another wisp version cannot be restored, dump the process again)")]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: checksum mismatch: payload is corrupt")]
     Checksum { path: PathBuf },
@@ -206,6 +206,36 @@ pub struct FdEntry {
     /// open(2) flags from fdinfo (O_ACCMODE, O_APPEND, O_NONBLOCK, O_CLOEXEC...).
     pub flags: u32,
     pub file: Option<FileId>,
+    /// Open file description id, unique within a (tree) image: descriptors with the same
+    /// id shared one open file description (dup, fork) and are restored sharing one again.
+    pub desc: u32,
+}
+
+/// A pipe held by the job, with the data that was in it (unread) at dump time.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PipeImage {
+    /// Inode on the source host (the `pipe:[ino]` of the descriptors).
+    pub ino: u64,
+    /// Capacity (F_GETPIPE_SZ), restored so that writers block where they did.
+    pub size: u32,
+    /// Unread bytes, copied without consuming them (tee(2)) so a resumed source loses nothing.
+    pub data: Vec<u8>,
+    /// Some process outside the job holds an end too: the pipe is reconnected (inherited
+    /// descriptor or, on the same host, reopened from the frozen source) instead of being
+    /// recreated, and `data` is empty.
+    pub external: bool,
+}
+
+/// Another process of a process-tree image: its own complete image lives in the
+/// subdirectory `dir` of the root image's directory.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// pid in the job's pid namespace.
+    pub ns_pid: i32,
+    /// Subdirectory name (one path component).
+    pub dir: String,
+    /// Must equal the member image's `image_id`.
+    pub image_id: u64,
 }
 
 /// Resource limit.
@@ -292,6 +322,16 @@ pub struct ImageMeta {
     pub threads: Vec<ThreadImage>,
     /// PR_SET_NO_NEW_PRIVS was set.
     pub no_new_privs: bool,
+    /// Parent, process group and session ids in the innermost pid namespace (0: outside
+    /// of it, e.g. the session of the agent that started the sandbox).
+    pub ns_ppid: i32,
+    pub ns_pgid: i32,
+    pub ns_sid: i32,
+    /// Process tree (root image only): the other processes of the job's pid namespace
+    /// (all but its init), parents before children.
+    pub members: Vec<Member>,
+    /// Pipes held by the processes of this image (root image only, for the whole tree).
+    pub pipes: Vec<PipeImage>,
 }
 
 /// Per-thread state of a thread other than the leader.
@@ -634,6 +674,49 @@ pub fn validate(path: &Path, m: &ImageMeta) -> Result<()> {
             return Err(invalid(path, format!("negative fd number {}", fd.fd)));
         }
     }
+    if m.members.len() > 4096 {
+        return Err(invalid(
+            path,
+            format!("{} member processes (cap 4096)", m.members.len()),
+        ));
+    }
+    for (i, mb) in m.members.iter().enumerate() {
+        let ok = !mb.dir.is_empty()
+            && mb.dir != "."
+            && mb.dir != ".."
+            && !mb.dir.contains('/')
+            && !mb.dir.contains('\0');
+        if !ok || mb.ns_pid <= 1 {
+            return Err(invalid(
+                path,
+                format!(
+                    "member {i} (pid {}, dir {:?}) is malformed",
+                    mb.ns_pid, mb.dir
+                ),
+            ));
+        }
+    }
+    let mut total = 0u64;
+    for (i, p) in m.pipes.iter().enumerate() {
+        total += p.data.len() as u64;
+        if p.size == 0 || p.size > 1 << 30 || p.data.len() as u64 > p.size as u64 {
+            return Err(invalid(
+                path,
+                format!(
+                    "pipe {i} (ino {}) holds {} bytes with a capacity of {}",
+                    p.ino,
+                    p.data.len(),
+                    p.size
+                ),
+            ));
+        }
+        if p.external && !p.data.is_empty() {
+            return Err(invalid(path, format!("external pipe {i} carries data")));
+        }
+    }
+    if total > META_MAX / 2 {
+        return Err(invalid(path, format!("{total} bytes of pipe data")));
+    }
     Ok(())
 }
 
@@ -735,6 +818,11 @@ mod tests {
             syscall_note: String::new(),
             threads: vec![],
             no_new_privs: false,
+            ns_ppid: 1,
+            ns_pgid: 0,
+            ns_sid: 0,
+            members: vec![],
+            pipes: vec![],
         }
     }
 
@@ -788,6 +876,46 @@ mod tests {
         std::fs::write(&pp, &pb[..pb.len() - 1]).unwrap();
         let e = load(d.path()).unwrap_err();
         assert!(e.to_string().contains("pages file is"), "{e}");
+    }
+
+    #[test]
+    fn version_4_images_are_refused_with_a_clear_message() {
+        let d = tempfile::tempdir().unwrap();
+        write_sample(d.path());
+        let p = d.path().join(META_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = load(d.path()).unwrap_err();
+        assert!(matches!(e, ImageError::Version { found: 4, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 4") && msg.contains("reads version 5"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn malformed_tree_fields_are_refused() {
+        let p = Path::new("x");
+        let mut m = sample();
+        m.members.push(Member {
+            ns_pid: 3,
+            dir: "../escape".into(),
+            image_id: 1,
+        });
+        assert!(validate(p, &m)
+            .unwrap_err()
+            .to_string()
+            .contains("member 0"));
+        let mut m = sample();
+        m.pipes.push(PipeImage {
+            ino: 9,
+            size: 4,
+            data: vec![1; 5],
+            external: false,
+        });
+        assert!(validate(p, &m).unwrap_err().to_string().contains("pipe 0"));
     }
 
     #[test]

@@ -55,7 +55,8 @@ pub struct Injector {
     mem: File,
     /// Signals dequeued while injecting (to re-send later).
     pub suppressed: Vec<i32>,
-    /// Host tids of threads created by injected clone calls (PTRACE_EVENT_CLONE).
+    /// Host tids of threads or processes created by injected clone calls
+    /// (PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK).
     pub cloned: Vec<i32>,
 }
 
@@ -134,7 +135,9 @@ impl Injector {
                     // Signal-delivery stop: keep the signal for later, do not deliver it now.
                     self.suppressed.push(sig);
                 }
-                Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_CLONE => {
+                Wait::Stopped { event, .. }
+                    if event == libc::PTRACE_EVENT_CLONE || event == libc::PTRACE_EVENT_FORK =>
+                {
                     self.cloned.push(sys::get_event_msg(pid)? as i32);
                 }
                 Wait::Stopped { event, sig } if event == libc::PTRACE_EVENT_STOP => {

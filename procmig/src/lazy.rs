@@ -7,8 +7,12 @@
 //! depends on nothing but itself (no residual dependency on the swap file).
 //!
 //! munmap/mremap/MADV_DONTNEED of registered memory arrive as non-cooperative events and
-//! update the set of pages still to push. Limitation: fork() during the lazy window gives
-//! the child zero pages for memory not yet pushed (no UFFD_FEATURE_EVENT_FORK handling).
+//! update the set of pages still to push. A fork() during the lazy window arrives as
+//! UFFD_EVENT_FORK with a userfaultfd of the child's copy of the memory: a pager thread of
+//! its own serves the child from the same swap file, starting from the pages still
+//! pending in the parent at that moment (the kernel refuses UFFDIO_COPY with EAGAIN while
+//! a fork is in progress, so no page slips between the two sets); it ends when every
+//! page is in or the child's memory is gone (exit or exec).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -44,8 +48,6 @@ pub enum LazyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pid {pid}: the process forked during lazy restore; not supported")]
-    Fork { pid: i32 },
 }
 
 /// What the pager did.
@@ -62,26 +64,42 @@ pub struct LazyStats {
 /// Handle on the pager thread of a lazily restored process.
 #[derive(Debug)]
 pub struct LazyPager {
-    /// None when the image had no lazily paged memory.
-    handle: Option<JoinHandle<Result<LazyStats, LazyError>>>,
+    /// One pager thread per lazily restored process (none when nothing is paged lazily).
+    handles: Vec<JoinHandle<Result<LazyStats, LazyError>>>,
 }
 
 impl LazyPager {
-    /// A pager with nothing to do.
-    pub(crate) fn idle() -> Self {
-        LazyPager { handle: None }
+    /// One handle over the pagers of several processes.
+    pub(crate) fn all(pagers: Vec<LazyPager>) -> Self {
+        LazyPager {
+            handles: pagers.into_iter().flat_map(|p| p.handles).collect(),
+        }
     }
 
-    /// Wait until all pages are in the process (or it exited).
+    /// Wait until all pages are in the process(es) (or they exited); stats are summed,
+    /// the first error is returned.
     pub fn wait(self) -> Result<LazyStats, LazyError> {
-        match self.handle.map(|h| h.join()) {
-            None => Ok(LazyStats::default()),
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(LazyError::Read {
-                pid: 0,
-                source: std::io::Error::other("pager thread panicked"),
-            }),
+        let mut total = LazyStats::default();
+        let mut first = None;
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(s)) => {
+                    total.faults += s.faults;
+                    total.pushed += s.pushed;
+                    total.process_gone |= s.process_gone;
+                }
+                Ok(Err(e)) => {
+                    first.get_or_insert(e);
+                }
+                Err(_) => {
+                    first.get_or_insert(LazyError::Read {
+                        pid: 0,
+                        source: std::io::Error::other("pager thread panicked"),
+                    });
+                }
+            }
         }
+        first.map_or(Ok(total), Err)
     }
 }
 
@@ -108,22 +126,23 @@ pub(crate) fn start(
                 pending,
                 stats: LazyStats::default(),
                 push_after,
+                children: Vec::new(),
             }
             .run()
         })
         .map_err(|e| e.to_string());
     match handle {
         Ok(handle) => LazyPager {
-            handle: Some(handle),
+            handles: vec![handle],
         },
         // Could not spawn: report through a thread that returns the error at once.
         Err(e) => LazyPager {
-            handle: Some(std::thread::spawn(move || {
+            handles: vec![std::thread::spawn(move || {
                 Err(LazyError::Read {
                     pid,
                     source: std::io::Error::other(e),
                 })
-            })),
+            })],
         },
     }
 }
@@ -136,6 +155,8 @@ struct Pager {
     pending: BTreeMap<u64, u64>,
     stats: LazyStats,
     push_after: std::time::Instant,
+    /// Pagers of children forked during the lazy window.
+    children: Vec<JoinHandle<Result<LazyStats, LazyError>>>,
 }
 
 enum Step {
@@ -148,6 +169,9 @@ impl Drop for Pager {
     /// fork elsewhere in this process may briefly hold a copy of the descriptor, and a
     /// fault on a still-registered range would then wait for a reader that is gone.
     fn drop(&mut self) {
+        if self.pid == 0 {
+            return; // a forked child's pager: its pid is not known
+        }
         if let Ok(maps) = crate::procfs::smaps(self.pid) {
             for m in maps.iter().filter(|m| m.has_flag("um")) {
                 sys::uffd_unregister(self.uffd.as_raw_fd(), m.start, m.end - m.start);
@@ -157,7 +181,35 @@ impl Drop for Pager {
 }
 
 impl Pager {
+    /// Page in everything, then wait for the pagers of forked children; stats are summed.
     fn run(mut self) -> Result<LazyStats, LazyError> {
+        let r = self.run_own();
+        let mut first = r.as_ref().err().map(|e| e.to_string());
+        let mut total = r.unwrap_or_default();
+        for h in std::mem::take(&mut self.children) {
+            match h.join() {
+                Ok(Ok(s)) => {
+                    total.faults += s.faults;
+                    total.pushed += s.pushed;
+                }
+                Ok(Err(e)) => {
+                    first.get_or_insert(e.to_string());
+                }
+                Err(_) => {
+                    first.get_or_insert("child pager panicked".into());
+                }
+            }
+        }
+        match first {
+            None => Ok(total),
+            Some(e) => Err(LazyError::Read {
+                pid: self.pid,
+                source: std::io::Error::other(e),
+            }),
+        }
+    }
+
+    fn run_own(&mut self) -> Result<LazyStats, LazyError> {
         let mut buf = vec![0u8; 64 * PAGE as usize];
         loop {
             if let Step::Gone = self.drain_events()? {
@@ -208,6 +260,10 @@ impl Pager {
                     self.stats.pushed += done / PAGE;
                 }
                 Err((libc::EAGAIN, _)) => continue, // an event is pending: drain it first
+                Err((libc::ESRCH, _)) if self.pid == 0 => {
+                    self.stats.process_gone = true;
+                    return Ok(self.stats);
+                }
                 Err((libc::ESRCH, _)) | Err((libc::ENOENT, _)) if !self.alive() => {
                     self.stats.process_gone = true;
                     return Ok(self.stats);
@@ -230,6 +286,10 @@ impl Pager {
     }
 
     fn alive(&self) -> bool {
+        if self.pid == 0 {
+            // A forked child's pager: its memory is gone when a copy fails with ESRCH.
+            return true;
+        }
         std::fs::metadata(format!("/proc/{}/mem", self.pid)).is_ok()
             && crate::dump::process_state(self.pid).is_some_and(|s| s != 'Z' && s != 'X')
     }
@@ -285,10 +345,45 @@ impl Pager {
                         self.pending.remove(&a);
                     }
                 }
-                uffd::EVENT_FORK => return Err(LazyError::Fork { pid: self.pid }),
+                uffd::EVENT_FORK => {
+                    let ufd = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]) as i32;
+                    self.adopt_fork(ufd)?;
+                }
                 _ => {}
             }
         }
+    }
+
+    /// A child forked: serve its copy of the memory from a pager of its own.
+    fn adopt_fork(&mut self, ufd: i32) -> Result<(), LazyError> {
+        // SAFETY: the kernel installed `ufd` in this process for the event just read;
+        // nothing else owns it.
+        let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ufd) };
+        let pages = self.pages.try_clone().map_err(|source| LazyError::Pages {
+            pid: self.pid,
+            addr: 0,
+            path: self.path.clone(),
+            source,
+        })?;
+        let child = Pager {
+            pid: 0,
+            uffd,
+            pages,
+            path: self.path.clone(),
+            pending: self.pending.clone(),
+            stats: LazyStats::default(),
+            push_after: self.push_after,
+            children: Vec::new(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("wisp-pager-{}-child", self.pid))
+            .spawn(move || child.run())
+            .map_err(|e| LazyError::Read {
+                pid: self.pid,
+                source: e,
+            })?;
+        self.children.push(h);
+        Ok(())
     }
 
     fn serve(&mut self, addr: u64) -> Result<Step, LazyError> {
@@ -315,6 +410,7 @@ impl Pager {
                 sys::uffd_wake(fd, addr, PAGE);
                 Ok(Step::Go)
             }
+            Err(libc::ESRCH) if self.pid == 0 => Ok(Step::Gone),
             Err(_) if !self.alive() => Ok(Step::Gone),
             Err(errno) => Err(LazyError::Uffd {
                 pid: self.pid,

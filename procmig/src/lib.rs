@@ -1,5 +1,5 @@
-//! wisp-procmig: live migration of a Linux process (one process, any number of threads)
-//! through files, with no kernel patch and no CRIU. The source is frozen over ptrace, its state and pages go to
+//! wisp-procmig: live migration of a Linux process (any number of threads) or of a whole
+//! sandboxed process tree through files, with no kernel patch and no CRIU. The source is frozen over ptrace, its state and pages go to
 //! an image directory (metadata + swap file, format in [`image`]), and the target rebuilds
 //! the process by injecting system calls into a fresh child ([`restore()`]).
 //!
@@ -30,12 +30,23 @@
 //! - API Boundary: [`dump()`], [`PreCopy`], [`Frozen`], [`restore()`], [`restore_with`],
 //!   [`restore_lazy`], [`run_sandboxed`], and the `wisp-procmig` binary (thin CLI).
 //!
+//! # Process trees
+//! When the dumped process is the main process of a pid namespace of its own
+//! ([`run_sandboxed`]), every other process of that namespace but its init is frozen and
+//! dumped too (`proc-<pid>/` subdirectories, listed by the root image) and recreated with
+//! the same pid, parent, process group and session; pipes between them are recreated with
+//! their unread data (copied with tee(2), not consumed), and descriptors that shared an
+//! open file description share one again. Zombies and vfork children before exec are
+//! refused after about a second of retries. [`PreCopy`] tracks every process of the tree
+//! present at its start. See `docs/ARCHITECTURE.md`.
+//!
 //! # Limits (checked, with a clear `unsupported` error)
-//! One process without children (threads are fine; a threaded process is restored only
-//! into a new pid namespace, so that every thread keeps its tid); descriptors must be
-//! regular files or
-//! directories, /dev/{null,zero,random,urandom,full}, or pipes (reconnected from
-//! descriptors the caller passes, or on the same host from the frozen source); no sockets,
+//! A process with children that is not the main process of its own pid namespace; a
+//! threaded process or a tree is restored only into a new pid namespace, so that every
+//! thread and process keeps its id; descriptors must be regular files or
+//! directories, /dev/{null,zero,random,urandom,full}, or pipes (recreated with their data
+//! when no process outside the job holds them; otherwise reconnected from descriptors the
+//! caller passes, or on the same host from the frozen source); no sockets,
 //! ttys, eventfd/epoll/signalfd/inotify, memfd or deleted files, POSIX timers, file locks
 //! or seccomp filters; the target must run the
 //! same kernel build (vdso checked) on a CPU with the same xstate layout, and see the
@@ -54,7 +65,9 @@ pub mod restore;
 pub mod sandbox;
 pub mod sys;
 
-pub use dump::{dump, kill_stopped, resume_stopped, DumpError, DumpInfo, Frozen, PreCopy};
+pub use dump::{
+    dump, kill_stopped, resume_stopped, tree_pids, DumpError, DumpInfo, Frozen, PreCopy,
+};
 pub use image::{ImageError, ImageMeta};
 pub use lazy::{LazyError, LazyPager, LazyStats};
 pub use restore::{

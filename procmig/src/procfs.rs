@@ -306,8 +306,8 @@ pub fn threads(pid: i32) -> Result<Vec<i32>> {
     Ok(v)
 }
 
-/// Pids whose parent is `ppid` (scan of /proc, no CONFIG_PROC_CHILDREN needed).
-pub fn children_of(ppid: i32) -> Vec<i32> {
+/// (pid, ppid, one-letter state) of every process of the host (a scan of /proc).
+pub fn process_table() -> Vec<(i32, i32, char)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -316,13 +316,24 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(fields) = stat_fields(pid) else {
+        let Ok(f) = stat_fields(pid) else {
             continue;
         };
-        if fields.get(1).and_then(|s| s.parse::<i32>().ok()) == Some(ppid) {
-            out.push(pid);
+        let state = f.first().and_then(|s| s.chars().next()).unwrap_or('?');
+        if let Some(pp) = f.get(1).and_then(|s| s.parse::<i32>().ok()) {
+            out.push((pid, pp, state));
         }
     }
+    out
+}
+
+/// Pids whose parent is `ppid` (scan of /proc, no CONFIG_PROC_CHILDREN needed).
+pub fn children_of(ppid: i32) -> Vec<i32> {
+    let mut out: Vec<i32> = process_table()
+        .into_iter()
+        .filter(|(_, pp, _)| *pp == ppid)
+        .map(|(p, _, _)| p)
+        .collect();
     out.sort_unstable();
     out
 }

@@ -101,8 +101,7 @@ pub struct RestoreOptions {
 /// swap file and pushes the rest in the background. Keep the calling process alive until
 /// [`LazyPager::wait`] returns (then the process no longer depends on the image).
 pub fn restore_lazy(dir: &Path, opts: &RestoreOptions) -> Result<(Restored, LazyPager)> {
-    let (r, pager) = restore_impl(dir, opts, true)?;
-    Ok((r, pager.unwrap_or_else(LazyPager::idle)))
+    restore_impl(dir, opts, true)
 }
 
 /// Result of a restore.
@@ -114,6 +113,8 @@ pub struct Restored {
     pub ns_pid: Option<i32>,
     /// The namespace's init (reaper), a child of the restorer, if one was made.
     pub init_pid: Option<i32>,
+    /// The other processes of a restored process tree (pids in the restorer's namespace).
+    pub members: Vec<i32>,
     /// Things that could not be restored exactly (e.g. a raised hard rlimit).
     pub warnings: Vec<String>,
 }
@@ -154,26 +155,191 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     restore_impl(dir, opts, false).map(|r| r.0)
 }
 
-fn restore_impl(
-    dir: &Path,
-    opts: &RestoreOptions,
-    lazy: bool,
-) -> Result<(Restored, Option<LazyPager>)> {
-    let meta = image::load(dir)?;
-    let pages_path = dir.join(image::PAGES_FILE);
-    let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages {
-        path: pages_path.clone(),
-        source,
-    })?;
+fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restored, LazyPager)> {
+    // ---- load and check every image of the tree before anything is created ------------
+    let root = image::load(dir)?;
+    let mut imgs: Vec<(PathBuf, ImageMeta)> = Vec::new();
+    for mb in &root.members {
+        let d = dir.join(&mb.dir);
+        let m = image::load(&d)?;
+        let ns = *m.ns_pids.last().unwrap_or(&m.pid);
+        if m.image_id != mb.image_id || ns != mb.ns_pid {
+            return Err(ImageError::Invalid {
+                path: d.join(image::META_FILE),
+                detail: format!(
+                    "member image is pid {ns} / image {:#x}, the tree expects pid {} / image {:#x}",
+                    m.image_id, mb.ns_pid, mb.image_id
+                ),
+            }
+            .into());
+        }
+        imgs.push((d, m));
+    }
+    imgs.insert(0, (dir.to_path_buf(), root));
+    let tree = imgs.len() > 1;
+    let mut pages_files = Vec::new();
+    for (d, _) in &imgs {
+        let pages_path = d.join(image::PAGES_FILE);
+        let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages {
+            path: pages_path.clone(),
+            source,
+        })?;
+        pages_files.push((pages, pages_path));
+    }
 
     // ---- preflight: everything that can fail without creating anything -----------------
+    let own_maps = procfs::maps(std::process::id() as i32)?;
+    for (_, meta) in &imgs {
+        preflight(meta, &own_maps)?;
+    }
+    let meta = &imgs[0].1;
+    let (owned, pass) = open_descriptors(&imgs, opts)?;
+
+    // ---- trampoline address: free in every image and in our own (= the child's) layout --
+    let mut busy: Vec<(u64, u64)> = imgs
+        .iter()
+        .flat_map(|(_, m)| m.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
+    busy.extend(own_maps.iter().map(|m| (m.start, m.end)));
+    let tramp = find_gap(&busy, TRAMP_LEN + 2 * PAGE, 0x1000_0000)
+        .ok_or(RestoreError::NoTrampolineSpace)?
+        + PAGE;
+
+    let mode = match opts.pid_mode {
+        PidMode::Auto if meta.ns_pids.len() > 1 => PidMode::NewNamespace,
+        PidMode::Auto => PidMode::Any,
+        m => m,
+    };
+    let want_ns_pid = *meta.ns_pids.last().unwrap_or(&meta.pid);
+
+    if !meta.threads.is_empty() && mode != PidMode::NewNamespace {
+        // glibc caches every thread's tid (struct pthread::tid): threads must keep theirs.
+        return Err(RestoreError::Pid {
+            pid: meta.pid,
+            what: format!(
+                "{} threads can only be restored into a new pid namespace (their tids must not change)",
+                meta.threads.len() + 1
+            ),
+        });
+    }
+    if tree && mode != PidMode::NewNamespace {
+        return Err(RestoreError::Pid {
+            pid: meta.pid,
+            what: format!(
+                "a tree of {} processes can only be restored into a new pid namespace (their pids must not change)",
+                imgs.len()
+            ),
+        });
+    }
+    let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
+    let created = std::cell::RefCell::new(vec![pid]);
+    let cleanup = |e: RestoreError| -> RestoreError {
+        // Every thread of the half-built processes is traced by us: its death must be
+        // collected here (threads first, then the leader), or it stays a traced zombie
+        // and the namespace init, which waits for it while dying, never exits.
+        let pids = created.borrow().clone();
+        let tids: Vec<Vec<i32>> = pids
+            .iter()
+            .map(|p| procfs::threads(*p).unwrap_or_default())
+            .collect();
+        for p in &pids {
+            let _ = sys::kill(*p, libc::SIGKILL);
+        }
+        for (p, ts) in pids.iter().zip(&tids) {
+            for tid in ts.iter().filter(|t| *t != p) {
+                let _ = sys::wait(*tid);
+            }
+            let _ = sys::wait(*p);
+        }
+        if let Some(i) = init_pid {
+            let _ = sys::kill(i, libc::SIGKILL);
+            let _ = sys::wait(i);
+        }
+        e
+    };
+    let mut warnings = Vec::new();
+    let r = (|| -> Result<(Vec<Option<LazyPager>>, Vec<i32>)> {
+        sys::seize(
+            pid,
+            libc::PTRACE_O_TRACESYSGOOD
+                | libc::PTRACE_O_EXITKILL
+                | libc::PTRACE_O_TRACECLONE
+                | libc::PTRACE_O_TRACEFORK,
+        )?;
+        sys::interrupt(pid)?;
+        wait_event_stop(pid, "restore child")?;
+        let base = sys::get_regs(pid)?;
+        let mut injs = vec![Injector::new(pid, tramp, base)?];
+        if tree {
+            create_members(&imgs, &mut injs, tramp, &created)?;
+        }
+        let mut pagers = Vec::new();
+        let mut launches = Vec::new();
+        for (i, inj) in injs.iter_mut().enumerate() {
+            let (pages, pages_path) = &pages_files[i];
+            let (p, l) = build(
+                inj,
+                &imgs[i].1,
+                pages,
+                pages_path,
+                tramp,
+                &pass[i],
+                &mut warnings,
+                lazy,
+                opts.lazy_push_delay,
+                mode != PidMode::NewNamespace,
+            )?;
+            pagers.push(p);
+            launches.push(l);
+        }
+        // Every process is complete: only now does any of them run.
+        for l in launches.iter().rev() {
+            l.go()?;
+        }
+        Ok((pagers, injs[1..].iter().map(|i| i.pid()).collect()))
+    })();
+    let (pagers, members) = match r {
+        Ok(p) => p,
+        Err(e) => return Err(cleanup(e)),
+    };
+    drop(owned);
+    let pager = LazyPager::all(pagers.into_iter().flatten().collect());
+    Ok((
+        Restored {
+            pid,
+            ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid),
+            init_pid,
+            members,
+            warnings,
+        },
+        pager,
+    ))
+}
+
+/// Wait for the PTRACE_EVENT_STOP of a new or interrupted tracee.
+fn wait_event_stop(pid: i32, what: &str) -> Result<()> {
+    loop {
+        match sys::wait(pid)? {
+            Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => return Ok(()),
+            Wait::Stopped { .. } => sys::cont(pid, 0)?,
+            other => {
+                return Err(RestoreError::Helper {
+                    pid,
+                    what: format!("{what} ended early: {other:?}"),
+                })
+            }
+        }
+    }
+}
+
+/// Checks of one image against this host that need no process.
+fn preflight(meta: &ImageMeta, own_maps: &[procfs::MapEntry]) -> Result<()> {
     for v in &meta.vmas {
         if matches!(v.kind, VmaKind::FilePrivate | VmaKind::FileShared) {
             fid_ok(&v.name, &v.file)?;
         }
     }
     fid_ok(&meta.exe, &meta.exe_file)?;
-    let own_maps = procfs::maps(std::process::id() as i32)?;
     let own_vdso = own_maps
         .iter()
         .find(|m| m.name == "[vdso]")
@@ -218,41 +384,8 @@ fn restore_impl(
             what: "different set of vdso/vvar mappings".into(),
         });
     }
-    // Pipe ends: inherited or reopened from the frozen source.
-    let mut pass: Vec<(i32, OwnedFd)> = Vec::new();
     for f in &meta.fds {
-        if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
-            let fd = sys::dup_owned(*raw).map_err(|e| RestoreError::Fd {
-                fd: f.fd,
-                what: format!("cannot dup inherited fd {raw}: {e}"),
-            })?;
-            pass.push((f.fd, fd));
-            continue;
-        }
         match &f.kind {
-            FdKind::Pipe { .. } => {
-                let src = format!("/proc/{}/fd/{}", meta.pid, f.fd);
-                let acc = f.flags & libc::O_ACCMODE as u32;
-                let file = std::fs::OpenOptions::new()
-                    .read(acc != libc::O_WRONLY as u32)
-                    .write(acc != libc::O_RDONLY as u32)
-                    .open(&src)
-                    .map_err(|e| RestoreError::Fd {
-                        fd: f.fd,
-                        what: format!(
-                            "pipe {} is not inherited and cannot be reopened from {src}: {e}",
-                            f.path
-                        ),
-                    })?;
-                let ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
-                if (FdKind::Pipe { ino }) != f.kind {
-                    return Err(RestoreError::Fd {
-                        fd: f.fd,
-                        what: format!("{src} is no longer {}", f.path),
-                    });
-                }
-                pass.push((f.fd, OwnedFd::from(file)));
-            }
             // Only existence: an open file's contents may legitimately change while the
             // process is frozen (shared files, cluster pipes); mapped files are checked.
             FdKind::Regular => fid_ok(&f.path, &None)?,
@@ -264,98 +397,302 @@ fn restore_impl(
                     });
                 }
             }
+            FdKind::Pipe { .. } => {}
         }
     }
+    Ok(())
+}
 
-    // ---- trampoline address: free in the image and in our own (= the child's) layout ----
-    let mut busy: Vec<(u64, u64)> = meta.vmas.iter().map(|v| (v.start, v.end)).collect();
-    busy.extend(own_maps.iter().map(|m| (m.start, m.end)));
-    let tramp = find_gap(&busy, TRAMP_LEN + 2 * PAGE, 0x1000_0000)
-        .ok_or(RestoreError::NoTrampolineSpace)?
-        + PAGE;
-
-    let mode = match opts.pid_mode {
-        PidMode::Auto if meta.ns_pids.len() > 1 => PidMode::NewNamespace,
-        PidMode::Auto => PidMode::Any,
-        m => m,
-    };
-    let want_ns_pid = *meta.ns_pids.last().unwrap_or(&meta.pid);
-
-    if !meta.threads.is_empty() && mode != PidMode::NewNamespace {
-        // glibc caches every thread's tid (struct pthread::tid): threads must keep theirs.
-        return Err(RestoreError::Pid {
-            pid: meta.pid,
-            what: format!(
-                "{} threads can only be restored into a new pid namespace (their tids must not change)",
-                meta.threads.len() + 1
-            ),
-        });
+/// Descriptors opened here, in the restorer, and handed to the processes: pipe ends
+/// (inherited from the caller, recreated with their data, or reopened from the frozen
+/// source) and files whose open file description several descriptors shared. Returns the
+/// owned descriptors (keep them until every process is built) and, per image, the
+/// (fd number, our descriptor) pairs to install. Other files are reopened by path inside
+/// each process.
+#[allow(clippy::type_complexity)]
+fn open_descriptors(
+    imgs: &[(PathBuf, ImageMeta)],
+    opts: &RestoreOptions,
+) -> Result<(Vec<OwnedFd>, Vec<Vec<(i32, RawFd)>>)> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::OpenOptionsExt;
+    let root = &imgs[0].1;
+    let mut uses: HashMap<u32, usize> = HashMap::new();
+    for (_, m) in imgs {
+        for f in &m.fds {
+            *uses.entry(f.desc).or_default() += 1;
+        }
     }
-    let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
-    let cleanup = |e: RestoreError| -> RestoreError {
-        // Every thread of the half-built process is traced by us: its death must be
-        // collected here (threads first, then the leader), or it stays a traced zombie
-        // and the namespace init, which waits for it while dying, never exits.
-        let tids = procfs::threads(pid).unwrap_or_default();
-        let _ = sys::kill(pid, libc::SIGKILL);
-        for tid in tids.iter().filter(|t| **t != pid) {
-            let _ = sys::wait(*tid);
+    let mut owned: Vec<OwnedFd> = Vec::new();
+    // Recreated pipes: ino -> (read end, write end, ends already given a description).
+    let mut pipes: HashMap<u64, (RawFd, RawFd, Vec<bool>)> = HashMap::new();
+    for p in root.pipes.iter().filter(|p| !p.external) {
+        let (rd, wr) = sys::pipe2(libc::O_NONBLOCK)?;
+        let got = sys::set_pipe_size(wr.as_raw_fd(), p.size)?;
+        if got < p.data.len() as u32 {
+            return Err(RestoreError::Fd {
+                fd: -1,
+                what: format!("pipe {}: capacity {got} < {} bytes", p.ino, p.data.len()),
+            });
         }
-        let _ = sys::wait(pid);
-        if let Some(i) = init_pid {
-            let _ = sys::kill(i, libc::SIGKILL);
-            let _ = sys::wait(i);
-        }
-        e
-    };
-    let mut warnings = Vec::new();
-    let r = (|| -> Result<Option<LazyPager>> {
-        sys::seize(
-            pid,
-            libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE,
-        )?;
-        sys::interrupt(pid)?;
-        loop {
-            match sys::wait(pid)? {
-                Wait::Stopped { event, .. } if event == libc::PTRACE_EVENT_STOP => break,
-                Wait::Stopped { .. } => sys::cont(pid, 0)?,
-                other => {
-                    return Err(RestoreError::Helper {
-                        pid,
-                        what: format!("restore child ended early: {other:?}"),
-                    })
-                }
+        if !p.data.is_empty() {
+            let n = nix::unistd::write(&wr, &p.data).map_err(|e| RestoreError::Fd {
+                fd: -1,
+                what: format!("pipe {}: cannot refill it: {e}", p.ino),
+            })?;
+            if n != p.data.len() {
+                return Err(RestoreError::Fd {
+                    fd: -1,
+                    what: format!("pipe {}: refilled {n} of {} bytes", p.ino, p.data.len()),
+                });
             }
         }
-        let base = sys::get_regs(pid)?;
-        let mut inj = Injector::new(pid, tramp, base)?;
-        build(
-            &mut inj,
-            &meta,
-            &pages,
-            &pages_path,
-            tramp,
-            &pass,
-            &mut warnings,
-            lazy,
-            opts.lazy_push_delay,
-            mode != PidMode::NewNamespace,
-        )
-    })();
-    let pager = match r {
-        Ok(p) => p,
-        Err(e) => return Err(cleanup(e)),
+        // The processes set their own O_NONBLOCK status flags later.
+        for fd in [&rd, &wr] {
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+            );
+        }
+        pipes.insert(p.ino, (rd.as_raw_fd(), wr.as_raw_fd(), vec![false, false]));
+        owned.push(rd);
+        owned.push(wr);
+    }
+    let mut by_desc: HashMap<u32, RawFd> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, (_, m)) in imgs.iter().enumerate() {
+        let mut pass = Vec::new();
+        for f in &m.fds {
+            if i == 0 {
+                if let Some((_, raw)) = opts.inherit_fds.iter().find(|(n, _)| *n == f.fd) {
+                    let fd = sys::dup_owned(*raw).map_err(|e| RestoreError::Fd {
+                        fd: f.fd,
+                        what: format!("cannot dup inherited fd {raw}: {e}"),
+                    })?;
+                    pass.push((f.fd, fd.as_raw_fd()));
+                    owned.push(fd);
+                    continue;
+                }
+            }
+            if let Some(raw) = by_desc.get(&f.desc) {
+                pass.push((f.fd, *raw));
+                continue;
+            }
+            let acc = f.flags & libc::O_ACCMODE as u32;
+            let opened: OwnedFd = match &f.kind {
+                FdKind::Pipe { ino } => match pipes.get_mut(ino) {
+                    Some((rd, wr, given)) => {
+                        let end = if acc == libc::O_WRONLY as u32 { 1 } else { 0 };
+                        let raw = if end == 1 { *wr } else { *rd };
+                        if !given[end] && acc != libc::O_RDWR as u32 {
+                            // The pipe end itself is this description.
+                            given[end] = true;
+                            by_desc.insert(f.desc, raw);
+                            pass.push((f.fd, raw));
+                            continue;
+                        }
+                        // Another description of the same pipe: reopen it.
+                        reopen(&format!("/proc/self/fd/{raw}"), acc, f)?
+                    }
+                    None => reopen_source_pipe(m, f)?,
+                },
+                FdKind::Regular | FdKind::CharDev if uses.get(&f.desc).copied() > Some(1) => {
+                    let fl = (f.flags as i32)
+                        & !(libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_TRUNC
+                            | libc::O_CLOEXEC
+                            | libc::O_ACCMODE)
+                        | libc::O_CLOEXEC;
+                    let file = std::fs::OpenOptions::new()
+                        .read(acc != libc::O_WRONLY as u32)
+                        .write(acc != libc::O_RDONLY as u32)
+                        .custom_flags(fl)
+                        .open(&f.path)
+                        .map_err(|e| RestoreError::Fd {
+                            fd: f.fd,
+                            what: format!("cannot reopen {}: {e}", f.path),
+                        })?;
+                    if f.kind == FdKind::Regular && f.pos != 0 {
+                        nix::unistd::lseek(
+                            file.as_raw_fd(),
+                            f.pos as i64,
+                            nix::unistd::Whence::SeekSet,
+                        )
+                        .map_err(|e| RestoreError::Fd {
+                            fd: f.fd,
+                            what: format!("cannot seek {} to {}: {e}", f.path, f.pos),
+                        })?;
+                    }
+                    OwnedFd::from(file)
+                }
+                // Private descriptions: reopened inside the process.
+                _ => continue,
+            };
+            by_desc.insert(f.desc, opened.as_raw_fd());
+            pass.push((f.fd, opened.as_raw_fd()));
+            owned.push(opened);
+        }
+        out.push(pass);
+    }
+    Ok((owned, out))
+}
+
+fn reopen(src: &str, acc: u32, f: &image::FdEntry) -> Result<OwnedFd> {
+    let file = std::fs::OpenOptions::new()
+        .read(acc != libc::O_WRONLY as u32)
+        .write(acc != libc::O_RDONLY as u32)
+        .open(src)
+        .map_err(|e| RestoreError::Fd {
+            fd: f.fd,
+            what: format!("pipe {} cannot be reopened from {src}: {e}", f.path),
+        })?;
+    Ok(OwnedFd::from(file))
+}
+
+/// A pipe shared with processes outside the job: reopened from the frozen source (same
+/// host only).
+fn reopen_source_pipe(m: &ImageMeta, f: &image::FdEntry) -> Result<OwnedFd> {
+    let src = format!("/proc/{}/fd/{}", m.pid, f.fd);
+    let acc = f.flags & libc::O_ACCMODE as u32;
+    let fd = reopen(&src, acc, f).map_err(|e| RestoreError::Fd {
+        fd: f.fd,
+        what: format!("pipe {} is not inherited and {e}", f.path),
+    })?;
+    let ino = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    if (FdKind::Pipe { ino }) != f.kind {
+        return Err(RestoreError::Fd {
+            fd: f.fd,
+            what: format!("{src} is no longer {}", f.path),
+        });
+    }
+    Ok(fd)
+}
+
+/// Create the other processes of a tree, each with its old pid (clone3 set_tid injected
+/// into its parent; CLONE_PARENT from the root for children of the namespace's init),
+/// then its session (setsid) and process group (setpgid), and check both. Parents come
+/// before their children in `imgs`.
+fn create_members(
+    imgs: &[(PathBuf, ImageMeta)],
+    injs: &mut Vec<Injector>,
+    tramp: u64,
+    created: &std::cell::RefCell<Vec<i32>>,
+) -> Result<()> {
+    let sc = Scratch {
+        base: tramp + SCRATCH_OFF,
+        len: TRAMP_LEN - SCRATCH_OFF,
     };
-    drop(pass);
-    Ok((
-        Restored {
-            pid,
-            ns_pid: (mode == PidMode::NewNamespace).then_some(want_ns_pid),
-            init_pid,
-            warnings,
-        },
-        pager,
-    ))
+    let ns = |m: &ImageMeta| *m.ns_pids.last().unwrap_or(&m.pid);
+    let root = &imgs[0].1;
+    let root_ns = ns(root);
+    let mut order: Vec<usize> = Vec::new();
+    // Children of init outside the root's session must be created before the root
+    // starts a session of its own (they inherit the session at creation).
+    let root_setsid = root.ns_sid == root_ns;
+    if root_setsid {
+        order.extend(
+            (1..imgs.len()).filter(|i| imgs[*i].1.ns_ppid == 1 && imgs[*i].1.ns_sid != root_ns),
+        );
+    }
+    let early = order.clone();
+    order.push(0);
+    order.extend((1..imgs.len()).filter(|i| !early.contains(i)));
+    // injs[k] belongs to imgs[k]; members are created in `order`.
+    let mut slot: Vec<Option<Injector>> = (0..imgs.len()).map(|_| None).collect();
+    slot[0] = Some(injs.remove(0));
+    for i in order {
+        let m = &imgs[i].1;
+        if i != 0 {
+            let (parent, flags) = if m.ns_ppid == 1 {
+                (0usize, libc::CLONE_PARENT as u64)
+            } else {
+                let p = (0..imgs.len())
+                    .find(|k| ns(&imgs[*k].1) == m.ns_ppid)
+                    .ok_or_else(|| RestoreError::Pid {
+                        pid: ns(m),
+                        what: format!("its parent {} is not in the image", m.ns_ppid),
+                    })?;
+                (p, 0)
+            };
+            let pinj = slot[parent].as_mut().ok_or_else(|| RestoreError::Pid {
+                pid: ns(m),
+                what: format!("its parent {} is created after it", m.ns_ppid),
+            })?;
+            let exit_signal = if flags == 0 { libc::SIGCHLD as u64 } else { 0 };
+            inject_clone3(pinj, &sc, "clone3(process)", flags, exit_signal, ns(m))?.map_err(
+                |e| RestoreError::Pid {
+                    pid: ns(m),
+                    what: format!("cannot recreate the process: {e}"),
+                },
+            )?;
+            let child = pinj.cloned.pop().ok_or_else(|| RestoreError::Helper {
+                pid: pinj.pid(),
+                what: format!("clone3 of process {} reported no ptrace event", ns(m)),
+            })?;
+            created.borrow_mut().push(child);
+            wait_event_stop(child, "new process")?;
+            let base = sys::get_regs(child)?;
+            slot[i] = Some(Injector::new(child, tramp, base)?);
+        }
+        if m.ns_sid == ns(m) {
+            let inj = slot[i].as_mut().expect("just created");
+            inj.call("setsid", libc::SYS_setsid, [0; 6])
+                .map_err(|e| RestoreError::Pid {
+                    pid: ns(m),
+                    what: format!("cannot start its session: {e}"),
+                })?;
+        }
+    }
+    // Process groups: leaders first, then the members join.
+    for leaders in [true, false] {
+        for (i, (_, m)) in imgs.iter().enumerate() {
+            if m.ns_pgid == 0 || (m.ns_pgid == ns(m)) != leaders || m.ns_sid == ns(m) {
+                continue;
+            }
+            let inj = slot[i].as_mut().expect("created");
+            if ns_ids(inj.pid())?.0 == m.ns_pgid {
+                continue;
+            }
+            let target = if leaders { 0 } else { m.ns_pgid as u64 };
+            inj.call("setpgid", libc::SYS_setpgid, [0, target, 0, 0, 0, 0])
+                .map_err(|e| RestoreError::Pid {
+                    pid: ns(m),
+                    what: format!("cannot join process group {}: {e}", m.ns_pgid),
+                })?;
+        }
+    }
+    for (i, (_, m)) in imgs.iter().enumerate() {
+        let pid = slot[i].as_ref().expect("created").pid();
+        let (pgid, sid) = ns_ids(pid)?;
+        if (pgid, sid) != (m.ns_pgid, m.ns_sid) {
+            return Err(RestoreError::Pid {
+                pid: ns(m),
+                what: format!(
+                    "process group/session {pgid}/{sid} instead of {}/{}",
+                    m.ns_pgid, m.ns_sid
+                ),
+            });
+        }
+    }
+    *injs = slot.into_iter().map(|s| s.expect("created")).collect();
+    Ok(())
+}
+
+/// (process group, session) of a process in its innermost pid namespace (0: outside it).
+fn ns_ids(pid: i32) -> Result<(i32, i32)> {
+    let st = procfs::status(pid)?;
+    let last = |k: &str| -> Result<i32> {
+        Ok(
+            procfs::nums::<i32>(pid, k, procfs::status_get(pid, &st, k)?)?
+                .last()
+                .copied()
+                .unwrap_or(0),
+        )
+    };
+    Ok((last("NSpgid")?, last("NSsid")?))
 }
 
 /// Lowest gap of `len` bytes at or above `min`, not overlapping any busy range.
@@ -539,12 +876,12 @@ fn build(
     pages: &File,
     pages_path: &Path,
     tramp: u64,
-    pass: &[(i32, OwnedFd)],
+    pass: &[(i32, RawFd)],
     warnings: &mut Vec<String>,
     lazy: bool,
     push_delay: std::time::Duration,
     new_pid: bool,
-) -> Result<Option<LazyPager>> {
+) -> Result<(Option<LazyPager>, Launch)> {
     let pid = inj.pid();
     let sc = Scratch {
         base: tramp + SCRATCH_OFF,
@@ -575,7 +912,7 @@ fn build(
         .fds
         .iter()
         .map(|f| f.fd)
-        .chain(pass.iter().map(|(_, o)| o.as_raw_fd()))
+        .chain(pass.iter().map(|(_, o)| *o))
         .max()
         .unwrap_or(0) as u64
         + 1;
@@ -584,7 +921,7 @@ fn build(
         let t = inj.call(
             "fcntl(F_DUPFD)",
             nr(libc::SYS_fcntl),
-            [o.as_raw_fd() as u64, libc::F_DUPFD as u64, hi, 0, 0, 0],
+            [*o as u64, libc::F_DUPFD as u64, hi, 0, 0, 0],
         )?;
         parked.insert(*want, t);
     }
@@ -792,8 +1129,10 @@ fn build(
             [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
         )?;
         let mut api = Vec::new();
-        let features =
-            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+        let features = uffd::FEATURE_EVENT_REMAP
+            | uffd::FEATURE_EVENT_REMOVE
+            | uffd::FEATURE_EVENT_UNMAP
+            | uffd::FEATURE_EVENT_FORK;
         for w in [uffd::API, features, 0] {
             api.extend_from_slice(&w.to_le_bytes());
         }
@@ -1134,17 +1473,64 @@ fn build(
     sys::set_xstate(pid, &meta.xstate)?;
     sys::set_regs(pid, &regs)?;
     let suppressed = std::mem::take(&mut inj.suppressed);
-    for t in &threads {
-        sys::detach(t.tid, 0)?;
+    Ok((
+        pager,
+        Launch {
+            pid,
+            tids: threads.iter().map(|t| t.tid).collect(),
+            signals: meta
+                .pending
+                .iter()
+                .map(|s| *s as i32)
+                .chain(suppressed)
+                .collect(),
+            thread_signals: resend,
+        },
+    ))
+}
+
+/// A rebuilt process, stopped with its final registers, ready to run.
+struct Launch {
+    pid: i32,
+    tids: Vec<i32>,
+    signals: Vec<i32>,
+    thread_signals: Vec<(i32, i32)>,
+}
+
+impl Launch {
+    /// Let it go (other threads first) and re-send its pending signals.
+    fn go(&self) -> Result<()> {
+        for t in &self.tids {
+            sys::detach(*t, 0)?;
+        }
+        sys::detach(self.pid, 0)?;
+        for s in &self.signals {
+            let _ = sys::kill(self.pid, *s);
+        }
+        for (tid, s) in &self.thread_signals {
+            let _ = sys::tgkill(self.pid, *tid, *s);
+        }
+        Ok(())
     }
-    sys::detach(pid, 0)?;
-    for s in meta.pending.iter().map(|s| *s as i32).chain(suppressed) {
-        let _ = sys::kill(pid, s);
+}
+
+/// Run clone3(flags, exit_signal, set_tid = [tid]) inside the tracee. The outer error is
+/// about the scratch memory, the inner one the clone3 call itself.
+fn inject_clone3(
+    inj: &mut Injector,
+    sc: &Scratch,
+    name: &'static str,
+    flags: u64,
+    exit_signal: u64,
+    tid: i32,
+) -> Result<std::result::Result<u64, InjectError>> {
+    let tid_addr = sc.put(inj, 0x200, &tid.to_le_bytes())?;
+    let mut args = Vec::with_capacity(88);
+    for w in [flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_addr, 1, 0] {
+        args.extend_from_slice(&w.to_le_bytes());
     }
-    for (tid, s) in resend {
-        let _ = sys::tgkill(pid, tid, s);
-    }
-    Ok(pager)
+    let a = sc.put(inj, 0x100, &args)?;
+    Ok(inj.call(name, libc::SYS_clone3, [a, args.len() as u64, 0, 0, 0, 0]))
 }
 
 /// A thread created during restore, still stopped under ptrace.
@@ -1197,20 +1583,11 @@ fn create_thread(
         | libc::CLONE_SIGHAND
         | libc::CLONE_THREAD
         | libc::CLONE_SYSVSEM) as u64;
-    let tid_addr = sc.put(inj, 0x200, &t.ns_tid.to_le_bytes())?;
-    let mut args = Vec::with_capacity(88);
-    for w in [flags, 0, 0, 0, 0, 0, 0, 0, tid_addr, 1, 0] {
-        args.extend_from_slice(&w.to_le_bytes());
-    }
-    let a = sc.put(inj, 0x100, &args)?;
-    inj.call(
-        "clone3(thread)",
-        libc::SYS_clone3,
-        [a, args.len() as u64, 0, 0, 0, 0],
-    )
-    .map_err(|e| RestoreError::Pid {
-        pid: t.ns_tid,
-        what: format!("cannot recreate thread: {e}"),
+    inject_clone3(inj, sc, "clone3(thread)", flags, 0, t.ns_tid)?.map_err(|e| {
+        RestoreError::Pid {
+            pid: t.ns_tid,
+            what: format!("cannot recreate thread: {e}"),
+        }
     })?;
     let tid = inj.cloned.pop().ok_or_else(|| RestoreError::Helper {
         pid,

@@ -667,6 +667,7 @@ pub mod uffd {
     pub const REGISTER_MODE_WP: u64 = 2;
     pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
     pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+    pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
     pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
     pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
     pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
@@ -907,4 +908,62 @@ pub fn regs_from_words(w: &[u64]) -> Option<Regs> {
     arr.copy_from_slice(w);
     // SAFETY: same layout argument as regs_to_words; every bit pattern is a valid u64.
     Some(unsafe { std::mem::transmute::<[u64; REGS_WORDS], Regs>(arr) })
+}
+
+/// kcmp(2) resource types.
+pub const KCMP_FILE: i32 = 0;
+pub const KCMP_VM: i32 = 1;
+
+/// kcmp(pid1, pid2, type, idx1, idx2): Ok(true) when both refer to the same kernel object
+/// (for [`KCMP_FILE`]: the same open file description).
+pub fn kcmp_same(pid1: i32, pid2: i32, kind: i32, idx1: u64, idx2: u64) -> Result<bool> {
+    // SAFETY: kcmp takes no pointers for these types.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, idx1, idx2) };
+    check("kcmp", pid1, r).map(|v| v == 0)
+}
+
+/// pipe2(O_CLOEXEC | flags): (read end, write end).
+pub fn pipe2(flags: i32) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let mut fds = [-1i32; 2];
+    // SAFETY: `fds` is a live array of two ints.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) };
+    check("pipe2", 0, r as libc::c_long)?;
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        Ok((
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// F_GETPIPE_SZ.
+pub fn pipe_size(fd: i32) -> Result<u32> {
+    // SAFETY: fcntl(F_GETPIPE_SZ) takes no pointers.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    check("fcntl(F_GETPIPE_SZ)", 0, r as libc::c_long).map(|v| v as u32)
+}
+
+/// F_SETPIPE_SZ; returns the capacity the kernel chose (>= `size`).
+pub fn set_pipe_size(fd: i32, size: u32) -> Result<u32> {
+    // SAFETY: fcntl(F_SETPIPE_SZ) takes no pointers.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size as libc::c_int) };
+    check("fcntl(F_SETPIPE_SZ)", 0, r as libc::c_long).map(|v| v as u32)
+}
+
+/// FIONREAD: bytes waiting in a pipe.
+pub fn bytes_unread(fd: i32) -> Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`, live for the call.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    check("ioctl(FIONREAD)", 0, r as libc::c_long).map(|_| n as u64)
+}
+
+/// tee(2) without blocking: duplicate up to `len` bytes from pipe `from` into pipe `to`
+/// without consuming them. Returns the bytes duplicated.
+pub fn tee_nonblock(from: i32, to: i32, len: usize) -> Result<usize> {
+    // SAFETY: tee takes no pointers.
+    let r = unsafe { libc::tee(from, to, len, libc::SPLICE_F_NONBLOCK) };
+    check("tee", 0, r as libc::c_long).map(|v| v as usize)
 }

@@ -15,6 +15,9 @@ use wisp_proto::rpc::{PeerHandle, RpcClient, Service};
 /// How long a source waits for the target to rebuild a job before resuming it itself.
 const MIGRATE_IN_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long a migration waits for a lazily arrived job's pages to be all in.
+const PAGING_WAIT: Duration = Duration::from_secs(300);
+
 /// How long one `JobWait` may hold a server thread before the client asks again.
 const WAIT_SLICE: Duration = Duration::from_secs(5);
 
@@ -24,6 +27,8 @@ struct Job {
     /// The job moved to (host, agent address).
     moved: Option<(String, String)>,
     migrating: bool,
+    /// Arrived lazily and its pages are still being paged in (it cannot leave before).
+    paging: bool,
     /// Stopped (SIGSTOP) because it could not migrate away when the owner came back.
     suspended: bool,
 }
@@ -221,6 +226,7 @@ impl Agent {
                 exit: None,
                 moved: None,
                 migrating: false,
+                paging: false,
                 suspended: false,
             },
         );
@@ -287,7 +293,36 @@ impl Agent {
                 j.migrating = false;
             }
         };
-        let dir = self.cfg.mount.join(".swap").join(format!("{job:x}"));
+        // A job that arrived lazily moves on only once all its pages are here: a dump
+        // now would miss the pages still in the previous swap file.
+        {
+            let deadline = Instant::now() + PAGING_WAIT;
+            let mut jobs = self.jobs.lock().unwrap();
+            while jobs.get(&job).is_some_and(|j| j.paging) {
+                let now = Instant::now();
+                if now >= deadline {
+                    if let Some(j) = jobs.get_mut(&job) {
+                        j.migrating = false;
+                    }
+                    return Err(err(
+                        libc::EBUSY,
+                        format!("job {job} is still being paged in after a lazy migration"),
+                    ));
+                }
+                jobs = self.changed.wait_timeout(jobs, deadline - now).unwrap().0;
+            }
+        }
+        // One directory per migration: the lazy pager of the job's previous arrival here
+        // may still be paging from (and will then delete) the previous one.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let dir = self
+            .cfg
+            .mount
+            .join(".swap")
+            .join(format!("{job:x}.{nonce:x}"));
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             unmark(self);
@@ -296,7 +331,8 @@ impl Agent {
                 format!("cannot make {}: {e}", dir.display()),
             ));
         }
-        // Freeze and write the image; on failure procmig resumes the process itself.
+        // Freeze and write the image (the whole process tree of the job's sandbox); on
+        // failure procmig resumes every process itself.
         let dumped = match mode {
             MigrateMode::PreCopy => precopy(pid, &dir),
             _ => wisp_procmig::dump(pid, &dir),
@@ -348,7 +384,7 @@ impl Agent {
                 self.stats
                     .frozen_ms
                     .fetch_add(stopped_ms, Ordering::Relaxed);
-                info!(job, to = %to_host, new_pid, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
+                info!(job, to = %to_host, new_pid, processes = dumped.processes, frozen_ms = dumped.frozen_ms, bytes = dumped.bytes, "job migrated");
                 Ok(Response::Migrated {
                     pid: new_pid,
                     frozen_ms: stopped_ms,
@@ -476,10 +512,18 @@ impl Agent {
             // The job runs already; its pages arrive from the swap file on demand and in the
             // background. Only when all are in is the swap file removed.
             Some(p) => {
+                if let Some(j) = self.jobs.lock().unwrap().get_mut(&job) {
+                    j.paging = true;
+                }
                 let d = dir.clone();
                 let me = self.clone();
                 std::thread::spawn(move || {
-                    match p.wait() {
+                    let r = p.wait();
+                    if let Some(j) = me.jobs.lock().unwrap().get_mut(&job) {
+                        j.paging = false;
+                    }
+                    me.changed.notify_all();
+                    match r {
                         Ok(st) => {
                             me.stats
                                 .pager_faults
@@ -504,7 +548,12 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        info!(job, pid = r.pid, "job arrived");
+        info!(
+            job,
+            pid = r.pid,
+            processes = r.members.len() + 1,
+            "job arrived"
+        );
         self.stats.migrations_in.fetch_add(1, Ordering::Relaxed);
         Ok(r.pid as u32)
     }
@@ -760,8 +809,9 @@ pub async fn eviction_loop(
                     let _ = reg
                         .job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort)
                         .await;
-                    // It cannot move (e.g. it has child processes): stop it, whole sandbox,
-                    // so the owner gets the machine; it resumes when the owner leaves.
+                    // It cannot move (e.g. it holds a TCP socket; process trees do move):
+                    // stop it, whole sandbox, so the owner gets the machine; it resumes
+                    // when the owner leaves.
                     let why = match other {
                         Ok(Err(e)) => e.to_string(),
                         Ok(Ok(r)) => format!("{r:?}"),

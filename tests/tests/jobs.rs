@@ -4,24 +4,37 @@ use std::time::{Duration, Instant};
 
 use wisp_tests::{sim, Sim};
 
-fn wisp(s: &Sim, args: &str) -> String {
+fn try_wisp(s: &Sim, args: &str) -> Result<String, String> {
     let cli = s.bin_dir.join("wisp");
     let out = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{} {args} --cluster {}", cli.display(), s.name))
         .output()
         .expect("run wisp");
-    assert!(
-        out.status.success(),
-        "wisp {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn wisp(s: &Sim, args: &str) -> String {
+    try_wisp(s, args).unwrap_or_else(|e| panic!("wisp {args}: {e}"))
 }
 
 fn lend(s: &Sim, hosts: &[&str]) {
+    // A workstation may not be registered yet right after the cluster came up.
+    let deadline = Instant::now() + Duration::from_secs(20);
     for h in hosts {
-        wisp(s, &format!("owner {h} idle"));
+        loop {
+            match try_wisp(s, &format!("owner {h} idle")) {
+                Ok(_) => break,
+                Err(e) if e.contains("unknown host") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("wisp owner {h} idle: {e}"),
+            }
+        }
     }
     // Wait until the registry sees them idle.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -248,30 +261,41 @@ fn running_job_migrates_between_hosts() {
     assert_eq!(s.ok("ws1", "ls -A /wisp/.swap 2>/dev/null | wc -l"), "0\n");
 }
 
-/// When the owner comes back, the foreign job leaves at once and keeps running elsewhere.
-#[test]
-fn owner_return_evicts_foreign_jobs() {
-    let (s, runner, job, from) = start_ticker("evict");
+/// The owner of `from` comes back: `job` must leave it within `within`, then run to the
+/// end with exit status `code`; returns its rexec's output.
+fn owner_returns(
+    s: &Sim,
+    job: &str,
+    from: &str,
+    runner: std::thread::JoinHandle<std::process::Output>,
+    within: Duration,
+    code: i32,
+) -> std::process::Output {
     let t0 = Instant::now();
-    wisp(&s, &format!("owner {from} active"));
+    wisp(s, &format!("owner {from} active"));
     loop {
-        let h = job_host(&s, &job);
+        let h = job_host(s, job);
         if !h.is_empty() && h != from {
             break;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "job was not evicted from {from}"
-        );
+        assert!(t0.elapsed() < within, "job was not evicted from {from}");
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = runner.join().unwrap();
     assert_eq!(
         out.status.code(),
-        Some(5),
+        Some(code),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// When the owner comes back, the foreign job leaves at once and keeps running elsewhere.
+#[test]
+fn owner_return_evicts_foreign_jobs() {
+    let (s, runner, job, from) = start_ticker("evict");
+    let out = owner_returns(&s, &job, &from, runner, Duration::from_secs(5), 5);
     check_ticks(&String::from_utf8_lossy(&out.stdout));
     let log = s.c.log_path(&from);
     assert!(std::fs::read_to_string(log)
@@ -279,7 +303,34 @@ fn owner_return_evicts_foreign_jobs() {
         .contains("evicted: owner is back"));
 }
 
-/// A job that cannot migrate (it has child processes) is suspended, not killed, when the
+/// A job with child processes (a shell loop with a background child and a `sleep` per
+/// iteration) is migrated whole when the owner comes back, and finishes elsewhere with
+/// nothing lost or repeated.
+#[test]
+fn job_with_children_is_evicted_whole() {
+    let s = sim("evtree", 2);
+    lend(&s, &["ws2"]);
+    s.ok("ws1", "mkdir -p /wisp/evtree");
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || {
+            c.sh("ws1", "cd /wisp/evtree && rexec sh -c 'sleep 60 & for i in $(seq 1 30); do echo $i; sleep 0.1; done; kill $!; wait $!; echo bg=$?'").unwrap()
+        })
+    };
+    let job = only_job(&s);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(job_host(&s, &job), "ws2");
+    let out = owner_returns(&s, &job, "ws2", runner, Duration::from_secs(10), 0);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        (1..=30).map(|i| format!("{i}\n")).collect::<String>() + "bg=143\n"
+    );
+    let log = std::fs::read_to_string(s.c.log_path("ws2")).unwrap();
+    assert!(log.contains("evicted: owner is back"), "{log}");
+    assert!(!log.contains("suspended, not killed"), "{log}");
+}
+
+/// A job that cannot migrate (it holds a TCP socket) is suspended, not killed, when the
 /// owner comes back, and runs on to completion when the owner leaves again.
 #[test]
 fn unmigratable_job_is_suspended_then_resumed() {
@@ -289,7 +340,7 @@ fn unmigratable_job_is_suspended_then_resumed() {
     let runner = {
         let c = s.c.clone();
         std::thread::spawn(move || {
-            c.sh("ws1", "cd /wisp/susp && rexec sh -c 'sleep 60 & for i in $(seq 1 30); do echo $i; sleep 0.1; done; kill $!'").unwrap()
+            c.sh("ws1", "cd /wisp/susp && rexec python3 -c 'import socket, time  # wisp-tcp-holder\ns = socket.socket(); s.bind((\"127.0.0.1\", 0)); s.listen()\nfor i in range(1, 31): print(i, flush=True); time.sleep(0.1)'").unwrap()
         })
     };
     let job = only_job(&s);
@@ -307,13 +358,17 @@ fn unmigratable_job_is_suspended_then_resumed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains("socket"),
+        "the suspension should say why (a socket)"
+    );
     // Stopped: every process of the job is in state T, and the output pauses.
     // The job's processes: in a pid namespace other than the host's, running its command.
     let states = s.ok(
         "ws2",
         r#"me=$(readlink /proc/self/ns/pid); for d in /proc/[0-9]*; do
              [ "$(readlink $d/ns/pid 2>/dev/null)" != "$me" ] || continue
-             tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'seq 1 30' && awk '{print $3}' $d/stat
+             tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'wisp-tcp-holder' && awk '{print $3}' $d/stat
            done | sort -u"#,
     );
 

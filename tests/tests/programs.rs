@@ -1,6 +1,6 @@
 //! End-to-end: real programs migrated mid-run, back and forth between hosts, give the
-//! same output as unmigrated runs (issue procmig's acceptance, as far as single processes
-//! go: process trees do not migrate yet).
+//! same output as unmigrated runs (issue procmig's acceptance): single processes, and
+//! process trees (shell pipelines, a shell waiting for its command).
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,82 @@ for i in range(40):
 print(hashlib.sha256(d).hexdigest())
 "#;
 
+/// Mark workstations idle, waiting for any not registered yet (right after the cluster
+/// came up).
+fn lend(s: &Sim, hosts: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for h in hosts {
+        loop {
+            match wisp(s, &format!("owner {h} idle")) {
+                Ok(_) => break,
+                Err(e) if e.contains("unknown host") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("wisp owner {h} idle: {e}"),
+            }
+        }
+    }
+}
+
+/// Wait until the registry lists `n` jobs; returns their ids.
+fn wait_for_jobs(s: &Sim, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = wisp(s, "jobs").unwrap();
+        let v: Vec<String> = out
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().count() >= 4)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        if v.len() == n {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "jobs did not start: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Rounds of moving every job still running to the other of ws2/ws3, one round per
+/// entry of `modes` (extra `wisp migrate` flags); returns how often each job moved.
+fn move_back_and_forth(
+    s: &Sim,
+    jobs: &[String],
+    modes: &[&str],
+) -> std::collections::HashMap<String, usize> {
+    let mut moves = std::collections::HashMap::new();
+    for (round, mode) in modes.iter().enumerate() {
+        for job in jobs {
+            let now = wisp(s, "jobs").unwrap();
+            let Some(host) = now
+                .lines()
+                .find(|l| l.starts_with(&format!("{job} ")))
+                .and_then(|l| l.split_whitespace().nth(3))
+            else {
+                continue; // already finished
+            };
+            let to = if host == "ws2" { "ws3" } else { "ws2" };
+            let t = Instant::now();
+            match wisp(s, &format!("migrate {job} --to {to} {mode}")) {
+                Ok(m) => {
+                    eprintln!("round {round} {mode}: {} ({:?})", m.trim(), t.elapsed());
+                    *moves.entry(job.clone()).or_insert(0) += 1;
+                }
+                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
+                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
+            }
+        }
+    }
+    moves
+}
+
+/// The stdout of a finished rexec, which must have succeeded.
+fn output_of(h: std::thread::JoinHandle<std::process::Output>) -> String {
+    let o = h.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn real_programs_migrate_back_and_forth() {
     for tool in ["bc", "python3", "sha256sum"] {
@@ -41,9 +117,7 @@ fn real_programs_migrate_back_and_forth() {
         );
     }
     let s = sim("progs", 3);
-    for h in ["ws2", "ws3"] {
-        wisp(&s, &format!("owner {h} idle")).unwrap();
-    }
+    lend(&s, &["ws2", "ws3"]);
     s.ok(
         "ws1",
         "mkdir -p /wisp/p && head -c 2147483648 /dev/zero > /wisp/p/big",
@@ -65,67 +139,89 @@ fn real_programs_migrate_back_and_forth() {
     let bc =
         start("cd /wisp/p && echo 'scale=2500; 4*a(1)' | BC_LINE_LENGTH=0 rexec --host ws3 bc -l");
     let py = start("cd /wisp/p && rexec --host ws2 python3 /tmp/wisp-prog.py");
-    // Wait for the three jobs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let jobs: Vec<(String, String)> = loop {
-        let out = wisp(&s, "jobs").unwrap();
-        let v: Vec<(String, String)> = out
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 4).then(|| (f[0].to_string(), f[3].to_string()))
-            })
-            .collect();
-        if v.len() == 3 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "jobs did not start: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let jobs = wait_for_jobs(&s, 3);
     // Let each job get past its start-up (the sandbox's exec chain).
     std::thread::sleep(Duration::from_millis(700));
     // Move every job to the other host and back while it runs.
-    let mut moved = 0;
-    for round in 0..2 {
-        for (job, _) in &jobs {
-            let now = wisp(&s, "jobs").unwrap();
-            let Some(host) = now
-                .lines()
-                .find(|l| l.starts_with(&format!("{job} ")))
-                .and_then(|l| l.split_whitespace().nth(3))
-            else {
-                continue; // already finished
-            };
-            let to = if host == "ws2" { "ws3" } else { "ws2" };
-            match wisp(&s, &format!("migrate {job} --to {to}")) {
-                Ok(_) => moved += 1,
-                Err(e) if e.contains("no longer running") || e.contains("no job") => {}
-                Err(e) => panic!("round {round}: migrating job {job} to {to}: {e}"),
-            }
-        }
-    }
+    let moved: usize = move_back_and_forth(&s, &jobs, &["", ""]).values().sum();
     assert!(
         moved >= 4,
         "only {moved} migrations happened mid-run; the programs finished too soon"
     );
-    let out = |h: std::thread::JoinHandle<std::process::Output>| {
-        let o = h.join().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
     assert_eq!(
-        out(sha),
+        output_of(sha),
         want_sha,
         "sha256sum of a 2 GiB /wisp file changed by migration"
     );
-    assert_eq!(out(bc), want_bc, "bc's digits of pi changed by migration");
     assert_eq!(
-        out(py),
+        output_of(bc),
+        want_bc,
+        "bc's digits of pi changed by migration"
+    );
+    assert_eq!(
+        output_of(py),
         want_py,
         "python's 200 MiB state changed by migration"
     );
     let _ = std::fs::remove_file("/tmp/wisp-prog.py");
+}
+
+/// Jobs of several processes — `sh -c 'gzip | sha256sum'` and a shell running `sort` of a
+/// large file into /wisp — moved between ws2 and ws3 while they run (eagerly, lazily,
+/// with pre-copy) give byte-identical output to unmigrated runs.
+#[test]
+fn process_trees_migrate_back_and_forth() {
+    let s = sim("ptrees", 3);
+    lend(&s, &["ws2", "ws3"]);
+    s.ok(
+        "ws1",
+        "mkdir -p /wisp/t && seq 1 30000000 > /wisp/t/nums && awk 'BEGIN{for(i=0;i<6000000;i++) printf \"%08x %d\\n\", (i*2654435761)%4294967296, i}' > /wisp/t/lines",
+    );
+    // Unmigrated reference outputs, computed on ws1 itself.
+    let t = Instant::now();
+    let want_gz = s.ok("ws1", "gzip -9 -c < /wisp/t/nums | sha256sum");
+    let gz_alone = t.elapsed();
+    let t = Instant::now();
+    let want_sort = s.ok(
+        "ws1",
+        "sort -S 1G --parallel=1 /wisp/t/lines > /wisp/t/want && sha256sum < /wisp/t/want",
+    );
+    eprintln!(
+        "unmigrated: gzip pipeline {gz_alone:?}, sort {:?}",
+        t.elapsed()
+    );
+
+    let start = |script: &'static str| {
+        let c = s.c.clone();
+        std::thread::spawn(move || c.sh("ws1", script).unwrap())
+    };
+    let gz = start(
+        "cd /wisp/t && rexec --host ws2 sh -c 'gzip -9 -c < /wisp/t/nums | sha256sum; echo \"pids $$ $PPID\"'",
+    );
+    let sort = start(
+        "cd /wisp/t && rexec --host ws3 sh -c 'sort -S 1G --parallel=1 /wisp/t/lines > /wisp/t/sorted; echo \"sorted $?\"'",
+    );
+    let jobs = wait_for_jobs(&s, 2);
+    // Let the shells start their pipelines.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Eager, then lazy (a tree's processes forking during the paging get pagers of their
+    // own), then pre-copy (which freezes a tree whole).
+    let moves = move_back_and_forth(&s, &jobs, &["", "--lazy", "--precopy"]);
+    assert_eq!(
+        output_of(gz),
+        format!("{want_gz}pids 2 1\n"),
+        "the gzip | sha256sum pipeline's output changed by migration"
+    );
+    assert_eq!(output_of(sort), "sorted 0\n");
+    assert_eq!(
+        s.ok("ws1", "sha256sum < /wisp/t/sorted"),
+        want_sort,
+        "sort's output in /wisp changed by migration"
+    );
+    assert!(
+        jobs.iter().all(|j| moves.get(j).copied().unwrap_or(0) >= 2),
+        "each job should have moved there and back mid-run: {moves:?}"
+    );
 }
 
 const BIG: &str = r#"import hashlib, sys, time
@@ -147,9 +243,7 @@ print(hashlib.sha256(d).hexdigest(), flush=True)
 #[test]
 fn big_jobs_migrate_lazily_and_with_precopy() {
     let s = sim("lazy", 3);
-    for h in ["ws2", "ws3"] {
-        wisp(&s, &format!("owner {h} idle")).unwrap();
-    }
+    lend(&s, &["ws2", "ws3"]);
     std::fs::write("/tmp/wisp-big.py", BIG).unwrap();
     s.ok("ws1", "mkdir -p /wisp/big");
     for (mib, mode) in [(2048u64, "--lazy"), (512, "--precopy")] {

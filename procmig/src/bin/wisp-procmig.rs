@@ -270,6 +270,31 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             if !m.syscall_note.is_empty() {
                 println!("{}", m.syscall_note);
             }
+            println!(
+                "namespace ppid {} pgid {} sid {}",
+                m.ns_ppid, m.ns_pgid, m.ns_sid
+            );
+            for mb in &m.members {
+                let sub = wisp_procmig::image::load(&a.dir.join(&mb.dir))
+                    .with_context(|| format!("member image {}", mb.dir))?;
+                println!(
+                    "  member pid {} ppid {} pgid {} sid {} comm {:?} in {}/",
+                    mb.ns_pid, sub.ns_ppid, sub.ns_pgid, sub.ns_sid, sub.comm, mb.dir
+                );
+            }
+            for p in &m.pipes {
+                println!(
+                    "  pipe {} capacity {}{} unread {} bytes",
+                    p.ino,
+                    p.size,
+                    if p.external {
+                        " (shared outside the job)"
+                    } else {
+                        ""
+                    },
+                    p.data.len()
+                );
+            }
         }
         Cmd::Resume(a) => wisp_procmig::resume_stopped(a.pid)
             .with_context(|| format!("resume of pid {}", a.pid))?,
