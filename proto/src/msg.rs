@@ -321,7 +321,7 @@ pub enum Request {
     /// Agent: the jobs running on this host.
     JobList,
     /// Agent (source): migrate a running job to the agent at `to_addr`. The source freezes
-    /// the job, writes its image and pages under `/wisp/.swap/<job>/`, asks the target to
+    /// the job, writes its image and pages under `/wisp/.swap/<job>.<nonce>/` (one directory per move), asks the target to
     /// rebuild it, and only then kills its frozen copy; if anything fails it resumes it.
     MigrateOut {
         job: u64,

@@ -16,7 +16,7 @@ use crate::registry_cli::{connect, RegistryOpts};
 /// Move a running job to another host while it runs.
 ///
 /// The job's current host freezes it, writes its memory and state to a swap file under
-/// /wisp/.swap/JOB/, and the target rebuilds it there; the job keeps its pid, its open
+/// /wisp/.swap/JOB.NONCE/ (one directory per move), and the target rebuilds it there; the job keeps its pid, its open
 /// files in /wisp and its stdio pipes (a rexec waiting for it follows it). If the target
 /// fails, the job resumes where it was. Prints how long the job was frozen.
 #[derive(Args, Debug)]
