@@ -35,11 +35,18 @@ enum Cmd {
     Demo(DemoArgs),
     /// Move a running job to another host while it runs (see `wisp migrate --help`).
     Migrate(wisp::jobs_cli::MigrateArgs),
-    /// Jobs started by rexec and the host each runs on now (also: `wisp ps`).
-    #[command(alias = "ps")]
-    Jobs(wisp::jobs_cli::JobsArgs),
-    /// Send a signal to a job wherever it runs now.
+    /// Every job in the cluster: id, home, current host, state, CPU, memory, migrations
+    /// (also: `wisp jobs`).
+    #[command(alias = "jobs")]
+    Ps(wisp::jobs_cli::JobsArgs),
+    /// Send a signal to a job wherever it runs now: `wisp kill [-SIG] ID`.
     Kill(wisp::jobs_cli::KillArgs),
+    /// Migrate every foreign job off a host now, as if its owner had come back.
+    Evict(wisp::jobs_cli::EvictArgs),
+    /// Recent migrations, evictions and suspensions, with why and how long.
+    Events(wisp::jobs_cli::EventsArgs),
+    /// A live view of hosts, jobs and migrations as they happen.
+    Top(wisp::jobs_cli::TopArgs),
     // The registry commands: their help text lives with their flags in wisp::registry_cli.
     Hosts(wisp::registry_cli::HostsArgs),
     Domains(wisp::registry_cli::DomainsArgs),
@@ -132,7 +139,7 @@ struct Status {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(kill_signal_arg(std::env::args_os().collect()));
     wisp::init_logging("warn");
     match run(cli) {
         Ok(code) => code,
@@ -141,6 +148,20 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `wisp kill -9 ID` and `wisp kill -KILL ID`, as kill(1) spells them: `-s 9`, `-s KILL`.
+fn kill_signal_arg(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if args.get(1).is_some_and(|a| a == "kill") {
+        if let Some(sig) = args.get(2).and_then(|a| a.to_str()).and_then(|a| {
+            let s = a.strip_prefix('-')?;
+            (!s.is_empty() && s != "s" && s != "h" && s.chars().all(|c| c.is_ascii_alphanumeric()))
+                .then(|| s.to_string())
+        }) {
+            args.splice(2..3, ["-s".into(), sig.into()]);
+        }
+    }
+    args
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -220,8 +241,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Demo(a) => wisp::demo::run(&a.name)?,
         Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
-        Cmd::Jobs(a) => return wisp::jobs_cli::jobs(a),
+        Cmd::Ps(a) => return wisp::jobs_cli::jobs(a),
         Cmd::Kill(a) => return wisp::jobs_cli::kill(a),
+        Cmd::Evict(a) => return wisp::jobs_cli::evict(a),
+        Cmd::Events(a) => return wisp::jobs_cli::events(a),
+        Cmd::Top(a) => return wisp::jobs_cli::top(a),
         Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),
         Cmd::Domains(a) => return wisp::registry_cli::domains(a),
         Cmd::Registry(a) => return wisp::registry_cli::registry(a),
