@@ -293,6 +293,14 @@ async fn evict_jobs(
                     j.home
                 )),
             };
+            // Stopped at once, not after the other moves: the owner has the host back.
+            if let Err(why) = &r {
+                if on_fail == OnFail::Suspend {
+                    suspend(&agent, &reg, &j, why).await;
+                } else {
+                    warn!(job = j.job, "cannot migrate ({why}); it runs on here");
+                }
+            }
             (j, d.map(|(h, _)| h).unwrap_or_default(), r)
         }));
     }
@@ -300,14 +308,8 @@ async fn evict_jobs(
         let Ok((j, to, r)) = t.await else { continue };
         match r {
             Ok((frozen, total)) => report.moved.push((j.job, to, frozen, total)),
-            Err(why) if on_fail == OnFail::Suspend => {
-                suspend(agent, reg, &j, &why).await;
-                report.suspended.push((j.job, why));
-            }
-            Err(why) => {
-                warn!(job = j.job, "cannot migrate ({why}); it runs on here");
-                report.stayed.push((j.job, why));
-            }
+            Err(why) if on_fail == OnFail::Suspend => report.suspended.push((j.job, why)),
+            Err(why) => report.stayed.push((j.job, why)),
         }
     }
     report.total_ms = t0.elapsed().as_millis() as u64;

@@ -382,16 +382,38 @@ fn balancer_moves_a_long_running_job_off_an_overloaded_host() {
 fn owner_returns_during_a_build_and_long_jobs() {
     let s = sim("accept", 3);
     s.lend(&["ws2", "ws3"]);
-    s.ok("ws1", &wisp_tests::c_project("/wisp/acc", 24, "sleep 1; "));
+    s.ok("ws1", &wisp_tests::c_project("/wisp/acc", 24, "sleep 2; "));
     // The long jobs: deterministic output, about 8 s each.
     let long = r#"perl -e '$|=1; my $h = 0; for my $i (0..79) { $h = ($h * 31 + $i * 7919) % 1000000007; my @m = map { ($h + $_) % 977 } 0..100000; print "$i $h $m[$i * 1000]\n"; select(undef, undef, undef, 0.1) }'"#;
     let want = s.ok("ws1", long);
     let build = spawn(&s, "ws1", "acc", "make -s -j6 SHELL=rexec && ./app");
     let l1 = spawn(&s, "ws1", "acc", &format!("rexec --host ws2 {long}"));
     let l2 = spawn(&s, "ws1", "acc", &format!("rexec --host ws3 {long}"));
-    wait_jobs(&s, 3);
-    std::thread::sleep(Duration::from_secs(2));
+    // The owner comes back just after a build recipe started on ws2 (in its `sleep 2`).
+    let mut seen: Vec<String> = vec![];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ps = s.wisp("ps");
+        let fresh = ps.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 8 && f[3] == "ws2" && f[8] == "/bin/sh" && !seen.iter().any(|x| x == f[0])
+        });
+        if fresh && !seen.is_empty() {
+            break;
+        }
+        seen.extend(
+            ps.lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next().map(String::from)),
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no build recipe started on ws2:\n{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(!s.job_processes("ws2").is_empty(), "nothing runs on ws2");
+    eprintln!("before:\n{}", s.wisp("ps"));
     let t0 = Instant::now();
     s.wisp("owner ws2 active");
     loop {
@@ -410,6 +432,7 @@ fn owner_returns_during_a_build_and_long_jobs() {
         "ws2 free of foreign processes {:?} after its owner came back",
         t0.elapsed()
     );
+    eprintln!("{}", s.wisp("events"));
     let out = build.join().unwrap();
     assert_exit(&out, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "300\n");
