@@ -1354,6 +1354,11 @@ mod tests {
             (r.hosts["ws1"].foreign_jobs, r.hosts["ws2"].foreign_jobs),
             (0, 1)
         );
+        assert_eq!(
+            (r.jobs[&j].migrations, r.jobs[&j].moved_ms),
+            (1, Some(T0)),
+            "a committed move is counted"
+        );
         // Move home: no longer foreign anywhere.
         r.apply(&at(
             T0,
@@ -1374,6 +1379,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(r.jobs[&j].current_host, "ws2");
+        assert_eq!(r.jobs[&j].migrations, 1, "an aborted move is not counted");
         r.apply(&at(
             T0,
             Command::JobEnd {
@@ -1672,5 +1678,33 @@ mod tests {
         r.apply(&at(T0 + 5 + SESSION_TTL_MS + 1, Command::Tick))
             .unwrap();
         assert!(r.sessions.is_empty());
+    }
+
+    #[test]
+    fn events_are_stamped_and_bounded() {
+        let mut r = cluster(&[100]);
+        let ev = |job| JobEvent {
+            at_ms: 1,
+            job,
+            kind: EventKind::Evicted,
+            from: "ws0".into(),
+            to: "ws1".into(),
+            reason: "x".repeat(500),
+            frozen_ms: 5,
+            total_ms: 9,
+            bytes: 4096,
+        };
+        r.apply(&at(T0 + 7, Command::RecordEvent(ev(1)))).unwrap();
+        assert_eq!(
+            r.events[0].at_ms,
+            T0 + 7,
+            "the registry's clock, not the sender's"
+        );
+        assert_eq!(r.events[0].reason.len(), 200);
+        for j in 2..=(MAX_EVENTS as u64 + 5) {
+            r.apply(&at(T0 + 8, Command::RecordEvent(ev(j)))).unwrap();
+        }
+        assert_eq!(r.events.len(), MAX_EVENTS);
+        assert_eq!(r.events[0].job, 6, "the oldest go first");
     }
 }

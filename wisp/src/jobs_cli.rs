@@ -610,3 +610,16 @@ pub fn kill(a: KillArgs) -> Result<ExitCode> {
     }
     bail!("job {} kept moving; try again", a.job)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_job;
+
+    #[test]
+    fn job_ids() {
+        assert_eq!(parse_job("ws1.7").unwrap(), (Some("ws1".into()), 7));
+        assert_eq!(parse_job("a.b.12").unwrap(), (Some("a.b".into()), 12));
+        assert_eq!(parse_job("12").unwrap(), (None, 12));
+        assert!(parse_job("ws1").is_err() && parse_job("ws1.x").is_err());
+    }
+}

@@ -268,3 +268,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kill_signal_arg;
+
+    fn k(v: &[&str]) -> Vec<String> {
+        kill_signal_arg(v.iter().map(|s| s.into()).collect())
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn kill_dash_signal() {
+        assert_eq!(
+            k(&["wisp", "kill", "-9", "ws1.3"]),
+            ["wisp", "kill", "-s", "9", "ws1.3"]
+        );
+        assert_eq!(
+            k(&["wisp", "kill", "-KILL", "3"]),
+            ["wisp", "kill", "-s", "KILL", "3"]
+        );
+        assert_eq!(
+            k(&["wisp", "kill", "-s", "INT", "3"]),
+            ["wisp", "kill", "-s", "INT", "3"]
+        );
+        assert_eq!(k(&["wisp", "kill", "--help"]), ["wisp", "kill", "--help"]);
+        assert_eq!(k(&["wisp", "ps", "-9"]), ["wisp", "ps", "-9"]);
+    }
+}
