@@ -84,7 +84,19 @@ impl Agent {
         if home == self.cfg.host {
             return Ok(());
         }
-        let n = self.foreign_jobs().iter().filter(|j| j.job != job).count();
+        // Suspended jobs and jobs being moved still take room here.
+        let n = self
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| {
+                j.exit.is_none()
+                    && j.moved.is_none()
+                    && j.info.home != self.cfg.host
+                    && j.info.job != job
+            })
+            .count();
         if n as u32 >= max {
             return Err(WireError::new(
                 libc::EBUSY,
@@ -293,9 +305,11 @@ async fn evict_jobs(
                     j.home
                 )),
             };
-            // Stopped at once, not after the other moves: the owner has the host back.
+            // Stopped at once, not after the other moves: the owner has the host back. A
+            // job that another move (the balancer, `wisp migrate`) took first is left to it.
+            let busy = matches!(&r, Err(why) if why.contains("already migrating"));
             if let Err(why) = &r {
-                if on_fail == OnFail::Suspend {
+                if on_fail == OnFail::Suspend && !busy {
                     suspend(&agent, &reg, &j, why).await;
                 } else {
                     warn!(job = j.job, "cannot migrate ({why}); it runs on here");
@@ -308,7 +322,9 @@ async fn evict_jobs(
         let Ok((j, to, r)) = t.await else { continue };
         match r {
             Ok((frozen, total)) => report.moved.push((j.job, to, frozen, total)),
-            Err(why) if on_fail == OnFail::Suspend => report.suspended.push((j.job, why)),
+            Err(why) if on_fail == OnFail::Suspend && !why.contains("already migrating") => {
+                report.suspended.push((j.job, why))
+            }
             Err(why) => report.stayed.push((j.job, why)),
         }
     }
