@@ -50,6 +50,50 @@ fn host_of(s: &Sim, id: &str) -> (String, String, u32) {
         .unwrap_or_default()
 }
 
+/// A cluster whose wispds get `args` too.
+fn sim_wispd(tag: &str, workstations: usize, args: &[&str]) -> Sim {
+    sim_with(tag, workstations, |sp| {
+        sp.wispd_args = args.iter().map(|a| a.to_string()).collect()
+    })
+}
+
+/// Poll `f` every 100 ms until it gives a value; panics with `what` after `secs`.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A job that holds a TCP connection to `srv` (so it cannot migrate) and ticks 40 times,
+/// then prints its peer's address.
+fn socket_job(srv: &str) -> String {
+    format!(
+        r#"perl -MIO::Socket::INET -e '$|=1; my $s = IO::Socket::INET->new(PeerAddr => "{srv}") or die "connect: $!"; for my $i (0..39) {{ print "tick $i\n"; select(undef, undef, undef, 0.1) }} print "peer ", $s->peerhost, "\n"; exit 0'"#
+    )
+}
+
+/// Scheduler states (R, S, T, ...) of the processes of `host`'s jobs.
+fn job_states(s: &Sim, host: &str) -> Vec<String> {
+    s.job_processes(host)
+        .iter()
+        .filter_map(|p| {
+            let st = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            Some(
+                st.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
 fn assert_exit(out: &std::process::Output, code: i32) {
     assert_eq!(
         out.status.code(),
@@ -253,14 +297,7 @@ fn job_holding_a_tcp_connection_is_suspended_reported_and_resumed() {
     let s = sim("tcp", 2);
     s.lend(&["ws2"]);
     let srv = s.c.server_addr();
-    let runner = spawn(
-        &s,
-        "ws1",
-        "tcp",
-        &format!(
-            r#"rexec perl -MIO::Socket::INET -e '$|=1; my $s = IO::Socket::INET->new(PeerAddr => "{srv}") or die "connect: $!"; for my $i (0..39) {{ print "tick $i\n"; select(undef, undef, undef, 0.1) }} print "peer ", $s->peerhost, "\n"; exit 0'"#
-        ),
-    );
+    let runner = spawn(&s, "ws1", "tcp", &format!("rexec {}", socket_job(&srv)));
     let (id, host) = wait_jobs(&s, 1).remove(0);
     assert_eq!(host, "ws2");
     std::thread::sleep(Duration::from_millis(800));
@@ -280,22 +317,12 @@ fn job_holding_a_tcp_connection_is_suspended_reported_and_resumed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let procs = s.job_processes("ws2");
-    assert!(!procs.is_empty(), "the job was killed");
-    for p in &procs {
-        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let state = st
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        assert_eq!(
-            state,
-            Some("T"),
-            "process {p} of the job is not stopped: {st}"
-        );
-    }
+    let states = job_states(&s, "ws2");
+    assert!(!states.is_empty(), "the job was killed");
+    assert!(
+        states.iter().all(|st| st == "T"),
+        "processes of the job are not stopped: {states:?}"
+    );
     let ev = s.wisp(&format!("events --job {id}"));
     assert!(
         ev.contains("suspended") && ev.contains("cannot migrate") && ev.contains("socket"),
@@ -316,12 +343,104 @@ fn job_holding_a_tcp_connection_is_suspended_reported_and_resumed() {
     assert!(s.wisp(&format!("events --job {id}")).contains("resumed"));
 }
 
+/// The policy knobs: `--max-foreign 1` refuses a second foreign job; `--evict-grace`
+/// keeps a job in place while the owner has been back for less than the grace period;
+/// `--unmigratable run` leaves a job that cannot migrate running (reported, not stopped).
+#[test]
+fn eviction_policy_max_foreign_grace_and_unmigratable_run() {
+    let s = sim_wispd(
+        "policy",
+        3,
+        &[
+            "--max-foreign",
+            "1",
+            "--evict-grace",
+            "2000",
+            "--unmigratable",
+            "run",
+        ],
+    );
+    s.lend(&["ws2", "ws3"]);
+    let a = spawn(
+        &s,
+        "ws1",
+        "p1",
+        &format!("rexec --host ws2 {}", ticker(80, 0)),
+    );
+    let (id, host) = wait_jobs(&s, 1).remove(0);
+    assert_eq!(host, "ws2");
+    // A second foreign job on ws2 is refused.
+    let (code, _, err) = s.run(
+        "ws1",
+        &format!(
+            "mkdir -p /wisp/p2 && cd /wisp/p2 && rexec --host ws2 {}",
+            ticker(5, 0)
+        ),
+    );
+    assert_ne!(code, 0, "a second foreign job was accepted on ws2");
+    assert!(err.contains("at most 1"), "{err}");
+    // A job holding a socket on ws3, which cannot migrate.
+    let srv = s.c.server_addr();
+    let b = spawn(
+        &s,
+        "ws1",
+        "p3",
+        &format!("rexec --host ws3 {}", socket_job(&srv)),
+    );
+    let jobs = wait_jobs(&s, 2);
+    let tcp = jobs.iter().find(|j| j.1 == "ws3").unwrap().0.clone();
+    std::thread::sleep(Duration::from_millis(500));
+    // Grace: the owner of ws2 is back, but the job stays for 2 s.
+    let t0 = Instant::now();
+    s.wisp("owner ws2 active");
+    s.wisp("owner ws3 active");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(host_of(&s, &id).0, "ws2", "evicted within the grace period");
+    wait_for(8, "not evicted after the grace period", || {
+        (host_of(&s, &id).0 != "ws2").then_some(())
+    });
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "evicted before the grace period"
+    );
+    // The job with the socket: reported, still running on ws3, not stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.wisp(&format!("events --job {tcp}")).contains("failed") {
+        assert!(
+            Instant::now() < deadline,
+            "the failed move was not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (h, state, _) = host_of(&s, &tcp);
+    assert_eq!((h.as_str(), state.as_str()), ("ws3", "running"));
+    let full = s.wisp("ps");
+    assert!(
+        full.lines()
+            .any(|l| l.starts_with(&format!("{tcp} ")) && l.contains(" running ")),
+        "{full}"
+    );
+    let states = job_states(&s, "ws3");
+    assert!(
+        !states.is_empty() && states.iter().all(|st| st != "T"),
+        "the job was stopped (or is gone): {states:?}"
+    );
+    // Both finish while the owners are still active.
+    for (r, n) in [(a, 80), (b, 40)] {
+        let out = r.join().unwrap();
+        assert_exit(&out, 0);
+        check_ticks(&out, n);
+    }
+}
+
 /// `wispd --balance`: a host running more jobs than its slots moves a long-running one to
 /// an idle host, once (the moved job stays; the host left is no longer overloaded).
 #[test]
 fn balancer_moves_a_long_running_job_off_an_overloaded_host() {
-    let s = sim_with("bal", 3, |sp| {
-        sp.wispd_args = [
+    let s = sim_wispd(
+        "bal",
+        3,
+        &[
             "--balance",
             "--balance-slots",
             "1",
@@ -331,27 +450,17 @@ fn balancer_moves_a_long_running_job_off_an_overloaded_host() {
             "2",
             "--balance-stay",
             "600",
-        ]
-        .map(String::from)
-        .to_vec();
-    });
+        ],
+    );
     s.lend(&["ws2", "ws3"]);
     let t = ticker(120, 0);
     let a = spawn(&s, "ws1", "b1", &format!("rexec --host ws2 {t}"));
     let b = spawn(&s, "ws1", "b2", &format!("rexec --host ws2 {t}"));
     wait_jobs(&s, 2);
     let t0 = Instant::now();
-    let moved = loop {
-        let v = s.ps();
-        if let Some(j) = v.iter().find(|j| j.1 != "ws2") {
-            break j.clone();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no job was balanced away from ws2: {v:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let moved = wait_for(15, "no job was balanced away from ws2", || {
+        s.ps().into_iter().find(|j| j.1 != "ws2")
+    });
     assert!(
         t0.elapsed() >= Duration::from_secs(1),
         "moved before --balance-min-age"
