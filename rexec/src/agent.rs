@@ -291,8 +291,16 @@ impl Agent {
                 j.migrating = false;
             }
         };
-        let dir = self.cfg.mount.join(".swap").join(format!("{job:x}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        // A job pre-flushed while the owner was away (`crate::preflush`) has most of its
+        // image written already: only what it dirtied since is left to write.
+        let pre = self.take_preflush(job);
+        let dir = match &pre {
+            Some((_, d)) => d.clone(),
+            None => self.cfg.mount.join(".swap").join(format!("{job:x}")),
+        };
+        if pre.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             unmark(self);
             return Err(err(
@@ -301,9 +309,10 @@ impl Agent {
             ));
         }
         // Freeze and write the image; on failure procmig resumes the process itself.
-        let dumped = match mode {
-            MigrateMode::PreCopy => precopy(pid, &dir),
-            _ => wisp_procmig::dump(pid, &dir),
+        let dumped = match (pre, mode) {
+            (Some((pc, _)), _) => pc.finish(),
+            (None, MigrateMode::PreCopy) => precopy(pid, &dir),
+            (None, _) => wisp_procmig::dump(pid, &dir),
         };
         let dumped = match dumped {
             Ok(d) => d,

@@ -37,6 +37,9 @@ pub struct EvictPolicy {
     /// A job that cannot migrate away from an evicted host is stopped (true) or left
     /// running (false); either way it is reported.
     pub suspend_unmigratable: bool,
+    /// While the owner is away, write foreign jobs' memory to their swap files ahead of
+    /// time, then every this often only what they wrote since (`None`: off).
+    pub preflush: Option<Duration>,
 }
 
 impl Default for EvictPolicy {
@@ -45,6 +48,7 @@ impl Default for EvictPolicy {
             grace: Duration::ZERO,
             max_foreign: None,
             suspend_unmigratable: true,
+            preflush: None,
         }
     }
 }
@@ -58,6 +62,8 @@ pub(crate) struct Control {
     wake: tokio::sync::Notify,
     /// Whether an eviction loop runs (else `wisp evict` is refused at once).
     looping: AtomicBool,
+    /// Foreign jobs' memory written ahead of an eviction (`crate::preflush`).
+    pub(crate) preflush: crate::preflush::Sessions,
 }
 
 /// What to do with a job that could not move.
@@ -442,6 +448,9 @@ pub async fn eviction_loop(
                 stayed.clear();
             }
             resume_all(&agent, &reg).await;
+            if let Some(every) = policy.preflush {
+                crate::preflush::tick(&agent, every);
+            }
             if let Some(max) = policy.max_foreign {
                 let mut jobs = movable(&stayed);
                 if jobs.len() > max as usize {

@@ -10,7 +10,8 @@
 //!   exit status.
 //!
 //! - [`evict`]: eviction when a host's owner comes back (and `wisp evict`), with its
-//!   policy; [`balance`]: optional load balancing (`wispd --balance`); [`ps`]: the CPU and
+//!   policy; [`preflush`]: foreign jobs' memory written to their swap files ahead of an
+//!   eviction; [`balance`]: optional load balancing (`wispd --balance`); [`ps`]: the CPU and
 //!   memory of each job, for `wisp ps`.
 //!
 //! Because a job's stdio are cluster pipes served by the file server, not a connection to
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod balance;
 pub mod client;
 pub mod evict;
+pub mod preflush;
 pub mod ps;
 
 /// Port every workstation agent listens on.

@@ -433,6 +433,36 @@ fn eviction_policy_max_foreign_grace_and_unmigratable_run() {
     }
 }
 
+/// `wispd --preflush`: a job's memory is written to its swap file while the owner is
+/// away, so the eviction writes only the pages it dirtied since, not its 64 MiB.
+#[test]
+fn preflushed_job_is_evicted_writing_only_what_it_dirtied() {
+    let s = sim_wispd("pre", 3, &["--preflush", "0.5"]);
+    s.lend(&["ws2", "ws3"]);
+    let job = r#"perl -e '$|=1; my $h = "h" x (64 << 20); for my $i (0..59) { print "tick $i\n"; select(undef, undef, undef, 0.1) }'"#;
+    let r = spawn(&s, "ws1", "pre", &format!("rexec --host ws2 {job}"));
+    let (id, _) = wait_jobs(&s, 1).remove(0);
+    std::thread::sleep(Duration::from_secs(3));
+    s.wisp("owner ws2 active");
+    wait_for(10, "not evicted", || {
+        (host_of(&s, &id).0 != "ws2").then_some(())
+    });
+    let ev = s.wisp(&format!("events --job {id}"));
+    let mib: f64 = ev
+        .split(" MiB")
+        .next()
+        .and_then(|x| x.rsplit(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {ev}"));
+    assert!(
+        ev.contains("evicted") && mib < 16.0,
+        "wrote {mib} MiB at eviction: {ev}"
+    );
+    let out = r.join().unwrap();
+    assert_exit(&out, 0);
+    check_ticks(&out, 60);
+}
+
 /// `wispd --balance`: a host running more jobs than its slots moves a long-running one to
 /// an idle host, once (the moved job stays; the host left is no longer overloaded).
 #[test]

@@ -110,6 +110,10 @@ struct Up {
     /// Number of file servers.
     #[arg(long, default_value_t = 1)]
     servers: usize,
+    /// An extra argument for every wispd (repeat for more), e.g. `--wispd-arg=--preflush
+    /// --wispd-arg=2`.
+    #[arg(long = "wispd-arg", value_name = "ARG", allow_hyphen_values = true)]
+    wispd_args: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -174,8 +178,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Cmd::Cluster(ClusterCmd::Up(u)) => {
-            let c = Cluster::up(&Spec::new(&u.name, u.servers, u.workstations))
-                .context("cluster up")?;
+            let mut spec = Spec::new(&u.name, u.servers, u.workstations);
+            spec.wispd_args = u.wispd_args;
+            let c = Cluster::up(&spec).context("cluster up")?;
             print!("{}", c.status());
             println!(
                 "run commands with: wisp cluster exec --name {} ws1 -- ls {}",

@@ -103,6 +103,11 @@ struct Args {
     /// Either way it is reported (log, registry event), never killed.
     #[arg(long, value_name = "WHAT", default_value = "suspend", value_parser = ["suspend", "run"])]
     unmigratable: String,
+    /// While the owner is away, write foreign jobs' memory to swap files in /wisp ahead of
+    /// an eviction, then every SECS only what they wrote since; eviction then writes only
+    /// the rest (off by default: it costs background copying).
+    #[arg(long, value_name = "SECS")]
+    preflush: Option<f64>,
     /// Balance load: while this host runs more jobs than --balance-slots, move its
     /// long-running jobs to idle hosts, one per round (MOSIX-like; off by default).
     #[arg(long)]
@@ -290,6 +295,9 @@ fn main() -> Result<()> {
             grace: Duration::from_millis(args.evict_grace),
             max_foreign: args.max_foreign,
             suspend_unmigratable: args.unmigratable == "suspend",
+            preflush: args
+                .preflush
+                .map(|s| Duration::from_secs_f64(s.clamp(0.1, 3600.0))),
         });
         let listen = format!(
             "0.0.0.0:{}",
