@@ -21,6 +21,8 @@
 #   4. Checks that every job runs on another host (`wisp ps`), notes where they went and
 #      the agent's own figure (log line `eviction done ... total_ms`), kills the jobs and
 #      makes ws2 idle again.
+# BENCH_WISPD_ARGS gives every wispd more arguments (e.g. "--preflush 1": then step 1
+# also waits until ws2's agent has written each job's memory to its swap file).
 # The owner's benchmark is BENCH_OWNER (default: a perl loop of about 1 s of CPU). Its
 # slowdown is its time during eviction over its baseline time, per round.
 # Caveat: every simulated host shares this machine's CPUs, so the slowdown also contains
@@ -34,6 +36,7 @@ NAME=${BENCH_NAME:-bevict}
 SIZES=${BENCH_EVICT_JOBS:-1 4 16}
 MIB=${BENCH_EVICT_MIB:-64}
 ROUNDS=${BENCH_EVICT_ROUNDS:-3}
+WISPD_ARGS=${BENCH_WISPD_ARGS:-} # e.g. "--preflush 1": extra wispd arguments
 OWNER_BENCH_DEFAULT='perl -e '"'"'my $s = 0; for my $i (1 .. 40_000_000) { $s += $i % 7 } print "$s\n"'"'"
 OWNER_BENCH=${BENCH_OWNER:-$OWNER_BENCH_DEFAULT}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -139,11 +142,16 @@ EOF
     echo "# cpu: $(nproc) x $(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1); memory $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "# jobs: $SIZES x $MIB MiB, $ROUNDS rounds; owner benchmark: $OWNER_BENCH"
+    echo "# wispd extra arguments: ${WISPD_ARGS:-none}"
 } | tee -a "$OUT" >&2
 
 echo "bringing up cluster $NAME" >&2
 CLUSTER_UP=1
-"$WISP" cluster up --name "$NAME" --workstations 4 >>"$LOG" 2>&1 || die "cluster up failed"
+up_args=()
+for a in $WISPD_ARGS; do up_args+=("--wispd-arg=$a"); done
+"$WISP" cluster up --name "$NAME" --workstations 4 "${up_args[@]}" >>"$LOG" 2>&1 || die "cluster up failed"
+WS2LOG=/run/wisp/$NAME/ws2.log
+logged() { sed 's/\x1b\[[0-9;]*m//g' "$WS2LOG" | grep -c "$1" || true; }
 # Leases of eviction targets expire quickly, so every round finds ws3 and ws4 free again.
 w registry policy --lease-ttl 2 >>"$LOG"
 w owner ws1 active >>"$LOG"
@@ -156,7 +164,8 @@ JOB="python3 -c 'import time; b = bytearray(b\"y\") * ($MIB << 20); time.sleep(1
 for n in $SIZES; do
     base=() during=() evict=() agent=() ratio=()
     for r in $(seq "$ROUNDS"); do
-        # 1. N jobs on ws2, resident.
+        # 1. N jobs on ws2, resident (and, with --preflush, written to their swap files).
+        pre0=$(logged 'pre-flushed:')
         # Started from ws1, ws3 and ws4 in turn: one host's rexecs each hold FUSE threads
         # blocked on their jobs' output pipes, and wispd has 16.
         runners=()
@@ -173,6 +182,12 @@ for n in $SIZES; do
             sleep 0.2
         done
         [ "$k" -ge "$n" ] || die "only $k of $n jobs became resident on ws2"
+        case " $WISPD_ARGS " in
+        *" --preflush "*)
+            for _ in $(seq 600); do [ $(( $(logged 'pre-flushed:') - pre0 )) -ge "$n" ] && break; sleep 0.2; done
+            [ $(( $(logged 'pre-flushed:') - pre0 )) -ge "$n" ] || die "jobs not pre-flushed"
+            ;;
+        esac
         sleep 1
         # 2. Baseline.
         base+=("$(timed ws2 "$OWNER_BENCH")")
@@ -188,7 +203,7 @@ for n in $SIZES; do
         moved=$(echo "$ps" | awk 'NR > 1 && $4 != "ws2" && $5 == "running"' | wc -l)
         [ "$left" = 0 ] && [ "$moved" = "$n" ] || die "after eviction: $left jobs on ws2, $moved running elsewhere:\n$ps"
         where=$(echo "$ps" | awk 'NR > 1 { print $4 }' | sort | uniq -c | awk '{ printf "%s%s:%s", sep, $2, $1; sep = "," }')
-        a=$(sed 's/\x1b\[[0-9;]*m//g' "/run/wisp/$NAME/ws2.log" | grep 'eviction done' | tail -1 | sed -n 's/.*total_ms=\([0-9]*\).*/\1/p')
+        a=$(sed 's/\x1b\[[0-9;]*m//g' "$WS2LOG" | grep 'eviction done' | tail -1 | sed -n 's/.*total_ms=\([0-9]*\).*/\1/p')
         w events -n "$n" | sed "s/^/#   N=$n round $r: /" >>"$OUT"
         agent+=("${a:-0}")
         ratio+=("$(awk -v a="${during[-1]}" -v b="${base[-1]}" 'BEGIN { printf "%.2f", a / b }')")
