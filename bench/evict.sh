@@ -151,7 +151,8 @@ up_args=()
 for a in $WISPD_ARGS; do up_args+=("--wispd-arg=$a"); done
 "$WISP" cluster up --name "$NAME" --workstations 4 "${up_args[@]}" >>"$LOG" 2>&1 || die "cluster up failed"
 WS2LOG=/run/wisp/$NAME/ws2.log
-logged() { sed 's/\x1b\[[0-9;]*m//g' "$WS2LOG" | grep -c "$1" || true; }
+# Distinct jobs ws2's agent has pre-flushed (--preflush) so far.
+flushed() { sed 's/\x1b\[[0-9;]*m//g' "$WS2LOG" | { grep 'pre-flushed:' || true; } | sed -n 's/.*job=\([0-9]*\).*/\1/p' | sort -u | wc -l; }
 # Leases of eviction targets expire quickly, so every round finds ws3 and ws4 free again.
 w registry policy --lease-ttl 2 >>"$LOG"
 w owner ws1 active >>"$LOG"
@@ -165,7 +166,7 @@ for n in $SIZES; do
     base=() during=() evict=() agent=() ratio=()
     for r in $(seq "$ROUNDS"); do
         # 1. N jobs on ws2, resident (and, with --preflush, written to their swap files).
-        pre0=$(logged 'pre-flushed:')
+        pre0=$(flushed)
         # Started from ws1, ws3 and ws4 in turn: one host's rexecs each hold FUSE threads
         # blocked on their jobs' output pipes, and wispd has 16.
         runners=()
@@ -184,8 +185,9 @@ for n in $SIZES; do
         [ "$k" -ge "$n" ] || die "only $k of $n jobs became resident on ws2"
         case " $WISPD_ARGS " in
         *" --preflush "*)
-            for _ in $(seq 600); do [ $(( $(logged 'pre-flushed:') - pre0 )) -ge "$n" ] && break; sleep 0.2; done
-            [ $(( $(logged 'pre-flushed:') - pre0 )) -ge "$n" ] || die "jobs not pre-flushed"
+            # Every job of this round written once.
+            for _ in $(seq 600); do [ $(( $(flushed) - pre0 )) -ge "$n" ] && break; sleep 0.2; done
+            [ $(( $(flushed) - pre0 )) -ge "$n" ] || die "jobs not pre-flushed"
             ;;
         esac
         sleep 1
@@ -218,4 +220,6 @@ for n in $SIZES; do
     rec "owner bench, $n jobs, during eviction, s" "$(echo "${during[*]}" | median) (rounds: ${during[*]})"
     rec "owner slowdown, $n jobs (median of rounds)" "$(echo "${ratio[*]}" | median) (rounds: ${ratio[*]})"
 done
-echo "results in $OUT" >&2
+# ws2's agent on pre-flushing and evicting, for the record.
+sed 's/\x1b\[[0-9;]*m//g' "$WS2LOG" | grep -E 'pre-flush|eviction done|evicting' >"$OUT.ws2.log" || true
+echo "results in $OUT (ws2's agent: $OUT.ws2.log)" >&2

@@ -35,10 +35,11 @@ pub(crate) struct Sessions {
     changed: Condvar,
     /// Jobs that cannot be pre-copied (procmig says unsupported).
     refused: Mutex<HashSet<u64>>,
-    /// When each foreign job was first seen here: a session starts only once the job has
-    /// settled (a job still in its start-up exec chain would change its memory map under
-    /// the session).
-    seen: Mutex<HashMap<u64, Instant>>,
+    /// Since when each foreign job has run its current program (`/proc/PID/exe`): a
+    /// session starts only once that has held for a second. A job still in its start-up
+    /// exec chain (sh, nice, env, then the command) would replace its memory under the
+    /// session, and a round then fails (the session is started over).
+    seen: Mutex<HashMap<u64, (Instant, Option<PathBuf>)>>,
 }
 
 impl Agent {
@@ -108,7 +109,14 @@ pub(crate) fn tick(agent: &Arc<Agent>, every: Duration) {
         if refused.contains(&job) {
             continue;
         }
-        let since = *seen.entry(job).or_insert_with(Instant::now);
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        let e = seen
+            .entry(job)
+            .or_insert_with(|| (Instant::now(), exe.clone()));
+        if e.1 != exe {
+            *e = (Instant::now(), exe);
+        }
+        let since = e.0;
         let due = match slots.get(&job) {
             None => since.elapsed() >= every.max(Duration::from_secs(1)),
             Some(Slot::Idle(_, _, t)) => t.elapsed() >= every,
