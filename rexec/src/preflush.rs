@@ -36,9 +36,9 @@ pub(crate) struct Sessions {
     /// Jobs that cannot be pre-copied (procmig says unsupported).
     refused: Mutex<HashSet<u64>>,
     /// Since when each foreign job has run its current program (`/proc/PID/exe`): a
-    /// session starts only once that has held for a second. A job still in its start-up
-    /// exec chain (sh, nice, env, then the command) would replace its memory under the
-    /// session, and a round then fails (the session is started over).
+    /// session starts once that is the job's own command (or has not changed for 5 s). A
+    /// job still in its start-up exec chain (sh, nice, env, then the command) would
+    /// replace its memory under the session, and a round then fails (it starts over).
     seen: Mutex<HashMap<u64, (Instant, Option<PathBuf>)>>,
 }
 
@@ -80,11 +80,9 @@ fn put_back(agent: &Agent, job: u64, slot: Option<Slot>) {
 /// jobs that have none, run a round for sessions older than `every`, drop the sessions of
 /// jobs no longer here. Rounds run on blocking threads; this returns at once.
 pub(crate) fn tick(agent: &Arc<Agent>, every: Duration) {
-    let here: HashMap<u64, i32> = agent
-        .foreign_jobs()
-        .into_iter()
-        .map(|j| (j.job, j.pid as i32))
-        .collect();
+    let jobs = agent.foreign_jobs();
+    let argv0: HashMap<u64, String> = jobs.iter().map(|j| (j.job, j.argv0.clone())).collect();
+    let here: HashMap<u64, i32> = jobs.into_iter().map(|j| (j.job, j.pid as i32)).collect();
     let s = &agent.evict.preflush;
     let mut slots = s.slots.lock().unwrap();
     // Jobs that ended, moved, or are being moved or suspended: their sessions and swap files
@@ -117,8 +115,14 @@ pub(crate) fn tick(agent: &Arc<Agent>, every: Duration) {
             *e = (Instant::now(), exe);
         }
         let since = e.0;
+        // Its own program runs (the exec chain is over), or at least one that has run for
+        // a second.
+        let settled = match (&e.1, argv0.get(&job).and_then(|a| program(a))) {
+            (Some(exe), Some(want)) => *exe == want,
+            _ => false,
+        };
         let due = match slots.get(&job) {
-            None => since.elapsed() >= every.max(Duration::from_secs(1)),
+            None => settled || since.elapsed() >= every.max(Duration::from_secs(5)),
             Some(Slot::Idle(_, _, t)) => t.elapsed() >= every,
             Some(Slot::Busy) => false,
         };
@@ -176,4 +180,18 @@ pub(crate) fn tick(agent: &Arc<Agent>, every: Duration) {
             }
         });
     }
+}
+
+/// The file a job's command runs: `argv0` as the shell finds it (a name without '/' in the
+/// usual directories), symbolic links resolved, as `/proc/PID/exe` shows it.
+fn program(argv0: &str) -> Option<PathBuf> {
+    let p = if argv0.contains('/') {
+        PathBuf::from(argv0)
+    } else {
+        ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(argv0))
+            .find(|p| p.exists())?
+    };
+    std::fs::canonicalize(p).ok()
 }
