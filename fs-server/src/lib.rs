@@ -1316,7 +1316,9 @@ impl FsServer {
             | Request::JobSignal { .. }
             | Request::JobList
             | Request::MigrateOut { .. }
-            | Request::MigrateIn { .. } => {
+            | Request::MigrateIn { .. }
+            | Request::JobStats
+            | Request::Evict { .. } => {
                 return Err(WireError::new(
                     libc::EOPNOTSUPP,
                     "this is a file server, not a workstation agent (port 7071)",

@@ -22,8 +22,8 @@ use wisp_proto::key::ClusterKey;
 use crate::network::ClientPool;
 use crate::prefix::DomainSource;
 use crate::registry::{
-    Command, Host, IdlePolicy, Job, JobId, Lease, LeaseId, Load, Millis, MovePhase, Origin,
-    Registry, Reply, Role,
+    Command, Host, IdlePolicy, Job, JobEvent, JobId, Lease, LeaseId, Load, Millis, MovePhase,
+    Origin, Registry, Reply, Role,
 };
 use crate::wire::{NamingError, NamingRequest, NamingResponse, NodeId, NodeStatus};
 
@@ -381,6 +381,11 @@ impl RegistryClient {
 
     pub async fn job_end(&self, job: JobId, exit_status: i32) -> Result<(), NamingError> {
         self.write_done(Command::JobEnd { job, exit_status }).await
+    }
+
+    /// Record a migration, eviction or suspension (the registry stamps its time).
+    pub async fn record_event(&self, event: JobEvent) -> Result<(), NamingError> {
+        self.write_done(Command::RecordEvent(event)).await
     }
 
     pub async fn set_policy(&self, policy: IdlePolicy) -> Result<(), NamingError> {

@@ -131,7 +131,65 @@ pub struct Job {
     pub state: JobState,
     pub started_ms: Millis,
     pub ended_ms: Option<Millis>,
+    /// Completed moves to another host (committed [`MovePhase::Commit`]s).
+    pub migrations: u32,
+    /// When the last move committed (the job has been on `current_host` since).
+    pub moved_ms: Option<Millis>,
 }
+
+/// Why a job moved or stopped; see [`JobEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Moved by hand (`wisp migrate`).
+    Migrated,
+    /// Moved away because the host's owner came back or `wisp evict` asked.
+    Evicted,
+    /// Moved by the load balancer (`wispd --balance`).
+    Balanced,
+    /// Could not move away from an evicted host: stopped there (SIGSTOP), not killed.
+    Suspended,
+    /// A suspended job runs on (its host's owner left again).
+    Resumed,
+    /// A move that failed; the job kept running where it was.
+    Failed,
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Migrated => "migrated",
+            EventKind::Evicted => "evicted",
+            EventKind::Balanced => "balanced",
+            EventKind::Suspended => "suspended",
+            EventKind::Resumed => "resumed",
+            EventKind::Failed => "failed",
+        }
+    }
+}
+
+/// One migration, eviction or suspension, as its host reported it: what an operator reads
+/// to see why a job moved (`wisp events`, `wisp top`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// When the registry recorded it (its clock); filled in by the registry.
+    pub at_ms: Millis,
+    pub job: JobId,
+    pub kind: EventKind,
+    pub from: String,
+    /// Where the job went (empty when it did not move).
+    pub to: String,
+    /// Why, in words (e.g. "owner active on ws2", "wisp evict", "load 3 jobs > 2 slots").
+    pub reason: String,
+    /// How long the job was stopped by the move.
+    pub frozen_ms: u64,
+    /// From the decision to the job running on the target.
+    pub total_ms: u64,
+    /// Bytes of state written to the swap file.
+    pub bytes: u64,
+}
+
+/// Events kept by the registry (the oldest are dropped first).
+pub const MAX_EVENTS: usize = 1000;
 
 /// A host lent to a user until `expires_ms` unless renewed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +286,8 @@ pub enum Command {
         exit_status: i32,
     },
     SetPolicy(IdlePolicy),
+    /// Append a migration/eviction record to [`Registry::events`].
+    RecordEvent(JobEvent),
     /// No change but the time-driven expiry pass; the leader proposes one periodically so
     /// hosts are marked down even when nothing else happens.
     Tick,
@@ -351,6 +411,9 @@ pub struct Registry {
     pub next_lease: LeaseId,
     /// Recent replies per client id, so retried requests apply once.
     pub sessions: BTreeMap<u64, ClientSession>,
+    /// The latest migrations, evictions and suspensions, oldest first (at most
+    /// [`MAX_EVENTS`]).
+    pub events: Vec<JobEvent>,
 }
 
 fn check_host_name(name: &str) -> Result<(), RegistryError> {
@@ -624,6 +687,8 @@ impl Registry {
                         state: JobState::Running,
                         started_ms: now,
                         ended_ms: None,
+                        migrations: 0,
+                        moved_ms: None,
                     },
                 );
                 if home != host {
@@ -674,6 +739,8 @@ impl Registry {
                         j.migrating_to = None;
                         if *phase == MovePhase::Commit {
                             j.current_host = to.clone();
+                            j.migrations += 1;
+                            j.moved_ms = Some(now);
                             if from != home {
                                 self.bump_foreign(&from, -1);
                             }
@@ -718,6 +785,17 @@ impl Registry {
                     });
                 }
                 self.policy = p.clone();
+                Ok(Reply::Done)
+            }
+            Command::RecordEvent(e) => {
+                let mut e = e.clone();
+                e.at_ms = now;
+                e.reason = e.reason.chars().take(200).collect();
+                self.events.push(e);
+                if self.events.len() > MAX_EVENTS {
+                    let extra = self.events.len() - MAX_EVENTS;
+                    self.events.drain(..extra);
+                }
                 Ok(Reply::Done)
             }
         }
@@ -1276,6 +1354,11 @@ mod tests {
             (r.hosts["ws1"].foreign_jobs, r.hosts["ws2"].foreign_jobs),
             (0, 1)
         );
+        assert_eq!(
+            (r.jobs[&j].migrations, r.jobs[&j].moved_ms),
+            (1, Some(T0)),
+            "a committed move is counted"
+        );
         // Move home: no longer foreign anywhere.
         r.apply(&at(
             T0,
@@ -1296,6 +1379,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(r.jobs[&j].current_host, "ws2");
+        assert_eq!(r.jobs[&j].migrations, 1, "an aborted move is not counted");
         r.apply(&at(
             T0,
             Command::JobEnd {
@@ -1594,5 +1678,33 @@ mod tests {
         r.apply(&at(T0 + 5 + SESSION_TTL_MS + 1, Command::Tick))
             .unwrap();
         assert!(r.sessions.is_empty());
+    }
+
+    #[test]
+    fn events_are_stamped_and_bounded() {
+        let mut r = cluster(&[100]);
+        let ev = |job| JobEvent {
+            at_ms: 1,
+            job,
+            kind: EventKind::Evicted,
+            from: "ws0".into(),
+            to: "ws1".into(),
+            reason: "x".repeat(500),
+            frozen_ms: 5,
+            total_ms: 9,
+            bytes: 4096,
+        };
+        r.apply(&at(T0 + 7, Command::RecordEvent(ev(1)))).unwrap();
+        assert_eq!(
+            r.events[0].at_ms,
+            T0 + 7,
+            "the registry's clock, not the sender's"
+        );
+        assert_eq!(r.events[0].reason.len(), 200);
+        for j in 2..=(MAX_EVENTS as u64 + 5) {
+            r.apply(&at(T0 + 8, Command::RecordEvent(ev(j)))).unwrap();
+        }
+        assert_eq!(r.events.len(), MAX_EVENTS);
+        assert_eq!(r.events[0].job, 6, "the oldest go first");
     }
 }

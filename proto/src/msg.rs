@@ -339,6 +339,13 @@ pub enum Request {
         argv0: String,
         lazy: bool,
     },
+    /// Agent: CPU time, memory and state of the jobs running here (`wisp ps`).
+    JobStats,
+    /// Agent: migrate every foreign job away now, as if the owner had come back
+    /// (`wisp evict HOST`); answers when every move is over.
+    Evict {
+        reason: String,
+    },
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -384,6 +391,33 @@ pub struct JobInfo {
     pub home: String,
     pub argv0: String,
     pub running: bool,
+}
+
+/// Resource use of a job on its current host, summed over every process of its sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct JobStat {
+    pub job: u64,
+    pub argv0: String,
+    /// User + system CPU time since the job (re)started on this host.
+    pub cpu_ms: u64,
+    /// Resident memory.
+    pub rss_kb: u64,
+    pub processes: u32,
+    /// Stopped because it could not migrate away from an evicted host.
+    pub suspended: bool,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct EvictReport {
+    /// Jobs moved: (job, host it went to, ms frozen, ms from the decision to running there).
+    pub moved: Vec<(u64, String, u64, u64)>,
+    /// Jobs that could not move and were stopped (SIGSTOP) here: (job, why).
+    pub suspended: Vec<(u64, String)>,
+    /// Jobs that could not move and still run here: (job, why).
+    pub stayed: Vec<(u64, String)>,
+    /// From the decision to the last job gone.
+    pub total_ms: u64,
 }
 
 /// Server -> client replies, one variant per kind of answer.
@@ -443,6 +477,8 @@ pub enum Response {
         bytes: u64,
         total_ms: u64,
     },
+    JobStats(Vec<JobStat>),
+    Evicted(EvictReport),
 }
 
 /// Counters a server keeps since it started.

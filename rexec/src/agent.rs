@@ -21,16 +21,16 @@ const PAGING_WAIT: Duration = Duration::from_secs(300);
 /// How long one `JobWait` may hold a server thread before the client asks again.
 const WAIT_SLICE: Duration = Duration::from_secs(5);
 
-struct Job {
-    info: JobInfo,
-    exit: Option<(i32, i32)>,
+pub(crate) struct Job {
+    pub(crate) info: JobInfo,
+    pub(crate) exit: Option<(i32, i32)>,
     /// The job moved to (host, agent address).
-    moved: Option<(String, String)>,
-    migrating: bool,
+    pub(crate) moved: Option<(String, String)>,
+    pub(crate) migrating: bool,
     /// Arrived lazily and its pages are still being paged in (it cannot leave before).
-    paging: bool,
+    pub(crate) paging: bool,
     /// Stopped (SIGSTOP) because it could not migrate away when the owner came back.
-    suspended: bool,
+    pub(crate) suspended: bool,
 }
 
 /// Policy of an agent.
@@ -50,14 +50,16 @@ pub struct AgentConfig {
 
 /// The agent service.
 pub struct Agent {
-    cfg: AgentConfig,
-    jobs: Mutex<HashMap<u64, Job>>,
+    pub(crate) cfg: AgentConfig,
+    pub(crate) jobs: Mutex<HashMap<u64, Job>>,
     changed: Condvar,
     running: Arc<AtomicU32>,
     /// Jobs being rebuilt here right now (MigrateIn in progress).
     arriving: Mutex<std::collections::HashSet<u64>>,
     /// Counters for the metrics endpoint.
     pub stats: AgentStats,
+    /// Eviction policy and `wisp evict` requests (see `crate::evict`).
+    pub(crate) evict: crate::evict::Control,
 }
 
 /// What an agent has done since it started.
@@ -91,6 +93,7 @@ impl Agent {
             running: Arc::new(AtomicU32::new(0)),
             arriving: Mutex::new(Default::default()),
             stats: AgentStats::default(),
+            evict: Default::default(),
         })
     }
 
@@ -126,6 +129,7 @@ impl Agent {
         if spec.argv.is_empty() {
             return Err(err(libc::EINVAL, "empty command"));
         }
+        self.admit_foreign(spec.job, &spec.home)?;
         if self.jobs.lock().unwrap().contains_key(&spec.job) {
             return Err(err(
                 libc::EEXIST,
@@ -258,7 +262,7 @@ impl Agent {
     }
 
     /// Source side of a migration (see `Request::MigrateOut`).
-    fn migrate_out(
+    pub(crate) fn migrate_out(
         &self,
         job: u64,
         to_host: String,
@@ -312,18 +316,27 @@ impl Agent {
                 jobs = self.changed.wait_timeout(jobs, deadline - now).unwrap().0;
             }
         }
-        // One directory per migration: the lazy pager of the job's previous arrival here
-        // may still be paging from (and will then delete) the previous one.
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let dir = self
-            .cfg
-            .mount
-            .join(".swap")
-            .join(format!("{job:x}.{nonce:x}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        // A job pre-flushed while the owner was away (`crate::preflush`) has most of its
+        // image written already: only what it dirtied since is left to write. Otherwise one
+        // directory per migration: the lazy pager of the job's previous arrival here may
+        // still be paging from (and will then delete) the previous one.
+        let pre = self.take_preflush(job);
+        let dir = match &pre {
+            Some((_, d)) => d.clone(),
+            None => {
+                let nonce = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                self.cfg
+                    .mount
+                    .join(".swap")
+                    .join(format!("{job:x}.{nonce:x}"))
+            }
+        };
+        if pre.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             unmark(self);
             return Err(err(
@@ -333,9 +346,10 @@ impl Agent {
         }
         // Freeze and write the image (the whole process tree of the job's sandbox); on
         // failure procmig resumes every process itself.
-        let dumped = match mode {
-            MigrateMode::PreCopy => precopy(pid, &dir),
-            _ => wisp_procmig::dump(pid, &dir),
+        let dumped = match (pre, mode) {
+            (Some((pc, _)), _) => pc.finish(),
+            (None, MigrateMode::PreCopy) => precopy(pid, &dir),
+            (None, _) => wisp_procmig::dump(pid, &dir),
         };
         let dumped = match dumped {
             Ok(d) => d,
@@ -437,6 +451,7 @@ impl Agent {
                 ),
             ));
         }
+        self.admit_foreign(job, &home)?;
         // A repeated MigrateIn (the source's connection dropped before our answer) must not
         // make the source resume a second copy, nor start a second restore: answer as the
         // first one does.
@@ -654,6 +669,8 @@ impl Service for AgentService {
             } => Ok(Response::Started {
                 pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy)?,
             }),
+            Request::JobStats => Ok(Response::JobStats(crate::ps::job_stats(&self.0))),
+            Request::Evict { reason } => crate::evict::evict_request(&self.0, reason),
             other => Err(err(
                 libc::EOPNOTSUPP,
                 format!(
@@ -667,36 +684,18 @@ impl Service for AgentService {
 
 /// Send `sig` to every process in the pid namespace of `pid` (a job's sandbox); returns
 /// how many got it.
-fn signal_sandbox(pid: i32, sig: i32) -> usize {
-    let ns = match std::fs::read_link(format!("/proc/{pid}/ns/pid")) {
-        Ok(l) => l,
-        Err(_) => return 0,
-    };
-    // Never the agent's own namespace: that would be every process of the host.
-    if std::fs::read_link("/proc/self/ns/pid").ok().as_ref() == Some(&ns) {
+pub(crate) fn signal_sandbox(pid: i32, sig: i32) -> usize {
+    let Some(pids) = crate::ps::sandbox_pids(pid) else {
         warn!(
             pid,
             "job is not in a sandbox of its own; not signalling its namespace"
         );
         return 0;
-    }
-    let mut n = 0;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if std::fs::read_link(format!("/proc/{p}/ns/pid"))
-            .ok()
-            .as_ref()
-            == Some(&ns)
-        {
-            // SAFETY: kill(2) on a process of the job's own pid namespace.
-            if unsafe { libc::kill(p, sig) } == 0 {
-                n += 1;
-            }
-        }
-    }
-    n
+    };
+    pids.into_iter()
+        // SAFETY: kill(2) on a process of the job's own pid namespace.
+        .filter(|p| unsafe { libc::kill(*p, sig) } == 0)
+        .count()
 }
 
 /// Pre-copy: copy memory while the job runs, in rounds, until the dirty set stops
@@ -721,110 +720,4 @@ pub fn agent_addr(host_addr: &str) -> String {
         .map(|(ip, _)| ip)
         .unwrap_or(host_addr);
     format!("{ip}:{}", crate::AGENT_PORT)
-}
-
-/// Eviction: while `owner_active()` says the owner is at this host, every foreign job (one
-/// whose home is another host) is migrated away at once: to another idle host the registry
-/// hands out, or else home. Checked every `every`.
-pub async fn eviction_loop(
-    agent: Arc<Agent>,
-    reg: wisp_naming::RegistryClient,
-    owner_active: impl Fn() -> bool + Send + Sync + 'static,
-    every: Duration,
-) {
-    let owner_active = Arc::new(owner_active);
-    loop {
-        tokio::time::sleep(every).await;
-        if !owner_active() {
-            // The owner left again: jobs suspended for them run on.
-            let resumed: Vec<(u64, i32)> = {
-                let mut jobs = agent.jobs.lock().unwrap();
-                jobs.iter_mut()
-                    .filter(|(_, j)| j.suspended && j.exit.is_none())
-                    .map(|(id, j)| {
-                        j.suspended = false;
-                        (*id, j.info.pid as i32)
-                    })
-                    .collect()
-            };
-            for (job, pid) in resumed {
-                signal_sandbox(pid, libc::SIGCONT);
-                info!(job, "resumed: owner is away again");
-            }
-            continue;
-        }
-        let foreign: Vec<JobInfo> = {
-            let jobs = agent.jobs.lock().unwrap();
-            jobs.values()
-                .filter(|j| {
-                    j.exit.is_none()
-                        && j.moved.is_none()
-                        && !j.migrating
-                        && !j.suspended
-                        && j.info.home != agent.cfg.host
-                })
-                .map(|j| j.info.clone())
-                .collect()
-        };
-        for j in foreign {
-            let t0 = Instant::now();
-            let target = match reg.allocate_hosts(j.uid, 1, &agent.cfg.host, false).await {
-                Ok(mut v) if !v.is_empty() => {
-                    let l = v.remove(0);
-                    Some((l.host, l.addr))
-                }
-                _ => match reg.hosts().await {
-                    Ok(hs) => hs
-                        .into_iter()
-                        .find(|h| h.name == j.home)
-                        .map(|h| (h.name, h.addr)),
-                    Err(e) => {
-                        warn!(job = j.job, "eviction: registry unavailable: {e}");
-                        None
-                    }
-                },
-            };
-            let Some((to, to_addr)) = target else {
-                warn!(job = j.job, home = %j.home, "eviction: no idle host and home unknown; job stays");
-                continue;
-            };
-            let _ = reg
-                .job_move(j.job, &to, wisp_naming::registry::MovePhase::Begin)
-                .await;
-            let a = agent.clone();
-            let (job, to2, addr2) = (j.job, to.clone(), agent_addr(&to_addr));
-            let r = tokio::task::spawn_blocking(move || {
-                a.migrate_out(job, to2, addr2, MigrateMode::Lazy)
-            })
-            .await;
-            match r {
-                Ok(Ok(_)) => {
-                    let _ = reg
-                        .job_move(j.job, &to, wisp_naming::registry::MovePhase::Commit)
-                        .await;
-                    agent.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    info!(job = j.job, to = %to, ms = t0.elapsed().as_millis() as u64, "evicted: owner is back");
-                }
-                other => {
-                    let _ = reg
-                        .job_move(j.job, &to, wisp_naming::registry::MovePhase::Abort)
-                        .await;
-                    // It cannot move (e.g. it holds a TCP socket; process trees do move):
-                    // stop it, whole sandbox, so the owner gets the machine; it resumes
-                    // when the owner leaves.
-                    let why = match other {
-                        Ok(Err(e)) => e.to_string(),
-                        Ok(Ok(r)) => format!("{r:?}"),
-                        Err(e) => e.to_string(),
-                    };
-                    let n = signal_sandbox(j.pid as i32, libc::SIGSTOP);
-                    if let Some(jj) = agent.jobs.lock().unwrap().get_mut(&j.job) {
-                        jj.suspended = true;
-                    }
-                    agent.stats.suspensions.fetch_add(1, Ordering::Relaxed);
-                    warn!(job = j.job, processes = n, "suspended, not killed: cannot migrate ({why}); resumes when the owner is away");
-                }
-            }
-        }
-    }
 }

@@ -3,6 +3,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,10 +234,12 @@ fn run_on(
     };
     // The other ends of the job's stdio, opened (blocking until the job opens its ends) and
     // copied on threads of their own.
+    let tin_opened = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tin = {
-        let p = pin.clone();
+        let (p, opened) = (pin.clone(), tin_opened.clone());
         std::thread::spawn(move || -> std::io::Result<()> {
             let mut w = std::fs::OpenOptions::new().write(true).open(&p)?;
+            opened.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut buf = vec![0u8; 65536];
             let mut stdin = std::io::stdin().lock();
             loop {
@@ -311,16 +314,48 @@ fn run_on(
         host: host.to_string(),
         source,
     };
+    // The job never started: the copy threads wait in open() for its ends of the pipes.
+    // Open those ends here (non-blocking) and close them, until every thread is past its
+    // open (a thread left waiting in open() on /wisp would keep this process from exiting).
+    let abandon = |d: &Path| {
+        for _ in 0..150 {
+            let mut waiting = false;
+            let ends = [
+                (
+                    "stdin",
+                    false,
+                    tin_opened.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+                ("stdout", true, tout.is_finished()),
+                ("stderr", true, terr.is_finished()),
+            ];
+            for (n, write, done) in ends {
+                if !done {
+                    waiting = true;
+                    let _ = std::fs::OpenOptions::new()
+                        .read(!write)
+                        .write(write)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(d.join(n));
+                }
+            }
+            if !waiting {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cleanup(d);
+    };
     match rt.block_on(agent.call(Request::Exec(spec))) {
         Ok(Response::Started { pid }) => debug!(job, pid, host, "started"),
         Ok(other) => {
-            cleanup(&dir);
+            abandon(&dir);
             return Err(agent_err(RpcError::Remote(
                 wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")),
             )));
         }
         Err(e) => {
-            cleanup(&dir);
+            abandon(&dir);
             return Err(agent_err(e));
         }
     }

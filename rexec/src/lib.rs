@@ -9,6 +9,11 @@
 //!   copy stdio between this process and the pipes, forward signals, and return the job's
 //!   exit status.
 //!
+//! - [`evict`]: eviction when a host's owner comes back (and `wisp evict`), with its
+//!   policy; [`preflush`]: foreign jobs' memory written to their swap files ahead of an
+//!   eviction; [`balance`]: optional load balancing (`wispd --balance`); [`ps`]: the CPU and
+//!   memory of each job, for `wisp ps`.
+//!
 //! Because a job's stdio are cluster pipes served by the file server, not a connection to
 //! the submitting host, the job can later move between hosts without losing them.
 //!
@@ -17,7 +22,11 @@
 //! or Raft internals.
 
 pub mod agent;
+pub mod balance;
 pub mod client;
+pub mod evict;
+pub mod preflush;
+pub mod ps;
 
 /// Port every workstation agent listens on.
 pub const AGENT_PORT: u16 = 7071;

@@ -110,3 +110,134 @@ impl Sim {
         .expect("netns thread")
     }
 }
+
+impl Sim {
+    /// Run the `wisp` CLI against this cluster from the test machine; panics with its
+    /// stderr unless it succeeds. `args` is split by a shell.
+    pub fn wisp(&self, args: &str) -> String {
+        let (ok, out, err) = self.wisp_status(args);
+        assert!(ok, "wisp {args}: {err}");
+        out
+    }
+
+    /// Like [`Sim::wisp`], returning (success, stdout, stderr).
+    pub fn wisp_status(&self, args: &str) -> (bool, String, String) {
+        let cli = self.bin_dir.join("wisp");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} {args} --cluster {}", cli.display(), self.name))
+            .output()
+            .expect("run wisp");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Lend `hosts` out (their owners away for an hour) and wait until the registry sees
+    /// them idle.
+    pub fn lend(&self, hosts: &[&str]) {
+        // A workstation may not be registered yet right after the cluster came up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        for h in hosts {
+            loop {
+                match self.wisp_status(&format!("owner {h} idle")) {
+                    (true, _, _) => break,
+                    (false, _, e)
+                        if e.contains("unknown host") && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(100))
+                    }
+                    (false, _, e) => panic!("wisp owner {h} idle: {e}"),
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let out = self.wisp("hosts");
+            if hosts
+                .iter()
+                .all(|h| out.lines().any(|l| l.starts_with(&format!("{h}*"))))
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hosts never became idle:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Running jobs from `wisp ps --no-usage`: (global id, host it runs on, state,
+    /// migrations).
+    pub fn ps(&self) -> Vec<(String, String, String, u32)> {
+        self.wisp("ps --no-usage")
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 8).then(|| {
+                    (
+                        f[0].to_string(),
+                        f[3].to_string(),
+                        f[4].to_string(),
+                        f[7].parse().unwrap_or(u32::MAX),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Processes of jobs run by `host`'s agent: descendants of its wispd in a pid
+    /// namespace other than wispd's (the sandboxes; frozen copies being migrated count).
+    pub fn job_processes(&self, host: &str) -> Vec<i32> {
+        let Some(daemon) = self.c.host(host).ok().and_then(|h| h.daemon) else {
+            return vec![];
+        };
+        let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        let ppid = |p: i32| -> Option<i32> {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            s[s.rfind(')')? + 2..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let home_ns = ns(daemon as i32);
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if ns(p) == home_ns || ns(p).is_none() {
+                continue;
+            }
+            let mut q = p;
+            for _ in 0..64 {
+                match ppid(q) {
+                    Some(pp) if pp == daemon as i32 => {
+                        out.push(p);
+                        break;
+                    }
+                    Some(pp) if pp > 1 => q = pp,
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A shell script that writes a C project of `n` files into `dir` (made if missing): `app`
+/// prints the sum 1 + 2 + ... + n. Each `.o` recipe runs `pre` first (e.g. `sleep 1; `).
+pub fn c_project(dir: &str, n: u32, pre: &str) -> String {
+    format!(
+        r#"set -e; mkdir -p {dir} && cd {dir}
+        for i in $(seq 1 {n}); do printf 'int f%d(int x) {{ return x + %d; }}\n' $i $i > f$i.c; done
+        {{ echo '#include <stdio.h>'; for i in $(seq 1 {n}); do echo "int f$i(int);"; done
+          echo 'int main(void) {{ int s = 0;'; for i in $(seq 1 {n}); do echo "s = f$i(s);"; done; printf '%s\n' 'printf("%d\n", s); return 0; }}'; }} > main.c
+        printf 'OBJS := $(patsubst %%.c,%%.o,$(wildcard *.c))\napp: $(OBJS)\n\tcc -o $@ $(OBJS)\n%%.o: %%.c\n\t{pre}cc -O2 -c $< -o $@\n' > Makefile"#
+    )
+}

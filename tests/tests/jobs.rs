@@ -4,51 +4,12 @@ use std::time::{Duration, Instant};
 
 use wisp_tests::{sim, Sim};
 
-fn try_wisp(s: &Sim, args: &str) -> Result<String, String> {
-    let cli = s.bin_dir.join("wisp");
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{} {args} --cluster {}", cli.display(), s.name))
-        .output()
-        .expect("run wisp");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 fn wisp(s: &Sim, args: &str) -> String {
-    try_wisp(s, args).unwrap_or_else(|e| panic!("wisp {args}: {e}"))
+    s.wisp(args)
 }
 
 fn lend(s: &Sim, hosts: &[&str]) {
-    // A workstation may not be registered yet right after the cluster came up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for h in hosts {
-        loop {
-            match try_wisp(s, &format!("owner {h} idle")) {
-                Ok(_) => break,
-                Err(e) if e.contains("unknown host") && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => panic!("wisp owner {h} idle: {e}"),
-            }
-        }
-    }
-    // Wait until the registry sees them idle.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = wisp(s, "hosts");
-        if hosts
-            .iter()
-            .all(|h| out.lines().any(|l| l.starts_with(&format!("{h}*"))))
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "hosts never became idle:\n{out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    s.lend(hosts)
 }
 
 /// The host a job runs on now, from the registry.
@@ -166,14 +127,7 @@ fn rexec_runs_on_an_idle_host_as_if_local() {
 fn parallel_make_with_rexec() {
     let s = sim("make", 3);
     lend(&s, &["ws2", "ws3"]);
-    s.ok(
-        "ws1",
-        r#"set -e; mkdir -p /wisp/proj && cd /wisp/proj
-        for i in $(seq 1 12); do printf 'int f%d(int x) { return x + %d; }\n' $i $i > f$i.c; done
-        { echo '#include <stdio.h>'; for i in $(seq 1 12); do echo "int f$i(int);"; done
-          echo 'int main(void) { int s = 0;'; for i in $(seq 1 12); do echo "s = f$i(s);"; done; printf '%s\n' 'printf("%d\n", s); return 0; }'; } > main.c
-        printf 'OBJS := $(patsubst %%.c,%%.o,$(wildcard *.c))\napp: $(OBJS)\n\tcc -o $@ $(OBJS)\n%%.o: %%.c\n\tcc -O2 -c $< -o $@\n' > Makefile"#,
-    );
+    s.ok("ws1", &wisp_tests::c_project("/wisp/proj", 12, ""));
     s.ok("ws1", "cd /wisp/proj && make -s -j4 SHELL=rexec");
     assert_eq!(s.ok("ws2", "/wisp/proj/app"), "78\n");
     let jobs = wisp(&s, "jobs --all");

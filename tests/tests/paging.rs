@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use wisp_tests::{sim, Sim};
+use wisp_tests::sim;
 
 const JOB: &str = r#"import hashlib, sys, time
 n = int(sys.argv[1]) << 20
@@ -22,26 +22,10 @@ import os
 os.rename(sys.argv[3] + ".tmp", sys.argv[3])
 "#;
 
-fn wisp(s: &Sim, args: &str) -> String {
-    let out = std::process::Command::new(s.bin_dir.join("wisp"))
-        .args(args.split_whitespace())
-        .args(["--cluster", &s.name])
-        .output()
-        .expect("run wisp");
-    assert!(
-        out.status.success(),
-        "wisp {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn lazy_paging_survives_a_file_server_restart() {
     let mut s = sim("pagingrestart", 3);
-    for h in ["ws2", "ws3"] {
-        wisp(&s, &format!("owner {h} idle"));
-    }
+    s.lend(&["ws2", "ws3"]);
     s.ok("ws1", "mkdir -p /wisp/pg");
     std::fs::write("/tmp/wisp-paging-job.py", JOB).unwrap();
     let want = s.ok(
@@ -58,14 +42,14 @@ fn lazy_paging_survives_a_file_server_restart() {
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     let job = loop {
-        if let Some(l) = wisp(&s, "jobs").lines().nth(1) {
+        if let Some(l) = s.wisp("jobs").lines().nth(1) {
             break l.split_whitespace().next().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "the job did not start");
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_secs(3)); // memory filled; the job sleeps
-    let m = wisp(&s, &format!("migrate {job} --to ws3 --lazy"));
+    let m = s.wisp(&format!("migrate {job} --to ws3 --lazy"));
     assert!(m.contains("-> ws3"), "{m}");
     // The target runs the job and pages it in from the swap file: now the server goes.
     s.kill_daemon("srv1", libc::SIGKILL).unwrap();
@@ -80,7 +64,7 @@ fn lazy_paging_survives_a_file_server_restart() {
         assert!(
             Instant::now() < deadline,
             "the job never finished after the server restart: {:?}",
-            wisp(&s, "jobs")
+            s.wisp("jobs")
         );
         std::thread::sleep(Duration::from_millis(300));
     };

@@ -7,15 +7,9 @@ use std::time::{Duration, Instant};
 use wisp_tests::{sim, Sim};
 
 fn wisp(s: &Sim, args: &str) -> Result<String, String> {
-    let out = std::process::Command::new(s.bin_dir.join("wisp"))
-        .args(args.split_whitespace())
-        .args(["--cluster", &s.name])
-        .output()
-        .expect("run wisp");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    match s.wisp_status(args) {
+        (true, out, _) => Ok(out),
+        (false, _, err) => Err(err),
     }
 }
 
@@ -27,23 +21,6 @@ for i in range(40):
     time.sleep(0.1)
 print(hashlib.sha256(d).hexdigest())
 "#;
-
-/// Mark workstations idle, waiting for any not registered yet (right after the cluster
-/// came up).
-fn lend(s: &Sim, hosts: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for h in hosts {
-        loop {
-            match wisp(s, &format!("owner {h} idle")) {
-                Ok(_) => break,
-                Err(e) if e.contains("unknown host") && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => panic!("wisp owner {h} idle: {e}"),
-            }
-        }
-    }
-}
 
 /// Wait until the registry lists `n` jobs; returns their ids.
 fn wait_for_jobs(s: &Sim, n: usize) -> Vec<String> {
@@ -117,7 +94,7 @@ fn real_programs_migrate_back_and_forth() {
         );
     }
     let s = sim("progs", 3);
-    lend(&s, &["ws2", "ws3"]);
+    s.lend(&["ws2", "ws3"]);
     s.ok(
         "ws1",
         "mkdir -p /wisp/p && head -c 2147483648 /dev/zero > /wisp/p/big",
@@ -172,7 +149,7 @@ fn real_programs_migrate_back_and_forth() {
 #[test]
 fn process_trees_migrate_back_and_forth() {
     let s = sim("ptrees", 3);
-    lend(&s, &["ws2", "ws3"]);
+    s.lend(&["ws2", "ws3"]);
     s.ok(
         "ws1",
         "mkdir -p /wisp/t && seq 1 30000000 > /wisp/t/nums && awk 'BEGIN{for(i=0;i<6000000;i++) printf \"%08x %d\\n\", (i*2654435761)%4294967296, i}' > /wisp/t/lines",
@@ -243,7 +220,7 @@ print(hashlib.sha256(d).hexdigest(), flush=True)
 #[test]
 fn big_jobs_migrate_lazily_and_with_precopy() {
     let s = sim("lazy", 3);
-    lend(&s, &["ws2", "ws3"]);
+    s.lend(&["ws2", "ws3"]);
     std::fs::write("/tmp/wisp-big.py", BIG).unwrap();
     s.ok("ws1", "mkdir -p /wisp/big");
     for (mib, mode) in [(2048u64, "--lazy"), (512, "--precopy")] {

@@ -383,7 +383,7 @@ fn reachable_first(servers: Vec<String>) -> Vec<String> {
     good
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -397,6 +397,16 @@ pub fn human_secs(s: u64) -> String {
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// "active" while the owner counts as back (idle under wispd's default --evict-below,
+/// 5 s), else how long they have been away.
+pub(crate) fn owner_state(idle_secs: u64) -> String {
+    if idle_secs < 5 {
+        "active".into()
+    } else {
+        human_secs(idle_secs)
     }
 }
 
@@ -470,7 +480,7 @@ pub fn hosts(a: HostsArgs) -> Result<ExitCode> {
             h.addr,
             if h.down { "down" } else { "up" },
             load,
-            human_secs(h.owner_idle_secs(now)),
+            owner_state(h.owner_idle_secs(now)),
             h.foreign_jobs,
             format!(
                 "{} ago",

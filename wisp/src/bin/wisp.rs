@@ -35,11 +35,18 @@ enum Cmd {
     Demo(DemoArgs),
     /// Move a running job to another host while it runs (see `wisp migrate --help`).
     Migrate(wisp::jobs_cli::MigrateArgs),
-    /// Jobs started by rexec and the host each runs on now (also: `wisp ps`).
-    #[command(alias = "ps")]
-    Jobs(wisp::jobs_cli::JobsArgs),
-    /// Send a signal to a job wherever it runs now.
+    /// Every job in the cluster: id, home, current host, state, CPU, memory, migrations
+    /// (also: `wisp jobs`).
+    #[command(alias = "jobs")]
+    Ps(wisp::jobs_cli::JobsArgs),
+    /// Send a signal to a job wherever it runs now: `wisp kill [-SIG] ID`.
     Kill(wisp::jobs_cli::KillArgs),
+    /// Migrate every foreign job off a host now, as if its owner had come back.
+    Evict(wisp::jobs_cli::EvictArgs),
+    /// Recent migrations, evictions and suspensions, with why and how long.
+    Events(wisp::jobs_cli::EventsArgs),
+    /// A live view of hosts, jobs and migrations as they happen.
+    Top(wisp::jobs_cli::TopArgs),
     // The registry commands: their help text lives with their flags in wisp::registry_cli.
     Hosts(wisp::registry_cli::HostsArgs),
     Domains(wisp::registry_cli::DomainsArgs),
@@ -103,6 +110,10 @@ struct Up {
     /// Number of file servers.
     #[arg(long, default_value_t = 1)]
     servers: usize,
+    /// An extra argument for every wispd (repeat for more), e.g. `--wispd-arg=--preflush
+    /// --wispd-arg=2`.
+    #[arg(long = "wispd-arg", value_name = "ARG", allow_hyphen_values = true)]
+    wispd_args: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -132,7 +143,7 @@ struct Status {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(kill_signal_arg(std::env::args_os().collect()));
     wisp::init_logging("warn");
     match run(cli) {
         Ok(code) => code,
@@ -141,6 +152,20 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `wisp kill -9 ID` and `wisp kill -KILL ID`, as kill(1) spells them: `-s 9`, `-s KILL`.
+fn kill_signal_arg(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if args.get(1).is_some_and(|a| a == "kill") {
+        if let Some(sig) = args.get(2).and_then(|a| a.to_str()).and_then(|a| {
+            let s = a.strip_prefix('-')?;
+            (!s.is_empty() && s != "s" && s != "h" && s.chars().all(|c| c.is_ascii_alphanumeric()))
+                .then(|| s.to_string())
+        }) {
+            args.splice(2..3, ["-s".into(), sig.into()]);
+        }
+    }
+    args
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -153,8 +178,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Cmd::Cluster(ClusterCmd::Up(u)) => {
-            let c = Cluster::up(&Spec::new(&u.name, u.servers, u.workstations))
-                .context("cluster up")?;
+            let mut spec = Spec::new(&u.name, u.servers, u.workstations);
+            spec.wispd_args = u.wispd_args;
+            let c = Cluster::up(&spec).context("cluster up")?;
             print!("{}", c.status());
             println!(
                 "run commands with: wisp cluster exec --name {} ws1 -- ls {}",
@@ -220,8 +246,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Demo(a) => wisp::demo::run(&a.name)?,
         Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
-        Cmd::Jobs(a) => return wisp::jobs_cli::jobs(a),
+        Cmd::Ps(a) => return wisp::jobs_cli::jobs(a),
         Cmd::Kill(a) => return wisp::jobs_cli::kill(a),
+        Cmd::Evict(a) => return wisp::jobs_cli::evict(a),
+        Cmd::Events(a) => return wisp::jobs_cli::events(a),
+        Cmd::Top(a) => return wisp::jobs_cli::top(a),
         Cmd::Hosts(a) => return wisp::registry_cli::hosts(a),
         Cmd::Domains(a) => return wisp::registry_cli::domains(a),
         Cmd::Registry(a) => return wisp::registry_cli::registry(a),
@@ -243,4 +272,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kill_signal_arg;
+
+    fn k(v: &[&str]) -> Vec<String> {
+        kill_signal_arg(v.iter().map(|s| s.into()).collect())
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn kill_dash_signal() {
+        assert_eq!(
+            k(&["wisp", "kill", "-9", "ws1.3"]),
+            ["wisp", "kill", "-s", "9", "ws1.3"]
+        );
+        assert_eq!(
+            k(&["wisp", "kill", "-KILL", "3"]),
+            ["wisp", "kill", "-s", "KILL", "3"]
+        );
+        assert_eq!(
+            k(&["wisp", "kill", "-s", "INT", "3"]),
+            ["wisp", "kill", "-s", "INT", "3"]
+        );
+        assert_eq!(k(&["wisp", "kill", "--help"]), ["wisp", "kill", "--help"]);
+        assert_eq!(k(&["wisp", "ps", "-9"]), ["wisp", "ps", "-9"]);
+    }
 }

@@ -105,6 +105,40 @@ struct Args {
     /// this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     evict_below: u64,
+    /// The owner must stay active this many milliseconds before foreign jobs leave (so a
+    /// bumped mouse does not evict anything).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    evict_grace: u64,
+    /// Most foreign jobs this host runs at once: more are refused, an excess is migrated
+    /// away (default: no limit).
+    #[arg(long, value_name = "N")]
+    max_foreign: Option<u32>,
+    /// What happens to a foreign job that cannot migrate when the owner comes back:
+    /// `suspend` (SIGSTOP until the owner leaves again) or `run` (it keeps running here).
+    /// Either way it is reported (log, registry event), never killed.
+    #[arg(long, value_name = "WHAT", default_value = "suspend", value_parser = ["suspend", "run"])]
+    unmigratable: String,
+    /// While the owner is away, write foreign jobs' memory to swap files in /wisp ahead of
+    /// an eviction, then every SECS only what they wrote since; eviction then writes only
+    /// the rest (off by default: it costs background copying).
+    #[arg(long, value_name = "SECS")]
+    preflush: Option<f64>,
+    /// Balance load: while this host runs more jobs than --balance-slots, move its
+    /// long-running jobs to idle hosts, one per round (MOSIX-like; off by default).
+    #[arg(long)]
+    balance: bool,
+    /// Jobs this host runs before it counts as overloaded (default: its CPUs).
+    #[arg(long, value_name = "N")]
+    balance_slots: Option<usize>,
+    /// Seconds between balancing rounds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    balance_every: u64,
+    /// Only jobs that have run this many seconds are moved by the balancer.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    balance_min_age: u64,
+    /// A job that moved stays at least this many seconds before the balancer moves it again.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    balance_stay: u64,
 }
 
 fn hostname() -> String {
@@ -297,6 +331,14 @@ fn main() -> Result<()> {
             key: wisp_proto::key::ClusterKey::load(&args.key)?,
             host: name.clone(),
         });
+        agent.set_evict_policy(wisp_rexec::evict::EvictPolicy {
+            grace: Duration::from_millis(args.evict_grace),
+            max_foreign: args.max_foreign,
+            suspend_unmigratable: args.unmigratable == "suspend",
+            preflush: args
+                .preflush
+                .map(|s| Duration::from_secs_f64(s.clamp(0.1, 3600.0))),
+        });
         let listen = format!(
             "0.0.0.0:{}",
             advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071")
@@ -312,19 +354,43 @@ fn main() -> Result<()> {
             std::future::pending::<()>(),
         ));
         let (o2, below) = (owner.clone(), args.evict_below);
-        let evict_reg = RegistryClient::new(
-            rt.handle().clone(),
-            registry.clone(),
-            wisp_proto::key::ClusterKey::load(&args.key)?,
-            format!("{name}-evict"),
-        )
-        .with_timeouts(Duration::from_secs(3), Duration::from_secs(10));
+        // A registry client of its own for each policy loop (eviction, balancing).
+        let loop_reg = |what: &str| -> Result<RegistryClient> {
+            Ok(RegistryClient::new(
+                rt.handle().clone(),
+                registry.clone(),
+                wisp_proto::key::ClusterKey::load(&args.key)?,
+                format!("{name}-{what}"),
+            )
+            .with_timeouts(Duration::from_secs(3), Duration::from_secs(10)))
+        };
+        let evict_reg = loop_reg("evict")?;
         agent_handle = Some(agent.clone());
-        rt.spawn(wisp_rexec::agent::eviction_loop(
+        if args.balance {
+            let slots = args.balance_slots.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let balance_reg = loop_reg("balance")?;
+            rt.spawn(wisp_rexec::balance::balance_loop(
+                agent.clone(),
+                balance_reg,
+                wisp_rexec::balance::BalanceConfig {
+                    slots,
+                    every: Duration::from_secs(args.balance_every.max(1)),
+                    min_age: Duration::from_secs(args.balance_min_age),
+                    stay: Duration::from_secs(args.balance_stay),
+                },
+            ));
+        }
+        // The owner's state is read every 100 ms (a small file or an atomic), so eviction
+        // starts within 100 ms of the owner's return (plus --evict-grace).
+        rt.spawn(wisp_rexec::evict::eviction_loop(
             agent,
             evict_reg,
             move || o2.idle_secs().0 < below,
-            Duration::from_millis(500),
+            Duration::from_millis(100),
         ));
         tracing::info!(%listen, "accepting jobs");
     }
