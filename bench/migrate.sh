@@ -13,22 +13,11 @@
 # MB/s for the pre-copy writer), WISP_BIN_DIR, BENCH_OUT (default
 # bench/results/migrate-<UTC time>.txt). The cluster is taken down on exit.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${WISP_BIN_DIR:-$ROOT/target/release}
-WISP=$BIN/wisp
+NAME=migb KIND=migrate
+. "$(dirname "$0")/lib.sh"
 SIZES=${MIG_SIZES:-8 64 256 1024 2048}
 MODES=${MIG_MODES:-eager lazy precopy}
 RATE=${MIG_RATE:-50}
-NAME=migb
-OUT=${BENCH_OUT:-$ROOT/bench/results/migrate-$(date -u +%Y%m%dT%H%M%SZ).txt}
-[ "$(id -u)" = 0 ] || { echo "bench/migrate.sh: needs root" >&2; exit 1; }
-[ -x "$WISP" ] || { echo "bench/migrate.sh: $WISP missing: cargo build --release --bins" >&2; exit 1; }
-export WISP_BIN_DIR=$BIN
-mkdir -p "$(dirname "$OUT")"
-W=$(mktemp -d /var/tmp/wisp-migb.XXXXXX)
-cleanup() { "$WISP" cluster down --name "$NAME" >/dev/null 2>&1 || true; rm -rf "$W"; }
-trap cleanup EXIT
-on() { "$WISP" cluster exec --name "$NAME" "$1" -- bash -ec "$2"; }
 
 {
     echo "# migration benchmark, bench/migrate.sh, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -8,21 +8,10 @@
 # Knobs: PIPE_MB (1024), PIPE_ROUNDS (2000), WISP_BIN_DIR, BENCH_OUT (default
 # bench/results/pipe-<UTC time>.txt). The cluster is taken down on exit.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${WISP_BIN_DIR:-$ROOT/target/release}
-WISP=$BIN/wisp
+NAME=pipeb KIND=pipe
+. "$(dirname "$0")/lib.sh"
 MB=${PIPE_MB:-1024}
 ROUNDS=${PIPE_ROUNDS:-2000}
-NAME=pipeb
-OUT=${BENCH_OUT:-$ROOT/bench/results/pipe-$(date -u +%Y%m%dT%H%M%SZ).txt}
-[ "$(id -u)" = 0 ] || { echo "bench/pipe.sh: needs root" >&2; exit 1; }
-[ -x "$WISP" ] || { echo "bench/pipe.sh: $WISP missing: cargo build --release --bins" >&2; exit 1; }
-export WISP_BIN_DIR=$BIN
-mkdir -p "$(dirname "$OUT")"
-W=$(mktemp -d /var/tmp/wisp-pipeb.XXXXXX)
-cleanup() { "$WISP" cluster down --name "$NAME" >/dev/null 2>&1 || true; rm -rf "$W"; }
-trap cleanup EXIT
-on() { "$WISP" cluster exec --name "$NAME" "$1" -- bash -ec "$2"; }
 ms_since() { awk -v t0="$1" -v t1="$(date +%s%N)" 'BEGIN { printf "%.0f", (t1 - t0) / 1e6 }'; }
 
 {

@@ -10,21 +10,13 @@
 # BENCH_OUT (default bench/results/registry-<UTC time>.txt).
 # Each cluster is taken down on exit, also on failure.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${WISP_BIN_DIR:-$ROOT/target/release}
-WISP=$BIN/wisp
+NAME=regb1 KIND=registry
+. "$(dirname "$0")/lib.sh"
+CLUSTERS=(regb1 regb3)
 HOSTS=${REG_HOSTS:-1000}
 PERIOD=${REG_PERIOD:-2}
 SECS=${REG_SECS:-20}
 NSTATS=${REG_STATS:-5000}
-OUT=${BENCH_OUT:-$ROOT/bench/results/registry-$(date -u +%Y%m%dT%H%M%SZ).txt}
-[ "$(id -u)" = 0 ] || { echo "bench/registry.sh: needs root" >&2; exit 1; }
-[ -x "$WISP" ] || { echo "bench/registry.sh: $WISP missing: cargo build --release --bins" >&2; exit 1; }
-export WISP_BIN_DIR=$BIN
-mkdir -p "$(dirname "$OUT")"
-UP=()
-cleanup() { for n in "${UP[@]}"; do "$WISP" cluster down --name "$n" >/dev/null 2>&1 || true; done; }
-trap cleanup EXIT
 
 {
     echo "# registry benchmark, bench/registry.sh, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -35,7 +27,6 @@ trap cleanup EXIT
 for replicas in 1 3; do
     name=regb$replicas
     "$WISP" cluster up --name "$name" --servers "$replicas" --workstations 1 >/dev/null
-    UP+=("$name")
     echo "== $replicas replica(s)" | tee -a "$OUT"
     "$WISP" registry bench --cluster "$name" --hosts "$HOSTS" --period "$PERIOD" --secs "$SECS" | tee -a "$OUT"
     if [ "$replicas" = 3 ]; then
