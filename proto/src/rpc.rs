@@ -415,6 +415,11 @@ impl RpcClient {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
+    /// Whether the connection is up now.
+    pub fn is_up(&self) -> bool {
+        matches!(*self.inner.state.borrow(), ConnState::Up { .. })
+    }
+
     /// The bound on how long one call may wait for the server.
     pub fn call_timeout(&self) -> Duration {
         self.inner.call_timeout

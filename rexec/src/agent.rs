@@ -14,6 +14,8 @@ use wisp_proto::rpc::{PeerHandle, RpcClient, Service};
 
 /// How long a source waits for the target to rebuild a job before resuming it itself.
 const MIGRATE_IN_TIMEOUT: Duration = Duration::from_secs(600);
+/// A target whose agent cannot be reached for this long during a migration is given up.
+const TARGET_GONE_AFTER: Duration = Duration::from_secs(10);
 
 /// How long a migration waits for a lazily arrived job's pages to be all in.
 const PAGING_WAIT: Duration = Duration::from_secs(300);
@@ -380,7 +382,34 @@ impl Agent {
             lazy,
         };
         let t_restore = Instant::now();
-        match rt.block_on(target.call(req)) {
+        // The wait is long while the target answers (a restore may take minutes), but a
+        // target agent that went away (its connection down, or never up, for
+        // TARGET_GONE_AFTER) is not restoring anything: the source resumes then.
+        let gone = async {
+            let mut down_since: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if target.is_up() {
+                    down_since = None;
+                } else if down_since.get_or_insert_with(Instant::now).elapsed() >= TARGET_GONE_AFTER
+                {
+                    return;
+                }
+            }
+        };
+        let answer = rt.block_on(async {
+            tokio::select! {
+                r = target.call(req) => r,
+                _ = gone => Err(wisp_proto::rpc::RpcError::Remote(err(
+                    libc::EHOSTDOWN,
+                    format!(
+                        "the target agent at {to_addr} went away during the migration (no connection for {} s)",
+                        TARGET_GONE_AFTER.as_secs()
+                    ),
+                ))),
+            }
+        });
+        match answer {
             Ok(Response::Started { pid: new_pid }) => {
                 // Stopped = the final freeze of the dump plus the target's rebuild (with
                 // pre-copy, the earlier rounds ran while the job kept running).
