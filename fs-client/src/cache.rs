@@ -150,6 +150,11 @@ impl Meta {
         }
     }
 
+    /// Whether `ino` was invalidated since epoch `since`.
+    pub fn invalidated_since(&self, since: u64, ino: u64) -> bool {
+        self.inner.lock().unwrap().stale(since, &[ino])
+    }
+
     /// Record the version an open returned; whether the pages this host may hold are of
     /// that version (the last version seen here, or one more if this open writes).
     pub fn same_version(&self, attr: &Attr, writing: bool) -> bool {
@@ -378,6 +383,9 @@ struct WbState {
     /// Files write-shared since this client opened them: written through until the next
     /// cacheable open.
     uncached: HashSet<u64>,
+    /// Write-backs that failed for good (disk full, file too big): the data was dropped;
+    /// the errno is reported by the next close or fsync of the file.
+    errors: HashMap<u64, i32>,
 }
 
 impl WriteBack {
@@ -471,6 +479,18 @@ impl WriteBack {
             s.total += d.bytes;
             s.files.insert(ino, d);
         }
+    }
+
+    /// A write-back failed for good: forget the data, remember the error for close/fsync.
+    pub fn failed(&self, ino: u64, errno: i32) {
+        let mut s = self.state.lock().unwrap();
+        s.in_flight.remove(&ino);
+        s.errors.insert(ino, errno);
+    }
+
+    /// The error of a failed write-back of `ino`, once.
+    pub fn take_error(&self, ino: u64) -> Option<i32> {
+        self.state.lock().unwrap().errors.remove(&ino)
     }
 
     /// Drop a file's delayed writes (it was removed). Returns the bytes dropped.

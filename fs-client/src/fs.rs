@@ -146,6 +146,8 @@ struct Handle {
 /// What both the FUSE threads and the callback handler use: the connection and the caches.
 struct Core {
     domains: Domains,
+    /// The connection generation the cached names and attributes belong to.
+    cache_gen: AtomicU64,
     rt: tokio::runtime::Handle,
     stats: Arc<ClientStats>,
     meta: Meta,
@@ -158,6 +160,11 @@ const FLUSH_PARALLEL: usize = 8;
 impl Core {
     /// Write back `ino`'s delayed writes, and return once the server has them.
     fn flush(&self, ino: u64) -> Result<(), RpcError> {
+        // Nothing held: no lock either (a callback must never wait behind another file's
+        // write-back that shares the stripe; two hosts flushing would wait on each other).
+        if !self.wb.is_dirty(ino) {
+            return Ok(());
+        }
         let _g = self.wb.stripe(ino);
         let Some(d) = self.wb.take(ino) else {
             return Ok(());
@@ -209,12 +216,38 @@ impl Core {
                 self.wb.done(ino, None);
                 Ok(())
             }
+            // The server refused the data for good: it is dropped (as a local file system
+            // drops dirty pages it cannot write) and the error goes to the next close/fsync.
+            Err(RpcError::Remote(w))
+                if [libc::ENOSPC, libc::EFBIG, libc::EDQUOT, libc::EROFS].contains(&w.errno) =>
+            {
+                tracing::warn!(
+                    ino,
+                    bytes = d.bytes,
+                    "write-back refused, data dropped: {w}"
+                );
+                self.wb.failed(ino, w.errno);
+                Err(RpcError::Remote(w))
+            }
             Err(e) => {
                 tracing::warn!(ino, "write-back failed, kept for a retry: {e}");
                 self.wb.done(ino, Some(d));
                 Err(e)
             }
         }
+    }
+
+    /// Whether cached names and attributes may answer now: only while every connection is
+    /// up and none was re-established since they were cached (a server that restarted, or
+    /// dropped us after a lease, no longer calls us back for them). Otherwise they are
+    /// dropped and requests go to the servers.
+    fn cache_ok(&self) -> bool {
+        let gen = self.domains.connections();
+        if self.cache_gen.swap(gen, Ordering::Relaxed) != gen {
+            self.meta.clear();
+            return false;
+        }
+        self.domains.all().iter().all(|d| d.rpc.is_up())
     }
 
     /// Write back everything held, oldest first.
@@ -235,10 +268,10 @@ impl Core {
             Callback::InvalidateInode { ino } => {
                 // Another client changed it, or opened it while we write: what we hold
                 // goes back first, and writes go through until our next cacheable open.
-                let r = flush(*ino);
                 if self.wb.enabled() {
                     self.wb.set_cacheable(*ino, false);
                 }
+                let r = flush(*ino);
                 self.meta.invalidate(*ino);
                 r
             }
@@ -615,7 +648,7 @@ impl WispFs {
 
     /// Attributes, from the cache when it has them.
     fn attr_of(&self, ino: u64) -> Result<Attr, RpcError> {
-        if let Some(a) = self.core.meta.attr(ino) {
+        if let Some(a) = self.core.meta.attr(ino).filter(|_| self.core.cache_ok()) {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
         }
@@ -632,12 +665,14 @@ impl WispFs {
         }
     }
 
-    fn new_handle(&self, ino: u64, flags: i32, pipe: bool, cache: bool) -> u64 {
+    /// A handle for an open answered `cache`; `clean`: no callback for the file arrived
+    /// while the open was on its way (one that did keeps the file write-through).
+    fn new_handle(&self, ino: u64, flags: i32, pipe: bool, cache: bool, clean: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mode = open_mode(flags);
         let append = flags & libc::O_APPEND != 0;
         let delayed = cache && mode.write && !append && !pipe && self.core.wb.enabled();
-        if delayed {
+        if delayed && clean {
             self.core.wb.set_cacheable(ino, true);
         }
         self.handles.lock().unwrap().insert(
@@ -744,7 +779,12 @@ impl Filesystem for WispFs {
                 on_the_way = Some(cp);
             }
         }
-        match self.core.meta.lookup(parent.0, n) {
+        let cached = if self.core.cache_ok() {
+            self.core.meta.lookup(parent.0, n)
+        } else {
+            None
+        };
+        match cached {
             Some(Hit::Found(a)) => {
                 self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
                 self.remember(a.ino);
@@ -1039,6 +1079,7 @@ impl Filesystem for WispFs {
         match r {
             Ok(Rs::Opened { attr, cache }) => {
                 let pipe = attr.kind == Kind::Pipe;
+                let clean = !self.core.meta.invalidated_since(e, ino.0);
                 if mode.truncate {
                     self.core.meta.changed(&[ino.0], &[]);
                 } else {
@@ -1051,7 +1092,7 @@ impl Filesystem for WispFs {
                         return reply.error(e);
                     }
                 }
-                let fh = self.new_handle(ino.0, flags.0, pipe, cache);
+                let fh = self.new_handle(ino.0, flags.0, pipe, cache, clean);
                 reply.opened(
                     FileHandle(fh),
                     fopen_flags(
@@ -1136,18 +1177,25 @@ impl Filesystem for WispFs {
             .map(|h| (h.append, h.pipe, h.delayed))
             .unwrap_or((flags.0 & libc::O_APPEND != 0, false, false));
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        if delayed && self.core.wb.cacheable(ino.0) {
-            let total = {
+        // Whether the file may still be written back later is decided under its stripe: a
+        // callback that makes it write-through flips the flag first, then writes back
+        // (under the stripe), so no delayed write slips in after it.
+        let held = delayed
+            .then(|| {
                 let _g = self.core.wb.stripe(ino.0);
-                self.core.wb.add(ino.0, offset, data)
-            };
+                self.core
+                    .wb
+                    .cacheable(ino.0)
+                    .then(|| self.core.wb.add(ino.0, offset, data))
+            })
+            .flatten();
+        if let Some(total) = held {
             if total > self.core.wb.max_bytes {
                 // Over the memory bound: this writer waits for write-backs, oldest first.
+                // This write is held either way; a failure shows at fsync or close.
                 for victim in std::iter::once(ino.0).chain(self.core.wb.older_than(Duration::ZERO))
                 {
-                    if let Err(e) = self.core.flush(victim) {
-                        return reply.error(errno(&e));
-                    }
+                    let _ = self.core.flush(victim);
                     if self.core.wb.total() <= self.core.wb.max_bytes / 2 {
                         break;
                     }
@@ -1172,6 +1220,11 @@ impl Filesystem for WispFs {
             },
         ) {
             Ok(Rs::Written { size, .. }) => {
+                if !pipe {
+                    // An attribute fetch answered before the write may have been cached
+                    // meanwhile; the server calls back only the other clients.
+                    self.core.meta.changed(&[ino.0], &[]);
+                }
                 self.stats
                     .bytes_written
                     .fetch_add(size as u64, Ordering::Relaxed);
@@ -1198,8 +1251,11 @@ impl Filesystem for WispFs {
         reply: ReplyEmpty,
     ) {
         // Close does not write back (Sprite's delayed write): fsync, age, a callback or
-        // unmount does.
-        reply.ok()
+        // unmount does. It reports a write-back that failed for good, as close(2) does.
+        match self.core.wb.take_error(_ino.0) {
+            Some(e) => reply.error(Errno::from_i32(e)),
+            None => reply.ok(),
+        }
     }
 
     fn release(
@@ -1240,6 +1296,9 @@ impl Filesystem for WispFs {
     ) {
         if let Err(e) = self.flushed(ino.0) {
             return reply.error(e);
+        }
+        if let Some(e) = self.core.wb.take_error(ino.0) {
+            return reply.error(Errno::from_i32(e));
         }
         self.empty(&[], &[], Rq::Fsync { ino: ino.0 }, reply)
     }
@@ -1370,7 +1429,12 @@ impl Filesystem for WispFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let n = name.as_bytes();
-        let r = match self.core.meta.xattr(ino.0, n) {
+        let cached = if self.core.cache_ok() {
+            self.core.meta.xattr(ino.0, n)
+        } else {
+            None
+        };
+        let r = match cached {
             Some(v) => {
                 self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
                 v.map(Rs::Xattr)
@@ -1462,7 +1526,8 @@ impl Filesystem for WispFs {
                 // The kernel keeps a created file's attributes for the entry TTL (0), so
                 // it asks again at once: answered from here.
                 self.core.meta.put_attr(e, &attr);
-                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe, cache);
+                let clean = !self.core.meta.invalidated_since(e, attr.ino);
+                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe, cache, clean);
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
                 reply.created(
                     &ENTRY_TTL,
@@ -1627,6 +1692,7 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
         rt,
         stats: stats.clone(),
         meta: Meta::new(opts.cache_names, opts.cache_entries),
+        cache_gen: AtomicU64::new(rpc.connections()),
         wb: WriteBack::new(opts.writeback_delay, opts.dirty_max),
     });
     let _ = core_cell.set(core.clone());

@@ -15,7 +15,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use tracing::{info, warn};
 use wisp_proto::msg::*;
@@ -76,10 +76,15 @@ pub struct FsServer {
     /// ino -> sessions that opened it for writing and may still hold delayed writes
     /// (clients write back after a delay). Before another session looks at the file, they
     /// are told to write back ([`Callback::WriteBack`]): sequential write-sharing.
-    writers: Mutex<HashMap<Ino, std::collections::HashSet<u64>>>,
-    /// After a restart, reads wait until this instant: clients reconnect and write back
+    /// session -> a counter bumped at each of its opens for writing, so a settle that ran
+    /// across a new open does not forget the writer.
+    writers: Mutex<HashMap<Ino, HashMap<u64, u64>>>,
+    writer_opens: AtomicU64,
+    /// After a restart, reads wait until this instant (set by the first request, so the
+    /// window starts when the server is actually serving): clients reconnect and write back
     /// what they held meanwhile (the server forgot who may hold delayed writes).
-    recovering_until: Option<std::time::Instant>,
+    restarted: bool,
+    recovering_until: OnceLock<std::time::Instant>,
 }
 
 /// Longest wait for another client to write back its delayed writes before a request
@@ -200,7 +205,9 @@ impl FsServer {
             interest: Mutex::new(Interest::default()),
             pipes: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
-            recovering_until: restarted.then(|| std::time::Instant::now() + RECOVERY_GRACE),
+            writer_opens: AtomicU64::new(0),
+            restarted,
+            recovering_until: OnceLock::new(),
         };
         s.sweep()
             .map_err(|source| ServerError::Store { path: db, source })?;
@@ -1036,7 +1043,7 @@ impl FsServer {
                 excl,
                 mode_open,
             } => {
-                let (attr, _) = self.new_child(
+                let (attr, created) = self.new_child(
                     peer.session,
                     cred,
                     parent,
@@ -1048,9 +1055,17 @@ impl FsServer {
                     excl,
                 )?;
                 self.changed(peer, &[parent]);
+                if !created {
+                    // An existing file opened (maybe truncated) through create: another
+                    // client's delayed writes go back first.
+                    self.settle(peer, attr.ino)?;
+                }
                 let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
+                if mode_open.truncate && !created {
+                    self.changed(peer, &[attr.ino]);
+                }
                 self.call_back(&sharers, attr.ino);
-                self.note_writer(peer.session, attr.ino, mode_open);
+                self.note_writer(peer, &attr, mode_open);
                 Response::Opened { attr, cache }
             }
             Request::Symlink {
@@ -1148,7 +1163,7 @@ impl FsServer {
                     self.changed(peer, &[ino]);
                 }
                 self.call_back(&sharers, ino);
-                self.note_writer(peer.session, ino, mode);
+                self.note_writer(peer, &attr, mode);
                 Response::Opened { attr, cache }
             }
             Request::Close { ino, mode } => {
@@ -1231,7 +1246,7 @@ impl FsServer {
                         .enumerate()
                         .filter(|(_, e)| {
                             w.get(&e.attr.ino)
-                                .is_some_and(|s| s.iter().any(|s| *s != peer.session))
+                                .is_some_and(|m| m.keys().any(|s| *s != peer.session))
                         })
                         .map(|(i, _)| i)
                         .collect()
@@ -1356,16 +1371,21 @@ impl FsServer {
         self.send_callbacks(calls);
     }
 
-    /// Remember that `session` may hold delayed writes for `ino` (it opened it to write).
-    fn note_writer(&self, session: u64, ino: Ino, mode: OpenMode) {
-        if mode.write {
-            self.writers
-                .lock()
-                .unwrap()
-                .entry(ino)
-                .or_default()
-                .insert(session);
+    /// Remember that `session` may hold delayed writes for `ino` (it opened the regular
+    /// file to write), and call back every other client that may cache it: their copies go
+    /// stale without a single write reaching the server while the writes are delayed.
+    fn note_writer(&self, peer: &Arc<PeerHandle>, attr: &Attr, mode: OpenMode) {
+        if !mode.write || attr.kind != Kind::File {
+            return;
         }
+        let n = self.writer_opens.fetch_add(1, Ordering::Relaxed) + 1;
+        self.writers
+            .lock()
+            .unwrap()
+            .entry(attr.ino)
+            .or_default()
+            .insert(peer.session, n);
+        self.changed(peer, &[attr.ino]);
     }
 
     /// Record that `session` may cache `ino` (attributes, pages, or a directory's names).
@@ -1381,23 +1401,49 @@ impl FsServer {
             .insert(session);
     }
 
-    /// Sequential write-sharing: before `peer` looks at `ino`, every other client that
-    /// opened it for writing writes back its delayed blocks. A writer that does not manage
-    /// it within [`WRITEBACK_WAIT`] fails this request with EIO (never stale data); a
-    /// writer that is gone has lost them (they were never fsynced). A writer that no longer
-    /// has the file open is forgotten after.
+    /// Before `peer` looks at `ino`, every other client that opened it for writing writes
+    /// back its delayed blocks. One that still has it open for writing is also switched to
+    /// write-through (`InvalidateInode`: its later writes reach the server, which calls the
+    /// cachers back); one that closed it gets `WriteBack` (it cannot write again without an
+    /// open, which registers it again). A writer that does not manage it within
+    /// [`WRITEBACK_WAIT`] fails this request with EIO (never stale data); a writer that is
+    /// gone has lost them (they were never fsynced).
     fn settle(&self, peer: &Arc<PeerHandle>, ino: Ino) -> R<()> {
-        let others: Vec<u64> = match self.writers.lock().unwrap().get(&ino) {
-            Some(s) => s.iter().copied().filter(|s| *s != peer.session).collect(),
+        let others: Vec<(u64, u64)> = match self.writers.lock().unwrap().get(&ino) {
+            Some(m) => m
+                .iter()
+                .filter(|(s, _)| **s != peer.session)
+                .map(|(s, n)| (*s, *n))
+                .collect(),
             None => return Ok(()),
         };
         if others.is_empty() {
             return Ok(());
         }
+        let open_for_write: Vec<u64> = {
+            let opens = self.opens.lock().unwrap();
+            others
+                .iter()
+                .map(|(s, _)| *s)
+                .filter(|s| {
+                    opens
+                        .get(&ino)
+                        .and_then(|m| m.get(s))
+                        .is_some_and(|c| c.writers > 0)
+                })
+                .collect()
+        };
         let results = self.send_callbacks_within(
             others
                 .iter()
-                .map(|s| (*s, Callback::WriteBack { ino }))
+                .map(|(s, _)| {
+                    let cb = if open_for_write.contains(s) {
+                        Callback::InvalidateInode { ino }
+                    } else {
+                        Callback::WriteBack { ino }
+                    };
+                    (*s, cb)
+                })
                 .collect(),
             WRITEBACK_WAIT,
         );
@@ -1407,34 +1453,25 @@ impl FsServer {
                 Err(e) if e.errno == libc::ENOTCONN => {
                     warn!(ino, writer = %name, "writer gone before writing back: its unsynced writes are lost")
                 }
-                Err(e) => {
-                    return Err(WireError::new(
-                        libc::EIO,
-                        format!(
+                Err(e) => return Err(WireError::new(
+                    libc::EIO,
+                    format!(
                         "{name} holds delayed writes for this file and did not write them back: {}",
                         e.msg
                     ),
-                    ))
-                }
+                )),
             }
         }
-        let still_open: Vec<u64> = {
-            let opens = self.opens.lock().unwrap();
-            others
-                .iter()
-                .copied()
-                .filter(|s| {
-                    opens
-                        .get(&ino)
-                        .and_then(|m| m.get(s))
-                        .is_some_and(|c| c.writers > 0)
-                })
-                .collect()
-        };
+        // Writers that had closed the file are clean now, unless they opened it again
+        // meanwhile (a newer open number); the others write through until their next open.
         let mut w = self.writers.lock().unwrap();
-        if let Some(set) = w.get_mut(&ino) {
-            set.retain(|s| *s == peer.session || still_open.contains(s) || !others.contains(s));
-            if set.is_empty() {
+        if let Some(m) = w.get_mut(&ino) {
+            for (s, n) in &others {
+                if m.get(s) == Some(n) {
+                    m.remove(s);
+                }
+            }
+            if m.is_empty() {
                 w.remove(&ino);
             }
         }
@@ -1512,7 +1549,10 @@ impl Service for FsServer {
             .unwrap()
             .entry(peer.session)
             .or_insert_with(|| peer.clone());
-        if let Some(until) = self.recovering_until {
+        if self.restarted {
+            let until = *self
+                .recovering_until
+                .get_or_init(|| std::time::Instant::now() + RECOVERY_GRACE);
             let reads = matches!(
                 req,
                 Request::Lookup { .. }
@@ -1570,9 +1610,9 @@ impl Service for FsServer {
 
     fn disconnected(&self, peer: &Arc<PeerHandle>) {
         self.peers.lock().unwrap().remove(&peer.session);
-        self.writers.lock().unwrap().retain(|_, s| {
-            s.remove(&peer.session);
-            !s.is_empty()
+        self.writers.lock().unwrap().retain(|_, m| {
+            m.remove(&peer.session);
+            !m.is_empty()
         });
         {
             let mut i = self.interest.lock().unwrap();

@@ -108,6 +108,11 @@ impl InodeRec {
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The metadata database of one domain.
+/// How far the next inode number jumps each time a store is opened. More than a server
+/// can allocate between two durable commits (one second), so no number handed out before a
+/// crash is handed out again after it.
+pub const INO_SKIP_ON_OPEN: u64 = 1 << 20;
+
 pub struct Store {
     db: Database,
     /// Commits since the last durable one.
@@ -139,6 +144,15 @@ impl Store {
                 let root = InodeRec::new(Kind::Dir, 0o755, 0, 0, ROOT_INO);
                 inodes.insert(ROOT_INO, postcard::to_allocvec(&root).unwrap().as_slice())?;
                 meta.insert("next_ino", ROOT_INO + 1)?;
+            } else {
+                // Inode numbers handed out after the last durable commit may have been lost
+                // in a crash, while clients still hold delayed writes for them: never hand
+                // those numbers out again (skip far ahead, durably).
+                let next = meta
+                    .get("next_ino")?
+                    .map(|v| v.value())
+                    .unwrap_or(ROOT_INO + 1);
+                meta.insert("next_ino", next + INO_SKIP_ON_OPEN)?;
             }
         }
         t.tx.set_durability(Durability::Immediate);
@@ -302,6 +316,8 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Allocate an inode number (numbers are never reused, also across crashes: see
+    /// [`INO_SKIP_ON_OPEN`]).
     pub fn alloc_ino(&mut self) -> Result<Ino, StoreError> {
         let mut m = self.tx.open_table(META)?;
         let next = m
