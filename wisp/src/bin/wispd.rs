@@ -498,22 +498,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_loadavg;
-
-    #[test]
-    fn loadavg() {
-        let l = parse_loadavg("0.08 0.03 1.50 2/345 6789\n").unwrap();
-        assert_eq!(
-            (l.load1, l.load5, l.load15, l.runnable),
-            (0.08, 0.03, 1.5, 2)
-        );
-        assert!(parse_loadavg("0.08 0.03").is_none());
-        assert!(parse_loadavg("a b c 1/2 3").is_none());
-    }
-}
-
 /// `--job-memory-max`: MiB, or a percentage of MemTotal; 0 = no limit.
 fn memory_limit(v: &str) -> anyhow::Result<Option<u64>> {
     let v = v.trim();
@@ -535,4 +519,31 @@ fn memory_limit(v: &str) -> anyhow::Result<Option<u64>> {
         mib << 20
     };
     Ok((bytes > 0).then_some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{memory_limit, parse_loadavg};
+
+    #[test]
+    fn job_memory_max() {
+        assert_eq!(memory_limit("64").unwrap(), Some(64 << 20));
+        assert_eq!(memory_limit("0").unwrap(), None);
+        assert_eq!(memory_limit("0%").unwrap(), None);
+        let half = memory_limit("50%").unwrap().unwrap();
+        let all = memory_limit("100%").unwrap().unwrap();
+        assert!(half > 0 && half.abs_diff(all / 2) < 4096, "{half} {all}");
+        assert!(memory_limit("lots").is_err());
+    }
+
+    #[test]
+    fn loadavg() {
+        let l = parse_loadavg("0.08 0.03 1.50 2/345 6789\n").unwrap();
+        assert_eq!(
+            (l.load1, l.load5, l.load15, l.runnable),
+            (0.08, 0.03, 1.5, 2)
+        );
+        assert!(parse_loadavg("0.08 0.03").is_none());
+        assert!(parse_loadavg("a b c 1/2 3").is_none());
+    }
 }
