@@ -204,6 +204,24 @@ impl Cgroups {
         }
     }
 
+    /// At exit: remove this agent's directories, and the jobs' cgroups in them that are
+    /// empty (a job still running keeps its cgroup, and so its directory).
+    pub fn release(&self) {
+        let dirs: Vec<PathBuf> = match &self.layout {
+            Layout::V1(v) => v.iter().map(|(_, d)| d.clone()).collect(),
+            Layout::V2(d, _) => vec![d.clone()],
+            Layout::None => vec![],
+        };
+        for d in dirs {
+            for j in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if j.path().is_dir() {
+                    let _ = std::fs::remove_dir(j.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&d);
+        }
+    }
+
     /// Whether jobs get limits here.
     pub fn enabled(&self) -> bool {
         !matches!(self.layout, Layout::None)

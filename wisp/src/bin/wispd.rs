@@ -333,6 +333,7 @@ fn main() -> Result<()> {
     tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
     let owner = std::sync::Arc::new(owner);
     let mut agent_handle = None;
+    let mut agent_at_exit = None;
     if !args.no_agent {
         // The job agent: runs foreign jobs (rexec), migrates them, evicts them when the
         // owner comes back.
@@ -383,6 +384,7 @@ fn main() -> Result<()> {
         };
         let evict_reg = loop_reg("evict")?;
         agent_handle = Some(agent.clone());
+        agent_at_exit = Some(agent.clone());
         if args.balance {
             let slots = args.balance_slots.unwrap_or_else(|| {
                 std::thread::available_parallelism()
@@ -493,6 +495,10 @@ fn main() -> Result<()> {
     }
     rt.spawn(registry_loop(client, name, advertise, owner, beat));
     rt.block_on(wisp::terminated());
+    if let Some(a) = &agent_at_exit {
+        // Only what is empty: jobs still running keep their cgroups.
+        a.cgroups.release();
+    }
     tracing::info!("unmounting {}", args.mount.display());
     mounted.unmount().context("unmount")?;
     Ok(())
