@@ -396,3 +396,24 @@ impl JobCgroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With no cgroup filesystem the agent runs jobs without limits instead of failing.
+    #[test]
+    fn no_cgroups_means_no_limits_not_failure() {
+        let dir = std::env::temp_dir().join(format!("wisp-cg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = JobLimits {
+            pids_max: Some(10),
+            ..Default::default()
+        };
+        let cg = Cgroups::detect_at(&dir, "h", limits);
+        assert!(!cg.enabled());
+        assert_eq!(cg.version(), "none");
+        assert!(cg.create(1).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -14,16 +14,21 @@ fn args(a: &[&str]) -> Vec<String> {
 /// The cgroup directory of `pid` holding its pids limit (v1: the pids hierarchy; v2: its
 /// only cgroup).
 fn pids_cgroup(pid: i32) -> Option<PathBuf> {
+    cgroup_of(pid, "pids")
+}
+
+/// The cgroup directory of `pid` for controller `ctl` (v1), or its only cgroup (v2).
+fn cgroup_of(pid: i32, ctl: &str) -> Option<PathBuf> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let root = Path::new("/sys/fs/cgroup");
     if !root.join("cgroup.controllers").exists() {
         let l = s.lines().find(|l| {
             l.split(':')
                 .nth(1)
-                .is_some_and(|c| c.split(',').any(|c| c == "pids"))
+                .is_some_and(|c| c.split(',').any(|c| c == ctl))
         })?;
         let p = l.splitn(3, ':').nth(2)?;
-        return Some(root.join("pids").join(p.trim_start_matches('/')));
+        return Some(root.join(ctl).join(p.trim_start_matches('/')));
     }
     let p = s.lines().find_map(|l| l.strip_prefix("0::"))?;
     Some(root.join(p.trim_start_matches('/')))
@@ -258,6 +263,19 @@ fn migrated_job_lands_in_a_cgroup() {
             "restored process {p} not in a job cgroup of ws3:\n{cg}"
         );
         assert_eq!(read(&dir, "pids.max"), "64");
+        // The memory limit and the low CPU weight too.
+        if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            assert_eq!(read(&dir, "memory.max"), (512u64 << 20).to_string());
+            assert_eq!(read(&dir, "cpu.weight"), "20");
+        } else {
+            let mem = cgroup_of(*p, "memory").unwrap_or_default();
+            assert_eq!(
+                read(&mem, "memory.limit_in_bytes"),
+                (512u64 << 20).to_string()
+            );
+            let cpu = cgroup_of(*p, "cpu").unwrap_or_default();
+            assert_eq!(read(&cpu, "cpu.shares"), "204");
+        }
     }
     let out = runner.join().unwrap();
     assert_eq!(
