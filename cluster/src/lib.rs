@@ -721,6 +721,50 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Shell commands that mount this machine's cgroup filesystems again in a host's mount
+/// namespace: `ip netns exec` mounts a fresh /sys there, which hides them, and the agents
+/// put their jobs into cgroups. Mounting a v1 hierarchy with the same controllers attaches
+/// the very same hierarchy, and cgroup2 is one tree, so every host sees the machine's
+/// cgroups. Best effort: without them the agents run jobs without limits.
+fn cgroup_mounts() -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut cmds = vec![":".to_string()];
+    let mut tmpfs = false;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 4 || !f[1].starts_with("/sys/fs/cgroup") {
+            continue;
+        }
+        let (dir, kind, opts) = (f[1], f[2], f[3]);
+        if !dir
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_,=.-".contains(c))
+            || !opts
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_,=.-".contains(c))
+        {
+            continue;
+        }
+        match kind {
+            "tmpfs" if dir == "/sys/fs/cgroup" => {
+                tmpfs = true;
+                cmds.push("mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup".into());
+            }
+            "cgroup" | "cgroup2" => {
+                if dir != "/sys/fs/cgroup" && !tmpfs {
+                    tmpfs = true;
+                    cmds.push("mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup".into());
+                }
+                cmds.push(format!(
+                    "mkdir -p {dir}; mount -t {kind} -o {opts} {kind} {dir}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    cmds.join("; ")
+}
+
 fn spawn_anchor(ns: &str, host: &str) -> Result<u32> {
     let mut cmd = Command::new("ip");
     cmd.args([
@@ -736,7 +780,10 @@ fn spawn_anchor(ns: &str, host: &str) -> Result<u32> {
         "sh",
         "-c",
     ])
-    .arg(format!("hostname {host} && exec sleep infinity"))
+    .arg(format!(
+        "hostname {host} && {{ {}; }} 2>/dev/null; exec sleep infinity",
+        cgroup_mounts()
+    ))
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());

@@ -94,6 +94,10 @@ pub struct RestoreOptions {
     /// Lazy restore only: answer page faults only (pure demand paging) for this long
     /// before pushing the remaining pages in the background.
     pub lazy_push_delay: std::time::Duration,
+    /// `cgroup.procs` files (open for writing) of cgroups the restored tree is to live in:
+    /// its first process joins them before it creates any other, so the whole tree is
+    /// born inside them.
+    pub cgroup_procs: Vec<RawFd>,
 }
 
 /// Restore with lazy (post-copy) paging of the anonymous memory: the process runs as soon
@@ -231,7 +235,7 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
             ),
         });
     }
-    let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname)?;
+    let (pid, init_pid) = spawn(mode, want_ns_pid, tramp, &meta.hostname, &opts.cgroup_procs)?;
     let created = std::cell::RefCell::new(vec![pid]);
     let cleanup = |e: RestoreError| -> RestoreError {
         // Every thread of the half-built processes is traced by us: its death must be
@@ -713,7 +717,13 @@ fn find_gap(busy: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
 }
 
 /// Create the child that waits in the trampoline. Returns (pid, init pid).
-fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32, Option<i32>)> {
+fn spawn(
+    mode: PidMode,
+    ns_pid: i32,
+    tramp: u64,
+    hostname: &str,
+    cgroup_procs: &[RawFd],
+) -> Result<(i32, Option<i32>)> {
     let (rd, wr) = nix::unistd::pipe().map_err(|e| RestoreError::Helper {
         pid: ns_pid,
         what: format!("pipe: {e}"),
@@ -725,6 +735,7 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
         let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
         if init == 0 {
             // Child: pid 1 of the new namespace. Only async-signal-safe calls from here.
+            sys::child_join_cgroups(cgroup_procs);
             sys::child_sethostname(&host);
             match sys::fork_with_tid(ns_pid) {
                 Ok(0) => {
@@ -766,6 +777,7 @@ fn spawn(mode: PidMode, ns_pid: i32, tramp: u64, hostname: &str) -> Result<(i32,
     } else {
         let t = sys::fork_with_flags(0)?;
         if t == 0 {
+            sys::child_join_cgroups(cgroup_procs);
             sys::child_trampoline_then_pause(tramp, TRAMP_LEN as usize, TRAMP_CODE, wr_raw);
         }
         drop(wr);

@@ -69,6 +69,19 @@ fn cstring(s: &str) -> Result<CString, SandboxError> {
 /// Start `argv` in a new sandbox; `stdio[i]` = Some(path) redirects fd i (0 read, 1 and
 /// 2 append), None inherits.
 pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandbox, SandboxError> {
+    run_sandboxed_in(argv, stdio, &[])
+}
+
+/// Like [`run_sandboxed`], with the sandbox's init joining the cgroups whose
+/// `cgroup.procs` files are open (for writing) in `cgroup_procs` before it forks the
+/// command: the command and everything it starts is born inside them, so a limit such
+/// as `pids.max` holds from its first instruction on (no window in which it could fork
+/// outside). The descriptors stay owned by the caller.
+pub fn run_sandboxed_in(
+    argv: &[String],
+    stdio: [Option<&Path>; 3],
+    cgroup_procs: &[std::os::fd::RawFd],
+) -> Result<Sandbox, SandboxError> {
     let first = argv.first().ok_or(SandboxError::Empty)?;
     let exe = resolve(first).ok_or_else(|| SandboxError::NotFound(first.clone()))?;
     let path = cstring(&exe.to_string_lossy())?;
@@ -101,6 +114,7 @@ pub fn run_sandboxed(argv: &[String], stdio: [Option<&Path>; 3]) -> Result<Sandb
     let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
     if init == 0 {
         // pid 1 of the new namespace: only async-signal-safe calls from here on.
+        sys::child_join_cgroups(cgroup_procs);
         match sys::fork_with_flags(0) {
             Ok(0) => sys::child_exec(fds, &exec),
             Ok(main) => sys::child_become_reaper(main, rseq),

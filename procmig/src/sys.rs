@@ -558,6 +558,20 @@ fn child_unregister_rseq(rseq: Option<GlibcRseq>) -> bool {
     false
 }
 
+/// Child body: join the cgroups whose `cgroup.procs` files the parent opened for writing
+/// (writing "0" moves the writer), then close them. Called before the child forks, so
+/// everything it starts is born inside those cgroups. Errors are ignored: the parent
+/// checks `/proc/<pid>/cgroup` afterwards.
+pub fn child_join_cgroups(procs: &[i32]) {
+    for fd in procs {
+        // SAFETY: write(2) and close(2) on descriptors the parent opened; async-signal-safe.
+        unsafe {
+            libc::write(*fd, b"0".as_ptr() as *const libc::c_void, 1);
+            libc::close(*fd);
+        }
+    }
+}
+
 /// Child body: leave immediately with `code` (no atexit handlers, no unwinding).
 pub fn child_exit(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and never returns.

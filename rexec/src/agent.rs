@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub key: wisp_proto::key::ClusterKey,
     /// This host's name.
     pub host: String,
+    /// Resource limits of each job's cgroup.
+    pub limits: crate::cgroup::JobLimits,
 }
 
 /// The agent service.
@@ -62,6 +64,8 @@ pub struct Agent {
     pub stats: AgentStats,
     /// Eviction policy and `wisp evict` requests (see `crate::evict`).
     pub(crate) evict: crate::evict::Control,
+    /// Where jobs' cgroups go (detected when the agent starts).
+    pub cgroups: crate::cgroup::Cgroups,
 }
 
 /// What an agent has done since it started.
@@ -88,7 +92,9 @@ fn err(errno: i32, msg: impl Into<String>) -> WireError {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        let cgroups = crate::cgroup::Cgroups::detect(&cfg.host, cfg.limits);
         Arc::new(Agent {
+            cgroups,
             cfg,
             jobs: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
@@ -199,15 +205,27 @@ impl Agent {
             .iter()
             .map(|p| PathBuf::from(OsStr::from_bytes(p)))
             .collect();
+        // The job's cgroup: the sandbox's init joins it before it forks the job.
+        let cg = self.cgroups.create(spec.job);
+        let fds = cg.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
         // Opens stdin, then stdout and stderr: the order in which rexec opens the other ends.
-        let sb =
-            wisp_procmig::run_sandboxed(&argv, [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])])
-                .map_err(|e| {
-                    err(
-                        libc::EIO,
-                        format!("cannot start {}: {e}", lossy(&spec.argv[0])),
-                    )
-                })?;
+        let sb = match wisp_procmig::run_sandboxed_in(
+            &argv,
+            [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])],
+            &fds,
+        ) {
+            Ok(sb) => sb,
+            Err(e) => {
+                if let Some(cg) = cg {
+                    cg.remove();
+                }
+                return Err(err(
+                    libc::EIO,
+                    format!("cannot start {}: {e}", lossy(&spec.argv[0])),
+                ));
+            }
+        };
+        let cg = check_joined(spec.job, sb.init_pid, cg);
         let info = JobInfo {
             job: spec.job,
             pid: sb.pid as u32,
@@ -218,12 +236,17 @@ impl Agent {
         };
         info!(job = spec.job, pid = sb.pid, home = %spec.home, cmd = %info.argv0, "job started");
         self.stats.jobs_started.fetch_add(1, Ordering::Relaxed);
-        self.adopt(info, sb);
+        self.adopt(info, sb, cg);
         Ok(sb.pid as u32)
     }
 
     /// Track a job whose sandbox init is our child, until it ends.
-    fn adopt(self: &Arc<Self>, info: JobInfo, sb: wisp_procmig::Sandbox) {
+    fn adopt(
+        self: &Arc<Self>,
+        info: JobInfo,
+        sb: wisp_procmig::Sandbox,
+        cg: Option<crate::cgroup::JobCgroup>,
+    ) {
         let job = info.job;
         self.jobs.lock().unwrap().insert(
             job,
@@ -243,6 +266,11 @@ impl Agent {
                 warn!(job, "wait failed: {e}");
                 255
             });
+            // The init is gone, so the namespace's other processes are being killed: the
+            // cgroup goes once they are.
+            if let Some(cg) = cg {
+                cg.remove();
+            }
             let signal = if code > 128 && code < 160 {
                 code - 128
             } else {
@@ -519,20 +547,27 @@ impl Agent {
         lazy: bool,
     ) -> Result<u32, WireError> {
         let dir = dir.to_path_buf();
+        // The restored tree's first process joins the job's cgroup before it creates the
+        // others.
+        let cg = self.cgroups.create(job);
         let opts = wisp_procmig::RestoreOptions {
             pid_mode: wisp_procmig::PidMode::NewNamespace,
+            cgroup_procs: cg.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
             ..Default::default()
         };
-        let (r, pager) = if lazy {
-            let (r, p) = wisp_procmig::restore_lazy(&dir, &opts)
-                .map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?;
-            (r, Some(p))
+        let restored = if lazy {
+            wisp_procmig::restore_lazy(&dir, &opts).map(|(r, p)| (r, Some(p)))
         } else {
-            (
-                wisp_procmig::restore_with(&dir, &opts)
-                    .map_err(|e| err(libc::EIO, format!("cannot rebuild job {job}: {e}")))?,
-                None,
-            )
+            wisp_procmig::restore_with(&dir, &opts).map(|r| (r, None))
+        };
+        let (r, pager) = match restored {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(cg) = cg {
+                    cg.remove();
+                }
+                return Err(err(libc::EIO, format!("cannot rebuild job {job}: {e}")));
+            }
         };
         for w in &r.warnings {
             warn!(job, "restore: {w}");
@@ -541,6 +576,7 @@ impl Agent {
             init_pid: r.init_pid.unwrap_or(r.pid),
             pid: r.pid,
         };
+        let cg = check_joined(job, sb.init_pid, cg);
         self.adopt(
             JobInfo {
                 job,
@@ -551,6 +587,7 @@ impl Agent {
                 running: true,
             },
             sb,
+            cg,
         );
         match pager {
             // The job runs already; its pages arrive from the swap file on demand and in the
@@ -709,6 +746,26 @@ impl Service for AgentService {
             )),
         }
     }
+}
+
+/// A job's init should be in its cgroup now (it joined before forking); if it is not
+/// (the write failed), say so, and drop the cgroup rather than claim limits it lacks.
+fn check_joined(
+    job: u64,
+    init: i32,
+    cg: Option<crate::cgroup::JobCgroup>,
+) -> Option<crate::cgroup::JobCgroup> {
+    let cg = cg?;
+    if cg.contains(init) {
+        return Some(cg);
+    }
+    warn!(
+        job,
+        init, "the job did not join its cgroup: it runs without limits"
+    );
+    // Not removed: a process that is in it after all must not be killed for it.
+    drop(cg);
+    None
 }
 
 /// Send `sig` to every process in the pid namespace of `pid` (a job's sandbox); returns

@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod balance;
+pub mod cgroup;
 pub mod client;
 pub mod evict;
 pub mod preflush;

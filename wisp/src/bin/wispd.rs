@@ -101,6 +101,18 @@ struct Args {
     /// Nice value of foreign jobs, so the owner's own work keeps priority.
     #[arg(long, default_value_t = 10)]
     job_nice: i32,
+    /// Each foreign job runs in a cgroup of its own: at most this many processes and
+    /// threads in it (contains a fork bomb); 0 = no limit.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    job_pids_max: u64,
+    /// Memory limit of each foreign job's cgroup: MiB, or a percentage of this host's RAM
+    /// ("50%"); 0 = no limit. Past it the OOM killer acts inside the job only.
+    #[arg(long, value_name = "MIB|PCT%", default_value = "50%")]
+    job_memory_max: String,
+    /// CPU weight of each foreign job's cgroup on the cgroup v2 scale (1..10000, 100 =
+    /// normal; cgroup v1 gets cpu.shares = weight * 1024 / 100); 0 = leave as is.
+    #[arg(long, value_name = "W", default_value_t = 20)]
+    job_cpu_weight: u32,
     /// The owner counts as back (and foreign jobs are evicted) when idle for less than
     /// this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
@@ -321,6 +333,7 @@ fn main() -> Result<()> {
     tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
     let owner = std::sync::Arc::new(owner);
     let mut agent_handle = None;
+    let mut agent_at_exit = None;
     if !args.no_agent {
         // The job agent: runs foreign jobs (rexec), migrates them, evicts them when the
         // owner comes back.
@@ -330,6 +343,11 @@ fn main() -> Result<()> {
             allow_root: true,
             key: wisp_proto::key::ClusterKey::load(&args.key)?,
             host: name.clone(),
+            limits: wisp_rexec::cgroup::JobLimits {
+                pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
+                memory_max: memory_limit(&args.job_memory_max)?,
+                cpu_weight: (args.job_cpu_weight > 0).then_some(args.job_cpu_weight.min(10000)),
+            },
         });
         agent.set_evict_policy(wisp_rexec::evict::EvictPolicy {
             grace: Duration::from_millis(args.evict_grace),
@@ -366,6 +384,7 @@ fn main() -> Result<()> {
         };
         let evict_reg = loop_reg("evict")?;
         agent_handle = Some(agent.clone());
+        agent_at_exit = Some(agent.clone());
         if args.balance {
             let slots = args.balance_slots.unwrap_or_else(|| {
                 std::thread::available_parallelism()
@@ -452,6 +471,7 @@ fn main() -> Result<()> {
             if let Some(a) = &agent_handle {
                 let st = &a.stats;
                 v.extend([
+                    ("wisp_agent_job_limits", "1 when foreign jobs run in cgroups with resource limits here, 0 when they run without", "gauge", if a.cgroups.enabled() { 1.0 } else { 0.0 }),
                     ("wisp_agent_jobs_running", "Jobs the agent runs here (suspended ones and a frozen copy mid-migration included)", "gauge", a.running() as f64),
                     ("wisp_agent_jobs_started_total", "Jobs started here by rexec", "counter", st.jobs_started.load(Relaxed) as f64),
                     ("wisp_agent_migrations_out_total", "Jobs migrated away from here", "counter", st.migrations_out.load(Relaxed) as f64),
@@ -475,14 +495,52 @@ fn main() -> Result<()> {
     }
     rt.spawn(registry_loop(client, name, advertise, owner, beat));
     rt.block_on(wisp::terminated());
+    if let Some(a) = &agent_at_exit {
+        // Only what is empty: jobs still running keep their cgroups.
+        a.cgroups.release();
+    }
     tracing::info!("unmounting {}", args.mount.display());
     mounted.unmount().context("unmount")?;
     Ok(())
 }
 
+/// `--job-memory-max`: MiB, or a percentage of MemTotal; 0 = no limit.
+fn memory_limit(v: &str) -> anyhow::Result<Option<u64>> {
+    let v = v.trim();
+    let bytes = if let Some(p) = v.strip_suffix('%') {
+        let pct: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--job-memory-max {v:?}: not a percentage"))?;
+        let total_kib: u64 = std::fs::read_to_string("/proc/meminfo")?
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no MemTotal in /proc/meminfo"))?;
+        (total_kib as f64 * 1024.0 * pct.clamp(0.0, 100.0) / 100.0) as u64
+    } else {
+        let mib: u64 = v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--job-memory-max {v:?}: not MiB nor a percentage"))?;
+        mib << 20
+    };
+    Ok((bytes > 0).then_some(bytes))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_loadavg;
+    use super::{memory_limit, parse_loadavg};
+
+    #[test]
+    fn job_memory_max() {
+        assert_eq!(memory_limit("64").unwrap(), Some(64 << 20));
+        assert_eq!(memory_limit("0").unwrap(), None);
+        assert_eq!(memory_limit("0%").unwrap(), None);
+        let half = memory_limit("50%").unwrap().unwrap();
+        let all = memory_limit("100%").unwrap().unwrap();
+        assert!(half > 0 && half.abs_diff(all / 2) < 4096, "{half} {all}");
+        assert!(memory_limit("lots").is_err());
+    }
 
     #[test]
     fn loadavg() {
