@@ -1271,6 +1271,9 @@ int main(int argc, char **argv) {
   signal(SIGUSR1, on_usr1);
   pthread_t t1, t2, w;
   pthread_create(&t1, 0, worker, (void *)1); pthread_create(&t2, 0, worker, (void *)2); pthread_create(&w, 0, waiter, 0);
+  /* Both workers have run once (tids set) before the first line, so "tids unchanged" means
+     just that, however slowly the workers start on a busy machine. */
+  while (!tids[1] || !tids[2]) { struct timespec ts = {0, 1000000}; nanosleep(&ts, 0); }
   for (long i = 0;; i++) {
     if (usr1) { usr1 = 0; pthread_mutex_lock(&m); go = 1; pthread_cond_broadcast(&cv); pthread_mutex_unlock(&m); pthread_join(w, 0); }
     pthread_mutex_lock(&m); long s = shared, a = ticks[1], b = ticks[2], wk = woken; pthread_mutex_unlock(&m);
