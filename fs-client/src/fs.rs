@@ -160,9 +160,11 @@ const FLUSH_PARALLEL: usize = 8;
 impl Core {
     /// Write back `ino`'s delayed writes, and return once the server has them.
     fn flush(&self, ino: u64) -> Result<(), RpcError> {
-        // Nothing held: no lock either (a callback must never wait behind another file's
-        // write-back that shares the stripe; two hosts flushing would wait on each other).
-        if !self.wb.is_dirty(ino) {
+        // Nothing held or in flight: no lock either (a callback must never wait behind
+        // another file's write-back that shares the stripe; two hosts flushing would wait on
+        // each other). A write-back of this file in flight is waited for (the stripe), so
+        // "written back" is never said before the server has the data.
+        if !self.wb.holds(ino) {
             return Ok(());
         }
         let _g = self.wb.stripe(ino);

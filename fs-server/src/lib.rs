@@ -1453,13 +1453,15 @@ impl FsServer {
                 Err(e) if e.errno == libc::ENOTCONN => {
                     warn!(ino, writer = %name, "writer gone before writing back: its unsynced writes are lost")
                 }
-                Err(e) => return Err(WireError::new(
-                    libc::EIO,
-                    format!(
+                Err(e) => {
+                    return Err(WireError::new(
+                        libc::EIO,
+                        format!(
                         "{name} holds delayed writes for this file and did not write them back: {}",
                         e.msg
                     ),
-                )),
+                    ))
+                }
             }
         }
         // Writers that had closed the file are clean now, unless they opened it again
