@@ -191,7 +191,18 @@ impl Domains {
 
     /// Sum of every connection's generation: changes when any of them reconnected.
     pub fn connections(&self) -> u64 {
-        self.all().iter().map(|d| d.rpc.connections()).sum()
+        self.list
+            .read()
+            .unwrap()
+            .iter()
+            .map(|d| d.rpc.connections())
+            .sum()
+    }
+
+    /// Whether every domain's connection is up now (read on every cached lookup: no
+    /// allocation).
+    pub fn all_up(&self) -> bool {
+        self.list.read().unwrap().iter().all(|d| d.rpc.is_up())
     }
 
     /// The path of a directory on the way to a prefix (or the root), if it is one.

@@ -249,7 +249,7 @@ impl Core {
             self.meta.clear();
             return false;
         }
-        self.domains.all().iter().all(|d| d.rpc.is_up())
+        self.domains.all_up()
     }
 
     /// Write back everything held, oldest first.
