@@ -99,7 +99,7 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # wisp server counters (asked from srv1, so ws1's mount sees no traffic): rpcs prints the
 # request count, counters prints "requests callbacks bytes_read bytes_written".
 counters() {
-    on srv1 "wisp status --server $SRV_IP:7070 --key /run/wisp/$NAME/cluster.key --json" |
+    on srv1 "wisp status --server $SRV_IP:7070 --json" |
         sed -n 's/.*"requests":\([0-9]*\).*"bytes_read":\([0-9]*\).*"bytes_written":\([0-9]*\).*"callbacks":\([0-9]*\).*/\1 \4 \2 \3/p'
 }
 rpcs() { counters | cut -d' ' -f1; }
@@ -157,7 +157,7 @@ r0=$(rpcs); t0=$(date +%s%N); sleep 5; r1=$(rpcs); t1=$(date +%s%N)
 BG=$(awk -v d=$((r1 - r0)) -v ns=$((t1 - t0)) 'BEGIN { printf "%.2f", d / (ns / 1e9) }')
 rec wisp.background_rpc_per_s "$BG"
 # Null round trip ws1 -> wisp server (the Ping of `wisp status`), best of 10.
-rtt=$(on ws1 "for i in \$(seq 10); do wisp status --server $SRV_IP:7070 --key /run/wisp/$NAME/cluster.key; done" |
+rtt=$(on ws1 "for i in \$(seq 10); do wisp status --server $SRV_IP:7070; done" |
     sed -n 's/.*round trip \([0-9.]*\) ms.*/\1/p' | sort -n | head -1)
 rec wisp.null_rpc_ms "$rtt"
 net_rpcs() { awk -v d="$1" -v s="$2" -v bg="$BG" 'BEGIN { v = d - bg * s; if (v < 0) v = 0; printf "%.0f", v }'; }
@@ -165,7 +165,7 @@ net_rpcs() { awk -v d="$1" -v s="$2" -v bg="$BG" 'BEGIN { v = d - bg * s; if (v 
 # --- 1. small files ------------------------------------------------------------------------
 echo "== small files: create, stat, unlink $NFILES x $FSIZE B (one process, one directory)" | tee -a "$OUT" >&2
 # The server's request counter, read from ws1 between phases (not through the mount).
-printf '#!/bin/sh\nwisp status --server %s:7070 --key /run/wisp/%s/cluster.key --json | sed -n '"'"'s/.*"requests":\\([0-9]*\\).*"callbacks":\\([0-9]*\\).*/\\1 \\2/p'"'"'\n' "$SRV_IP" "$NAME" >"$W/rpcs.sh"
+printf '#!/bin/sh\nwisp status --server %s:7070 --json | sed -n '"'"'s/.*"requests":\\([0-9]*\\).*"callbacks":\\([0-9]*\\).*/\\1 \\2/p'"'"'\n' "$SRV_IP" "$NAME" >"$W/rpcs.sh"
 chmod +x "$W/rpcs.sh"
 for fs in "${FSES[@]}"; do
     hook=
@@ -264,7 +264,7 @@ done
 # The same build with wisp's client caches off: a second mount on ws1 whose wispd caches no
 # names or attributes and writes through (the kernel page cache and callbacks stay).
 NC=/wisp-nocache
-on ws1 "mkdir -p $NC && { wispd --server $SRV_IP:7070 --mount $NC --key /run/wisp/$NAME/cluster.key --name ws1-nocache --no-agent --no-name-cache --writeback-delay 0 --metrics none --input-devices none >$W/nocache.log 2>&1 & echo \$! >$W/nocache.pid; } && for i in \$(seq 100); do grep -q ' $NC fuse' /proc/self/mounts && break; sleep 0.1; done && grep -q ' $NC fuse' /proc/self/mounts" ||
+on ws1 "mkdir -p $NC && { wispd --server $SRV_IP:7070 --mount $NC --name ws1-nocache --no-agent --no-name-cache --writeback-delay 0 --metrics none --input-devices none >$W/nocache.log 2>&1 & echo \$! >$W/nocache.pid; } && for i in \$(seq 100); do grep -q ' $NC fuse' /proc/self/mounts && break; sleep 0.1; done && grep -q ' $NC fuse' /proc/self/mounts" ||
     die "the cache-off mount did not come up"
 on ws1 "mkdir -p $NC/bench"
 for r in $(seq "$ROUNDS"); do

@@ -8,6 +8,14 @@
 //! commands join all three with `nsenter`. A workstation's `wispd` mounts `/wisp` inside its
 //! host's mount namespace only.
 //!
+//! Identity: the harness makes the cluster key (the enrollment secret) and enrolls every
+//! host with `wisp enroll`, as an operator would, before its daemon starts: each host gets an
+//! identity directory `/run/wisp/<cluster>/identity/<host>` (host key, certificate, authority
+//! key) whose `revoked` is a symlink to the cluster's one revocation list
+//! (`/run/wisp/<cluster>/revoked`), so [`Cluster::revoke`] reaches every host at once, as a
+//! shared or distributed list would in a real deployment. Tools run from outside the hosts
+//! (`--cluster NAME`) use the identity `admin`.
+//!
 //! State (pids, addresses, key) is kept in `/run/wisp/<cluster>/state.json` so that
 //! `wisp cluster exec|status|down` work from any shell. [`down`] leaves nothing behind: it
 //! kills every process in the cluster's namespaces, deletes the namespaces and the state,
@@ -317,6 +325,11 @@ impl Cluster {
             });
             self.save()?;
         }
+        fs::write(self.revocation_list(), "")?;
+        self.enroll_here("admin")?;
+        for h in self.hosts.clone() {
+            self.enroll(&h.name)?;
+        }
         for i in 0..self.hosts.len() {
             if self.hosts[i].role == Role::Server {
                 self.start_daemon(&self.hosts[i].name.clone())?;
@@ -331,6 +344,79 @@ impl Cluster {
         Ok(())
     }
 
+    /// The identity directory of `host` (or of `admin`, the operator's identity).
+    pub fn identity_dir(&self, host: &str) -> PathBuf {
+        state_dir(&self.name).join("identity").join(host)
+    }
+
+    /// The identity the `wisp` CLI uses when run with `--cluster NAME` from outside the hosts.
+    pub fn admin_identity(&self) -> PathBuf {
+        self.identity_dir("admin")
+    }
+
+    /// The cluster's revocation list, shared by every host's identity directory.
+    pub fn revocation_list(&self) -> PathBuf {
+        state_dir(&self.name).join("revoked")
+    }
+
+    /// Enroll `name` with `wisp enroll` run on this machine, and link its revocation list to
+    /// the cluster's.
+    fn enroll_here(&self, name: &str) -> Result<()> {
+        let dir = self.identity_dir(name);
+        let wisp = self.bin_dir.join("wisp");
+        run(Command::new(&wisp)
+            .args(["enroll", "--name", name, "--cluster-key"])
+            .arg(&self.key_file)
+            .arg("--identity")
+            .arg(&dir))?;
+        let link = dir.join("revoked");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(self.revocation_list(), &link)?;
+        Ok(())
+    }
+
+    /// Enroll `host` (again: a fresh certificate for its existing host key, or a new key if
+    /// its identity directory was removed), as `wisp enroll` run on it with the cluster key.
+    pub fn enroll(&self, host: &str) -> Result<()> {
+        self.host(host)?;
+        let dir = self.identity_dir(host).display().to_string();
+        let (wisp, key) = (
+            self.bin_dir.join("wisp").display().to_string(),
+            self.key_file.display().to_string(),
+        );
+        let mut c = self.command(
+            host,
+            &[
+                &wisp,
+                "enroll",
+                "--name",
+                host,
+                "--cluster-key",
+                &key,
+                "--identity",
+                &dir,
+            ],
+        )?;
+        run(c.stdin(Stdio::null()))?;
+        let link = self.identity_dir(host).join("revoked");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(self.revocation_list(), &link)?;
+        Ok(())
+    }
+
+    /// Revoke `host` with `wisp revoke` (the operator's tool, on this machine): every host
+    /// refuses it from now on and closes its open connections within
+    /// `wisp_proto::identity::REVOCATION_CHECK` (plus one check).
+    pub fn revoke(&self, host: &str) -> Result<()> {
+        let wisp = self.bin_dir.join("wisp");
+        run(Command::new(&wisp)
+            .args(["revoke", host, "--cluster-key"])
+            .arg(&self.key_file)
+            .arg("--list")
+            .arg(self.revocation_list()))
+        .map(|_| ())
+    }
+
     /// `ADDR:PORT` of every server (the registry replicas), comma separated.
     pub fn registry_addrs(&self) -> String {
         self.servers()
@@ -342,11 +428,11 @@ impl Cluster {
     /// Run the `wisp` CLI on `host` against this cluster's registry; returns its stdout.
     pub fn wisp_cli(&self, host: &str, args: &[&str]) -> Result<String> {
         let wisp = self.bin_dir.join("wisp").display().to_string();
-        let key = self.key_file.display().to_string();
+        let id = self.identity_dir(host).display().to_string();
         let reg = self.registry_addrs();
         let mut argv: Vec<&str> = vec![&wisp];
         argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--registry", &reg, "--key", &key]);
+        argv.extend_from_slice(&["--registry", &reg, "--identity", &id]);
         let mut c = self.command(host, &argv)?;
         c.stdin(Stdio::null());
         let desc = argv.join(" ");
@@ -468,7 +554,7 @@ impl Cluster {
         c.args(["-t", &h.anchor.to_string(), "-n", "-m", "-u", "--"]);
         c.args(argv);
         // What rexec and the wisp CLI need to find the cluster from inside a host.
-        c.env("WISP_KEY", &self.key_file)
+        c.env("WISP_IDENTITY", self.identity_dir(host))
             .env("WISP_HOST", host)
             .env("WISP_REGISTRY", self.registry_addrs());
         c.env(
@@ -527,7 +613,7 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.log_path(host))?;
-        let key = self.key_file.display().to_string();
+        let key = self.identity_dir(host).display().to_string();
         let mut argv: Vec<String> = match h.role {
             Role::Server => {
                 let data = self.data_root.join(host);
@@ -548,7 +634,7 @@ impl Cluster {
                     data.display().to_string(),
                     "--listen".into(),
                     format!("{}:{SERVER_PORT}", h.addr),
-                    "--key".into(),
+                    "--identity".into(),
                     key,
                     "--registry-id".into(),
                     id.to_string(),
@@ -568,7 +654,7 @@ impl Cluster {
                     self.server_addr(),
                     "--mount".into(),
                     MOUNTPOINT.into(),
-                    "--key".into(),
+                    "--identity".into(),
                     key,
                     "--name".into(),
                     host.into(),

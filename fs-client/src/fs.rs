@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::*;
 use tracing::{debug, info};
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 use wisp_proto::msg::{
     self, Attr, Callback, Cred, Kind, OpenMode, Request as Rq, Response as Rs, SetAttrs, SetTime,
     WireError,
@@ -39,7 +39,7 @@ pub enum MountError {
 pub struct MountOptions {
     pub server: String,
     pub mountpoint: PathBuf,
-    pub key: ClusterKey,
+    pub key: Identity,
     /// Name this host gives the server (its host name).
     pub host: String,
     /// Bound on any one wait for the server; after it the caller gets EIO.
@@ -62,7 +62,7 @@ pub struct MountOptions {
 
 impl MountOptions {
     /// Defaults for everything but where to mount and what to talk to.
-    pub fn new(server: String, mountpoint: PathBuf, key: ClusterKey, host: String) -> Self {
+    pub fn new(server: String, mountpoint: PathBuf, key: Identity, host: String) -> Self {
         MountOptions {
             server,
             mountpoint,

@@ -1656,7 +1656,7 @@ impl Service for FsServer {
 pub async fn run(
     server: Arc<FsServer>,
     listener: tokio::net::TcpListener,
-    key: wisp_proto::key::ClusterKey,
+    key: wisp_proto::identity::Identity,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     wisp_proto::rpc::serve(listener, key, server, shutdown).await

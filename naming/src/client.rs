@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 
 use crate::network::ClientPool;
 use crate::prefix::DomainSource;
@@ -86,7 +86,7 @@ impl RegistryClient {
     pub fn new(
         rt: tokio::runtime::Handle,
         servers: Vec<String>,
-        key: ClusterKey,
+        key: Identity,
         name: String,
     ) -> Self {
         // Past a replica's own write timeout (5 s) plus one forwarding hop.

@@ -24,7 +24,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 use wisp_proto::msg::{Request, Response};
 use wisp_proto::rpc::{RpcClient, RpcError};
 
@@ -67,7 +67,7 @@ impl From<NetError> for NamingError {
 /// One `RpcClient` per address, created on first use.
 pub struct ClientPool {
     rt: tokio::runtime::Handle,
-    key: ClusterKey,
+    key: Identity,
     name: String,
     call_timeout: Duration,
     clients: Mutex<HashMap<String, RpcClient>>,
@@ -76,7 +76,7 @@ pub struct ClientPool {
 impl ClientPool {
     pub fn new(
         rt: tokio::runtime::Handle,
-        key: ClusterKey,
+        key: Identity,
         name: String,
         call_timeout: Duration,
     ) -> Arc<Self> {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, SnapshotPolicy};
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 
 use crate::network::{ClientPool, Faults, NetworkFactory};
 use crate::registry::{Command, Origin, Registry, Reply, Stamped};
@@ -108,7 +108,7 @@ impl NamingNode {
         id: NodeId,
         addr: String,
         dir: &Path,
-        key: ClusterKey,
+        key: Identity,
         cfg: NamingConfig,
     ) -> Result<Arc<Self>, NamingError> {
         // A previous incarnation in this process may still be letting go of the file.

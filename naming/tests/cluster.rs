@@ -23,7 +23,7 @@ use wisp_naming::wire::{decode, NamingRequest, NamingResponse};
 use wisp_naming::{
     NamingConfig, NamingError, NamingNode, NodeId, PrefixTable, RegistryClient, RegistryError,
 };
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 use wisp_proto::msg::{Request, Response, WireError};
 use wisp_proto::rpc::{self, PeerHandle, RpcClient, Service};
 
@@ -85,7 +85,7 @@ fn test_config() -> NamingConfig {
 }
 
 impl Replica {
-    async fn start(id: NodeId, addr: Option<&str>, dir: &Path, key: &ClusterKey) -> Replica {
+    async fn start(id: NodeId, addr: Option<&str>, dir: &Path, key: &Identity) -> Replica {
         Replica::start_with(id, addr, dir, key, None).await
     }
 
@@ -93,7 +93,7 @@ impl Replica {
         id: NodeId,
         addr: Option<&str>,
         dir: &Path,
-        key: &ClusterKey,
+        key: &Identity,
         faults: Option<Arc<Faults>>,
     ) -> Replica {
         let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
@@ -124,7 +124,7 @@ impl Replica {
         r
     }
 
-    fn serve(&mut self, listener: TcpListener, key: &ClusterKey) {
+    fn serve(&mut self, listener: TcpListener, key: &Identity) {
         let (tx, rx) = oneshot::channel::<()>();
         let slot = self.slot.clone();
         let key = key.clone();
@@ -157,7 +157,7 @@ impl Replica {
     }
 
     /// Start again from the same directory on the same address.
-    async fn restart(&mut self, key: &ClusterKey) {
+    async fn restart(&mut self, key: &Identity) {
         let mut tries = 0;
         let listener = loop {
             match TcpListener::bind(&self.addr).await {
@@ -186,7 +186,7 @@ impl Replica {
 
 struct Cluster {
     _tmp: tempfile::TempDir,
-    key: ClusterKey,
+    key: Identity,
     replicas: Vec<Replica>,
 }
 
@@ -199,7 +199,7 @@ impl Cluster {
     /// One replica per entry of `faults`, ids 1..=n.
     async fn start_with(faults: Vec<Option<Arc<Faults>>>) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let key = ClusterKey::generate();
+        let key = wisp_proto::identity::throwaway("srv");
         let mut replicas = Vec::new();
         for (i, f) in faults.into_iter().enumerate() {
             let id = i as u64 + 1;
@@ -637,7 +637,7 @@ async fn two_of_three_down_stops_writes_clearly_then_resumes() {
 async fn replicas_are_added_and_removed_at_run_time() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let key = ClusterKey::generate();
+    let key = wisp_proto::identity::throwaway("srv");
     let mut r1 = Replica::start(1, None, &tmp.path().join("r1"), &key).await;
     r1.node()
         .initialize(BTreeMap::from([(1, r1.addr.clone())]))
@@ -744,7 +744,7 @@ async fn replicas_are_added_and_removed_at_run_time() {
 async fn single_replica_survives_restart() {
     let _g = serial();
     let tmp = tempfile::tempdir().unwrap();
-    let key = ClusterKey::generate();
+    let key = wisp_proto::identity::throwaway("srv");
     let mut r1 = Replica::start(1, None, &tmp.path().join("r1"), &key).await;
     r1.node()
         .initialize(BTreeMap::from([(1, r1.addr.clone())]))

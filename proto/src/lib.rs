@@ -14,12 +14,13 @@
 //! only moves typed, authenticated, bounded messages.
 
 pub mod auth;
+pub mod identity;
 pub mod key;
 pub mod msg;
 pub mod rpc;
 
 /// Protocol version carried in the handshake; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame payload accepted after the handshake, in bytes (the 4-byte length
 /// prefix comes on top).

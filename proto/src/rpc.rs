@@ -15,6 +15,13 @@
 //! A call whose connection dropped before the reply is sent again on the next connection,
 //! so requests must be safe to repeat or tolerate a repeat (see docs/protocol.md).
 //!
+//! Identity: both ends authenticate with their enrolled host keys ([`crate::identity`]). Every
+//! [`crate::identity::REVOCATION_CHECK`] each live connection, at both ends, checks its
+//! peer's certificate against the revocation list again and closes the connection once the
+//! peer is revoked. A client refused by the server (not enrolled, revoked) fails its calls at
+//! once with [`RpcError::Refused`] and the server's reason, and keeps retrying in the
+//! background (a re-enrolled host comes back by itself).
+//!
 //! Lifetimes: when [`serve`]'s shutdown future completes, the listener closes and so does
 //! every live connection (each connection task sees the shutdown signal, stops reading,
 //! runs `Service::disconnected` and drops its socket), so clients notice at once and
@@ -35,8 +42,9 @@ use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
 use crate::auth::seal::SealedCodec;
+use crate::auth::AuthError;
 use crate::auth::{client_handshake, server_handshake};
-use crate::key::ClusterKey;
+use crate::identity::{Identity, REVOCATION_CHECK};
 use crate::msg::{Callback, Message, Request, Response, WireError};
 
 /// Most connections a server accepts at once.
@@ -66,6 +74,10 @@ pub enum RpcError {
     Timeout { addr: String, secs: u64 },
     #[error("{0}")]
     Remote(WireError),
+    /// The handshake failed for a reason a retry does not fix by itself: this host (or the
+    /// server) is not enrolled, revoked, or not the host it claims to be.
+    #[error("connection to {addr} refused: {reason}")]
+    Refused { addr: String, reason: String },
 }
 
 impl RpcError {
@@ -74,6 +86,7 @@ impl RpcError {
         match self {
             RpcError::Timeout { .. } => libc_eio(),
             RpcError::Remote(w) => w.errno,
+            RpcError::Refused { .. } => 13, // EACCES
         }
     }
 }
@@ -95,7 +108,10 @@ pub trait Service: Send + Sync + 'static {
 /// One authenticated client connection, as the server sees it.
 pub struct PeerHandle {
     pub session: u64,
+    /// The label the client gave (a program name); for logs only, not authenticated.
     pub name: String,
+    /// The client's enrolled host name, authenticated by the handshake.
+    pub host: String,
     tx: mpsc::Sender<Bytes>,
     next_cb: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<(), WireError>>>>,
@@ -164,7 +180,7 @@ impl Drop for AbortOnDrop {
 /// every live connection (see the module documentation) before returning.
 pub async fn serve<S: Service>(
     listener: TcpListener,
-    key: ClusterKey,
+    id: Identity,
     service: Arc<S>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -190,19 +206,19 @@ pub async fn serve<S: Service>(
         };
         let _ = sock.set_nodelay(true);
         let session = sessions.fetch_add(1, Ordering::Relaxed);
-        let key = key.clone();
+        let id = id.clone();
         let service = service.clone();
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
             let hs = tokio::select! {
-                r = server_handshake(sock, &key, session) => r,
+                r = server_handshake(sock, &id, session) => r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match hs {
                 Ok((framed, peer)) => {
-                    info!(peer = %peer.name, %addr, session, "client authenticated");
-                    run_server_conn(framed, peer, addr, service, stop).await;
+                    info!(peer = %peer.name, host = %peer.host, %addr, session, plaintext = peer.plaintext, "client authenticated");
+                    run_server_conn(framed, peer, addr, id, service, stop).await;
                 }
                 Err(e) => warn!(%addr, "dropping connection before any request: {e}"),
             }
@@ -232,6 +248,7 @@ async fn run_server_conn<S: Service>(
     framed: Framed<TcpStream, SealedCodec>,
     peer: crate::auth::Peer,
     addr: std::net::SocketAddr,
+    id: Identity,
     service: Arc<S>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -240,6 +257,7 @@ async fn run_server_conn<S: Service>(
     let handle = Arc::new(PeerHandle {
         session: peer.session,
         name: peer.name.clone(),
+        host: peer.host.clone(),
         tx,
         next_cb: AtomicU64::new(1),
         pending: Mutex::new(HashMap::new()),
@@ -254,10 +272,20 @@ async fn run_server_conn<S: Service>(
         }
     }));
     let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut recheck = tokio::time::interval(REVOCATION_CHECK);
+    // The lease runs from the last frame heard, not from the last revocation check.
+    let mut heard = tokio::time::Instant::now();
     loop {
         let frame = tokio::select! {
-            f = tokio::time::timeout(LEASE, stream.next()) => match f {
-                Ok(f) => f,
+            _ = recheck.tick() => {
+                if let Some(why) = id.revocation_of(&peer.cert) {
+                    warn!(peer = %peer.name, host = %peer.host, session = peer.session, %addr, "closing connection: {why}");
+                    break;
+                }
+                continue;
+            }
+            f = tokio::time::timeout_at(heard + LEASE, stream.next()) => match f {
+                Ok(f) => { heard = tokio::time::Instant::now(); f }
                 Err(_) => {
                     warn!(peer = %peer.name, session = peer.session, %addr, "lease expired: nothing heard for {} s; dropping the client's opens", LEASE.as_secs());
                     break;
@@ -347,7 +375,11 @@ pub type CallbackHandler = Arc<dyn Fn(Callback) -> Result<(), WireError> + Send 
 #[derive(Clone)]
 enum ConnState {
     Down,
-    Up { tx: mpsc::Sender<Bytes> },
+    /// The last handshake was refused, for this reason.
+    Refused(String),
+    Up {
+        tx: mpsc::Sender<Bytes>,
+    },
 }
 
 struct ClientInner {
@@ -375,7 +407,7 @@ impl RpcClient {
     pub fn start(
         rt: tokio::runtime::Handle,
         addr: String,
-        key: ClusterKey,
+        id: Identity,
         name: String,
         call_timeout: Duration,
         callbacks: CallbackHandler,
@@ -396,7 +428,7 @@ impl RpcClient {
             tokio::select! {
                 // Only ever an error: the sender is never used, only dropped.
                 _ = closed => debug!(%addr, "last client handle dropped: connection closed"),
-                _ = connection_loop(i2, key, name, callbacks) => {}
+                _ = connection_loop(i2, id, name, callbacks) => {}
             }
         });
         RpcClient {
@@ -440,6 +472,12 @@ impl RpcClient {
                 let st = rx_state.borrow_and_update().clone();
                 match st {
                     ConnState::Up { tx, .. } => break tx,
+                    ConnState::Refused(reason) => {
+                        return Err(RpcError::Refused {
+                            addr: self.inner.addr.clone(),
+                            reason,
+                        })
+                    }
                     ConnState::Down => {
                         if tokio::time::timeout_at(deadline, rx_state.changed())
                             .await
@@ -476,7 +514,7 @@ impl RpcClient {
 
 async fn connection_loop(
     inner: Arc<ClientInner>,
-    key: ClusterKey,
+    id: Identity,
     name: String,
     callbacks: CallbackHandler,
 ) {
@@ -493,10 +531,15 @@ async fn connection_loop(
             }
         };
         let _ = sock.set_nodelay(true);
-        let framed = match client_handshake(sock, &key, &name).await {
-            Ok((f, _)) => f,
+        let (framed, server) = match client_handshake(sock, &id, &name).await {
+            Ok(x) => x,
             Err(e) => {
                 warn!(addr = %inner.addr, "handshake with server failed: {e}");
+                if let AuthError::Refused(r) | AuthError::Rejected(r) = &e {
+                    inner.state.send_replace(ConnState::Refused(r.clone()));
+                } else if matches!(e, AuthError::BadKey) {
+                    inner.state.send_replace(ConnState::Refused(e.to_string()));
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -530,8 +573,21 @@ async fn connection_loop(
                 }
             }
         }));
+        let mut recheck = tokio::time::interval(REVOCATION_CHECK);
+        let mut heard = tokio::time::Instant::now();
         loop {
-            let frame = match tokio::time::timeout(LEASE, stream.next()).await {
+            let next = tokio::select! {
+                _ = recheck.tick() => {
+                    if let Some(why) = id.revocation_of(&server.cert) {
+                        warn!(addr = %inner.addr, host = %server.host, "closing connection to server: {why}");
+                        break;
+                    }
+                    continue;
+                }
+                f = tokio::time::timeout_at(heard + LEASE, stream.next()) => f,
+            };
+            heard = tokio::time::Instant::now();
+            let frame = match next {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(_) => {
@@ -606,7 +662,7 @@ mod tests {
         }
     }
 
-    fn client(addr: &str, key: &ClusterKey) -> RpcClient {
+    fn client(addr: &str, key: &Identity) -> RpcClient {
         RpcClient::start(
             tokio::runtime::Handle::current(),
             addr.into(),
@@ -643,7 +699,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_closes_live_connections() {
-        let key = ClusterKey::generate();
+        let key = crate::identity::throwaway("t");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = Arc::new(Echo {
@@ -683,7 +739,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_last_client_closes_its_connection() {
-        let key = ClusterKey::generate();
+        let key = crate::identity::throwaway("t");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = Arc::new(Echo {

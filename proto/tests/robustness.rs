@@ -20,7 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 use wisp_proto::auth::seal::{SealError, SealedCodec, SessionKeys, Side, TAG_LEN};
 use wisp_proto::auth::{client_handshake, server_handshake, HANDSHAKE_MAX_FRAME};
-use wisp_proto::key::ClusterKey;
 use wisp_proto::msg::*;
 use wisp_proto::MAX_FRAME;
 
@@ -329,7 +328,7 @@ fn decode_chunked(
 fn frame_decoder_accepts_only_the_genuine_frames_in_order() {
     let mut r = rng("frame decoder");
     let start = Instant::now();
-    let keys = SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1");
+    let keys = SessionKeys::derive(&[1; 32], b"transcript");
     let max = 4096;
     let payloads: Vec<Vec<u8>> = samples()
         .iter()
@@ -391,7 +390,7 @@ fn frame_decoder_accepts_only_the_genuine_frames_in_order() {
 
 #[test]
 fn frame_decoder_refuses_oversized_prefixes_before_reading() {
-    let keys = SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1");
+    let keys = SessionKeys::derive(&[1; 32], b"transcript");
     for len in [MAX_FRAME + TAG_LEN + 1, 64 << 20, u32::MAX as usize] {
         let mut c = SealedCodec::new(&keys, Side::Server, MAX_FRAME);
         let mut buf = BytesMut::from(&(len as u32).to_be_bytes()[..]);
@@ -406,7 +405,7 @@ fn frame_decoder_refuses_oversized_prefixes_before_reading() {
 
 /// A genuine first frame of each side of a handshake: (ClientHello, ServerHello).
 async fn genuine_hellos() -> (Vec<u8>, Vec<u8>) {
-    let key = ClusterKey::generate();
+    let key = wisp_proto::identity::throwaway("ws1");
     let (mut us, them) = tokio::io::duplex(4096);
     let k = key.clone();
     let client = tokio::spawn(async move { client_handshake(them, &k, "ws1").await.map(|_| ()) });
@@ -443,7 +442,7 @@ fn handshake_decoders_survive_random_and_mutated_input() {
         .unwrap();
     let start = Instant::now();
     let (hello, server_hello) = rt.block_on(genuine_hellos());
-    let key = ClusterKey::generate();
+    let key = wisp_proto::identity::throwaway("ws1");
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..scale(20_000) {
         let to_server = i % 2 == 0;

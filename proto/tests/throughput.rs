@@ -21,7 +21,6 @@ use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 use wisp_proto::auth::seal::{SealedCodec, SessionKeys, Side};
-use wisp_proto::key::ClusterKey;
 use wisp_proto::msg::{Message, Request, Response, WireError};
 use wisp_proto::rpc::{serve, PeerHandle, RpcClient, Service};
 use wisp_proto::MAX_FRAME;
@@ -59,7 +58,7 @@ fn rpc_write_throughput() {
         .enable_all()
         .build()
         .unwrap();
-    let key = ClusterKey::generate();
+    let key = wisp_proto::identity::throwaway("ws1");
     let svc = Arc::new(Sink {
         bytes: AtomicU64::new(0),
     });
@@ -187,7 +186,7 @@ fn frame_throughput_sealed_vs_plain() {
             .max_frame_length(MAX_FRAME)
             .new_codec()
     };
-    let keys = SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "bench");
+    let keys = SessionKeys::derive(&[1; 32], b"transcript");
     let sealed = |side| SealedCodec::new(&keys, side, MAX_FRAME);
     // Alternate, so that a change in machine load hits both alike.
     for round in 1..=2 {

@@ -45,7 +45,7 @@ pub struct AgentConfig {
     /// Run root's jobs as root (only when submitted by root).
     pub allow_root: bool,
     /// The cluster key (to reach other agents when a job migrates).
-    pub key: wisp_proto::key::ClusterKey,
+    pub key: wisp_proto::identity::Identity,
     /// This host's name.
     pub host: String,
     /// Resource limits of each job's cgroup.

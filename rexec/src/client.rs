@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::debug;
 use wisp_naming::RegistryClient;
-use wisp_proto::key::ClusterKey;
+use wisp_proto::identity::Identity;
 use wisp_proto::msg::{ExecSpec, Request, Response, PIPE_XATTR};
 use wisp_proto::rpc::{RpcClient, RpcError};
 
@@ -47,7 +47,7 @@ pub struct Options {
     /// When no host is idle: wait for one (true) or run here (false).
     pub wait: bool,
     pub verbose: bool,
-    pub key: ClusterKey,
+    pub key: Identity,
     pub registry: Vec<String>,
     pub mount: PathBuf,
     /// This host's name (the job's home).

@@ -65,10 +65,9 @@ impl Sim {
         let out = self.ok(
             "ws1",
             &format!(
-                "{}/wisp status --server {} --key {} --json",
+                "{}/wisp status --server {} --json",
                 self.bin_dir.display(),
                 self.server_addr(),
-                self.key_file.display()
             ),
         );
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad stats {out:?}: {e}"))

@@ -103,7 +103,7 @@ fn applied_of(all: &[Value], id: u64) -> Option<u64> {
 /// ws1's network namespace; release them at once; returns the hosts granted.
 fn allocate(s: &Sim, n: u32) -> Vec<String> {
     let servers: Vec<String> = s.registry_addrs().split(',').map(String::from).collect();
-    let key = wisp_proto::key::ClusterKey::load(&s.key_file).expect("cluster key");
+    let key = wisp_proto::identity::Identity::load(&s.identity_dir("ws1")).expect("cluster key");
     s.in_netns("ws1", move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -348,10 +348,9 @@ fn registry_survives_leader_sigkill_and_it_catches_up() {
     let local = s.ok(
         &srv,
         &format!(
-            "{} hosts --json --registry {}:7070 --key {}",
+            "{} hosts --json --registry {}:7070",
             s.bin_dir.join("wisp").display(),
             s.host(&srv).unwrap().addr,
-            s.key_file.display()
         ),
     );
     assert!(local.contains("\"ws1\""), "{local}");
@@ -577,7 +576,7 @@ fn concurrent_allocations_never_hand_a_host_out_twice() {
     );
     // 100 users ask for one host each, at once, through all three replicas.
     let servers: Vec<String> = s.registry_addrs().split(',').map(String::from).collect();
-    let key = wisp_proto::key::ClusterKey::load(&s.key_file).expect("cluster key");
+    let key = wisp_proto::identity::Identity::load(&s.identity_dir("ws1")).expect("cluster key");
     let granted: Vec<(u32, String)> = s.in_netns("ws1", move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

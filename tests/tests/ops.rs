@@ -51,24 +51,17 @@ fn metrics_endpoints_move_as_work_happens() {
         c1.contains_key("wisp_agent_migrations_out_total")
             && c1.contains_key("wisp_agent_evictions_total")
     );
-    let st = s.ok(
-        "ws1",
-        &format!(
-            "wisp status --server {} --key {}",
-            s.server_addr(),
-            s.key_file.display()
-        ),
-    );
+    let st = s.ok("ws1", &format!("wisp status --server {}", s.server_addr(),));
     assert!(st.contains("up, round trip"), "{st}");
 }
 
 /// A recorded handshake replayed on a new connection proves nothing: the server's fresh
-/// nonce makes the recorded proof wrong, and the connection is dropped.
+/// nonce and ephemeral key make the recorded signature wrong, and the connection is dropped.
 #[test]
 fn replayed_handshake_is_rejected() {
     let s = sim("replay", 1);
     let addr = s.server_addr();
-    let key = wisp_proto::key::ClusterKey::load(&s.key_file).unwrap();
+    let key = wisp_proto::identity::Identity::load(&s.identity_dir("ws1")).unwrap();
     s.in_netns("ws1", move || {
         use std::io::{Read, Write};
         // Record a genuine client's first and third messages through a relay.
@@ -125,5 +118,8 @@ fn replayed_handshake_is_rejected() {
     });
     std::thread::sleep(std::time::Duration::from_millis(200));
     let log = std::fs::read_to_string(s.log_path("srv1")).unwrap();
-    assert!(log.contains("does not hold the cluster key"), "{log}");
+    assert!(
+        log.contains("signature over the handshake does not verify"),
+        "{log}"
+    );
 }

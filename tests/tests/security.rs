@@ -31,7 +31,7 @@ fn mkdir(id: u64, name: &str) -> Message {
 /// socket (it stays in that namespace) and the session's codec.
 fn authenticate(s: &Sim, host: &str, name: &'static str) -> (TcpStream, SealedCodec) {
     let addr = s.server_addr();
-    let key = wisp_proto::key::ClusterKey::load(&s.key_file).unwrap();
+    let key = wisp_proto::identity::Identity::load(&s.identity_dir("ws1")).unwrap();
     let (sock, codec) = s.in_netns(host, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -137,15 +137,13 @@ fn find_job<'a>(reg: &'a Registry, id: &str) -> Result<&'a Job> {
     Ok(j)
 }
 
-fn cluster_key(a: &RegistryOpts) -> Result<wisp_proto::key::ClusterKey> {
-    Ok(wisp_proto::key::ClusterKey::load(
-        &crate::registry_cli::key_path(a)?,
-    )?)
+fn cluster_key(a: &RegistryOpts) -> Result<wisp_proto::identity::Identity> {
+    crate::registry_cli::identity(a)
 }
 
 fn agent_client(
     c: &Conn,
-    key: &wisp_proto::key::ClusterKey,
+    key: &wisp_proto::identity::Identity,
     addr: &str,
     who: &str,
     t: Duration,
@@ -287,7 +285,7 @@ pub fn migrate(a: MigrateArgs) -> Result<ExitCode> {
 /// false, what each job's current host says about it.
 fn snapshot(
     c: &Conn,
-    key: &wisp_proto::key::ClusterKey,
+    key: &wisp_proto::identity::Identity,
     usage: bool,
 ) -> Result<(Registry, HashMap<u64, JobStat>)> {
     let reg = c.run(c.client.read(true))?;

@@ -39,3 +39,21 @@ pub async fn terminated() {
 }
 
 pub use wisp_rexec::client::mkpipe;
+
+/// Where a host keeps its identity (host key, certificate, authority key, revocation list)
+/// unless told otherwise: `$WISP_IDENTITY`, else this.
+pub const DEFAULT_IDENTITY: &str = "/var/lib/wisp/identity";
+
+/// The identity directory: `dir` if given, else `$WISP_IDENTITY`, else [`DEFAULT_IDENTITY`].
+pub fn identity_dir(dir: Option<&std::path::Path>) -> std::path::PathBuf {
+    dir.map(std::path::Path::to_path_buf)
+        .or_else(|| std::env::var_os("WISP_IDENTITY").map(std::path::PathBuf::from))
+        .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_IDENTITY))
+}
+
+/// Load this host's enrolled identity (see [`identity_dir`]); the error says how to enroll.
+pub fn load_identity(
+    dir: Option<&std::path::Path>,
+) -> Result<wisp_proto::identity::Identity, wisp_proto::identity::IdentityError> {
+    wisp_proto::identity::Identity::load(&identity_dir(dir))
+}

@@ -20,7 +20,6 @@ use wisp_naming::{NamingError, NodeStatus, RegistryClient};
 use crate::owner::{now_secs, owner_file, write_override, Override};
 
 /// Default key file outside a simulated cluster.
-pub const DEFAULT_KEY: &str = "/etc/wisp/cluster.key";
 
 /// How to reach the registry (shared by every registry command).
 #[derive(Args, Debug, Clone)]
@@ -38,9 +37,10 @@ pub struct RegistryOpts {
     /// and its key is the key. Joins the cluster's network namespace (needs root).
     #[arg(long, value_name = "NAME", global = true)]
     pub cluster: Option<String>,
-    /// Cluster key file (default: /etc/wisp/cluster.key, or the simulated cluster's key).
-    #[arg(long, value_name = "FILE", global = true)]
-    pub key: Option<PathBuf>,
+    /// This host's identity directory (default: $WISP_IDENTITY, else /var/lib/wisp/identity;
+    /// with --cluster, the simulated cluster's srv1).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub identity: Option<PathBuf>,
 }
 
 /// Hosts known to the cluster registry: state, load, owner idle time, foreign jobs.
@@ -322,7 +322,7 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let mut key = o.key.clone();
+    let mut key = o.identity.clone();
     let mut cluster = None;
     let mut up_here: Option<Vec<String>> = None;
     if let Some(cn) = &o.cluster {
@@ -333,7 +333,7 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
                 .map(|h| format!("{}:{}", h.addr, wisp_cluster::SERVER_PORT))
                 .collect();
         }
-        key.get_or_insert(c.key_file.clone());
+        key.get_or_insert(c.admin_identity());
         let up = enter_cluster_netns(&c, &servers)?;
         up_here = Some(up);
         cluster = Some(c);
@@ -344,9 +344,8 @@ pub(crate) fn connect(o: &RegistryOpts, name: &str) -> Result<Conn> {
     for s in &servers {
         wisp_naming::registry::check_addr("--registry", s).map_err(|e| anyhow!("{e}"))?;
     }
-    let key_path = key.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY));
-    let key = wisp_proto::key::ClusterKey::load(&key_path)
-        .map_err(|e| anyhow!("{e} (give --key FILE, the cluster's key)"))?;
+    let key = crate::load_identity(key.as_deref())
+        .map_err(|e| anyhow!("{e} (give --identity DIR, this host's enrolled identity)"))?;
     // The replicas that answer first (known already with --cluster).
     let servers = match up_here {
         Some(up) => {
@@ -802,17 +801,18 @@ pub fn owner(a: OwnerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The key file these options point at (for talking to agents as well as the registry).
-pub(crate) fn key_path(o: &RegistryOpts) -> Result<PathBuf> {
-    if let Some(k) = &o.key {
-        return Ok(k.clone());
-    }
-    if let Some(cn) = &o.cluster {
-        return Ok(wisp_cluster::Cluster::load(cn)
-            .map_err(|e| anyhow!("{e}"))?
-            .key_file);
-    }
-    Ok(PathBuf::from(DEFAULT_KEY))
+/// The identity these options point at (for talking to agents as well as the registry).
+pub(crate) fn identity(o: &RegistryOpts) -> Result<wisp_proto::identity::Identity> {
+    let dir = match (&o.identity, &o.cluster) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(cn)) => Some(
+            wisp_cluster::Cluster::load(cn)
+                .map_err(|e| anyhow!("{e}"))?
+                .admin_identity(),
+        ),
+        (None, None) => None,
+    };
+    crate::load_identity(dir.as_deref()).map_err(|e| anyhow!("{e}"))
 }
 
 #[cfg(test)]

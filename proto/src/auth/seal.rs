@@ -1,7 +1,7 @@
 //! Sealed frames: confidentiality, integrity, authenticity and order of every frame after
 //! the handshake.
 //!
-//! The handshake ([`crate::auth`]) proves that both ends hold the cluster key; without more,
+//! The handshake ([`crate::auth`]) proves that both ends are enrolled hosts; without more,
 //! anyone on the path could then read the traffic, or inject, alter, replay, drop or
 //! reorder the frames of that authenticated connection. So each connection derives two
 //! session keys from the handshake ([`SessionKeys::derive`]), one per direction, and every
@@ -11,8 +11,8 @@
 //! frame   = len: u32 big-endian | ciphertext | tag[16]     (len = payload length + 16)
 //! (ciphertext, tag) = AES-256-GCM(k_dir, nonce, aad = "", payload)
 //! nonce   = dir: u8 | 0 0 0 | seq: u64 big-endian
-//! k_c2s   = HMAC-SHA256(cluster_key, "wisp-session-key" | "client->server" | version
-//!                       | client_nonce | server_nonce | name)
+//! k_c2s   = HMAC-SHA256(x25519_shared_secret, "wisp-session-key" | "client->server" | version
+//!                       | T)           (T: the handshake transcript hash, see crate::auth)
 //! k_s2c   = the same with "server->client"
 //! ```
 //!
@@ -21,7 +21,7 @@
 //! client). The sequence number is never sent: both ends count, so a replayed, reordered,
 //! dropped, truncated or altered frame, or one copied from another connection or the other
 //! direction, fails verification. Each (key, nonce) pair is used once: the keys are fresh
-//! per connection (both nonces of the handshake go into them) and `seq` never repeats. The
+//! per connection (ephemeral X25519 keys and both nonces of the handshake go into them) and `seq` never repeats. The
 //! tag is checked before the payload reaches postcard; a failure poisons the decoder, so
 //! nothing later on that connection is accepted either, and the caller closes the
 //! connection.
@@ -30,8 +30,12 @@
 //! read or hashed, and the encoder refuses a payload over `max_payload` without touching its
 //! sequence number or the output.
 //!
-//! Not provided here: per-host identity (every key holder can open a session; see
-//! docs/security.md). The handshake frames themselves travel in clear (nonces, host name).
+//! The handshake frames themselves travel in clear (nonces, ephemeral public keys, host
+//! names, certificates).
+//!
+//! [`SealedCodec::plaintext_for_benchmarks_only`]: the same framing without encryption or
+//! tags, for measuring what encryption costs; only a handshake in which both ends asked for
+//! it uses it (see [`crate::auth`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
@@ -39,7 +43,6 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::key::ClusterKey;
 use crate::PROTOCOL_VERSION;
 
 /// Bytes of the tag appended to every sealed frame (AES-GCM's tag).
@@ -89,23 +92,16 @@ impl std::fmt::Debug for SessionKeys {
 }
 
 impl SessionKeys {
-    /// Keys for a connection whose handshake used these nonces and client name. Both ends
-    /// compute the same keys; nobody without the cluster key can.
-    pub fn derive(
-        key: &ClusterKey,
-        client_nonce: &[u8; 32],
-        server_nonce: &[u8; 32],
-        name: &str,
-    ) -> Self {
+    /// Keys for a connection whose key agreement gave `shared` and whose handshake
+    /// transcript hashes to `transcript`. Both ends compute the same keys; nobody without
+    /// one of the ephemeral private keys can.
+    pub fn derive(shared: &[u8], transcript: &[u8]) -> Self {
         let one = |d: Direction| -> [u8; 32] {
-            let mut m =
-                Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("hmac takes any key length");
+            let mut m = Hmac::<Sha256>::new_from_slice(shared).expect("hmac takes any key length");
             m.update(b"wisp-session-key");
             m.update(d.label());
             m.update(&PROTOCOL_VERSION.to_le_bytes());
-            m.update(client_nonce);
-            m.update(server_nonce);
-            m.update(name.as_bytes());
+            m.update(transcript);
             m.finalize().into_bytes().into()
         };
         SessionKeys {
@@ -139,7 +135,8 @@ impl SealError {
 
 /// One direction's state: its AEAD key (expanded once) and the next sequence number.
 struct DirState {
-    key: LessSafeKey,
+    /// `None`: benchmark-only plaintext mode (no encryption, no tag).
+    key: Option<LessSafeKey>,
     dir: Direction,
     seq: u64,
 }
@@ -147,11 +144,19 @@ struct DirState {
 impl DirState {
     fn new(key: &[u8; 32], dir: Direction) -> Self {
         DirState {
-            key: LessSafeKey::new(
+            key: Some(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, key).expect("AES-256 takes a 32-byte key"),
-            ),
+            )),
             dir,
             seq: 0,
+        }
+    }
+
+    fn tag_len(&self) -> usize {
+        if self.key.is_some() {
+            TAG_LEN
+        } else {
+            0
         }
     }
 
@@ -229,13 +234,29 @@ impl SealedCodec {
         c
     }
 
+    /// Length-delimited frames with neither encryption nor tags: for benchmarking the cost
+    /// of encryption only. Never used unless both ends of a handshake asked for it.
+    pub fn plaintext_for_benchmarks_only(max_payload: usize) -> Self {
+        let mut c = SealedCodec::new(
+            &SessionKeys {
+                c2s: [0; 32],
+                s2c: [0; 32],
+            },
+            Side::Client,
+            max_payload,
+        );
+        c.sealer.send.key = None;
+        c.opener.recv.key = None;
+        c.set_max_payload(max_payload);
+        c
+    }
+
     /// Change the largest payload accepted and sent (the tag comes on top).
     pub fn set_max_payload(&mut self, max_payload: usize) {
         self.sealer.max_payload = max_payload;
         self.opener.max_payload = max_payload;
-        self.opener
-            .inner
-            .set_max_frame_length(max_payload + TAG_LEN);
+        let tag = self.opener.recv.tag_len();
+        self.opener.inner.set_max_frame_length(max_payload + tag);
     }
 
     pub fn max_payload(&self) -> usize {
@@ -307,15 +328,15 @@ impl Decoder for FrameOpener {
         let Some(mut frame) = self.inner.decode(src)? else {
             return Ok(None);
         };
+        let Some(key) = &self.recv.key else {
+            self.recv.seq += 1;
+            return Ok(Some(frame));
+        };
         if frame.len() < TAG_LEN {
             return Err(self.refuse("frame shorter than its tag"));
         }
         let nonce = self.recv.nonce();
-        let len = match self
-            .recv
-            .key
-            .open_in_place(nonce, Aad::empty(), &mut frame[..])
-        {
+        let len = match key.open_in_place(nonce, Aad::empty(), &mut frame[..]) {
             Ok(plain) => plain.len(),
             Err(_) => {
                 return Err(self.refuse("altered, forged, replayed, reordered or out of sequence"))
@@ -344,13 +365,18 @@ impl Encoder<Bytes> for FrameSealer {
             self.send.seq.checked_add(1).ok_or_else(|| {
                 SealError::Io(std::io::Error::other("sequence numbers exhausted"))
             })?;
+        let Some(key) = &self.send.key else {
+            dst.reserve(4 + payload.len());
+            dst.put_u32(payload.len() as u32);
+            dst.extend_from_slice(&payload);
+            self.send.seq = next;
+            return Ok(());
+        };
         dst.reserve(4 + payload.len() + TAG_LEN);
         dst.put_u32((payload.len() + TAG_LEN) as u32);
         let start = dst.len();
         dst.extend_from_slice(&payload);
-        let tag = self
-            .send
-            .key
+        let tag = key
             .seal_in_place_separate_tag(self.send.nonce(), Aad::empty(), &mut dst[start..])
             .map_err(|_| SealError::Io(std::io::Error::other("encryption failed")))?;
         dst.extend_from_slice(tag.as_ref());
@@ -381,7 +407,7 @@ mod tests {
     use super::*;
 
     fn keys() -> SessionKeys {
-        SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1")
+        SessionKeys::derive(&[7; 32], b"test transcript")
     }
 
     fn pair(keys: &SessionKeys) -> (SealedCodec, SealedCodec) {
@@ -546,10 +572,22 @@ mod tests {
         let w = seal(&mut c, b"ping");
         assert_auth_failure(open(&mut c, &w));
         // A frame of another connection (other nonces), same cluster key, same sequence.
-        let other = SessionKeys::derive(&ClusterKey::generate(), &[3; 32], &[4; 32], "ws1");
+        let other = SessionKeys::derive(&[3; 32], b"another transcript");
         let (mut c2, _) = pair(&other);
         let w = seal(&mut c2, b"ping");
         assert_auth_failure(open(&mut s, &w));
+    }
+
+    #[test]
+    fn plaintext_mode_has_no_tag_and_round_trips() {
+        let mut c = SealedCodec::plaintext_for_benchmarks_only(1024);
+        let mut s = SealedCodec::plaintext_for_benchmarks_only(1024);
+        let w = seal(&mut c, b"hello");
+        assert_eq!(&w[..], b"\0\0\0\x05hello");
+        assert_eq!(&open(&mut s, &w).unwrap().unwrap()[..], b"hello");
+        // A sealed peer does not accept it.
+        let (_, mut sealed) = pair(&keys());
+        assert!(open(&mut sealed, &w).is_err());
     }
 
     #[test]
@@ -584,14 +622,10 @@ mod tests {
 
     #[test]
     fn keys_depend_on_every_input() {
-        let k = ClusterKey::generate();
-        let base = SessionKeys::derive(&k, &[1; 32], &[2; 32], "ws1");
+        let base = SessionKeys::derive(&[1; 32], b"transcript");
         let variants = [
-            SessionKeys::derive(&ClusterKey::generate(), &[1; 32], &[2; 32], "ws1"),
-            SessionKeys::derive(&k, &[9; 32], &[2; 32], "ws1"),
-            SessionKeys::derive(&k, &[1; 32], &[9; 32], "ws1"),
-            SessionKeys::derive(&k, &[1; 32], &[2; 32], "ws2"),
-            SessionKeys::derive(&k, &[2; 32], &[1; 32], "ws1"),
+            SessionKeys::derive(&[2; 32], b"transcript"),
+            SessionKeys::derive(&[1; 32], b"transcripT"),
         ];
         assert_ne!(base.c2s, base.s2c);
         for v in variants {

@@ -34,9 +34,9 @@ struct Args {
     /// Say where the command runs and how it ended.
     #[arg(short, long)]
     verbose: bool,
-    /// Cluster key file (default $WISP_KEY, else /etc/wisp/cluster.key).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
+    /// This host's identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
     /// Registry servers, ADDR[,ADDR...] (default $WISP_REGISTRY).
     #[arg(long, value_name = "ADDRS")]
     registry: Option<String>,
@@ -72,12 +72,7 @@ fn main() -> ExitCode {
         eprintln!("rexec: no command given; try `rexec --help`");
         return ExitCode::from(2);
     }
-    let key_path = a
-        .key
-        .clone()
-        .or_else(|| std::env::var_os("WISP_KEY").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/etc/wisp/cluster.key"));
-    let key = match wisp_proto::key::ClusterKey::load(&key_path) {
+    let key = match wisp::load_identity(a.identity.as_deref()) {
         Ok(k) => k,
         Err(e) => {
             eprintln!("rexec: {e}");

@@ -43,9 +43,14 @@ struct Args {
     /// Address to listen on, e.g. 0.0.0.0:7070.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7070")]
     listen: String,
-    /// Cluster key file (make one with `wisp keygen FILE`; mode 0600).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    /// This host's identity directory (host key and enrollment certificate; see `wisp
+    /// enroll`). Default: $WISP_IDENTITY, else /var/lib/wisp/identity.
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// BENCHMARKING ONLY: ask for (and allow) unencrypted frames on every connection; a peer
+    /// not started with the same flag refuses. Authentication stays on. Never in production.
+    #[arg(long)]
+    insecure_plaintext_for_benchmarks_only: bool,
     /// Host a registry replica with this id (a positive integer, stable across restarts).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     registry_id: Option<NodeId>,
@@ -158,7 +163,11 @@ fn replica_plan(args: &Args) -> Result<Option<Replica>> {
 fn main() -> Result<()> {
     let args = Args::parse_from(wisp::config::args_with_config()?);
     init_logging(&args.log_level);
-    let key = wisp_proto::key::ClusterKey::load(&args.key)?;
+    let mut key = wisp::load_identity(args.identity.as_deref())?;
+    if args.insecure_plaintext_for_benchmarks_only {
+        tracing::warn!("--insecure-plaintext-for-benchmarks-only: clients that ask get UNENCRYPTED connections");
+        key = key.with_plaintext_for_benchmarks_only();
+    }
     let plan = replica_plan(&args)?;
     let server = Arc::new(wisp_fs_server::FsServer::open(&args.data)?);
     server.start_flusher();

@@ -20,8 +20,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Write a new random cluster key to FILE (mode 0600). Copy it to every host.
+    /// Write a new random cluster key to FILE (mode 0600): the cluster's enrollment secret.
+    /// Keep it with the administrator; a host needs it only to enroll (`wisp enroll`).
     Keygen(Keygen),
+    /// Print this host's public key (making its key pair, mode 0600, if there is none yet).
+    Hostkey(HostkeyArgs),
+    /// Enroll this host with the cluster: the cluster key signs a certificate binding the
+    /// host's name to its public key. Afterwards the host no longer needs the cluster key.
+    Enroll(EnrollArgs),
+    /// Revoke HOST: every certificate issued to it so far stops working; new connections are
+    /// refused and open ones closed within 2 s on every host that sees the revocation list.
+    Revoke(RevokeArgs),
     /// Run a simulated cluster on this machine (needs root).
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -72,12 +81,48 @@ struct ServerStatus {
     /// File server address.
     #[arg(long, value_name = "ADDR")]
     server: String,
-    /// Cluster key file.
-    #[arg(long, value_name = "FILE", default_value = "/etc/wisp/cluster.key")]
-    key: PathBuf,
+    /// This host's identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
     /// Print the counters as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Parser, Debug)]
+struct HostkeyArgs {
+    /// Identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+struct EnrollArgs {
+    /// The cluster key file (the enrollment secret; delete it from this host afterwards).
+    #[arg(long, value_name = "FILE")]
+    cluster_key: PathBuf,
+    /// The name to enroll this host under (default: the kernel's host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+struct RevokeArgs {
+    /// The host to revoke.
+    host: String,
+    /// The cluster key file (only the enrollment authority may revoke).
+    #[arg(long, value_name = "FILE")]
+    cluster_key: PathBuf,
+    /// The revocation list to append to (default: `revoked` in the identity directory;
+    /// copy it to every host, or share it, for the revocation to take effect there).
+    #[arg(long, value_name = "FILE")]
+    list: Option<PathBuf>,
+    /// Identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -177,6 +222,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 k.file.display()
             );
         }
+        Cmd::Hostkey(h) => {
+            let dir = wisp::identity_dir(h.identity.as_deref());
+            let (public, made) = wisp_proto::identity::host_public_key(&dir)?;
+            if made {
+                eprintln!("made a new host key in {}", dir.display());
+            }
+            println!("ed25519:{}", wisp_proto::identity::hex(&public));
+        }
+        Cmd::Enroll(e) => {
+            let dir = wisp::identity_dir(e.identity.as_deref());
+            let key = wisp_proto::key::ClusterKey::load(&e.cluster_key)?;
+            let name = match e.name {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .context("cannot read this host's name; give --name")?
+                    .trim()
+                    .to_string(),
+            };
+            let cert = wisp_proto::identity::enroll(&dir, &name, &key)?;
+            println!(
+                "enrolled {name} (ed25519:{}) in {}; this host no longer needs {}",
+                wisp_proto::identity::hex(&cert.host_key),
+                dir.display(),
+                e.cluster_key.display()
+            );
+        }
+        Cmd::Revoke(r) => {
+            let key = wisp_proto::key::ClusterKey::load(&r.cluster_key)?;
+            let list = r
+                .list
+                .unwrap_or_else(|| wisp::identity_dir(r.identity.as_deref()).join("revoked"));
+            wisp_proto::identity::revoke(&list, &r.host, &key)?;
+            println!(
+                "revoked {}: hosts reading {} refuse it from now on",
+                r.host,
+                list.display()
+            );
+        }
         Cmd::Cluster(ClusterCmd::Up(u)) => {
             let mut spec = Spec::new(&u.name, u.servers, u.workstations);
             spec.wispd_args = u.wispd_args;
@@ -206,7 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot make a cluster pipe at {}", m.path.display()))?;
         }
         Cmd::Status(st) => {
-            let key = wisp_proto::key::ClusterKey::load(&st.key)?;
+            let key = wisp::load_identity(st.identity.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -43,10 +43,16 @@ struct Args {
     /// Where to mount the namespace.
     #[arg(long, value_name = "DIR", default_value = "/wisp")]
     mount: PathBuf,
-    /// Cluster key file (mode 0600).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// This host's name (default: the kernel's host name).
+    /// This host's identity directory (host key and enrollment certificate; see `wisp
+    /// enroll`). Default: $WISP_IDENTITY, else /var/lib/wisp/identity.
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// BENCHMARKING ONLY: ask for (and allow) unencrypted frames on every connection; a peer
+    /// not started with the same flag refuses. Authentication stays on. Never in production.
+    #[arg(long)]
+    insecure_plaintext_for_benchmarks_only: bool,
+    /// This host's name: the name it is enrolled under (the default), or that name with a
+    /// suffix, `NAME-SUFFIX`, for a second wispd on the same host.
     #[arg(long)]
     name: Option<String>,
     /// Seconds a file operation may wait for an unreachable server before failing with EIO.
@@ -153,12 +159,6 @@ struct Args {
     balance_stay: u64,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Load averages and runnable scheduling entities from /proc/loadavg
 /// ("0.08 0.03 0.01 2/345 6789").
 fn read_load() -> Result<Load> {
@@ -251,10 +251,19 @@ async fn registry_loop(
 fn main() -> Result<()> {
     let args = Args::parse_from(wisp::config::args_with_config()?);
     wisp::init_logging(&args.log_level);
-    let key = wisp_proto::key::ClusterKey::load(&args.key)?;
-    let name = args.name.clone().unwrap_or_else(hostname);
-    if name.is_empty() {
-        bail!("this host has no name: give --name");
+    let mut key = wisp::load_identity(args.identity.as_deref())?;
+    if args.insecure_plaintext_for_benchmarks_only {
+        tracing::warn!("--insecure-plaintext-for-benchmarks-only: every connection of this host is UNENCRYPTED");
+        key = key.with_plaintext_for_benchmarks_only();
+    }
+    let name = args.name.clone().unwrap_or_else(|| key.name().to_string());
+    // A second wispd on one host may call itself NAME-SUFFIX; never another host's name.
+    if name != key.name() && !name.starts_with(&format!("{}-", key.name())) {
+        bail!(
+            "--name {name} does not match this host's enrolled name {:?} (in {}); enroll it under that name, drop --name, or use NAME-SUFFIX",
+            key.name(),
+            key.dir().display()
+        );
     }
     let registry: Vec<String> = if args.registry.is_empty() {
         vec![args.server.clone()]
@@ -328,8 +337,13 @@ fn main() -> Result<()> {
     // call timeout before it is tried last, and a heartbeat must not stall longer than the
     // registry's down-after time (10 s by default) while a new leader is elected.
     let beat = Duration::from_secs(args.heartbeat);
-    let client = RegistryClient::new(rt.handle().clone(), registry.clone(), key, name.clone())
-        .with_timeouts(Duration::from_secs(3), beat * 2 + Duration::from_secs(4));
+    let client = RegistryClient::new(
+        rt.handle().clone(),
+        registry.clone(),
+        key.clone(),
+        name.clone(),
+    )
+    .with_timeouts(Duration::from_secs(3), beat * 2 + Duration::from_secs(4));
     tracing::info!(registry = %registry.join(","), addr = %advertise, "reporting to the cluster registry");
     let owner = std::sync::Arc::new(owner);
     let mut agent_handle = None;
@@ -341,7 +355,7 @@ fn main() -> Result<()> {
             mount: args.mount.clone(),
             nice: args.job_nice,
             allow_root: true,
-            key: wisp_proto::key::ClusterKey::load(&args.key)?,
+            key: key.clone(),
             host: name.clone(),
             limits: wisp_rexec::cgroup::JobLimits {
                 pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
@@ -367,7 +381,7 @@ fn main() -> Result<()> {
         let svc = std::sync::Arc::new(wisp_rexec::agent::AgentService(agent.clone()));
         rt.spawn(wisp_proto::rpc::serve(
             listener,
-            wisp_proto::key::ClusterKey::load(&args.key)?,
+            key.clone(),
             svc,
             std::future::pending::<()>(),
         ));
@@ -377,7 +391,7 @@ fn main() -> Result<()> {
             Ok(RegistryClient::new(
                 rt.handle().clone(),
                 registry.clone(),
-                wisp_proto::key::ClusterKey::load(&args.key)?,
+                key.clone(),
                 format!("{name}-{what}"),
             )
             .with_timeouts(Duration::from_secs(3), Duration::from_secs(10)))
