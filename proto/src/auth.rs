@@ -622,12 +622,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap().keep();
         std::fs::copy(own.join("host.key"), d.join("host.key")).unwrap();
         std::fs::copy(victim.join("authority.pub"), d.join("authority.pub")).unwrap();
-        let id = Identity::load_unenrolled(&d).unwrap();
-        let cert = crate::identity::Certificate::from_hex(
-            &std::fs::read_to_string(victim.join("host.cert")).unwrap(),
-        )
-        .unwrap();
-        id.with_certificate_for_tests(cert)
+        std::fs::copy(victim.join("host.cert"), d.join("host.cert")).unwrap();
+        Identity::load_unenrolled(&d).unwrap()
     }
 
     /// Record a genuine client's handshake bytes, replay them on a new connection: the

@@ -422,14 +422,25 @@ impl Identity {
     /// Load the identity of an enrolled host from directory `dir`.
     pub fn load(dir: &Path) -> Result<Self, IdentityError> {
         let id = Self::load_unenrolled(dir)?;
-        if id.0.cert.is_none() || id.0.authority.is_none() {
+        let Some(c) = &id.0.cert else {
             return Err(IdentityError::NotEnrolled { dir: dir.into() });
+        };
+        if id.0.authority.is_none() {
+            return Err(IdentityError::NotEnrolled { dir: dir.into() });
+        }
+        if c.host_key != id.public_key() {
+            return Err(IdentityError::Invalid(format!(
+                "{}/host.cert was issued for another host key than {}; enroll again",
+                dir.display(),
+                host_key_path(dir).display()
+            )));
         }
         Ok(id)
     }
 
-    /// Load `dir` even if the host is not enrolled (no certificate): such an identity can
-    /// only be refused by its peers. For tests and tools that show what a peer says.
+    /// Load `dir` even if the host is not enrolled (no certificate), or its certificate is
+    /// not for its key: such an identity can only be refused by its peers. For tests and
+    /// tools that show what a peer says.
     pub fn load_unenrolled(dir: &Path) -> Result<Self, IdentityError> {
         let pair = load_host_key(&host_key_path(dir))?;
         let cert_path = dir.join("host.cert");
@@ -456,15 +467,6 @@ impl Identity {
         } else {
             None
         };
-        if let Some(c) = &cert {
-            if c.host_key != public_of(&pair) {
-                return Err(IdentityError::Invalid(format!(
-                    "{} was issued for another host key than {}; enroll again",
-                    cert_path.display(),
-                    host_key_path(dir).display()
-                )));
-            }
-        }
         Ok(Identity(Arc::new(Inner {
             dir: dir.into(),
             pair: Arc::new(pair),
@@ -487,21 +489,6 @@ impl Identity {
             authority: i.authority,
             revoked: Mutex::new(ListCache::default()),
             plaintext: true,
-        }))
-    }
-
-    /// This identity's key with another certificate, skipping the local consistency check:
-    /// for tests of what a peer does with a stolen certificate.
-    #[cfg(test)]
-    pub(crate) fn with_certificate_for_tests(&self, cert: Certificate) -> Self {
-        let i = &self.0;
-        Identity(Arc::new(Inner {
-            dir: i.dir.clone(),
-            pair: i.pair.clone(),
-            cert: Some(cert),
-            authority: i.authority,
-            revoked: Mutex::new(ListCache::default()),
-            plaintext: i.plaintext,
         }))
     }
 
