@@ -159,6 +159,9 @@ struct Up {
     /// --wispd-arg=2`.
     #[arg(long = "wispd-arg", value_name = "ARG", allow_hyphen_values = true)]
     wispd_args: Vec<String>,
+    /// An extra argument for every wisp-server (repeat for more).
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -263,6 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cluster(ClusterCmd::Up(u)) => {
             let mut spec = Spec::new(&u.name, u.servers, u.workstations);
             spec.wispd_args = u.wispd_args;
+            spec.server_args = u.server_args;
             let c = Cluster::up(&spec).context("cluster up")?;
             print!("{}", c.status());
             println!(
