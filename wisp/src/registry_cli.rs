@@ -19,8 +19,6 @@ use wisp_naming::{NamingError, NodeStatus, RegistryClient};
 
 use crate::owner::{now_secs, owner_file, write_override, Override};
 
-/// Default key file outside a simulated cluster.
-
 /// How to reach the registry (shared by every registry command).
 #[derive(Args, Debug, Clone)]
 pub struct RegistryOpts {
