@@ -20,7 +20,8 @@
 //! peer's certificate against the revocation list again and closes the connection once the
 //! peer is revoked. A client refused by the server (not enrolled, revoked) fails its calls at
 //! once with [`RpcError::Refused`] and the server's reason, and keeps retrying in the
-//! background (a re-enrolled host comes back by itself).
+//! background (with the certificate it loaded at start: a re-enrolled host's daemons must
+//! be restarted to present the new one).
 //!
 //! Lifetimes: when [`serve`]'s shutdown future completes, the listener closes and so does
 //! every live connection (each connection task sees the shutdown signal, stops reading,

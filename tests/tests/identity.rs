@@ -1,7 +1,7 @@
 //! End-to-end: per-host identity on the simulated cluster. An enrolled host works; a host of
 //! another cluster, an unenrolled host, a host presenting another host's certificate and a
 //! revoked host (also one revoked while connected) are refused, with the reason at both
-//! ends; a revoked host re-enrolled comes back. (A replayed handshake: ops.rs,
+//! ends; a revoked host re-enrolled (and its wispd restarted) comes back. (A replayed handshake: ops.rs,
 //! `replayed_handshake_is_rejected`.)
 
 use std::time::{Duration, Instant};
@@ -136,7 +136,7 @@ fn enrolled_hosts_work_and_strangers_are_refused_at_both_ends() {
 
 #[test]
 fn a_revoked_host_is_cut_off_while_connected_and_can_be_re_enrolled() {
-    let s = sim("revoke", 2);
+    let mut s = sim("revoke", 2);
     s.ok("ws2", "echo before >/wisp/ws2-file");
     assert_eq!(s.ok("ws1", "cat /wisp/ws2-file").trim(), "before");
     let lines_before = server_log(&s).lines().count();
@@ -166,9 +166,12 @@ fn a_revoked_host_is_cut_off_while_connected_and_can_be_re_enrolled() {
     assert!(server_log(&s).contains("refused the peer: host \"ws2\" has been revoked"));
     assert_eq!(s.ok("ws1", "cat /wisp/ws2-file").trim(), "before");
 
-    // Re-enrolled (a fresh certificate for its key, issued after the revocation), ws2 comes
-    // back by itself: its wispd keeps retrying.
+    // Re-enrolled (a fresh certificate for its key, issued after the revocation) and its
+    // wispd restarted (a running daemon keeps the certificate it loaded), ws2 is back.
     s.enroll("ws2").expect("wisp enroll");
+    s.kill_daemon("ws2", libc::SIGTERM)
+        .expect("stop ws2's wispd");
+    s.start_daemon("ws2").expect("restart ws2's wispd");
     wait_for("ws2 is back", 60, || {
         let (code, out, _) = s.run("ws2", "cat /wisp/ws1-file");
         code == 0 && out.trim() == "after"
