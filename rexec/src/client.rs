@@ -36,8 +36,8 @@ pub enum RexecError {
     Local(std::io::Error),
     #[error("{cmd}: command not found on {host}")]
     NotFound { cmd: String, host: String },
-    #[error("lost {host} while job {job} ran there: its agent has not answered for {secs} s (the host or its wispd is down); the job's outcome is unknown")]
-    HostLost { host: String, job: u64, secs: u64 },
+    #[error("lost {host} while job {job} ran there: {why} (the host or its wispd is down); the job's outcome is unknown")]
+    HostLost { host: String, job: u64, why: String },
     #[error("build directory {dir} (from $WISP_BUILD): {source}")]
     Build {
         dir: PathBuf,
@@ -376,13 +376,21 @@ fn wants_pty(opts: &Options) -> bool {
     }
 }
 
-/// `call`, given up when the agent stays unreachable for [`AGENT_GONE_AFTER`].
-async fn call_watching(agent: &RpcClient, req: Request) -> Result<Response, Option<RpcError>> {
+/// `call`, given up (`Err(None)`) when the agent stays unreachable for
+/// [`AGENT_GONE_AFTER`]. `was_up` is set when the connection was up at some point of the
+/// call (the request may have reached the agent).
+async fn call_watching(
+    agent: &RpcClient,
+    req: Request,
+    was_up: &std::sync::atomic::AtomicBool,
+) -> Result<Response, Option<RpcError>> {
+    use std::sync::atomic::Ordering::Relaxed;
     let gone = async {
         let mut down_since: Option<std::time::Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if agent.is_up() {
+                was_up.store(true, Relaxed);
                 down_since = None;
             } else if down_since
                 .get_or_insert_with(std::time::Instant::now)
@@ -393,10 +401,14 @@ async fn call_watching(agent: &RpcClient, req: Request) -> Result<Response, Opti
             }
         }
     };
-    tokio::select! {
+    let r = tokio::select! {
         r = agent.call(req) => r.map_err(Some),
         _ = gone => Err(None),
+    };
+    if agent.is_up() || r.is_ok() {
+        was_up.store(true, Relaxed);
     }
+    r
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -512,10 +524,16 @@ fn run_on(
         host: host.to_string(),
         source,
     };
-    let lost = || RexecError::HostLost {
+    let lost = |e: Option<RpcError>| RexecError::HostLost {
         host: host.to_string(),
         job,
-        secs: AGENT_GONE_AFTER.as_secs(),
+        why: match e {
+            Some(e) => format!("its agent at {agent_addr}: {e}"),
+            None => format!(
+                "its agent at {agent_addr} has been unreachable for {} s",
+                AGENT_GONE_AFTER.as_secs()
+            ),
+        },
     };
     // The job never started: the copy threads wait in open() for its ends of the pipes.
     // Open those ends here (non-blocking) and close them, until every thread is past its
@@ -550,7 +568,8 @@ fn run_on(
         cleanup(d);
     };
     let argv0 = String::from_utf8_lossy(&spec.argv[0]).into_owned();
-    match rt.block_on(call_watching(&agent, Request::Exec(spec))) {
+    let reached = std::sync::atomic::AtomicBool::new(false);
+    match rt.block_on(call_watching(&agent, Request::Exec(spec), &reached)) {
         Ok(Response::Started { pid }) => debug!(job, pid, host, "started"),
         Ok(other) => {
             abandon(&dir);
@@ -565,9 +584,19 @@ fn run_on(
                 host: host.to_string(),
             }));
         }
+        Err(Some(e @ RpcError::Remote(_))) => {
+            abandon(&dir);
+            return Err(Failure::NotStarted(agent_err(e)));
+        }
         Err(e) => {
             abandon(&dir);
-            return Err(Failure::NotStarted(e.map(agent_err).unwrap_or_else(lost)));
+            // The connection was up: the job may have started there, and must not be
+            // started a second time elsewhere.
+            return Err(if reached.load(std::sync::atomic::Ordering::Relaxed) {
+                Failure::Started(lost(e))
+            } else {
+                Failure::NotStarted(e.map(agent_err).unwrap_or_else(|| lost(None)))
+            });
         }
     }
     // Keys go to the remote terminal while the job runs there.
@@ -624,7 +653,8 @@ fn run_on(
             fwd.abort();
             Err(Failure::Started(e))
         };
-        match rt.block_on(call_watching(&agent, Request::JobWait { job })) {
+        let reached = std::sync::atomic::AtomicBool::new(true);
+        match rt.block_on(call_watching(&agent, Request::JobWait { job }, &reached)) {
             Ok(Response::Exited { code, signal }) => break (code, signal),
             Err(Some(RpcError::Remote(w))) if w.errno == libc::EAGAIN => continue,
             Ok(Response::Moved { host: h, addr }) => {
@@ -641,12 +671,18 @@ fn run_on(
                     ),
                 )));
             }
-            Err(Some(e)) => return failed(agent_err(e)),
-            Err(None) => {
+            Err(Some(e @ RpcError::Remote(_))) => return failed(agent_err(e)),
+            Err(e) => {
                 return failed(RexecError::HostLost {
                     host: host.clone(),
                     job,
-                    secs: AGENT_GONE_AFTER.as_secs(),
+                    why: match e {
+                        Some(e) => format!("its agent: {e}"),
+                        None => format!(
+                            "its agent has been unreachable for {} s",
+                            AGENT_GONE_AFTER.as_secs()
+                        ),
+                    },
                 })
             }
         }

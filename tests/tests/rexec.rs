@@ -26,7 +26,7 @@ fn host_dying_under_a_job_fails_rexec_and_stops_make() {
     s.lend(&["ws2"]);
     s.ok(
         "ws1",
-        "mkdir -p /wisp/die && cd /wisp/die && printf 'all: first second\\nfirst:\\n\\techo first-started; sleep 120\\nsecond:\\n\\ttouch second-ran\\n' > Makefile",
+        "mkdir -p /wisp/die && cd /wisp/die && printf 'all: first second\\nfirst:\\n\\techo first-started; touch started; sleep 120\\nsecond:\\n\\ttouch second-ran\\n' > Makefile",
     );
     let make = {
         let c = s.c.clone();
@@ -36,7 +36,7 @@ fn host_dying_under_a_job_fails_rexec_and_stops_make() {
     assert_eq!(host, "ws2");
     // The job really runs there before the host dies.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while s.job_processes("ws2").is_empty() {
+    while s.run("ws1", "test -e /wisp/die/started").0 != 0 {
         assert!(Instant::now() < deadline, "the job never started on ws2");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -51,7 +51,7 @@ fn host_dying_under_a_job_fails_rexec_and_stops_make() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "make should fail: {err}");
     assert!(
-        err.contains("lost ws2 while job") && err.contains("is down"),
+        err.contains("lost ws2 while job") && err.contains("the host or its wispd is down"),
         "rexec should say the host was lost: {err}"
     );
     assert!(err.contains("Error 255"), "make should see rexec's 255: {err}");
