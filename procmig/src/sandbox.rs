@@ -148,7 +148,13 @@ fn spawn(
                 Some(t) => sys::child_exec_tty(t, exec),
                 None => sys::child_exec(fds, exec),
             },
-            Ok(main) => sys::child_become_reaper(main, rseq),
+            Ok(main) => {
+                // The init never execs: it must not keep the agent's descriptors (a FUSE
+                // device among them would keep a dead wispd's mount from ever aborting).
+                // SAFETY: close_range is async-signal-safe and takes no pointers.
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                sys::child_become_reaper(main, rseq)
+            }
             Err(_) => sys::child_exit(126),
         }
     }

@@ -143,7 +143,10 @@ impl Agent {
         if !command_exists(&spec) {
             return Err(err(
                 libc::ENOENT,
-                format!("{}: command not found", String::from_utf8_lossy(&spec.argv[0])),
+                format!(
+                    "{}: command not found",
+                    String::from_utf8_lossy(&spec.argv[0])
+                ),
             ));
         }
         self.admit_foreign(spec.job, &spec.home)?;
@@ -731,7 +734,10 @@ impl Agent {
         // SAFETY: TIOCSWINSZ on our own terminal master, with a valid winsize.
         if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(err(libc::EIO, format!("resizing job {job}'s terminal: {e}")));
+            return Err(err(
+                libc::EIO,
+                format!("resizing job {job}'s terminal: {e}"),
+            ));
         }
         Ok(Response::Ok)
     }
@@ -883,15 +889,8 @@ impl Pty {
             ws_ypixel: 0,
         };
         // SAFETY: openpty fills two descriptors; the name buffer and termios are optional.
-        let r = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &ws,
-            )
-        };
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         if r != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -923,7 +922,9 @@ impl Pty {
         let clone = |f: &std::os::fd::OwnedFd| std::fs::File::from(f.try_clone().expect("dup"));
         let (mut to_term, mut from_term) = (clone(&self.master), clone(&self.master));
         std::thread::spawn(move || {
-            let Ok(mut r) = std::fs::File::open(&pin) else { return };
+            let Ok(mut r) = std::fs::File::open(&pin) else {
+                return;
+            };
             let mut buf = vec![0u8; 16384];
             while let Ok(n) = r.read(&mut buf) {
                 if n == 0 || to_term.write_all(&buf[..n]).is_err() {

@@ -226,7 +226,10 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
                     }
                     crate::build::Pick::Busy => std::thread::sleep(Duration::from_millis(20)),
                     crate::build::Pick::None => {
-                        say(opts.verbose, "no usable host left in this build; running locally");
+                        say(
+                            opts.verbose,
+                            "no usable host left in this build; running locally",
+                        );
                         release(&leases);
                         return run_locally(&opts.argv);
                     }
@@ -363,12 +366,7 @@ fn winsize() -> Option<(u16, u16)> {
 /// Whether the job gets a terminal.
 fn wants_pty(opts: &Options) -> bool {
     // SAFETY: isatty/tcgetpgrp/getpgrp only read.
-    let (tty, fg) = unsafe {
-        (
-            libc::isatty(0) == 1,
-            libc::tcgetpgrp(0) == libc::getpgrp(),
-        )
-    };
+    let (tty, fg) = unsafe { (libc::isatty(0) == 1, libc::tcgetpgrp(0) == libc::getpgrp()) };
     match opts.pty {
         PtyMode::Always => tty,
         PtyMode::Never => false,

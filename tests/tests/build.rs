@@ -77,7 +77,10 @@ fn zstd_built_across_three_workstations_matches_a_local_build() {
     s.lend(&["ws2", "ws3", "ws4"]);
     s.ok(
         "ws1",
-        &format!("mkdir -p /wisp/z && cd /wisp/z && tar -xJf {}", src.display()),
+        &format!(
+            "mkdir -p /wisp/z && cd /wisp/z && tar -xJf {}",
+            src.display()
+        ),
     );
     // While the build runs, the registry is polled for where its jobs run.
     let done = Arc::new(AtomicBool::new(false));

@@ -54,7 +54,10 @@ fn host_dying_under_a_job_fails_rexec_and_stops_make() {
         err.contains("lost ws2 while job") && err.contains("the host or its wispd is down"),
         "rexec should say the host was lost: {err}"
     );
-    assert!(err.contains("Error 255"), "make should see rexec's 255: {err}");
+    assert!(
+        err.contains("Error 255"),
+        "make should see rexec's 255: {err}"
+    );
     assert!(
         t0.elapsed() < Duration::from_secs(90),
         "took {:?}",
@@ -136,10 +139,7 @@ PY"#,
     );
     assert!(err.contains("running on ws2"), "{err}");
     assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains("not a tty") && out.contains("NO-TTY"),
-        "{out}"
-    );
+    assert!(out.contains("not a tty") && out.contains("NO-TTY"), "{out}");
 }
 
 /// rexec's own failures have their own exit codes and say what was wrong.
@@ -212,7 +212,10 @@ fn a_host_that_fails_a_job_start_is_skipped() {
         .filter_map(|l| l.split_whitespace().nth(3))
         .collect();
     assert!(hosts.contains(&"ws2"), "{jobs}");
-    assert!(!hosts.contains(&"ws3"), "a job ran on the refusing host:\n{jobs}");
+    assert!(
+        !hosts.contains(&"ws3"),
+        "a job ran on the refusing host:\n{jobs}"
+    );
 }
 
 /// Two builds at once, each reserving one host: every job of a build runs on its own
@@ -225,7 +228,10 @@ fn concurrent_builds_reserve_hosts_of_their_own() {
     s.ok("ws2", &c_project("/wisp/rb", 10, "sleep 0.3; "));
     let a = {
         let c = s.c.clone();
-        std::thread::spawn(move || c.sh("ws1", "cd /wisp/ra && wisp make -v --hosts 1 -s").unwrap())
+        std::thread::spawn(move || {
+            c.sh("ws1", "cd /wisp/ra && wisp make -v --hosts 1 -s")
+                .unwrap()
+        })
     };
     let (code, _, err_b) = s.run("ws2", "cd /wisp/rb && wisp make -v --hosts 1 -s");
     let out_a = a.join().unwrap();
@@ -245,7 +251,13 @@ fn concurrent_builds_reserve_hosts_of_their_own() {
     let (ha, hb) = (hosts_of("ws1"), hosts_of("ws2"));
     // Both builds started together; one may have found no host left and built locally,
     // but hosts are never shared.
-    assert!(!ha.is_empty() || !hb.is_empty(), "no remote job at all:\n{jobs}\n{err_a}\n{err_b}");
-    assert!(ha.len() <= 1 && hb.len() <= 1, "a build used more than its one host:\n{jobs}");
+    assert!(
+        !ha.is_empty() || !hb.is_empty(),
+        "no remote job at all:\n{jobs}\n{err_a}\n{err_b}"
+    );
+    assert!(
+        ha.len() <= 1 && hb.len() <= 1,
+        "a build used more than its one host:\n{jobs}"
+    );
     assert!(ha.is_disjoint(&hb), "two builds shared a host:\n{jobs}");
 }

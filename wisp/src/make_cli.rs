@@ -115,8 +115,13 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     let reg = std::sync::Arc::new(
-        RegistryClient::new(rt.handle().clone(), servers.clone(), key, format!("make@{home}"))
-            .with_timeouts(Duration::from_secs(5), Duration::from_secs(10)),
+        RegistryClient::new(
+            rt.handle().clone(),
+            servers.clone(),
+            key,
+            format!("make@{home}"),
+        )
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(10)),
     );
     let leases = rt
         .block_on(reg.allocate_hosts(uid, a.hosts.unwrap_or(64), &home, false))
@@ -129,8 +134,12 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
     let probes: Vec<_> = leases
         .iter()
         .map(|l| {
-            let (rexec, host, key, registry) =
-                (rexec.clone(), l.host.clone(), key_path.clone(), registry.clone());
+            let (rexec, host, key, registry) = (
+                rexec.clone(),
+                l.host.clone(),
+                key_path.clone(),
+                registry.clone(),
+            );
             std::thread::spawn(move || probe_cpus(&rexec, &host, &key, &registry))
         })
         .collect();
@@ -142,7 +151,10 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
                 agent: wisp_rexec::agent::agent_addr(&l.addr),
                 cpus,
             }),
-            Err(e) => eprintln!("wisp make: {} could not start a job ({e}); skipping it", l.host),
+            Err(e) => eprintln!(
+                "wisp make: {} could not start a job ({e}); skipping it",
+                l.host
+            ),
         }
     }
     let lease_ids: Vec<u64> = leases.iter().map(|l| l.id).collect();
@@ -160,8 +172,7 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
         eprintln!("wisp make: no idle host; building here with -j{j}");
         cmd.arg(format!("-j{j}"));
     } else {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot make {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
         build::write_hosts(&dir, &hosts)?;
         let j = a.jobs.unwrap_or_else(|| hosts.iter().map(|h| h.cpus).sum());
         if a.verbose {
@@ -177,7 +188,9 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
         }
         let mut sh = OsString::from("SHELL=");
         sh.push(&shell);
-        cmd.arg(format!("-j{j}")).arg(sh).env(build::BUILD_ENV, &dir);
+        cmd.arg(format!("-j{j}"))
+            .arg(sh)
+            .env(build::BUILD_ENV, &dir);
     }
     cmd.args(&a.args);
     // Keep the hosts while make runs: renew the leases, and stop sending jobs to a host
@@ -215,8 +228,13 @@ pub fn make(a: MakeArgs) -> Result<ExitCode> {
     // Ctrl-C goes to make (same process group); we only wait for it to finish.
     let _signals = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
-        [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::quit(), SignalKind::hangup()]
-            .map(|k| signal(k).ok())
+        [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::quit(),
+            SignalKind::hangup(),
+        ]
+        .map(|k| signal(k).ok())
     });
     let status = cmd.status().context("cannot run make");
     keeper.abort();

@@ -30,7 +30,13 @@ use clap::Parser;
 ///        agent silent for 10 s), registry errors, the stdio pipes cannot be made
 ///   2    bad usage, a missing key or no registry given
 #[derive(Parser, Debug)]
-#[command(version, about, long_about, trailing_var_arg = true, verbatim_doc_comment)]
+#[command(
+    version,
+    about,
+    long_about,
+    trailing_var_arg = true,
+    verbatim_doc_comment
+)]
 struct Args {
     /// Run on this host instead of asking the registry.
     #[arg(long)]
