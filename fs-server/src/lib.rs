@@ -1333,7 +1333,8 @@ impl FsServer {
             | Request::MigrateOut { .. }
             | Request::MigrateIn { .. }
             | Request::JobStats
-            | Request::Evict { .. } => {
+            | Request::Evict { .. }
+            | Request::JobWinsize { .. } => {
                 return Err(WireError::new(
                     libc::EOPNOTSUPP,
                     "this is a file server, not a workstation agent (port 7071)",

@@ -73,4 +73,4 @@ pub use lazy::{LazyError, LazyPager, LazyStats};
 pub use restore::{
     restore, restore_lazy, restore_with, PidMode, RestoreError, RestoreOptions, Restored,
 };
-pub use sandbox::{run_sandboxed, run_sandboxed_in, Sandbox, SandboxError};
+pub use sandbox::{run_sandboxed, run_sandboxed_in, run_sandboxed_tty, Sandbox, SandboxError};

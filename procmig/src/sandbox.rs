@@ -82,14 +82,7 @@ pub fn run_sandboxed_in(
     stdio: [Option<&Path>; 3],
     cgroup_procs: &[std::os::fd::RawFd],
 ) -> Result<Sandbox, SandboxError> {
-    let first = argv.first().ok_or(SandboxError::Empty)?;
-    let exe = resolve(first).ok_or_else(|| SandboxError::NotFound(first.clone()))?;
-    let path = cstring(&exe.to_string_lossy())?;
-    let args: Vec<CString> = argv.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
-    let envs: Vec<CString> = std::env::vars()
-        .map(|(k, v)| cstring(&format!("{k}={v}")))
-        .collect::<Result<_, _>>()?;
-    let exec = sys::ExecArgs::new(path, args, envs);
+    let exec = exec_args(argv)?;
     let mut files = Vec::new();
     let mut fds = [-1i32; 3];
     for (i, p) in stdio.iter().enumerate() {
@@ -110,18 +103,61 @@ pub fn run_sandboxed_in(
             files.push(f);
         }
     }
+    let sb = spawn(&exec, fds, None, cgroup_procs);
+    drop(files);
+    sb
+}
+
+/// Like [`run_sandboxed_in`], with the terminal `tty` (an open pseudo-terminal slave) as
+/// the command's fds 0-2 and controlling terminal (the command leads a session of its own).
+pub fn run_sandboxed_tty(
+    argv: &[String],
+    tty: std::os::fd::RawFd,
+    cgroup_procs: &[std::os::fd::RawFd],
+) -> Result<Sandbox, SandboxError> {
+    let exec = exec_args(argv)?;
+    spawn(&exec, [-1; 3], Some(tty), cgroup_procs)
+}
+
+/// The command resolved in PATH, with this process's environment.
+fn exec_args(argv: &[String]) -> Result<sys::ExecArgs, SandboxError> {
+    let first = argv.first().ok_or(SandboxError::Empty)?;
+    let exe = resolve(first).ok_or_else(|| SandboxError::NotFound(first.clone()))?;
+    let path = cstring(&exe.to_string_lossy())?;
+    let args: Vec<CString> = argv.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
+    let envs: Vec<CString> = std::env::vars()
+        .map(|(k, v)| cstring(&format!("{k}={v}")))
+        .collect::<Result<_, _>>()?;
+    let exec = sys::ExecArgs::new(path, args, envs);
+    Ok(exec)
+}
+
+fn spawn(
+    exec: &sys::ExecArgs,
+    fds: [i32; 3],
+    tty: Option<i32>,
+    cgroup_procs: &[std::os::fd::RawFd],
+) -> Result<Sandbox, SandboxError> {
     let rseq = sys::glibc_rseq();
     let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
     if init == 0 {
         // pid 1 of the new namespace: only async-signal-safe calls from here on.
         sys::child_join_cgroups(cgroup_procs);
         match sys::fork_with_flags(0) {
-            Ok(0) => sys::child_exec(fds, &exec),
-            Ok(main) => sys::child_become_reaper(main, rseq),
+            Ok(0) => match tty {
+                Some(t) => sys::child_exec_tty(t, exec),
+                None => sys::child_exec(fds, exec),
+            },
+            Ok(main) => {
+                // The init never execs: it must not keep the agent's descriptors (a FUSE
+                // device among them would keep a dead wispd's mount from ever aborting).
+                // SAFETY: close_range is async-signal-safe and takes no pointers.
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                sys::child_become_reaper(main, rseq)
+            }
             Err(_) => sys::child_exit(126),
         }
     }
-    drop(files);
     for _ in 0..2000 {
         if let Some(pid) = procfs::children_of(init).first() {
             return Ok(Sandbox {

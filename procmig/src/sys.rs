@@ -643,6 +643,17 @@ pub fn child_exec(stdio: [i32; 3], exec: &ExecArgs) -> ! {
     }
 }
 
+/// Like [`child_exec`] with the terminal `tty` as fds 0-2 and as the controlling terminal of
+/// a new session (so its line discipline signals the command: ^C, SIGWINCH).
+pub fn child_exec_tty(tty: i32, exec: &ExecArgs) -> ! {
+    // SAFETY: async-signal-safe calls only (setsid, ioctl on our own descriptor).
+    unsafe {
+        libc::setsid();
+        libc::ioctl(tty, libc::TIOCSCTTY as _, 0);
+    }
+    child_exec([tty, tty, tty], exec)
+}
+
 /// Duplicate a caller-supplied raw descriptor into an owned one (F_DUPFD_CLOEXEC).
 pub fn dup_owned(raw: i32) -> Result<std::os::fd::OwnedFd> {
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) takes no pointers; an invalid `raw` gives EBADF.

@@ -346,6 +346,13 @@ pub enum Request {
     Evict {
         reason: String,
     },
+    /// Agent: set the size of a job's terminal (a job started with `ExecSpec::pty`); the
+    /// kernel sends SIGWINCH to the job's foreground process group.
+    JobWinsize {
+        job: u64,
+        rows: u16,
+        cols: u16,
+    },
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -367,6 +374,10 @@ pub struct ExecSpec {
     pub stderr: Vec<u8>,
     /// The submitting (home) host.
     pub home: String,
+    /// Run the job on a pseudo-terminal of this size (rows, columns): its fds 0-2 are the
+    /// terminal, whose input comes from `stdin` and whose output goes to `stdout` (`stderr`
+    /// is closed at once). `None`: fds 0-2 are the three pipes.
+    pub pty: Option<(u16, u16)>,
 }
 
 /// How a migration moves memory.

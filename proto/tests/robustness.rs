@@ -169,6 +169,7 @@ fn samples() -> Vec<Message> {
                 stdout: b"/wisp/.pipes/1".to_vec(),
                 stderr: b"/wisp/.pipes/2".to_vec(),
                 home: "ws1".into(),
+                pty: Some((24, 80)),
             }),
         },
         Message::Call {

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,6 +34,8 @@ pub(crate) struct Job {
     pub(crate) paging: bool,
     /// Stopped (SIGSTOP) because it could not migrate away when the owner came back.
     pub(crate) suspended: bool,
+    /// The job's terminal, when it runs on one: (master, slave), closed when it ends.
+    pty: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
 }
 
 /// Policy of an agent.
@@ -137,6 +140,15 @@ impl Agent {
         if spec.argv.is_empty() {
             return Err(err(libc::EINVAL, "empty command"));
         }
+        if !command_exists(&spec) {
+            return Err(err(
+                libc::ENOENT,
+                format!(
+                    "{}: command not found",
+                    String::from_utf8_lossy(&spec.argv[0])
+                ),
+            ));
+        }
         self.admit_foreign(spec.job, &spec.home)?;
         if self.jobs.lock().unwrap().contains_key(&spec.job) {
             return Err(err(
@@ -208,12 +220,29 @@ impl Agent {
         // The job's cgroup: the sandbox's init joins it before it forks the job.
         let cg = self.cgroups.create(spec.job);
         let fds = cg.as_ref().map(|c| c.procs_fds()).unwrap_or_default();
+        let pty = match spec.pty.map(|(rows, cols)| Pty::open(rows, cols, &paths)) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                if let Some(cg) = cg {
+                    cg.remove();
+                }
+                return Err(err(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot make a terminal for the job: {e}"),
+                ));
+            }
+            None => None,
+        };
         // Opens stdin, then stdout and stderr: the order in which rexec opens the other ends.
-        let sb = match wisp_procmig::run_sandboxed_in(
-            &argv,
-            [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])],
-            &fds,
-        ) {
+        let started = match &pty {
+            Some(p) => wisp_procmig::run_sandboxed_tty(&argv, p.slave.as_raw_fd(), &fds),
+            None => wisp_procmig::run_sandboxed_in(
+                &argv,
+                [Some(&paths[0]), Some(&paths[1]), Some(&paths[2])],
+                &fds,
+            ),
+        };
+        let sb = match started {
             Ok(sb) => sb,
             Err(e) => {
                 if let Some(cg) = cg {
@@ -237,6 +266,12 @@ impl Agent {
         info!(job = spec.job, pid = sb.pid, home = %spec.home, cmd = %info.argv0, "job started");
         self.stats.jobs_started.fetch_add(1, Ordering::Relaxed);
         self.adopt(info, sb, cg);
+        if let Some(p) = pty {
+            let ends = p.connect();
+            if let Some(j) = self.jobs.lock().unwrap().get_mut(&spec.job) {
+                j.pty = Some(ends);
+            }
+        }
         Ok(sb.pid as u32)
     }
 
@@ -257,6 +292,7 @@ impl Agent {
                 migrating: false,
                 paging: false,
                 suspended: false,
+                pty: None,
             },
         );
         self.running.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +317,8 @@ impl Agent {
             if let Some(j) = jobs.get_mut(&job) {
                 j.exit = Some((code, signal));
                 j.info.running = false;
+                // Closing our ends of the terminal lets its output copy see the end.
+                j.pty = None;
                 if j.moved.is_some() {
                     info!(job, "frozen copy of a migrated job released");
                 } else {
@@ -672,6 +710,38 @@ impl Agent {
         }
     }
 
+    /// Set the size of a job's terminal (the kernel signals SIGWINCH to the job).
+    fn winsize(&self, job: u64, rows: u16, cols: u16) -> Result<Response, WireError> {
+        let jobs = self.jobs.lock().unwrap();
+        let j = jobs
+            .get(&job)
+            .ok_or_else(|| err(libc::ESRCH, format!("no job {job} on this host")))?;
+        if let Some((host, addr)) = &j.moved {
+            return Ok(Response::Moved {
+                host: host.clone(),
+                addr: addr.clone(),
+            });
+        }
+        let Some((master, _)) = &j.pty else {
+            return Ok(Response::Ok);
+        };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on our own terminal master, with a valid winsize.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(
+                libc::EIO,
+                format!("resizing job {job}'s terminal: {e}"),
+            ));
+        }
+        Ok(Response::Ok)
+    }
+
     fn signal(&self, job: u64, sig: i32) -> Result<Response, WireError> {
         let pid = match self.jobs.lock().unwrap().get(&job) {
             Some(Job {
@@ -718,6 +788,7 @@ impl Service for AgentService {
             }),
             Request::JobWait { job } => self.0.wait(job),
             Request::JobSignal { job, signal } => self.0.signal(job, signal),
+            Request::JobWinsize { job, rows, cols } => self.0.winsize(job, rows, cols),
             Request::JobList => Ok(Response::Jobs(self.0.jobs())),
             Request::MigrateOut {
                 job,
@@ -797,6 +868,111 @@ fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig:
         last = n;
     }
     pc.finish()
+}
+
+/// A job's pseudo-terminal: the job gets the slave as fds 0-2; the agent copies the
+/// job's stdin pipe into the master and the master's output into its stdout pipe.
+struct Pty {
+    master: std::os::fd::OwnedFd,
+    slave: std::os::fd::OwnedFd,
+    pipes: [PathBuf; 3],
+}
+
+impl Pty {
+    fn open(rows: u16, cols: u16, pipes: &[PathBuf]) -> std::io::Result<Pty> {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut s) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty fills two descriptors; the name buffer and termios are optional.
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (master, slave) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(m),
+                std::os::fd::OwnedFd::from_raw_fd(s),
+            )
+        };
+        for fd in [m, s] {
+            // SAFETY: fcntl on a descriptor we own: the job must not inherit the master
+            // (it would never see the end of its output) nor a second slave.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        Ok(Pty {
+            master,
+            slave,
+            pipes: [pipes[0].clone(), pipes[1].clone(), pipes[2].clone()],
+        })
+    }
+
+    /// Start copying between the pipes and the terminal; returns the ends the agent keeps
+    /// until the job ends (a master to resize the terminal, and the slave, so that the
+    /// output copy reads on until the job is over).
+    fn connect(self) -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::io::{Read, Write};
+        let [pin, pout, perr] = self.pipes;
+        let clone = |f: &std::os::fd::OwnedFd| std::fs::File::from(f.try_clone().expect("dup"));
+        let (mut to_term, mut from_term) = (clone(&self.master), clone(&self.master));
+        std::thread::spawn(move || {
+            let Ok(mut r) = std::fs::File::open(&pin) else {
+                return;
+            };
+            let mut buf = vec![0u8; 16384];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 || to_term.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            // The other side's stdin ended: a terminal has no EOF of its own, so say ^D
+            // the way a user would (ends a read on an empty line in canonical mode).
+            let _ = to_term.write_all(&[4]);
+        });
+        std::thread::spawn(move || {
+            let Ok(mut w) = std::fs::OpenOptions::new().append(true).open(&pout) else {
+                return;
+            };
+            let mut buf = vec![0u8; 16384];
+            // EIO: every slave descriptor is closed (the job ended).
+            while let Ok(n) = from_term.read(&mut buf) {
+                if n == 0 || w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        // The terminal carries stderr too: the stderr pipe ends at once.
+        std::thread::spawn(move || {
+            let _ = std::fs::OpenOptions::new().append(true).open(&perr);
+        });
+        (self.master, self.slave)
+    }
+}
+
+/// Whether the job's command exists here: a path (relative to its cwd) that is a file, or
+/// a name found in the job's own PATH (so a missing command is a clear error, not a
+/// message from somewhere inside the sandbox's exec chain).
+fn command_exists(spec: &ExecSpec) -> bool {
+    let cwd = Path::new(OsStr::from_bytes(&spec.cwd));
+    let cmd = Path::new(OsStr::from_bytes(&spec.argv[0]));
+    if spec.argv[0].contains(&b'/') {
+        return cwd.join(cmd).is_file();
+    }
+    let path = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == b"PATH")
+        .map(|(_, v)| v.as_slice())
+        .unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
+    path.split(|b| *b == b':')
+        .map(|d| cwd.join(OsStr::from_bytes(if d.is_empty() { b"." } else { d })))
+        .any(|d| d.join(cmd).is_file())
 }
 
 /// The agent address of a host registered as `ip:port`.

@@ -34,9 +34,56 @@ pub enum RexecError {
     },
     #[error("cannot run locally: {0}")]
     Local(std::io::Error),
+    #[error("{cmd}: command not found on {host}")]
+    NotFound { cmd: String, host: String },
+    #[error("lost {host} while job {job} ran there: {why} (the host or its wispd is down); the job's outcome is unknown")]
+    HostLost { host: String, job: u64, why: String },
+    #[error("build directory {dir} (from $WISP_BUILD): {source}")]
+    Build {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
+
+impl RexecError {
+    /// rexec's exit status for this failure: 127 for a command that does not exist (as a
+    /// shell says), 255 for everything else (like ssh).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RexecError::NotFound { .. } => 127,
+            _ => 255,
+        }
+    }
+
+    /// Whether another host might start the job where this one failed to.
+    fn other_host_may_work(&self) -> bool {
+        match self {
+            RexecError::Agent { source, .. } => match source {
+                RpcError::Remote(w) => {
+                    ![libc::EXDEV, libc::EPERM, libc::EINVAL, libc::ENOENT].contains(&w.errno)
+                }
+                _ => true,
+            },
+            RexecError::HostLost { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// When the job gets a terminal on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PtyMode {
+    /// When stdin is a terminal and rexec runs in its foreground, except in shell mode
+    /// (`-c`, how make calls its SHELL: parallel recipes must not fight over the terminal).
+    Auto,
+    Always,
+    Never,
+}
+
+/// How long an agent may be unreachable before rexec gives its host (and the job) up.
+const AGENT_GONE_AFTER: Duration = Duration::from_secs(10);
 
 /// How to run one command.
 #[derive(Debug, Clone)]
@@ -52,6 +99,9 @@ pub struct Options {
     pub mount: PathBuf,
     /// This host's name (the job's home).
     pub home: String,
+    pub pty: PtyMode,
+    /// Called as `rexec -c CMD`.
+    pub shell_mode: bool,
 }
 
 /// Make a cluster pipe at `path`: an empty file in a wisp mount marked with the pipe
@@ -126,17 +176,34 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
         .build()?;
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let reg = RegistryClient::new(
-        rt.handle().clone(),
-        opts.registry.clone(),
-        opts.key.clone(),
-        format!("rexec@{}", opts.home),
-    )
-    .with_timeouts(Duration::from_secs(5), Duration::from_secs(10));
-    // Choose the host.
-    let mut lease = None;
-    let (host, addr) = loop {
-        if let Some(h) = &opts.host {
+    let reg = Arc::new(
+        RegistryClient::new(
+            rt.handle().clone(),
+            opts.registry.clone(),
+            opts.key.clone(),
+            format!("rexec@{}", opts.home),
+        )
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(10)),
+    );
+    // Inside `wisp make`: the build's reserved hosts, by free CPU slots.
+    let build = match (&opts.host, std::env::var_os(crate::build::BUILD_ENV)) {
+        (None, Some(d)) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => None,
+    };
+    // Leases of hosts that failed to start the job are kept until the end, so the next
+    // allocation does not hand the same host out again.
+    let mut leases: Vec<u64> = Vec::new();
+    let release = |leases: &[u64]| {
+        if !leases.is_empty() {
+            let _ = rt.block_on(reg.release_hosts(uid, leases.to_vec()));
+        }
+    };
+    let mut tries = 0;
+    let result = loop {
+        tries += 1;
+        let mut slot = None;
+        let mut lease = None;
+        let (host, agent_addr) = if let Some(h) = &opts.host {
             let hosts = rt
                 .block_on(reg.hosts())
                 .map_err(|e| RexecError::Registry(e.to_string()))?;
@@ -144,65 +211,202 @@ pub fn run(opts: Options) -> Result<i32, RexecError> {
                 .into_iter()
                 .find(|x| &x.name == h)
                 .ok_or_else(|| RexecError::UnknownHost(h.clone()))?;
-            break (hh.name, hh.addr);
-        }
-        match rt.block_on(reg.allocate_hosts(uid, 1, &opts.home, false)) {
-            Ok(mut v) if !v.is_empty() => {
-                let l = v.remove(0);
-                let r = (l.host.clone(), l.addr.clone());
-                lease = Some(l.id);
-                break r;
-            }
-            Ok(_) if opts.wait => {
-                say(opts.verbose, "no idle host; waiting");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Ok(_) => {
-                say(opts.verbose, "no idle host; running locally");
-                return run_locally(&opts.argv);
-            }
-            Err(e) => {
-                eprintln!("rexec: registry unavailable ({e}); running locally");
-                return run_locally(&opts.argv);
-            }
-        }
-    };
-    let agent_addr = crate::agent::agent_addr(&addr);
-    say(opts.verbose, &format!("running on {host} ({agent_addr})"));
-    let job = match rt.block_on(reg.job_start(uid, &opts.home, &host)) {
-        Ok(j) => j,
-        Err(e) => {
-            debug!("job_start: {e}");
-            rand::random::<u64>() >> 1
-        }
-    };
-    // Keep the host's lease while the job runs (leases expire unless renewed, so a host
-    // whose rexec died is lent out again).
-    let reg = Arc::new(reg);
-    let renewer = lease.map(|l| {
-        let reg = reg.clone();
-        rt.spawn(async move {
+            (hh.name, crate::agent::agent_addr(&hh.addr))
+        } else if let Some(d) = &build {
+            let build_err = |source| RexecError::Build {
+                dir: d.clone(),
+                source,
+            };
             loop {
-                tokio::time::sleep(Duration::from_secs(15)).await;
-                if let Err(e) = reg.renew_leases(uid, vec![l]).await {
-                    debug!("lease renewal: {e}");
+                match crate::build::pick(d).map_err(build_err)? {
+                    crate::build::Pick::Slot(s) => {
+                        let r = (s.host.name.clone(), s.host.agent.clone());
+                        slot = Some(s);
+                        break r;
+                    }
+                    crate::build::Pick::Busy => std::thread::sleep(Duration::from_millis(20)),
+                    crate::build::Pick::None => {
+                        say(
+                            opts.verbose,
+                            "no usable host left in this build; running locally",
+                        );
+                        release(&leases);
+                        return run_locally(&opts.argv);
+                    }
                 }
             }
-        })
-    });
-    let result = run_on(&rt, &opts, job, &host, &agent_addr, &cwd, uid, gid);
-    if let Some(r) = renewer {
-        r.abort();
-    }
-    let code = match &result {
-        Ok(c) => *c,
-        Err(_) => 255,
+        } else {
+            match rt.block_on(reg.allocate_hosts(uid, 1, &opts.home, false)) {
+                Ok(mut v) if !v.is_empty() => {
+                    let l = v.remove(0);
+                    lease = Some(l.id);
+                    leases.push(l.id);
+                    (l.host.clone(), crate::agent::agent_addr(&l.addr))
+                }
+                Ok(_) if opts.wait => {
+                    say(opts.verbose, "no idle host; waiting");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                Ok(_) => {
+                    say(opts.verbose, "no idle host; running locally");
+                    release(&leases);
+                    return run_locally(&opts.argv);
+                }
+                Err(e) => {
+                    eprintln!("rexec: registry unavailable ({e}); running locally");
+                    release(&leases);
+                    return run_locally(&opts.argv);
+                }
+            }
+        };
+        say(opts.verbose, &format!("running on {host} ({agent_addr})"));
+        let job = match rt.block_on(reg.job_start(uid, &opts.home, &host)) {
+            Ok(j) => j,
+            Err(e) => {
+                debug!("job_start: {e}");
+                rand::random::<u64>() >> 1
+            }
+        };
+        // Keep the host's lease while the job runs (leases expire unless renewed, so a
+        // host whose rexec died is lent out again).
+        let renewer = lease.map(|l| {
+            let reg = reg.clone();
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    if let Err(e) = reg.renew_leases(uid, vec![l]).await {
+                        debug!("lease renewal: {e}");
+                    }
+                }
+            })
+        });
+        let r = run_on(&rt, &opts, job, &host, &agent_addr, &cwd, uid, gid);
+        if let Some(r) = renewer {
+            r.abort();
+        }
+        let code = match &r {
+            Ok(c) => *c,
+            Err(e) => e.error().exit_code() as i32,
+        };
+        let _ = rt.block_on(reg.job_end(job, code));
+        drop(slot);
+        match r {
+            Err(Failure::NotStarted(e))
+                if opts.host.is_none() && e.other_host_may_work() && tries < 4 =>
+            {
+                eprintln!("rexec: {host} could not start the job ({e}); skipping it");
+                if let Some(d) = &build {
+                    crate::build::mark_bad(d, &host, &e.to_string());
+                }
+            }
+            other => break other.map_err(Failure::into_error),
+        }
     };
-    let _ = rt.block_on(reg.job_end(job, code));
-    if let Some(l) = lease {
-        let _ = rt.block_on(reg.release_hosts(uid, vec![l]));
-    }
+    release(&leases);
     result
+}
+
+/// How a run on one host failed.
+enum Failure {
+    /// Before the job started (another host may do).
+    NotStarted(RexecError),
+    /// After it started.
+    Started(RexecError),
+}
+
+impl Failure {
+    fn error(&self) -> &RexecError {
+        match self {
+            Failure::NotStarted(e) | Failure::Started(e) => e,
+        }
+    }
+    fn into_error(self) -> RexecError {
+        match self {
+            Failure::NotStarted(e) | Failure::Started(e) => e,
+        }
+    }
+}
+
+/// The local terminal in raw mode while a job runs on a remote terminal (keys go to the
+/// remote line discipline, as with ssh); restored when dropped.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            (libc::tcsetattr(0, libc::TCSADRAIN, &t) == 0).then_some(RawTerminal(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restoring the settings read from fd 0.
+        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &self.0) };
+    }
+}
+
+/// The size of the terminal on fd 0, if it is one.
+fn winsize() -> Option<(u16, u16)> {
+    // SAFETY: TIOCGWINSZ fills a winsize we own.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        (libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == 0).then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+/// Whether the job gets a terminal.
+fn wants_pty(opts: &Options) -> bool {
+    // SAFETY: isatty/tcgetpgrp/getpgrp only read.
+    let (tty, fg) = unsafe { (libc::isatty(0) == 1, libc::tcgetpgrp(0) == libc::getpgrp()) };
+    match opts.pty {
+        PtyMode::Always => tty,
+        PtyMode::Never => false,
+        PtyMode::Auto => tty && fg && !opts.shell_mode,
+    }
+}
+
+/// `call`, given up (`Err(None)`) when the agent stays unreachable for
+/// [`AGENT_GONE_AFTER`]. `was_up` is set when the connection was up at some point of the
+/// call (the request may have reached the agent).
+async fn call_watching(
+    agent: &RpcClient,
+    req: Request,
+    was_up: &std::sync::atomic::AtomicBool,
+) -> Result<Response, Option<RpcError>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gone = async {
+        let mut down_since: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if agent.is_up() {
+                was_up.store(true, Relaxed);
+                down_since = None;
+            } else if down_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= AGENT_GONE_AFTER
+            {
+                return;
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = agent.call(req) => r.map_err(Some),
+        _ = gone => Err(None),
+    };
+    if agent.is_up() || r.is_ok() {
+        was_up.store(true, Relaxed);
+    }
+    r
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -215,17 +419,20 @@ fn run_on(
     cwd: &Path,
     uid: u32,
     gid: u32,
-) -> Result<i32, RexecError> {
+) -> Result<i32, Failure> {
     let dir = opts.mount.join(".rexec").join(format!("{job:x}"));
-    let pipes_err = |source| RexecError::Pipes {
-        dir: dir.clone(),
-        source,
+    let pipes_err = |source| {
+        Failure::NotStarted(RexecError::Pipes {
+            dir: dir.clone(),
+            source,
+        })
     };
     std::fs::create_dir_all(&dir).map_err(pipes_err)?;
     let (pin, pout, perr) = (dir.join("stdin"), dir.join("stdout"), dir.join("stderr"));
     for p in [&pin, &pout, &perr] {
         mkpipe(p).map_err(pipes_err)?;
     }
+    let pty = wants_pty(opts).then(|| winsize().unwrap_or((24, 80)));
     let cleanup = |d: &Path| {
         for n in ["stdin", "stdout", "stderr"] {
             let _ = std::fs::remove_file(d.join(n));
@@ -309,10 +516,22 @@ fn run_on(
         stdout: pout.as_os_str().as_bytes().to_vec(),
         stderr: perr.as_os_str().as_bytes().to_vec(),
         home: opts.home.clone(),
+        pty,
     };
     let agent_err = |source| RexecError::Agent {
         host: host.to_string(),
         source,
+    };
+    let lost = |e: Option<RpcError>| RexecError::HostLost {
+        host: host.to_string(),
+        job,
+        why: match e {
+            Some(e) => format!("its agent at {agent_addr}: {e}"),
+            None => format!(
+                "its agent at {agent_addr} has been unreachable for {} s",
+                AGENT_GONE_AFTER.as_secs()
+            ),
+        },
     };
     // The job never started: the copy threads wait in open() for its ends of the pipes.
     // Open those ends here (non-blocking) and close them, until every thread is past its
@@ -346,19 +565,40 @@ fn run_on(
         }
         cleanup(d);
     };
-    match rt.block_on(agent.call(Request::Exec(spec))) {
+    let argv0 = String::from_utf8_lossy(&spec.argv[0]).into_owned();
+    let reached = std::sync::atomic::AtomicBool::new(false);
+    match rt.block_on(call_watching(&agent, Request::Exec(spec), &reached)) {
         Ok(Response::Started { pid }) => debug!(job, pid, host, "started"),
         Ok(other) => {
             abandon(&dir);
-            return Err(agent_err(RpcError::Remote(
+            return Err(Failure::NotStarted(agent_err(RpcError::Remote(
                 wisp_proto::msg::WireError::new(libc::EIO, format!("unexpected reply {other:?}")),
-            )));
+            ))));
+        }
+        Err(Some(RpcError::Remote(w))) if w.errno == libc::ENOENT => {
+            abandon(&dir);
+            return Err(Failure::NotStarted(RexecError::NotFound {
+                cmd: argv0,
+                host: host.to_string(),
+            }));
+        }
+        Err(Some(e @ RpcError::Remote(_))) => {
+            abandon(&dir);
+            return Err(Failure::NotStarted(agent_err(e)));
         }
         Err(e) => {
             abandon(&dir);
-            return Err(agent_err(e));
+            // The connection was up: the job may have started there, and must not be
+            // started a second time elsewhere.
+            return Err(if reached.load(std::sync::atomic::Ordering::Relaxed) {
+                Failure::Started(lost(e))
+            } else {
+                Failure::NotStarted(e.map(agent_err).unwrap_or_else(|| lost(None)))
+            });
         }
     }
+    // Keys go to the remote terminal while the job runs there.
+    let raw = pty.and_then(|_| RawTerminal::enter());
     // Forward the signals a user sends to rexec.
     let fwd = {
         let current = current.clone();
@@ -389,14 +629,17 @@ fn run_on(
                 });
             }
             while let Some(s) = rx.recv().await {
+                // On a terminal, a new size is set there (the kernel signals the job).
+                let req = match (s, pty.and(winsize())) {
+                    (libc::SIGWINCH, Some((rows, cols))) => Request::JobWinsize { job, rows, cols },
+                    _ => Request::JobSignal { job, signal: s },
+                };
                 let agent = current.lock().unwrap().clone();
-                if let Ok(Response::Moved { .. }) =
-                    agent.call(Request::JobSignal { job, signal: s }).await
-                {
+                if let Ok(Response::Moved { .. }) = agent.call(req.clone()).await {
                     // Raced with a migration: the waiter below switches hosts; try once more.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let agent = current.lock().unwrap().clone();
-                    let _ = agent.call(Request::JobSignal { job, signal: s }).await;
+                    let _ = agent.call(req).await;
                 }
             }
         })
@@ -404,9 +647,14 @@ fn run_on(
     let mut host = host.to_string();
     let (code, signal) = loop {
         let agent = current.lock().unwrap().clone();
-        match rt.block_on(agent.call(Request::JobWait { job })) {
+        let failed = |e: RexecError| {
+            fwd.abort();
+            Err(Failure::Started(e))
+        };
+        let reached = std::sync::atomic::AtomicBool::new(true);
+        match rt.block_on(call_watching(&agent, Request::JobWait { job }, &reached)) {
             Ok(Response::Exited { code, signal }) => break (code, signal),
-            Err(RpcError::Remote(w)) if w.errno == libc::EAGAIN => continue,
+            Err(Some(RpcError::Remote(w))) if w.errno == libc::EAGAIN => continue,
             Ok(Response::Moved { host: h, addr }) => {
                 say(opts.verbose, &format!("job {job} moved from {host} to {h}"));
                 host = h;
@@ -414,17 +662,26 @@ fn run_on(
                 continue;
             }
             Ok(other) => {
-                fwd.abort();
-                return Err(agent_err(RpcError::Remote(
+                return failed(agent_err(RpcError::Remote(
                     wisp_proto::msg::WireError::new(
                         libc::EIO,
                         format!("unexpected reply {other:?}"),
                     ),
                 )));
             }
+            Err(Some(e @ RpcError::Remote(_))) => return failed(agent_err(e)),
             Err(e) => {
-                fwd.abort();
-                return Err(agent_err(e));
+                return failed(RexecError::HostLost {
+                    host: host.clone(),
+                    job,
+                    why: match e {
+                        Some(e) => format!("its agent: {e}"),
+                        None => format!(
+                            "its agent has been unreachable for {} s",
+                            AGENT_GONE_AFTER.as_secs()
+                        ),
+                    },
+                })
             }
         }
     };
@@ -443,6 +700,7 @@ fn run_on(
         }
     }
     drop(tin); // may still be blocked reading our stdin; it dies with the process
+    drop(raw);
     cleanup(&dir);
     say(
         opts.verbose,

@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod balance;
+pub mod build;
 pub mod cgroup;
 pub mod client;
 pub mod evict;

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod demo;
 pub mod jobs_cli;
+pub mod make_cli;
 pub mod metrics;
 pub mod owner;
 pub mod registry_cli;

@@ -18,12 +18,25 @@ use clap::Parser;
 ///
 /// As a make shell: `make -j16 SHELL=rexec` (make runs `rexec -c RECIPE`).
 ///
-/// Exit status: the command's own status (0-255; 128+N when signal N ended it; 127 when
-/// the command does not exist on the host, as a shell would say). rexec's own failures
-/// exit 255 (like ssh), with the reason on stderr: cwd outside the namespace, unknown
-/// host, agent unreachable (after 30 s), registry errors; 2 for bad usage or a missing key.
+/// A terminal on stdin gives the command a terminal on its host (its stdout and stderr
+/// both go to it, and this terminal is in raw mode meanwhile, as with ssh); not in shell
+/// mode (-c) unless -t.
+///
+/// Exit status: the command's own status (0-255; 128+N when signal N ended it). rexec's
+/// own failures, with the reason on stderr:
+///   127  the command does not exist on the host ("CMD: command not found on HOST")
+///   255  everything else (like ssh): the current directory is outside the namespace,
+///        unknown host, the agent unreachable or the host lost while the job ran (its
+///        agent silent for 10 s), registry errors, the stdio pipes cannot be made
+///   2    bad usage, a missing key or no registry given
 #[derive(Parser, Debug)]
-#[command(version, about, long_about, trailing_var_arg = true)]
+#[command(
+    version,
+    about,
+    long_about,
+    trailing_var_arg = true,
+    verbatim_doc_comment
+)]
 struct Args {
     /// Run on this host instead of asking the registry.
     #[arg(long)]
@@ -43,6 +56,12 @@ struct Args {
     /// Where the cluster namespace is mounted.
     #[arg(long, default_value = "/wisp")]
     mount: PathBuf,
+    /// Give the command a terminal whenever stdin is one (also in shell mode).
+    #[arg(short = 't', conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never give the command a terminal.
+    #[arg(short = 'T')]
+    no_tty: bool,
     /// Run `sh -c CMD` (how make calls its SHELL).
     #[arg(short = 'c', value_name = "CMD")]
     command: Option<OsString>,
@@ -103,12 +122,20 @@ fn main() -> ExitCode {
         registry,
         mount: a.mount.clone(),
         home: std::env::var("WISP_HOST").unwrap_or_else(|_| hostname()),
+        pty: if a.tty {
+            wisp_rexec::client::PtyMode::Always
+        } else if a.no_tty {
+            wisp_rexec::client::PtyMode::Never
+        } else {
+            wisp_rexec::client::PtyMode::Auto
+        },
+        shell_mode: a.command.is_some(),
     };
     match wisp_rexec::client::run(opts) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("rexec: {e}");
-            ExitCode::from(255)
+            ExitCode::from(e.exit_code())
         }
     }
 }

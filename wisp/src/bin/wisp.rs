@@ -48,6 +48,8 @@ enum Cmd {
     /// (also: `wisp jobs`).
     #[command(alias = "jobs")]
     Ps(wisp::jobs_cli::JobsArgs),
+    /// make with every recipe on hosts reserved for this build (see `wisp make --help`).
+    Make(wisp::make_cli::MakeArgs),
     /// Send a signal to a job wherever it runs now: `wisp kill [-SIG] ID`.
     Kill(wisp::jobs_cli::KillArgs),
     /// Migrate every foreign job off a host now, as if its owner had come back.
@@ -335,6 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Migrate(a) => return wisp::jobs_cli::migrate(a),
         Cmd::Ps(a) => return wisp::jobs_cli::jobs(a),
         Cmd::Kill(a) => return wisp::jobs_cli::kill(a),
+        Cmd::Make(a) => return wisp::make_cli::make(a),
         Cmd::Evict(a) => return wisp::jobs_cli::evict(a),
         Cmd::Events(a) => return wisp::jobs_cli::events(a),
         Cmd::Top(a) => return wisp::jobs_cli::top(a),
