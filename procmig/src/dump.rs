@@ -523,6 +523,9 @@ pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
     dump_opts(pid, dir, &DumpOptions::default())
 }
 
+/// VMAs smaller than this are written at the freeze even by a streamed dump.
+pub const STREAM_MIN: u64 = 1 << 20;
+
 /// How to dump.
 #[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
@@ -1362,7 +1365,9 @@ fn dump_frozen(
         }
         None => (PageStore::create(dir, key)?, None),
     };
-    let lazy: &dyn Fn(&Vma) -> bool = &crate::lazy::paged_lazily;
+    // Small VMAs (TLS, small arenas) go at the freeze: the restore may touch them.
+    let lazy: &dyn Fn(&Vma) -> bool =
+        &|v: &Vma| crate::lazy::paged_lazily(v) && v.end - v.start >= STREAM_MIN;
     let (pages, in_image) = store.collect(
         pid,
         &memf,
@@ -1983,11 +1988,19 @@ impl PageStore {
         const CHUNK_PAGES: u64 = 4096; // 16 MiB of address space per pagemap read
         let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
         let deferred = |v: &Vma| defer.is_some_and(|f| f(v));
+        // Deferred VMAs smallest first: thread stacks and TLS (which the restore itself
+        // may touch) reach the swap file before a big heap does.
+        let mut later: Vec<(usize, &Vma)> = vmas
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| deferred(v))
+            .collect();
+        later.sort_by_key(|(_, v)| v.end - v.start);
         let order = vmas
             .iter()
             .enumerate()
             .filter(|(_, v)| !deferred(v))
-            .chain(vmas.iter().enumerate().filter(|(_, v)| deferred(v)));
+            .chain(later);
         let mut cut = false;
         for (vi, v) in order {
             let later = deferred(v);

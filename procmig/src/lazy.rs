@@ -88,8 +88,12 @@ impl Runs {
         }
     }
 
-    fn first(&self) -> Option<(u64, u64, u64)> {
-        self.0.iter().next().map(|(a, (n, o))| (*a, *n, *o))
+    /// The first run (in address order) whose first page is below `avail` in the file.
+    fn first_below(&self, avail: u64) -> Option<(u64, u64, u64)> {
+        self.0
+            .iter()
+            .find(|(_, (_, o))| o + PAGE <= avail)
+            .map(|(a, (n, o))| (*a, *n, *o))
     }
 }
 
@@ -346,7 +350,7 @@ impl Pager {
     }
 
     fn run_own(&mut self) -> Result<LazyStats, LazyError> {
-        let mut buf = vec![0u8; 64 * PAGE as usize];
+        let mut buf = vec![0u8; 256 * PAGE as usize];
         loop {
             if let Step::Gone = self.drain_events()? {
                 self.stats.process_gone = true;
@@ -379,31 +383,26 @@ impl Pager {
                 }
                 continue;
             }
-            let Some((start, npages, off)) = self.pending.first() else {
-                if self.waiting.is_empty() {
-                    break;
-                }
-                if !sys::poll_in(self.uffd.as_raw_fd(), 2) && !self.alive() {
-                    self.stats.process_gone = true;
-                    return Ok(self.stats);
-                }
-                continue;
-            };
-            // A run of pages contiguous in memory and in the file, at most 64 pages, all
+            if self.pending.is_empty() && self.waiting.is_empty() {
+                break;
+            }
+            // A run of pages contiguous in memory and in the file, at most 256 pages, all
             // written already.
             let mut avail = self.pages.available();
-            if off + PAGE > avail {
+            let mut next = self.pending.first_below(avail);
+            if next.is_none() {
                 avail = self.refresh()?;
+                next = self.pending.first_below(avail);
             }
-            if off + PAGE > avail {
+            let Some((start, npages, off)) = next else {
                 // The stream has not got there yet: serve faults meanwhile.
                 if !sys::poll_in(self.uffd.as_raw_fd(), 2) && !self.alive() {
                     self.stats.process_gone = true;
                     return Ok(self.stats);
                 }
                 continue;
-            }
-            let n = npages.min(64).min((avail - off) / PAGE);
+            };
+            let n = npages.min(256).min((avail - off) / PAGE);
             let data = &mut buf[..(n * PAGE) as usize];
             if let Err(e) = self.pages.read_at(data, off) {
                 return Err(self.image_err(e));

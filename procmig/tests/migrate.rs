@@ -1707,11 +1707,15 @@ fn streamed_lazy_restore_runs_before_its_pages_are_written() {
         }),
         ..Default::default()
     };
-    // Restored before a single deferred page is in the swap file.
+    // The restore starts before a single deferred page is in the swap file; the stream
+    // starts a moment later (as the source agent does it, in parallel).
+    let streamer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        stream.run().unwrap()
+    });
     let (r, pager) = wisp_procmig::restore_lazy(&img, &ropts).unwrap();
     reap.add(r.init_pid.unwrap_or(r.pid));
-    std::thread::sleep(Duration::from_millis(300));
-    let written = stream.run().unwrap();
+    let written = streamer.join().unwrap();
     assert!(written >= 60 << 20, "{written}");
     info.frozen.kill().unwrap();
     kill_reap(sb.init_pid);
