@@ -43,6 +43,7 @@ use crate::image::{
 };
 use crate::inject::{self, InjectError, Injector};
 use crate::procfs::{self, ProcError};
+use crate::swap::MacKey;
 use crate::sys::{self, Regs, SysError, Wait};
 
 /// Errors of a dump. The source process is resumed before any of these is returned.
@@ -147,6 +148,8 @@ pub struct DumpInfo {
     pub pages: u64,
     /// Bytes copied while frozen.
     pub bytes: u64,
+    /// Bytes left for [`DumpInfo::stream`] to write.
+    pub deferred_bytes: u64,
     /// Pages referenced by the image (including those pre-copied while it ran).
     pub image_pages: u64,
     pub fds: usize,
@@ -157,6 +160,124 @@ pub struct DumpInfo {
     pub syscall_note: String,
     /// The still-frozen source.
     pub frozen: Frozen,
+    /// The migration key the image is tagged with (see [`crate::swap`]): give it to the
+    /// restore over a private channel.
+    pub mac_key: MacKey,
+    /// With [`DumpOptions::stream`]: what is left to write, while the source stays frozen
+    /// (run it in any thread, then let the source go). The image is complete when it returns.
+    pub stream: Option<Streamer>,
+}
+
+/// Writes the pages a streamed dump deferred, from the frozen source's memory into the
+/// swap file, with their tags (see [`crate::swap`]); readers see each chunk when its tag
+/// is written.
+#[derive(Debug)]
+pub struct Streamer {
+    procs: Vec<StreamProc>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug)]
+struct StreamProc {
+    pid: i32,
+    mem: File,
+    pages: File,
+    path: PathBuf,
+    sum: File,
+    sum_path: PathBuf,
+    deferred: Vec<(u64, u64, u64)>,
+    macs: crate::swap::ChunkMacs,
+}
+
+impl Streamer {
+    /// Bytes still to write.
+    pub fn bytes(&self) -> u64 {
+        self.procs
+            .iter()
+            .flat_map(|p| p.deferred.iter())
+            .map(|d| d.1 * PAGE)
+            .sum()
+    }
+
+    /// A flag that makes [`Streamer::run`] stop early (with an error) when set.
+    pub fn canceller(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// Write everything; the sources must stay frozen until this returns.
+    pub fn run(self) -> Result<u64> {
+        let mut total = 0;
+        for p in self.procs {
+            total += p.run(&self.cancel)?;
+        }
+        Ok(total)
+    }
+}
+
+impl StreamProc {
+    fn run(mut self, cancel: &std::sync::atomic::AtomicBool) -> Result<u64> {
+        let chunk = crate::swap::CHUNK as usize;
+        let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+        let mut buf_off = self.macs.pos();
+        let mut total = 0u64;
+        let werr = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DumpError::Write { path, source }
+        };
+        let deferred = std::mem::take(&mut self.deferred);
+        for (va, n, off) in deferred {
+            if off != buf_off + buf.len() as u64 {
+                return Err(DumpError::Write {
+                    path: self.path.clone(),
+                    source: std::io::Error::other(format!(
+                        "deferred pages at {off} do not follow byte {}",
+                        buf_off + buf.len() as u64
+                    )),
+                });
+            }
+            let mut done = 0u64;
+            while done < n * PAGE {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(DumpError::Write {
+                        path: self.path.clone(),
+                        source: std::io::Error::other("the migration was abandoned"),
+                    });
+                }
+                let room = (chunk - buf.len()) as u64;
+                let k = room.min(n * PAGE - done) as usize;
+                let at = buf.len();
+                buf.resize(at + k, 0);
+                self.mem
+                    .read_exact_at(&mut buf[at..], va + done)
+                    .map_err(|source| DumpError::ReadMem {
+                        pid: self.pid,
+                        addr: va + done,
+                        source,
+                    })?;
+                done += k as u64;
+                if buf.len() == chunk {
+                    self.pages
+                        .write_all_at(&buf, buf_off)
+                        .map_err(werr(&self.path))?;
+                    self.macs.feed(&buf);
+                    self.macs.save(&self.sum, &self.sum_path)?;
+                    total += buf.len() as u64;
+                    buf_off += buf.len() as u64;
+                    buf.clear();
+                }
+            }
+        }
+        if !buf.is_empty() {
+            self.pages
+                .write_all_at(&buf, buf_off)
+                .map_err(werr(&self.path))?;
+            self.macs.feed(&buf);
+            total += buf.len() as u64;
+        }
+        self.macs.cut();
+        self.macs.save(&self.sum, &self.sum_path)?;
+        Ok(total)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -399,7 +520,27 @@ fn vdso_syscall(pid: i32) -> Result<(File, std::ops::Range<u64>, u64)> {
 
 /// Freeze `pid` and write its image into `dir` (created if missing).
 pub fn dump(pid: i32, dir: &Path) -> Result<DumpInfo> {
-    dump_with(pid, dir, Vec::new(), None)
+    dump_opts(pid, dir, &DumpOptions::default())
+}
+
+/// VMAs smaller than this are written at the freeze even by a streamed dump.
+pub const STREAM_MIN: u64 = 1 << 20;
+
+/// How to dump.
+#[derive(Debug, Clone, Default)]
+pub struct DumpOptions {
+    /// Write only what a lazy restore needs before it starts (everything but the pages it
+    /// pages lazily, see [`crate::lazy::paged_lazily`]); the rest is written afterwards by
+    /// [`DumpInfo::stream`], while the source stays frozen.
+    pub stream: bool,
+    /// Whom the image belongs to (e.g. "job 12"), covered by the image's tag; a restore
+    /// given another owner refuses it.
+    pub tag: String,
+}
+
+/// [`dump`] with options.
+pub fn dump_opts(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpInfo> {
+    dump_with(pid, dir, Vec::new(), None, opts, &crate::swap::new_key())
 }
 
 fn dump_with(
@@ -407,6 +548,8 @@ fn dump_with(
     dir: &Path,
     copied: Vec<PreCopied>,
     restart_hint: Option<i64>,
+    opts: &DumpOptions,
+    key: &MacKey,
 ) -> Result<DumpInfo> {
     let t0 = sys::monotonic_ns();
     procfs::threads(pid)?;
@@ -461,19 +604,31 @@ fn dump_with(
         .collect();
     drop(copied);
     let note = tree.procs[0].note.clone();
-    match dump_tree(dir, &mut tree, stores) {
-        Ok((vmas, pages, fds, image_pages)) => Ok(DumpInfo {
+    let r = dump_tree(dir, &mut tree, stores, opts, key).and_then(|r| {
+        let (vmas, pages, fds, image_pages, streamer) = r;
+        if opts.stream {
+            return Ok(((vmas, pages, fds, image_pages), Some(streamer)));
+        }
+        // Nothing deferred: this only writes the last tags.
+        streamer.run()?;
+        Ok(((vmas, pages, fds, image_pages), None))
+    });
+    match r {
+        Ok(((vmas, pages, fds, image_pages), stream)) => Ok(DumpInfo {
             pid,
             dir: dir.to_path_buf(),
             vmas,
             pages,
             bytes: pages * PAGE,
+            deferred_bytes: stream.as_ref().map_or(0, Streamer::bytes),
             image_pages,
             fds,
             frozen_ms: (sys::monotonic_ns() - t0) / 1_000_000,
             syscall_note: note,
             processes: tree.procs.len(),
             frozen: tree.into_frozen(),
+            mac_key: *key,
+            stream,
         }),
         Err(e) => {
             if let Err(re) = tree.into_frozen().resume() {
@@ -698,8 +853,11 @@ fn dump_tree(
     dir: &Path,
     tree: &mut FrozenTree,
     mut stores: Vec<Option<(PageStore, Tracker)>>,
-) -> Result<(usize, u64, usize, u64)> {
+    opts: &DumpOptions,
+    key: &MacKey,
+) -> Result<(usize, u64, usize, u64, Streamer)> {
     let mut metas = Vec::new();
+    let mut done = Vec::new();
     let mut pages_total = 0u64;
     let host_to_ns: std::collections::HashMap<i32, i32> =
         tree.procs.iter().map(|f| (f.pid, f.ns_pid)).collect();
@@ -710,7 +868,14 @@ fn dump_tree(
             dir.join(member_dir(f.ns_pid))
         };
         image::create_private_dir(&d)?;
-        let (mut meta, pages) = dump_frozen(f, &d, stores.get_mut(i).and_then(Option::take))?;
+        let (mut meta, pages, store) = dump_frozen(
+            f,
+            &d,
+            stores.get_mut(i).and_then(Option::take),
+            key,
+            opts.stream,
+        )?;
+        done.push((d.clone(), f.pid, store));
         meta.ns_ppid = if f.ppid == 0 {
             0
         } else {
@@ -745,16 +910,26 @@ fn dump_tree(
             image_id: m.image_id,
         })
         .collect();
-    for m in &metas[1..] {
+    let mut digests = vec![[0u8; 32]; metas.len()];
+    for (i, m) in metas.iter().enumerate().skip(1) {
         let d = dir.join(member_dir(*m.ns_pids.last().unwrap_or(&m.pid)));
         image::validate(&d.join(image::META_FILE), m)?;
-        image::write_meta(&d, m)?;
+        digests[i] = image::write_meta(&d, m)?;
     }
     let root = &mut metas[0];
     root.members = members;
     root.pipes = pipes;
     image::validate(&dir.join(image::META_FILE), root)?;
-    image::write_meta(dir, root)?;
+    digests[0] = image::write_meta(dir, root)?;
+    let mut streamer = Streamer {
+        procs: Vec::new(),
+        cancel: Default::default(),
+    };
+    for ((d, pid, store), (m, digest)) in done.into_iter().zip(metas.iter().zip(&digests)) {
+        streamer
+            .procs
+            .push(store.into_stream(&d, pid, &opts.tag, m.pages_file_len, digest)?);
+    }
     let vmas = metas.iter().map(|m| m.vmas.len()).sum();
     let fds = metas.iter().map(|m| m.fds.len()).sum();
     let image_pages = metas
@@ -762,7 +937,7 @@ fn dump_tree(
         .flat_map(|m| m.page_runs.iter())
         .map(|r| r.npages)
         .sum();
-    Ok((vmas, pages_total, fds, image_pages))
+    Ok((vmas, pages_total, fds, image_pages, streamer))
 }
 
 /// Subdirectory of a tree image holding the image of the process with namespace pid `ns_pid`.
@@ -947,7 +1122,9 @@ fn dump_frozen(
     f: &mut FrozenProc,
     dir: &Path,
     store: Option<(PageStore, Tracker)>,
-) -> Result<(ImageMeta, u64)> {
+    key: &MacKey,
+    stream: bool,
+) -> Result<(ImageMeta, u64, PageStore)> {
     let (pid, regs, norm) = (f.pid, &f.regs, &f.norm);
     let note = f.note.as_str();
     let threads = std::mem::take(&mut f.threads);
@@ -1186,9 +1363,19 @@ fn dump_frozen(
                 .collect();
             (s, Some(written_pages(pid, &pagemap)?.with_tracked(tracked)))
         }
-        None => (PageStore::create(dir)?, None),
+        None => (PageStore::create(dir, key)?, None),
     };
-    let (pages, in_image) = store.collect(pid, &memf, &vmas, dirty.as_ref(), false)?;
+    // Small VMAs (TLS, small arenas) go at the freeze: the restore may touch them.
+    let lazy: &dyn Fn(&Vma) -> bool =
+        &|v: &Vma| crate::lazy::paged_lazily(v) && v.end - v.start >= STREAM_MIN;
+    let (pages, in_image) = store.collect(
+        pid,
+        &memf,
+        &vmas,
+        dirty.as_ref(),
+        false,
+        stream.then_some(lazy),
+    )?;
     let page_runs = runs_from(&in_image);
     store.flush()?;
     let image_id = store.image_id;
@@ -1240,7 +1427,7 @@ fn dump_frozen(
         members: Vec::new(),
         pipes: Vec::new(),
     };
-    Ok((meta, pages))
+    Ok((meta, pages, store))
 }
 
 /// Seize and stop every thread but the leader (repeating until no new thread shows up),
@@ -1664,22 +1851,30 @@ pub(crate) struct PageStore {
     file: std::io::BufWriter<File>,
     path: PathBuf,
     image_id: u64,
-    /// Pages written so far (the file is PAGES_DATA_OFFSET + written * PAGE long).
+    /// Pages written or reserved so far (the file is PAGES_DATA_OFFSET + written * PAGE
+    /// long once complete).
     written: u64,
     index: std::collections::BTreeMap<u64, Slot>,
+    /// Tags of the bytes written so far (see [`crate::swap`]).
+    macs: crate::swap::ChunkMacs,
+    /// Pages given a place in the file at the freeze but written afterwards by the
+    /// [`Streamer`]: (vaddr, npages, offset), contiguous in the file, in file order.
+    deferred: Vec<(u64, u64, u64)>,
 }
 
 impl PageStore {
-    pub(crate) fn create(dir: &Path) -> Result<Self> {
+    pub(crate) fn create(dir: &Path, key: &MacKey) -> Result<Self> {
         image::create_private_dir(dir)?;
         let image_id = random_u64();
         let path = dir.join(image::PAGES_FILE);
         let mut file = image::create_private_file(&path)?;
-        file.write_all(&image::pages_header(image_id))
-            .map_err(|source| DumpError::Write {
-                path: path.clone(),
-                source,
-            })?;
+        let header = image::pages_header(image_id);
+        file.write_all(&header).map_err(|source| DumpError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        let mut macs = crate::swap::ChunkMacs::new(key, image_id);
+        macs.feed(&header);
         let file = std::io::BufWriter::with_capacity(1 << 20, file);
         Ok(PageStore {
             file,
@@ -1687,6 +1882,59 @@ impl PageStore {
             image_id,
             written: 0,
             index: Default::default(),
+            macs,
+            deferred: Vec::new(),
+        })
+    }
+
+    /// Give `n` pages at `va` a place at the end of the file, to be written later.
+    fn reserve(&mut self, va: u64, n: u64) -> u64 {
+        let off = PAGES_DATA_OFFSET + self.written * PAGE;
+        match self.deferred.last_mut() {
+            Some(l) if l.0 + l.1 * PAGE == va && l.2 + l.1 * PAGE == off => l.1 += n,
+            _ => self.deferred.push((va, n, off)),
+        }
+        self.written += n;
+        off
+    }
+
+    /// Hand over to a [`Streamer`]: size the pages file to its final length, write the
+    /// header of `pages.sum` and the tags known so far.
+    fn into_stream(
+        mut self,
+        dir: &Path,
+        pid: i32,
+        tag: &str,
+        pages_len: u64,
+        digest: &[u8; 32],
+    ) -> Result<StreamProc> {
+        self.flush()?;
+        let pages = self.file.into_inner().map_err(|e| DumpError::Write {
+            path: self.path.clone(),
+            source: e.into_error(),
+        })?;
+        pages
+            .set_len(pages_len)
+            .map_err(|source| DumpError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.macs.cut();
+        let sum = self.macs.write_header(dir, tag, pages_len, digest)?;
+        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
+            pid,
+            addr: 0,
+            source,
+        })?;
+        Ok(StreamProc {
+            pid,
+            mem,
+            pages,
+            path: self.path,
+            sum,
+            sum_path: dir.join(crate::swap::SUM_FILE),
+            deferred: self.deferred,
+            macs: self.macs,
         })
     }
 
@@ -1711,6 +1959,7 @@ impl PageStore {
                 path: self.path.clone(),
                 source,
             })?;
+        self.macs.feed(page);
         self.written += 1;
         Ok(off)
     }
@@ -1720,6 +1969,9 @@ impl PageStore {
     /// unmapped memory under us) skip the span instead of failing: those pages are either
     /// gone or new, and the frozen pass picks them up. Returns (pages copied, the list of
     /// (vaddr, slot, vma index) of every page that belongs in the image).
+    ///
+    /// With `defer`, pages of the VMAs it selects are not read: they get a place at the end
+    /// of the file, after every page copied now, and are written by the [`Streamer`].
     fn collect(
         &mut self,
         pid: i32,
@@ -1727,6 +1979,7 @@ impl PageStore {
         vmas: &[Vma],
         dirty: Option<&Dirty>,
         running: bool,
+        defer: Option<&dyn Fn(&Vma) -> bool>,
     ) -> Result<(u64, ImagePages)> {
         let pm = procfs::open_pagemap(pid)?;
         let mut copied = 0u64;
@@ -1734,7 +1987,28 @@ impl PageStore {
         let mut ents = Vec::new();
         const CHUNK_PAGES: u64 = 4096; // 16 MiB of address space per pagemap read
         let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-        for (vi, v) in vmas.iter().enumerate() {
+        let deferred = |v: &Vma| defer.is_some_and(|f| f(v));
+        // Deferred VMAs smallest first: thread stacks and TLS (which the restore itself
+        // may touch) reach the swap file before a big heap does.
+        let mut later: Vec<(usize, &Vma)> = vmas
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| deferred(v))
+            .collect();
+        later.sort_by_key(|(_, v)| v.end - v.start);
+        let order = vmas
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !deferred(v))
+            .chain(later);
+        let mut cut = false;
+        for (vi, v) in order {
+            let later = deferred(v);
+            if later && !cut {
+                // Everything copied now ends a chunk: its tag is known at the freeze.
+                self.macs.cut();
+                cut = true;
+            }
             let anon = match v.kind {
                 VmaKind::AnonPrivate | VmaKind::AnonShared => true,
                 VmaKind::FilePrivate => false,
@@ -1782,6 +2056,15 @@ impl PageStore {
                             i += 1;
                         }
                         let span_addr = a + s as u64 * PAGE;
+                        if later {
+                            let off = self.reserve(span_addr, (i - s) as u64);
+                            for k in 0..(i - s) as u64 {
+                                let slot = Slot::At(off + k * PAGE);
+                                self.index.insert(span_addr + k * PAGE, slot);
+                                out.push((span_addr + k * PAGE, slot, vi));
+                            }
+                            continue;
+                        }
                         let data = &mut buf[..((i - s) as u64 * PAGE) as usize];
                         match mem.read_exact_at(data, span_addr) {
                             Ok(()) => {}
@@ -1809,6 +2092,9 @@ impl PageStore {
                     a = e;
                 }
             }
+        }
+        if defer.is_some() {
+            out.sort_unstable_by_key(|p| p.0);
         }
         Ok((copied, out))
     }
@@ -2002,6 +2288,8 @@ pub struct PreCopy {
     start_time: u64,
     /// Pre-copies of the other processes of a sandboxed tree (as they were at `start`).
     members: Vec<PreCopy>,
+    /// The migration key the pages are tagged with.
+    key: MacKey,
 }
 
 /// What pre-copy hands to the final dump for one process.
@@ -2057,9 +2345,11 @@ impl PreCopy {
     /// (into `dir/proc-<ns pid>/`; one that cannot be tracked, e.g. gone meanwhile, is
     /// simply copied whole at the final freeze, like any process started after this).
     pub fn start(pid: i32, dir: &Path) -> Result<Self> {
-        let mut pc = Self::start_one(pid, dir)?;
+        let key = crate::swap::new_key();
+        let mut pc = Self::start_one(pid, dir, key)?;
         for p in tree_pids(pid).into_iter().skip(1) {
-            let one = innermost_pid(p).and_then(|ns| Self::start_one(p, &dir.join(member_dir(ns))));
+            let one =
+                innermost_pid(p).and_then(|ns| Self::start_one(p, &dir.join(member_dir(ns)), key));
             match one {
                 Ok(m) => {
                     pc.rounds[0] += m.rounds[0];
@@ -2071,11 +2361,11 @@ impl PreCopy {
         Ok(pc)
     }
 
-    fn start_one(pid: i32, dir: &Path) -> Result<Self> {
+    fn start_one(pid: i32, dir: &Path, key: MacKey) -> Result<Self> {
         // Soft-dirty rounds freeze only the leader, which is atomic only for a
         // single-threaded process; threaded ones use uffd-wp (atomic scan, no freeze).
         let single = procfs::threads(pid)?.len() == 1;
-        let store = PageStore::create(dir)?;
+        let store = PageStore::create(dir, &key)?;
         let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::ReadMem {
             pid,
             addr: 0,
@@ -2097,9 +2387,10 @@ impl PreCopy {
             restart_hint: None,
             start_time: start_time(pid)?,
             members: Vec::new(),
+            key,
         };
         let vmas = vmas_of(pid)?;
-        let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, None, true)?;
+        let (n, _) = pc.store.collect(pid, &pc.mem, &vmas, None, true, None)?;
         pc.rounds.push(n);
         Ok(pc)
     }
@@ -2177,10 +2468,15 @@ impl PreCopy {
 
     /// Freeze the process and complete the image (same result as [`dump`]).
     pub fn finish(self) -> Result<DumpInfo> {
-        let (pid, dir, hint) = (self.pid, self.dir.clone(), self.restart_hint);
+        self.finish_opts(&DumpOptions::default())
+    }
+
+    /// [`PreCopy::finish`] with options (a streamed finish writes no page at the freeze).
+    pub fn finish_opts(self, opts: &DumpOptions) -> Result<DumpInfo> {
+        let (pid, dir, hint, key) = (self.pid, self.dir.clone(), self.restart_hint, self.key);
         let mut copied = Vec::new();
         self.into_copied(&mut copied);
-        dump_with(pid, &dir, copied, hint)
+        dump_with(pid, &dir, copied, hint, opts, &key)
     }
 
     fn into_copied(self, out: &mut Vec<PreCopied>) {

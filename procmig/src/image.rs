@@ -89,6 +89,14 @@ pub enum ImageError {
     Archive { path: PathBuf, detail: String },
     #[error("{path}: inconsistent image: {detail}")]
     Invalid { path: PathBuf, detail: String },
+    #[error("{path}: the image belongs to {owner:?}, not to {want:?}: refusing to restore it")]
+    Foreign {
+        path: PathBuf,
+        owner: String,
+        want: String,
+    },
+    #[error("{path}: image altered or not from this migration: {what}; refusing to restore it")]
+    Altered { path: PathBuf, what: String },
     #[error("cannot serialize image metadata: {0}")]
     Serialize(String),
 }
@@ -391,8 +399,9 @@ pub fn create_private_file(path: &Path) -> Result<File> {
         .map_err(io_err(path))
 }
 
-/// Write `meta` as `dir/image.meta` atomically (temp file + fsync + rename).
-pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<()> {
+/// Write `meta` as `dir/image.meta` atomically (temp file + fsync + rename); returns the
+/// SHA-256 of the payload (what the image's tag covers, see [`crate::swap`]).
+pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<[u8; 32]> {
     let payload = rkyv::to_bytes::<rkyv::rancor::Error>(meta)
         .map_err(|e| ImageError::Serialize(e.to_string()))?;
     if payload.len() as u64 > META_MAX {
@@ -407,7 +416,8 @@ pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<()> {
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes());
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    header.extend_from_slice(&sha2::Sha256::digest(&payload));
+    let digest: [u8; 32] = sha2::Sha256::digest(&payload).into();
+    header.extend_from_slice(&digest);
     let tmp = dir.join(format!("{META_FILE}.tmp"));
     let mut f = create_private_file(&tmp)?;
     f.write_all(&header).map_err(io_err(&tmp))?;
@@ -415,7 +425,7 @@ pub fn write_meta(dir: &Path, meta: &ImageMeta) -> Result<()> {
     f.sync_all().map_err(io_err(&tmp))?;
     let dst = dir.join(META_FILE);
     std::fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
-    Ok(())
+    Ok(digest)
 }
 
 /// Header of `pages.img` for `image_id`, padded to [`PAGES_DATA_OFFSET`].
@@ -429,6 +439,11 @@ pub fn pages_header(image_id: u64) -> Vec<u8> {
 
 /// Read, verify and validate `dir/image.meta`, and check `dir/pages.img` against it.
 pub fn load(dir: &Path) -> Result<ImageMeta> {
+    load_with_digest(dir).map(|(m, _)| m)
+}
+
+/// [`load`], also returning the SHA-256 of the payload (checked against the header).
+pub fn load_with_digest(dir: &Path) -> Result<(ImageMeta, [u8; 32])> {
     let path = dir.join(META_FILE);
     let mut f = File::open(&path).map_err(io_err(&path))?;
     let len = f.metadata().map_err(io_err(&path))?.len();
@@ -490,7 +505,9 @@ pub fn load(dir: &Path) -> Result<ImageMeta> {
     })?;
     validate(&path, &meta)?;
     check_pages_file(dir, &meta)?;
-    Ok(meta)
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&header[24..56]);
+    Ok((meta, digest))
 }
 
 fn invalid(path: &Path, detail: String) -> ImageError {

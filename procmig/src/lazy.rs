@@ -13,16 +13,89 @@
 //! pending in the parent at that moment (the kernel refuses UFFDIO_COPY with EAGAIN while
 //! a fork is in progress, so no page slips between the two sets); it ends when every
 //! page is in or the child's memory is gone (exit or exec).
+//!
+//! Streamed images: the swap file may still be being written by the frozen source (see
+//! [`crate::swap`]). A fault on a page not written yet waits (the faulting thread stays
+//! blocked) until its chunk's tag appears; the background push follows the stream. Every
+//! chunk is checked against its tag before any of its bytes reach the process. If the
+//! stream makes no progress for [`RestoreOptions::stream_stall`](crate::RestoreOptions)
+//! (the source host died), or a chunk fails its check, the pager kills the process
+//! before it lets go of the userfaultfd: a missing page must never become a zero page.
+//!
+//! Bookkeeping is per run of pages (vaddr, npages, offset), not per page, so a 2 GiB
+//! image costs a handful of map entries, not half a million.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use crate::image::PAGE;
+use crate::image::{self, VmaKind, PAGE};
+use crate::swap::{SwapError, SwapReader};
 use crate::sys::{self, uffd};
+
+/// True for the VMAs a lazy restore pages on demand (writable private anonymous memory
+/// but the stack); everything else is filled before the process runs.
+pub fn paged_lazily(v: &image::Vma) -> bool {
+    v.kind == VmaKind::AnonPrivate && !v.growsdown && v.prot & libc::PROT_WRITE as u32 != 0
+}
+
+/// Pages still to bring in: run start -> (pages, offset in the swap file).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Runs(BTreeMap<u64, (u64, u64)>);
+
+impl Runs {
+    pub(crate) fn add(&mut self, vaddr: u64, npages: u64, off: u64) {
+        self.0.insert(vaddr, (npages, off));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Make `a` the start of a run if a run covers it.
+    fn split_at(&mut self, a: u64) {
+        let Some((&s, &(n, off))) = self.0.range(..a).next_back() else {
+            return;
+        };
+        if s + n * PAGE > a {
+            let k = (a - s) / PAGE;
+            self.0.insert(s, (k, off));
+            self.0.insert(a, (n - k, off + k * PAGE));
+        }
+    }
+
+    fn remove_range(&mut self, start: u64, end: u64) -> Vec<(u64, (u64, u64))> {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.0.range(start..end).map(|(k, _)| *k).collect();
+        keys.into_iter()
+            .filter_map(|k| self.0.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+
+    /// Take the page at `a` out; its offset if it was pending.
+    fn take(&mut self, a: u64) -> Option<u64> {
+        self.remove_range(a, a + PAGE)
+            .first()
+            .map(|(_, (_, off))| *off)
+    }
+
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        for (a, v) in self.remove_range(from, from + len) {
+            self.0.insert(to + (a - from), v);
+        }
+    }
+
+    /// The first run (in address order) whose first page is below `avail` in the file.
+    fn first_below(&self, avail: u64) -> Option<(u64, u64, u64)> {
+        self.0
+            .iter()
+            .find(|(_, (_, o))| o + PAGE <= avail)
+            .map(|(a, (n, o))| (*a, *n, *o))
+    }
+}
 
 /// Errors of the lazy pager.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +120,22 @@ pub enum LazyError {
         pid: i32,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "pid {pid}: swap file: {source}; the process was killed rather than given a wrong page"
+    )]
+    Image {
+        pid: i32,
+        #[source]
+        source: image::ImageError,
+    },
+    #[error("pid {pid}: the swap file {path} stopped growing at byte {at} of {len} for {secs} s (the source host died before it was complete?); the process was killed rather than given a wrong page")]
+    Stalled {
+        pid: i32,
+        path: PathBuf,
+        at: u64,
+        len: u64,
+        secs: u64,
     },
 }
 
@@ -109,12 +198,12 @@ impl LazyPager {
 pub(crate) fn start(
     pid: i32,
     uffd: OwnedFd,
-    pages: File,
-    path: PathBuf,
-    pending: BTreeMap<u64, u64>,
-    push_delay: std::time::Duration,
+    pages: SwapReader,
+    pending: Runs,
+    push_delay: Duration,
+    stall: Duration,
 ) -> LazyPager {
-    let push_after = std::time::Instant::now() + push_delay;
+    let push_after = Instant::now() + push_delay;
     let handle = std::thread::Builder::new()
         .name(format!("wisp-pager-{pid}"))
         .spawn(move || {
@@ -122,10 +211,12 @@ pub(crate) fn start(
                 pid,
                 uffd,
                 pages,
-                path,
                 pending,
+                waiting: Vec::new(),
                 stats: LazyStats::default(),
                 push_after,
+                stall,
+                progress: (0, Instant::now()),
                 children: Vec::new(),
             }
             .run()
@@ -150,11 +241,16 @@ pub(crate) fn start(
 struct Pager {
     pid: i32,
     uffd: OwnedFd,
-    pages: File,
-    path: PathBuf,
-    pending: BTreeMap<u64, u64>,
+    pages: SwapReader,
+    pending: Runs,
+    /// Faults on pages not written yet: (address, offset).
+    waiting: Vec<(u64, u64)>,
     stats: LazyStats,
-    push_after: std::time::Instant,
+    push_after: Instant,
+    /// Longest wait for the stream to move on.
+    stall: Duration,
+    /// Bytes available, and since when.
+    progress: (u64, Instant),
     /// Pagers of children forked during the lazy window.
     children: Vec<JoinHandle<Result<LazyStats, LazyError>>>,
 }
@@ -184,8 +280,14 @@ impl Pager {
     /// Page in everything, then wait for the pagers of forked children; stats are summed.
     fn run(mut self) -> Result<LazyStats, LazyError> {
         let r = self.run_own();
+        if r.is_err() && self.pid != 0 {
+            // Before the userfaultfd goes (and with it the registration: a later fault
+            // would then read zeros), the process goes.
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+        }
         let mut first = r.as_ref().err().map(|e| e.to_string());
-        let mut total = r.unwrap_or_default();
+        let own_err = r.as_ref().is_err();
+        let mut total = r.as_ref().map(|s| *s).unwrap_or_default();
         for h in std::mem::take(&mut self.children) {
             match h.join() {
                 Ok(Ok(s)) => {
@@ -200,63 +302,121 @@ impl Pager {
                 }
             }
         }
-        match first {
-            None => Ok(total),
-            Some(e) => Err(LazyError::Read {
+        match (r, first) {
+            (Ok(_), None) => Ok(total),
+            (Err(e), _) if own_err => Err(e),
+            (_, Some(e)) => Err(LazyError::Read {
                 pid: self.pid,
                 source: std::io::Error::other(e),
             }),
+            (Err(e), None) => Err(e),
         }
     }
 
+    fn image_err(&self, e: SwapError) -> LazyError {
+        match e {
+            SwapError::Image(source) => LazyError::Image {
+                pid: self.pid,
+                source,
+            },
+            SwapError::NotYet { path, off, .. } => LazyError::Pages {
+                pid: self.pid,
+                addr: off,
+                path,
+                source: std::io::Error::other("read of bytes not written yet"),
+            },
+        }
+    }
+
+    /// Look for new chunks of a streamed swap file; fails when it stopped growing for
+    /// longer than `stall`.
+    fn refresh(&mut self) -> Result<u64, LazyError> {
+        let avail = self.pages.refresh().map_err(|source| LazyError::Image {
+            pid: self.pid,
+            source,
+        })?;
+        if avail > self.progress.0 {
+            self.progress = (avail, Instant::now());
+        } else if !self.pages.complete() && self.progress.1.elapsed() >= self.stall {
+            return Err(LazyError::Stalled {
+                pid: self.pid,
+                path: self.pages.path().to_path_buf(),
+                at: avail,
+                len: self.pages.len(),
+                secs: self.stall.as_secs(),
+            });
+        }
+        Ok(avail)
+    }
+
     fn run_own(&mut self) -> Result<LazyStats, LazyError> {
-        let mut buf = vec![0u8; 64 * PAGE as usize];
+        let mut buf = vec![0u8; 256 * PAGE as usize];
         loop {
             if let Step::Gone = self.drain_events()? {
                 self.stats.process_gone = true;
                 return Ok(self.stats);
             }
-            let now = std::time::Instant::now();
+            if !self.waiting.is_empty() {
+                let avail = self.refresh()?;
+                let ready: Vec<(u64, u64)> = self
+                    .waiting
+                    .iter()
+                    .filter(|(_, off)| off + PAGE <= avail)
+                    .copied()
+                    .collect();
+                self.waiting.retain(|(_, off)| off + PAGE > avail);
+                for (addr, off) in ready {
+                    if let Step::Gone = self.answer(addr, Some(off))? {
+                        self.stats.process_gone = true;
+                        return Ok(self.stats);
+                    }
+                }
+            }
+            let now = Instant::now();
+            let blocked_ms = if !self.waiting.is_empty() { 2 } else { 50 };
             if now < self.push_after && !self.pending.is_empty() {
                 // Demand-paging phase: sleep until a fault arrives or a check-up is due.
-                let ms = (self.push_after - now).as_millis().min(50) as i32;
+                let ms = (self.push_after - now).as_millis().min(blocked_ms) as i32;
                 if !sys::poll_in(self.uffd.as_raw_fd(), ms.max(1)) && !self.alive() {
                     self.stats.process_gone = true;
                     return Ok(self.stats);
                 }
                 continue;
             }
-            let Some((&start, &off)) = self.pending.iter().next() else {
+            if self.pending.is_empty() && self.waiting.is_empty() {
                 break;
-            };
-            // A run of pages contiguous in memory and in the file, at most 64 pages.
-            let mut n = 1u64;
-            while n < 64 && self.pending.get(&(start + n * PAGE)) == Some(&(off + n * PAGE)) {
-                n += 1;
             }
+            // A run of pages contiguous in memory and in the file, at most 256 pages, all
+            // written already.
+            let mut avail = self.pages.available();
+            let mut next = self.pending.first_below(avail);
+            if next.is_none() {
+                avail = self.refresh()?;
+                next = self.pending.first_below(avail);
+            }
+            let Some((start, npages, off)) = next else {
+                // The stream has not got there yet: serve faults meanwhile.
+                if !sys::poll_in(self.uffd.as_raw_fd(), 2) && !self.alive() {
+                    self.stats.process_gone = true;
+                    return Ok(self.stats);
+                }
+                continue;
+            };
+            let n = npages.min(256).min((avail - off) / PAGE);
             let data = &mut buf[..(n * PAGE) as usize];
-            self.pages
-                .read_exact_at(data, off)
-                .map_err(|source| LazyError::Pages {
-                    pid: self.pid,
-                    addr: start,
-                    path: self.path.clone(),
-                    source,
-                })?;
+            if let Err(e) = self.pages.read_at(data, off) {
+                return Err(self.image_err(e));
+            }
             match sys::uffd_copy(self.uffd.as_raw_fd(), start, data) {
                 Ok(_) => {
-                    for k in 0..n {
-                        self.pending.remove(&(start + k * PAGE));
-                    }
+                    self.pending.remove_range(start, start + n * PAGE);
                     self.stats.pushed += n;
                 }
                 Err((libc::EEXIST, done)) => {
                     // Part of the run was already faulted in: drop what is done plus the
                     // page that exists, retry the rest.
-                    let skip = done / PAGE + 1;
-                    for k in 0..skip.min(n) {
-                        self.pending.remove(&(start + k * PAGE));
-                    }
+                    let skip = (done / PAGE + 1).min(n);
+                    self.pending.remove_range(start, start + skip * PAGE);
                     self.stats.pushed += done / PAGE;
                 }
                 Err((libc::EAGAIN, _)) => continue, // an event is pending: drain it first
@@ -270,7 +430,7 @@ impl Pager {
                 }
                 Err((libc::ENOENT, _)) | Err((libc::EINVAL, _)) => {
                     // No registered VMA there any more (unmapped and not yet reported).
-                    self.pending.remove(&start);
+                    self.pending.remove_range(start, start + PAGE);
                 }
                 Err((errno, _)) => {
                     return Err(LazyError::Uffd {
@@ -328,22 +488,18 @@ impl Pager {
                 }
                 uffd::EVENT_REMAP => {
                     let (from, to, len) = (u(8), u(16), u(24));
-                    let moved: Vec<(u64, u64)> = self
-                        .pending
-                        .range(from..from + len)
-                        .map(|(a, o)| (*a, *o))
-                        .collect();
-                    for (a, o) in moved {
-                        self.pending.remove(&a);
-                        self.pending.insert(to + (a - from), o);
+                    self.pending.remap(from, to, len);
+                    for w in self.waiting.iter_mut() {
+                        if from <= w.0 && w.0 < from + len {
+                            w.0 = to + (w.0 - from);
+                        }
                     }
                 }
                 uffd::EVENT_REMOVE | uffd::EVENT_UNMAP => {
                     let (start, end) = (u(8), u(16));
-                    let gone: Vec<u64> = self.pending.range(start..end).map(|(a, _)| *a).collect();
-                    for a in gone {
-                        self.pending.remove(&a);
-                    }
+                    self.pending.remove_range(start, end);
+                    // A thread waiting there is woken by the kernel and faults again.
+                    self.waiting.retain(|w| w.0 < start || w.0 >= end);
                 }
                 uffd::EVENT_FORK => {
                     let ufd = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]) as i32;
@@ -359,20 +515,25 @@ impl Pager {
         // SAFETY: the kernel installed `ufd` in this process for the event just read;
         // nothing else owns it.
         let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ufd) };
-        let pages = self.pages.try_clone().map_err(|source| LazyError::Pages {
+        let pages = self.pages.try_clone().map_err(|source| LazyError::Image {
             pid: self.pid,
-            addr: 0,
-            path: self.path.clone(),
             source,
         })?;
+        let mut pending = self.pending.clone();
+        // Pages the parent waits for are missing in the child's copy too.
+        for (a, off) in &self.waiting {
+            pending.add(*a, 1, *off);
+        }
         let child = Pager {
             pid: 0,
             uffd,
             pages,
-            path: self.path.clone(),
-            pending: self.pending.clone(),
+            pending,
+            waiting: Vec::new(),
             stats: LazyStats::default(),
             push_after: self.push_after,
+            stall: self.stall,
+            progress: (0, Instant::now()),
             children: Vec::new(),
         };
         let h = std::thread::Builder::new()
@@ -386,18 +547,28 @@ impl Pager {
         Ok(())
     }
 
+    /// A fault at `addr`: answer it now, or queue it until its page is written.
     fn serve(&mut self, addr: u64) -> Result<Step, LazyError> {
+        if self.waiting.iter().any(|w| w.0 == addr) {
+            return Ok(Step::Go); // another thread waits for the same page
+        }
+        match self.pending.take(addr) {
+            Some(off) if off + PAGE > self.pages.available() => {
+                self.waiting.push((addr, off));
+                Ok(Step::Go)
+            }
+            off => self.answer(addr, off),
+        }
+    }
+
+    /// Put the page at `addr` in place: from the swap file at `off`, or zeros.
+    fn answer(&mut self, addr: u64, off: Option<u64>) -> Result<Step, LazyError> {
         let fd = self.uffd.as_raw_fd();
-        let r = if let Some(off) = self.pending.remove(&addr) {
+        let r = if let Some(off) = off {
             let mut page = vec![0u8; PAGE as usize];
-            self.pages
-                .read_exact_at(&mut page, off)
-                .map_err(|source| LazyError::Pages {
-                    pid: self.pid,
-                    addr,
-                    path: self.path.clone(),
-                    source,
-                })?;
+            if let Err(e) = self.pages.read_at(&mut page, off) {
+                return Err(self.image_err(e));
+            }
             sys::uffd_copy(fd, addr, &page)
                 .map(|_| ())
                 .map_err(|(e, _)| e)

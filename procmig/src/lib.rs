@@ -63,10 +63,12 @@ pub mod lazy;
 pub mod procfs;
 pub mod restore;
 pub mod sandbox;
+pub mod swap;
 pub mod sys;
 
 pub use dump::{
-    dump, kill_stopped, resume_stopped, tree_pids, DumpError, DumpInfo, Frozen, PreCopy,
+    dump, dump_opts, kill_stopped, resume_stopped, tree_pids, DumpError, DumpInfo, DumpOptions,
+    Frozen, PreCopy, Streamer,
 };
 pub use image::{ImageError, ImageMeta};
 pub use lazy::{LazyError, LazyPager, LazyStats};
@@ -74,3 +76,4 @@ pub use restore::{
     restore, restore_lazy, restore_with, PidMode, RestoreError, RestoreOptions, Restored,
 };
 pub use sandbox::{run_sandboxed, run_sandboxed_in, run_sandboxed_tty, Sandbox, SandboxError};
+pub use swap::{MacCheck, MacKey, SwapReader};

@@ -22,6 +22,7 @@ use crate::image::{self, FdKind, ImageError, ImageMeta, VmaKind, PAGE};
 use crate::inject::{InjectError, Injector};
 use crate::lazy::LazyPager;
 use crate::procfs::{self, ProcError};
+use crate::swap::SwapReader;
 use crate::sys::{self, uffd, SysError, Wait};
 
 /// Errors of a restore.
@@ -98,7 +99,16 @@ pub struct RestoreOptions {
     /// its first process joins them before it creates any other, so the whole tree is
     /// born inside them.
     pub cgroup_procs: Vec<RawFd>,
+    /// Check the image's tags (see [`crate::swap`]): it must belong to `tag` and be made
+    /// with `key`. Without, the image is trusted as it is (a local restore).
+    pub mac: Option<crate::swap::MacCheck>,
+    /// A streamed swap file that stops growing for this long is given up (the process is
+    /// killed, or not created); zero means [`DEFAULT_STREAM_STALL`].
+    pub stream_stall: std::time::Duration,
 }
+
+/// Default of [`RestoreOptions::stream_stall`].
+pub const DEFAULT_STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Restore with lazy (post-copy) paging of the anonymous memory: the process runs as soon
 /// as its registers are loaded; the returned [`LazyPager`] serves its page faults from the
@@ -161,11 +171,18 @@ pub fn restore_with(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
 
 fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restored, LazyPager)> {
     // ---- load and check every image of the tree before anything is created ------------
-    let root = image::load(dir)?;
+    let stall = if opts.stream_stall.is_zero() {
+        DEFAULT_STREAM_STALL
+    } else {
+        opts.stream_stall
+    };
+    let (root, digest) = image::load_with_digest(dir)?;
+    let mut readers = vec![SwapReader::open(dir, &root, &digest, opts.mac.as_ref())?];
     let mut imgs: Vec<(PathBuf, ImageMeta)> = Vec::new();
     for mb in &root.members {
         let d = dir.join(&mb.dir);
-        let m = image::load(&d)?;
+        let (m, digest) = image::load_with_digest(&d)?;
+        readers.push(SwapReader::open(&d, &m, &digest, opts.mac.as_ref())?);
         let ns = *m.ns_pids.last().unwrap_or(&m.pid);
         if m.image_id != mb.image_id || ns != mb.ns_pid {
             return Err(ImageError::Invalid {
@@ -181,14 +198,11 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
     }
     imgs.insert(0, (dir.to_path_buf(), root));
     let tree = imgs.len() > 1;
-    let mut pages_files = Vec::new();
-    for (d, _) in &imgs {
-        let pages_path = d.join(image::PAGES_FILE);
-        let pages = File::open(&pages_path).map_err(|source| RestoreError::Pages {
-            path: pages_path.clone(),
-            source,
-        })?;
-        pages_files.push((pages, pages_path));
+    if !lazy {
+        // An eager restore needs every page before the process runs.
+        for r in readers.iter_mut() {
+            r.wait_for(r.len(), stall)?;
+        }
     }
 
     // ---- preflight: everything that can fail without creating anything -----------------
@@ -279,13 +293,12 @@ fn restore_impl(dir: &Path, opts: &RestoreOptions, lazy: bool) -> Result<(Restor
         }
         let mut pagers = Vec::new();
         let mut launches = Vec::new();
-        for (i, inj) in injs.iter_mut().enumerate() {
-            let (pages, pages_path) = &pages_files[i];
+        for (i, (inj, pages)) in injs.iter_mut().zip(readers.drain(..)).enumerate() {
             let (p, l) = build(
                 inj,
                 &imgs[i].1,
                 pages,
-                pages_path,
+                stall,
                 tramp,
                 &pass[i],
                 &mut warnings,
@@ -885,8 +898,8 @@ fn mmap_at(
 fn build(
     inj: &mut Injector,
     meta: &ImageMeta,
-    pages: &File,
-    pages_path: &Path,
+    mut pages: SwapReader,
+    stall: std::time::Duration,
     tramp: u64,
     pass: &[(i32, RawFd)],
     warnings: &mut Vec<String>,
@@ -1101,34 +1114,36 @@ fn build(
     }
 
     // 5. Page contents from the swap file (lazy VMAs: only remembered for the pager).
-    let is_lazy = |v: &image::Vma| {
-        lazy && v.kind == VmaKind::AnonPrivate
-            && !v.growsdown
-            && v.prot & libc::PROT_WRITE as u32 != 0
-    };
-    let lazy_vmas: Vec<&image::Vma> = meta.vmas.iter().filter(|v| is_lazy(v)).collect();
-    let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
+    let lazy_vmas: Vec<&image::Vma> = meta
+        .vmas
+        .iter()
+        .filter(|v| lazy && crate::lazy::paged_lazily(v))
+        .collect();
+    let mut pending = crate::lazy::Runs::default();
     let mut buf = vec![0u8; 4 << 20];
+    let mut vi = 0;
     for r in &meta.page_runs {
-        if lazy_vmas
-            .iter()
-            .any(|v| v.start <= r.vaddr && r.vaddr < v.end)
-        {
-            for k in 0..r.npages {
-                pending.insert(r.vaddr + k * PAGE, r.offset + k * PAGE);
-            }
+        // Runs and VMAs are both sorted: one pass.
+        while vi < lazy_vmas.len() && lazy_vmas[vi].end <= r.vaddr {
+            vi += 1;
+        }
+        if lazy_vmas.get(vi).is_some_and(|v| v.start <= r.vaddr) {
+            pending.add(r.vaddr, r.npages, r.offset);
             continue;
         }
         let mut done = 0u64;
         let total = r.npages * PAGE;
         while done < total {
             let n = (total - done).min(buf.len() as u64) as usize;
-            pages
-                .read_exact_at(&mut buf[..n], r.offset + done)
-                .map_err(|source| RestoreError::Pages {
-                    path: pages_path.to_path_buf(),
-                    source,
-                })?;
+            let off = r.offset + done;
+            pages.wait_for(off + n as u64, stall)?;
+            pages.read_at(&mut buf[..n], off).map_err(|e| match e {
+                crate::swap::SwapError::Image(e) => RestoreError::from(e),
+                crate::swap::SwapError::NotYet { path, .. } => RestoreError::Pages {
+                    path,
+                    source: std::io::Error::other("not written yet"),
+                },
+            })?;
             inj.write(r.vaddr + done, &buf[..n])?;
             done += n as u64;
         }
@@ -1172,17 +1187,8 @@ fn build(
             nr(libc::SYS_close),
             [fd_t, 0, 0, 0, 0, 0],
         )?;
-        let pf = pages.try_clone().map_err(|source| RestoreError::Pages {
-            path: pages_path.to_path_buf(),
-            source,
-        })?;
         pager = Some(crate::lazy::start(
-            pid,
-            owned,
-            pf,
-            pages_path.to_path_buf(),
-            pending,
-            push_delay,
+            pid, owned, pages, pending, push_delay, stall,
         ));
     }
 

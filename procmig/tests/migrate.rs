@@ -1667,3 +1667,147 @@ fn state_that_would_not_move_is_refused() {
         let _ = child.wait();
     }
 }
+
+/// A streamed lazy migration: the target process runs before its memory is written (the
+/// stream starts only after it runs, slowly), faults wait for their chunk, and the result
+/// is byte-identical; every chunk is checked against the migration key.
+#[test]
+fn streamed_lazy_restore_runs_before_its_pages_are_written() {
+    require_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "bigmem", BIGMEM, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(
+        &[exe.to_string_lossy().into(), out.to_string_lossy().into()],
+        [Some(null), Some(null), Some(null)],
+    )
+    .unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("ready line", Duration::from_secs(20), || {
+        lines(&out).first().is_some_and(|l| l.starts_with("ready"))
+    });
+    let img = tmp.path().join("img");
+    let opts = wisp_procmig::DumpOptions {
+        stream: true,
+        tag: "job 7".into(),
+    };
+    let mut info = wisp_procmig::dump_opts(sb.pid, &img, &opts).unwrap();
+    assert!(
+        info.deferred_bytes >= 60 << 20,
+        "the heap was not deferred: {} bytes",
+        info.deferred_bytes
+    );
+    let stream = info.stream.take().unwrap();
+    let ropts = RestoreOptions {
+        mac: Some(wisp_procmig::MacCheck {
+            key: info.mac_key,
+            tag: "job 7".into(),
+        }),
+        ..Default::default()
+    };
+    // The restore starts before a single deferred page is in the swap file; the stream
+    // starts a moment later (as the source agent does it, in parallel).
+    let streamer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        stream.run().unwrap()
+    });
+    let (r, pager) = wisp_procmig::restore_lazy(&img, &ropts).unwrap();
+    reap.add(r.init_pid.unwrap_or(r.pid));
+    let written = streamer.join().unwrap();
+    assert!(written >= 60 << 20, "{written}");
+    info.frozen.kill().unwrap();
+    kill_reap(sb.init_pid);
+    let stats = pager.wait().unwrap();
+    assert!(
+        stats.faults + stats.pushed >= 16384,
+        "pager moved too few pages: {stats:?}"
+    );
+    wait_for("sum line", Duration::from_secs(60), || {
+        lines(&out).len() >= 3
+    });
+    let ls = lines(&out);
+    assert_eq!(
+        ls[0].strip_prefix("ready ").unwrap(),
+        ls[2].strip_prefix("sum ").unwrap(),
+        "checksum changed across a streamed lazy migration"
+    );
+    kill_reap(r.init_pid.unwrap());
+}
+
+/// Migration images are private to their owner and tagged: a flipped byte in the swap
+/// file, a restore with the wrong key or for another job, are refused with a clear
+/// message, and the frozen source resumes with nothing lost.
+#[test]
+fn altered_or_foreign_images_are_refused_and_the_source_resumes() {
+    require_env();
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = compile(tmp.path(), "counter", COUNTER, &[]);
+    let out = tmp.path().join("out.txt");
+    let null = Path::new("/dev/null");
+    let sb = run_sandboxed(
+        &[exe.to_string_lossy().into(), out.to_string_lossy().into()],
+        [Some(null), Some(null), Some(null)],
+    )
+    .unwrap();
+    let reap = Reap::new();
+    reap.add(sb.init_pid);
+    wait_for("first output", Duration::from_secs(10), || {
+        lines(&out).len() >= 10
+    });
+    let img = tmp.path().join("img");
+    let opts = wisp_procmig::DumpOptions {
+        stream: false,
+        tag: "job 1".into(),
+    };
+    let info = wisp_procmig::dump_opts(sb.pid, &img, &opts).unwrap();
+    // Readable by the owner only.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&img), 0o700);
+    for f in ["image.meta", "pages.img", "pages.sum"] {
+        assert_eq!(mode(&img.join(f)), 0o600, "{f}");
+    }
+    let check = |tag: &str, key: [u8; 32]| RestoreOptions {
+        pid_mode: PidMode::NewNamespace,
+        mac: Some(wisp_procmig::MacCheck {
+            key,
+            tag: tag.into(),
+        }),
+        ..Default::default()
+    };
+    // Job 1's image presented for job 2.
+    let e = restore_with(&img, &check("job 2", info.mac_key)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("belongs to \"job 1\", not to \"job 2\""),
+        "{e}"
+    );
+    // Another migration's key.
+    let e = restore_with(&img, &check("job 1", [9u8; 32])).unwrap_err();
+    assert!(e.to_string().contains("altered"), "{e}");
+    // One byte of the swap file flipped.
+    let pages = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img.join("pages.img"))
+        .unwrap();
+    let at = pages.metadata().unwrap().len() - 100;
+    let mut b = [0u8; 1];
+    pages.read_exact_at(&mut b, at).unwrap();
+    pages.write_all_at(&[b[0] ^ 1], at).unwrap();
+    let e = restore_with(&img, &check("job 1", info.mac_key)).unwrap_err();
+    assert!(
+        e.to_string().contains("altered") && e.to_string().contains("pages.img"),
+        "{e}"
+    );
+    // Nothing lost: the source is still frozen and resumes where it was.
+    let at_dump = lines(&out).len();
+    info.frozen.resume().unwrap();
+    wait_for("resumed output", Duration::from_secs(10), || {
+        lines(&out).len() >= at_dump + 20
+    });
+    check_counter(&out, 2, at_dump + 20);
+    kill_reap(sb.init_pid);
+}

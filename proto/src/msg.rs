@@ -338,6 +338,10 @@ pub enum Request {
         home: String,
         argv0: String,
         lazy: bool,
+        /// The migration key the image is tagged with (procmig's `swap` module): the
+        /// target refuses an image that does not match it or belongs to another job. It
+        /// travels only over this authenticated, encrypted connection.
+        key: Vec<u8>,
     },
     /// Agent: CPU time, memory and state of the jobs running here (`wisp ps`).
     JobStats,

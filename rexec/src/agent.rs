@@ -413,13 +413,19 @@ impl Agent {
             ));
         }
         // Freeze and write the image (the whole process tree of the job's sandbox); on
-        // failure procmig resumes every process itself.
-        let dumped = match (pre, mode) {
-            (Some((pc, _)), _) => pc.finish(),
-            (None, MigrateMode::PreCopy) => precopy(pid, &dir),
-            (None, _) => wisp_procmig::dump(pid, &dir),
+        // failure procmig resumes every process itself. A lazy move writes only what the
+        // target needs to start; the pages follow (streamed) while the target runs.
+        let lazy = mode != MigrateMode::Eager;
+        let dopts = wisp_procmig::DumpOptions {
+            stream: lazy,
+            tag: job_tag(job),
         };
-        let dumped = match dumped {
+        let dumped = match (pre, mode) {
+            (Some((pc, _)), _) => pc.finish_opts(&dopts),
+            (None, MigrateMode::PreCopy) => precopy(pid, &dir, &dopts),
+            (None, _) => wisp_procmig::dump_opts(pid, &dir, &dopts),
+        };
+        let mut dumped = match dumped {
             Ok(d) => d,
             Err(e) => {
                 unmark(self);
@@ -438,7 +444,12 @@ impl Agent {
             MIGRATE_IN_TIMEOUT,
             Arc::new(|_| Ok(())),
         );
-        let lazy = mode != MigrateMode::Eager;
+        // The rest of the pages, written while the target already runs the job; the
+        // frozen source is let go only once they are all in the swap file.
+        let stream = dumped.stream.take().map(|s| {
+            let cancel = s.canceller();
+            (cancel, std::thread::spawn(move || s.run()))
+        });
         let req = Request::MigrateIn {
             job,
             dir: dir.as_os_str().as_bytes().to_vec(),
@@ -446,6 +457,7 @@ impl Agent {
             home,
             argv0,
             lazy,
+            key: dumped.mac_key.to_vec(),
         };
         let t_restore = Instant::now();
         // The wait is long while the target answers (a restore may take minutes), but a
@@ -475,11 +487,30 @@ impl Agent {
                 ))),
             }
         });
+        // Stopped = the final freeze of the dump plus the target's rebuild (with pre-copy,
+        // the earlier rounds ran while the job kept running; with lazy paging, the stream
+        // of pages runs while the job runs on the target).
+        let stopped_ms = dumped.frozen_ms + t_restore.elapsed().as_millis() as u64;
+        let answer = match (answer, stream) {
+            (a, None) => a,
+            (Ok(Response::Started { pid }), Some((_, h))) => {
+                match h
+                    .join()
+                    .map_err(|_| "the stream thread panicked".to_string())
+                {
+                    Ok(Ok(_)) => Ok(Response::Started { pid }),
+                    Ok(Err(e)) => Err(self.stream_failed(job, &target, &rt, e.to_string())),
+                    Err(e) => Err(self.stream_failed(job, &target, &rt, e)),
+                }
+            }
+            (a, Some((cancel, h))) => {
+                cancel.store(true, Ordering::Relaxed);
+                let _ = h.join();
+                a
+            }
+        };
         match answer {
             Ok(Response::Started { pid: new_pid }) => {
-                // Stopped = the final freeze of the dump plus the target's rebuild (with
-                // pre-copy, the earlier rounds ran while the job kept running).
-                let stopped_ms = dumped.frozen_ms + t_restore.elapsed().as_millis() as u64;
                 // The target runs it: only now does the source let go of its frozen copy.
                 if let Some(j) = self.jobs.lock().unwrap().get_mut(&job) {
                     j.moved = Some((to_host.clone(), to_addr.clone()));
@@ -525,7 +556,39 @@ impl Agent {
         }
     }
 
+    /// The pages of a lazy move could not all be written after the target started the
+    /// job: the target's copy is killed (its pager would otherwise wait for them, then
+    /// kill it), so that the source can resume without the job running twice.
+    fn stream_failed(
+        &self,
+        job: u64,
+        target: &RpcClient,
+        rt: &tokio::runtime::Handle,
+        why: String,
+    ) -> wisp_proto::rpc::RpcError {
+        warn!(
+            job,
+            "writing the swap file failed after the target started: {why}"
+        );
+        let killed = rt.block_on(target.call(Request::JobSignal {
+            job,
+            signal: libc::SIGKILL,
+        }));
+        if killed.is_err() {
+            // Unreachable target: its pager gives up on the stalled swap file and kills
+            // its copy within the stall bound; only then may the source resume.
+            std::thread::sleep(
+                wisp_procmig::restore::DEFAULT_STREAM_STALL + Duration::from_secs(5),
+            );
+        }
+        wisp_proto::rpc::RpcError::Remote(err(
+            libc::EIO,
+            format!("the swap file could not be completed ({why})"),
+        ))
+    }
+
     /// Target side of a migration (see `Request::MigrateIn`).
+    #[allow(clippy::too_many_arguments)] // the fields of one request
     fn migrate_in(
         self: &Arc<Self>,
         job: u64,
@@ -534,7 +597,17 @@ impl Agent {
         home: String,
         argv0: String,
         lazy: bool,
+        key: &[u8],
     ) -> Result<u32, WireError> {
+        let key: wisp_procmig::MacKey = key.try_into().map_err(|_| {
+            err(
+                libc::EINVAL,
+                format!(
+                    "migration of job {job}: a {}-byte migration key (32 expected)",
+                    key.len()
+                ),
+            )
+        })?;
         let dir = PathBuf::from(OsStr::from_bytes(dir));
         if !dir.starts_with(&self.cfg.mount) {
             return Err(err(
@@ -570,11 +643,12 @@ impl Agent {
                 ));
             }
         }
-        let r = self.restore_arriving(job, &dir, uid, home, argv0, lazy);
+        let r = self.restore_arriving(job, &dir, uid, home, argv0, lazy, key);
         self.arriving.lock().unwrap().remove(&job);
         r
     }
 
+    #[allow(clippy::too_many_arguments)] // the fields of one request
     fn restore_arriving(
         self: &Arc<Self>,
         job: u64,
@@ -583,6 +657,7 @@ impl Agent {
         home: String,
         argv0: String,
         lazy: bool,
+        key: wisp_procmig::MacKey,
     ) -> Result<u32, WireError> {
         let dir = dir.to_path_buf();
         // The restored tree's first process joins the job's cgroup before it creates the
@@ -591,6 +666,10 @@ impl Agent {
         let opts = wisp_procmig::RestoreOptions {
             pid_mode: wisp_procmig::PidMode::NewNamespace,
             cgroup_procs: cg.as_ref().map(|c| c.procs_fds()).unwrap_or_default(),
+            mac: Some(wisp_procmig::MacCheck {
+                key,
+                tag: job_tag(job),
+            }),
             ..Default::default()
         };
         let restored = if lazy {
@@ -657,7 +736,15 @@ impl Agent {
                                 "all pages in; swap file removed"
                             )
                         }
-                        Err(e) => warn!(job, "pager: {e}"),
+                        Err(e) => {
+                            // Never a wrong page: the job is killed instead (the pager
+                            // killed the process it served already).
+                            warn!(job, "job killed: its memory could not be paged in: {e}");
+                            let pid = me.jobs.lock().unwrap().get(&job).map(|j| j.info.pid);
+                            if let Some(pid) = pid {
+                                signal_sandbox(pid as i32, libc::SIGKILL);
+                            }
+                        }
                     }
                     let _ = std::fs::remove_dir_all(&d);
                 });
@@ -803,8 +890,9 @@ impl Service for AgentService {
                 home,
                 argv0,
                 lazy,
+                key,
             } => Ok(Response::Started {
-                pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy)?,
+                pid: self.0.migrate_in(job, &dir, uid, home, argv0, lazy, &key)?,
             }),
             Request::JobStats => Ok(Response::JobStats(crate::ps::job_stats(&self.0))),
             Request::Evict { reason } => crate::evict::evict_request(&self.0, reason),
@@ -855,9 +943,18 @@ pub(crate) fn signal_sandbox(pid: i32, sig: i32) -> usize {
         .count()
 }
 
+/// Whom a job's migration image belongs to (covered by the image's tag).
+fn job_tag(job: u64) -> String {
+    format!("job {job}")
+}
+
 /// Pre-copy: copy memory while the job runs, in rounds, until the dirty set stops
 /// shrinking (at most 8 rounds), then freeze for the rest.
-fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig::DumpError> {
+fn precopy(
+    pid: i32,
+    dir: &Path,
+    opts: &wisp_procmig::DumpOptions,
+) -> Result<wisp_procmig::DumpInfo, wisp_procmig::DumpError> {
     let mut pc = wisp_procmig::PreCopy::start(pid, dir)?;
     let mut last = u64::MAX;
     for _ in 0..8 {
@@ -867,7 +964,7 @@ fn precopy(pid: i32, dir: &Path) -> Result<wisp_procmig::DumpInfo, wisp_procmig:
         }
         last = n;
     }
-    pc.finish()
+    pc.finish_opts(opts)
 }
 
 /// A job's pseudo-terminal: the job gets the slave as fds 0-2; the agent copies the

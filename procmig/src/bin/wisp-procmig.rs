@@ -208,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 inherit_fds: a.inherit_fd.clone(),
                 lazy_push_delay: std::time::Duration::from_millis(a.lazy_push_delay_ms),
                 cgroup_procs: Vec::new(),
+                ..Default::default()
             };
             let (r, pager) = if a.lazy {
                 let (r, p) = wisp_procmig::restore_lazy(&a.dir, &opts)
