@@ -43,7 +43,9 @@ fn background(s: &wisp_tests::Sim, host: &str, cmd: &str, log: &str) -> i32 {
         host,
         &format!("setsid nohup {cmd} >{log} 2>&1 </dev/null & echo $!"),
     );
-    out.trim().parse().unwrap_or_else(|_| panic!("no pid: {out:?}"))
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid: {out:?}"))
 }
 
 fn assert_stream_cases(out: &str) {
@@ -95,18 +97,16 @@ fn pseudo_devices_serve_every_host_and_fail_cleanly_when_their_server_dies() {
 
     // The Python queue device, served from ws1, used from ws2.
     let qlog = format!("/tmp/wisp-{tag}-queue.log");
-    let qpid = background(
-        &s,
-        "ws1",
-        &format!("python3 {queue} /wisp/queue"),
-        &qlog,
-    );
+    let qpid = background(&s, "ws1", &format!("python3 {queue} /wisp/queue"), &qlog);
     until(60, "the python device to attach", || {
         std::fs::read_to_string(&qlog)
             .ok()
             .filter(|l| l.contains("attached"))
     });
-    let out = s.ok("ws2", &format!("timeout 120 python3 {client} /wisp/queue ioctl"));
+    let out = s.ok(
+        "ws2",
+        &format!("timeout 120 python3 {client} /wisp/queue ioctl"),
+    );
     assert_stream_cases(&out);
     let ioctl = out
         .lines()
@@ -178,6 +178,7 @@ fn pseudo_devices_serve_every_host_and_fail_cleanly_when_their_server_dies() {
     for f in [queue, client, counter_log, qlog] {
         let _ = std::fs::remove_file(f);
     }
+    eprintln!("pseudo-device cases passed; tearing the cluster down");
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -215,12 +216,7 @@ fn cluster_pipes_poll_and_carry_a_gibibyte_between_hosts_in_bounded_memory() {
         .collect();
     let before: Vec<u64> = daemons.iter().map(|(_, p)| rss_kb(*p)).collect();
     let sink = format!("/tmp/wisp-{tag}-sink");
-    let reader = background(
-        &s,
-        "ws2",
-        "sh -c 'sha256sum < /wisp/big'",
-        &sink,
-    );
+    let reader = background(&s, "ws2", "sh -c 'sha256sum < /wisp/big'", &sink);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
@@ -263,4 +259,5 @@ fn cluster_pipes_poll_and_carry_a_gibibyte_between_hosts_in_bounded_memory() {
     }
     let _ = std::fs::remove_file(&sink);
     let _ = std::fs::remove_file(&client);
+    eprintln!("cluster pipe cases passed; tearing the cluster down");
 }
