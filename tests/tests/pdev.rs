@@ -261,3 +261,61 @@ fn cluster_pipes_poll_and_carry_a_gibibyte_between_hosts_in_bounded_memory() {
     let _ = std::fs::remove_file(&client);
     eprintln!("cluster pipe cases passed; tearing the cluster down");
 }
+
+/// `producer | consumer` as two rexec jobs (each on an idle host, stdio through cluster
+/// pipes), 1 GiB: the producer migrates mid-stream, then the consumer; the consumer's
+/// checksum still equals the producer's.
+#[test]
+fn a_pipeline_keeps_its_bytes_when_producer_then_consumer_migrate() {
+    let s = sim("pipemig", 3);
+    s.lend(&["ws2", "ws3"]);
+    s.ok("ws1", "mkdir -p /wisp/pm");
+    const PRODUCER: &str = "import hashlib,os,sys\nh=hashlib.sha256()\nb=bytearray(1<<20)\nfor i in range(1024):\n  b[0:8]=i.to_bytes(8,'little'); b[-8:]=(i*7919).to_bytes(8,'little')\n  h.update(b); v=memoryview(b)\n  while v: v=v[os.write(1,v):]\nsys.stderr.write('sent '+h.hexdigest()+'\\n')";
+    let prog = format!("/tmp/wisp-{}-producer.py", s.name);
+    std::fs::write(&prog, PRODUCER).unwrap();
+    s.ok("ws1", &format!("cp {prog} /wisp/pm/producer.py"));
+    let runner = {
+        let c = s.c.clone();
+        std::thread::spawn(move || {
+            c.sh(
+                "ws1",
+                "cd /wisp/pm && rexec python3 /wisp/pm/producer.py | rexec sha256sum",
+            )
+            .unwrap()
+        })
+    };
+    let job_of = |what: &str| -> (String, String) {
+        until(60, what, || {
+            s.wisp("jobs").lines().find(|l| l.contains(what)).map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0].to_string(), f[3].to_string())
+            })
+        })
+    };
+    let (p, _) = job_of("python3");
+    let (c, _) = job_of("sha256sum");
+    std::thread::sleep(Duration::from_secs(2));
+    for job in [&p, &c] {
+        let host = job_of(if job == &p { "python3" } else { "sha256sum" }).1;
+        let to = if host == "ws2" { "ws3" } else { "ws2" };
+        let m = s.wisp(&format!("migrate {job} --to {to}"));
+        assert!(m.contains(&format!("-> {to}")), "{m}");
+    }
+    let out = runner.join().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let sent = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("sent "))
+        .unwrap_or_else(|| panic!("no producer checksum:\n{stderr}"));
+    assert_eq!(
+        stdout.split_whitespace().next(),
+        Some(sent.trim()),
+        "checksum changed across the migrations:\n{stdout}\n{stderr}"
+    );
+    let _ = std::fs::remove_file(&prog);
+    eprintln!("pipeline migration passed; tearing the cluster down");
+}
