@@ -279,27 +279,38 @@ fn a_pipeline_keeps_its_bytes_when_producer_then_consumer_migrate() {
         std::thread::spawn(move || {
             c.sh(
                 "ws1",
-                "cd /wisp/pm && rexec python3 /wisp/pm/producer.py | rexec sha256sum",
+                "cd /wisp/pm && rexec python3 /wisp/pm/producer.py | (sleep 3; rexec sha256sum)",
             )
             .unwrap()
         })
     };
-    let job_of = |what: &str| -> (String, String) {
-        until(60, what, || {
-            s.wisp("jobs").lines().find(|l| l.contains(what)).map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f[0].to_string(), f[3].to_string())
-            })
+    // The consumer starts 3 s after the producer: the first job is the producer.
+    let ids = |n: usize| {
+        until(90, &format!("{n} job(s) in `wisp jobs`"), || {
+            let ps = s.ps();
+            (ps.len() >= n).then(|| ps.into_iter().map(|j| j.0).collect::<Vec<_>>())
         })
     };
-    let (p, _) = job_of("python3");
-    let (c, _) = job_of("sha256sum");
+    let p = ids(1)[0].clone();
+    let c = ids(2).into_iter().find(|j| *j != p).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     for job in [&p, &c] {
-        let host = job_of(if job == &p { "python3" } else { "sha256sum" }).1;
+        let host = s
+            .ps()
+            .into_iter()
+            .find(|j| &j.0 == job)
+            .map(|j| j.1)
+            .unwrap_or_default();
         let to = if host == "ws2" { "ws3" } else { "ws2" };
-        let m = s.wisp(&format!("migrate {job} --to {to}"));
-        assert!(m.contains(&format!("-> {to}")), "{m}");
+        let (ok, m, e) = s.wisp_status(&format!("migrate {job} --to {to}"));
+        if !ok || !m.contains(&format!("-> {to}")) {
+            let out = runner.join().unwrap();
+            panic!(
+                "migrate {job} --to {to}: {m}{e}\npipeline: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
     let out = runner.join().unwrap();
     let (stdout, stderr) = (
