@@ -57,6 +57,12 @@ elif mode == "tcp-sink":         # tcp-sink PORT: read to EOF
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(1); c, _ = s.accept()
     while c.recv(1 << 16): pass
+elif mode == "dev-ping":         # dev-ping N DEV: write 1 byte to a queue device, read it back
+    fd = os.open(sys.argv[3], os.O_RDWR)
+    t = time.perf_counter()
+    for _ in range(n):
+        os.write(fd, b"x"); assert os.read(fd, 1) == b"x"
+    print(f"{(time.perf_counter() - t) / n * 1e6:.0f}")
 elif mode == "tcp-source":       # tcp-source MB HOST PORT
     for _ in range(100):
         try:
@@ -105,5 +111,11 @@ on ws2 "python3 $W/pp.py pipe-pong $ROUNDS /wisp/p1 /wisp/p2" &
 r=$!
 c=$(on ws1 "python3 $W/pp.py pipe-ping $ROUNDS /wisp/p1 /wisp/p2")
 wait $r
-printf '%-24s %8s us\n' "local FIFO" "$l" "TCP ws1<->ws2" "$t" "cluster pipe ws1<->ws2" "$c" | tee -a "$OUT"
+# A pseudo-device round trip: a write and a read of one byte, from ws2, of the Python queue
+# device (tests/tests/data/pdev_queue.py) served on ws1: two device operations, each
+# ws2 wispd -> ws1 wispd -> device server and back.
+on ws1 "setsid nohup python3 $ROOT/tests/tests/data/pdev_queue.py /wisp/q >$W/q.log 2>&1 </dev/null &"
+for _ in $(seq 200); do grep -q attached "$W/q.log" 2>/dev/null && break; sleep 0.1; done
+d=$(on ws2 "python3 $W/pp.py dev-ping $ROUNDS /wisp/q")
+printf '%-24s %8s us\n' "local FIFO" "$l" "TCP ws1<->ws2" "$t" "cluster pipe ws1<->ws2" "$c" "device ws2->ws1 (w+r)" "$d" | tee -a "$OUT"
 echo "results written to $OUT" >&2

@@ -68,6 +68,7 @@ fn inos_mut(r: &mut Rq) -> Vec<&mut u64> {
         | Rq::Read { ino, .. }
         | Rq::Write { ino, .. }
         | Rq::PipeAwait { ino, .. }
+        | Rq::PipePoll { ino, .. }
         | Rq::Fsync { ino }
         | Rq::ReadDir { ino, .. }
         | Rq::SetXattr { ino, .. }

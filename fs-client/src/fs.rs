@@ -20,6 +20,7 @@ use wisp_proto::rpc::{CallbackHandler, RpcClient, RpcError};
 use crate::cache::{Hit, Meta, WriteBack};
 use crate::domains::{self, child_path, join, split, Domain, DomainSource, Domains};
 use crate::notify;
+use crate::stream::{self, DevOpen, Op, PollState, Target};
 use crate::{CACHE_TTL, ENTRY_TTL};
 
 /// Errors mounting the file system.
@@ -137,8 +138,13 @@ struct Handle {
     ino: u64,
     mode: OpenMode,
     append: bool,
-    /// A cluster pipe: blocking reads and writes are re-asked until they complete.
+    /// A stream (cluster pipe or pseudo-device): its reads, writes and polls run as tasks
+    /// (crate::stream), and blocking ones are re-asked until they complete.
     pipe: bool,
+    /// A pseudo-device's open on its serving host.
+    dev: Option<DevOpen>,
+    /// Poll waiter state of a stream.
+    poll: Arc<PollState>,
     /// Writes may be delayed (the open was cacheable and write-back is on).
     delayed: bool,
 }
@@ -405,6 +411,12 @@ struct WispFs {
     /// restarted (it forgot who caches what, so it cannot call us back for them).
     known: Mutex<HashMap<u64, u64>>,
     notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>>,
+    /// This host's name (callers of pseudo-devices are named by it).
+    host: String,
+    key: ClusterKey,
+    call_timeout: Duration,
+    /// Connections to the wispds serving pseudo-devices, by address.
+    agents: Mutex<HashMap<String, RpcClient>>,
 }
 
 fn cred(req: &Request) -> Cred {
@@ -445,7 +457,7 @@ fn ftype(k: Kind) -> FileType {
         Kind::Socket => FileType::Socket,
         Kind::CharDev => FileType::CharDevice,
         Kind::BlockDev => FileType::BlockDevice,
-        Kind::Pipe => FileType::RegularFile,
+        Kind::Pipe | Kind::Device => FileType::RegularFile,
     }
 }
 
@@ -670,6 +682,18 @@ impl WispFs {
     /// A handle for an open answered `cache`; `clean`: no callback for the file arrived
     /// while the open was on its way (one that did keeps the file write-through).
     fn new_handle(&self, ino: u64, flags: i32, pipe: bool, cache: bool, clean: bool) -> u64 {
+        self.new_stream_handle(ino, flags, pipe, None, cache, clean)
+    }
+
+    fn new_stream_handle(
+        &self,
+        ino: u64,
+        flags: i32,
+        pipe: bool,
+        dev: Option<DevOpen>,
+        cache: bool,
+        clean: bool,
+    ) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mode = open_mode(flags);
         let append = flags & libc::O_APPEND != 0;
@@ -684,10 +708,88 @@ impl WispFs {
                 mode,
                 append,
                 pipe,
+                dev,
                 delayed,
+                poll: Arc::default(),
             },
         );
         fh
+    }
+
+    /// The wispd at `addr` (a pseudo-device's serving host).
+    fn agent(&self, addr: &str) -> RpcClient {
+        self.agents
+            .lock()
+            .unwrap()
+            .entry(addr.to_string())
+            .or_insert_with(|| {
+                let none: CallbackHandler = Arc::new(|_| Ok(()));
+                RpcClient::start(
+                    self.core.rt.clone(),
+                    addr.to_string(),
+                    self.key.clone(),
+                    format!("{}-pdev", self.host),
+                    self.call_timeout,
+                    none,
+                )
+            })
+            .clone()
+    }
+
+    /// Open a pseudo-device at the wispd its attachment names.
+    fn open_device(&self, req: &Request, ino: u64, flags: i32) -> Result<DevOpen, Errno> {
+        let gone = |m: String| {
+            tracing::info!(ino, "{m}");
+            Errno::from_i32(libc::ENXIO)
+        };
+        let v = match self.call(Rq::GetXattr {
+            ino,
+            name: msg::PDEV_XATTR.to_vec(),
+        }) {
+            Ok(Rs::Xattr(v)) => v,
+            Ok(_) => return Err(Errno::EIO),
+            Err(e) => return Err(gone(format!("pseudo-device without attachment: {e}"))),
+        };
+        let v = String::from_utf8_lossy(&v).into_owned();
+        let (addr, dev) = v
+            .split_once(' ')
+            .and_then(|(a, d)| Some((a.to_string(), d.trim().parse::<u64>().ok()?)))
+            .ok_or_else(|| gone(format!("bad pseudo-device attachment {v:?}")))?;
+        let agent = self.agent(&addr);
+        let r = self.core.rt.block_on(agent.call(Rq::Pdev(msg::PdevCall {
+            dev,
+            open: 0,
+            caller: self.caller(req),
+            op: msg::PdevOp::Open { flags },
+        })));
+        match r {
+            Ok(Rs::PdevOpened { open }) => Ok(DevOpen { agent, dev, open }),
+            Ok(_) => Err(Errno::EIO),
+            Err(e) => Err(errno(&e)),
+        }
+    }
+
+    fn caller(&self, req: &Request) -> msg::PdevCaller {
+        msg::PdevCaller {
+            host: self.host.clone(),
+            pid: req.pid(),
+            uid: req.uid(),
+            gid: req.gid(),
+        }
+    }
+
+    /// The stream an open handle is, if it is one.
+    fn stream_of(&self, fh: u64) -> Option<(Target, Arc<PollState>)> {
+        let hs = self.handles.lock().unwrap();
+        let h = hs.get(&fh).filter(|h| h.pipe)?;
+        let t = match &h.dev {
+            Some(d) => Target::Dev(d.clone()),
+            None => Target::Pipe {
+                ino: h.ino,
+                mode: h.mode,
+            },
+        };
+        Some((t, h.poll.clone()))
     }
 
     /// Keep asking while a blocking pipe operation reports "still waiting" (EAGAIN).
@@ -718,7 +820,9 @@ err_reply!(
     ReplyXattr,
     ReplyStatfs,
     ReplyDirectory,
-    ReplyDirectoryPlus
+    ReplyDirectoryPlus,
+    ReplyIoctl,
+    ReplyPoll
 );
 
 fn unexpected<R: ErrReply>(r: Rs, reply: R) {
@@ -1080,7 +1184,18 @@ impl Filesystem for WispFs {
         };
         match r {
             Ok(Rs::Opened { attr, cache }) => {
-                let pipe = attr.kind == Kind::Pipe;
+                let pipe = matches!(attr.kind, Kind::Pipe | Kind::Device);
+                let dev = if attr.kind == Kind::Device {
+                    match self.open_device(req, ino.0, flags.0) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            let _ = self.call(Rq::Close { ino: ino.0, mode });
+                            return reply.error(e);
+                        }
+                    }
+                } else {
+                    None
+                };
                 let clean = !self.core.meta.invalidated_since(e, ino.0);
                 if mode.truncate {
                     self.core.meta.changed(&[ino.0], &[]);
@@ -1094,7 +1209,7 @@ impl Filesystem for WispFs {
                         return reply.error(e);
                     }
                 }
-                let fh = self.new_handle(ino.0, flags.0, pipe, cache, clean);
+                let fh = self.new_stream_handle(ino.0, flags.0, pipe, dev, cache, clean);
                 reply.opened(
                     FileHandle(fh),
                     fopen_flags(
@@ -1123,12 +1238,24 @@ impl Filesystem for WispFs {
         reply: ReplyData,
     ) {
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        let pipe = self
-            .handles
-            .lock()
-            .unwrap()
-            .get(&fh.0)
-            .is_some_and(|h| h.pipe);
+        if let Some((t, _)) = self.stream_of(fh.0) {
+            let (core, stats, caller) = (self.core.clone(), self.stats.clone(), self.caller(_req));
+            let op = Op::Read { size, nonblock };
+            self.core.rt.spawn(async move {
+                match stream::call_blocking(&core.domains, &t, &caller, op, !nonblock).await {
+                    Ok(Rs::Data(d)) => {
+                        stats
+                            .bytes_read
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        reply.data(&d)
+                    }
+                    Ok(o) => unexpected(o, reply),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
+            return;
+        }
+        let pipe = false;
         // With delayed writes of ours, the server's bytes get ours laid over them, and no
         // write-back may be in flight meanwhile.
         let held = (!pipe && self.core.wb.holds(ino.0)).then(|| self.core.wb.stripe(ino.0));
@@ -1179,6 +1306,33 @@ impl Filesystem for WispFs {
             .map(|h| (h.append, h.pipe, h.delayed))
             .unwrap_or((flags.0 & libc::O_APPEND != 0, false, false));
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+        if let Some((t, _)) = self.stream_of(fh.0) {
+            let (core, stats, caller) = (self.core.clone(), self.stats.clone(), self.caller(req));
+            let op = Op::Write {
+                data: data.to_vec(),
+                nonblock,
+            };
+            self.core.rt.spawn(async move {
+                match stream::call_blocking(&core.domains, &t, &caller, op, !nonblock).await {
+                    Ok(Rs::Written { size, .. }) => {
+                        stats
+                            .bytes_written
+                            .fetch_add(size as u64, Ordering::Relaxed);
+                        reply.written(size)
+                    }
+                    Ok(o) => unexpected(o, reply),
+                    Err(e) => {
+                        if e.errno() == libc::EPIPE {
+                            // A pipe with no reader: like the kernel does for local pipes.
+                            // SAFETY: kill(2) on the pid the kernel gave us for this request.
+                            unsafe { libc::kill(caller.pid as i32, libc::SIGPIPE) };
+                        }
+                        reply.error(errno(&e))
+                    }
+                }
+            });
+            return;
+        }
         // Whether the file may still be written back later is decided under its stripe: a
         // callback that makes it write-through flips the flag first, then writes back
         // (under the stripe), so no delayed write slips in after it.
@@ -1271,6 +1425,20 @@ impl Filesystem for WispFs {
         reply: ReplyEmpty,
     ) {
         let h = self.handles.lock().unwrap().remove(&fh.0);
+        if let Some(h) = &h {
+            h.poll.closed.store(true, Ordering::Relaxed);
+            if let Some(d) = h.dev.clone() {
+                let call = msg::PdevCall {
+                    dev: d.dev,
+                    open: d.open,
+                    caller: self.caller(_req),
+                    op: msg::PdevOp::Close,
+                };
+                self.core.rt.spawn(async move {
+                    let _ = d.agent.call(Rq::Pdev(call)).await;
+                });
+            }
+        }
         match h {
             Some(h) => self.empty(
                 &[],
@@ -1550,6 +1718,82 @@ impl Filesystem for WispFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let Some((t @ Target::Dev(_), _)) = self.stream_of(fh.0) else {
+            return reply.error(Errno::from_i32(libc::ENOTTY));
+        };
+        let (core, caller) = (self.core.clone(), self.caller(req));
+        let op = Op::Ioctl {
+            cmd,
+            data: in_data.to_vec(),
+            out_size,
+        };
+        self.core.rt.spawn(async move {
+            match stream::call(&core.domains, &t, &caller, op).await {
+                Ok(Rs::Ioctl { result, data }) => reply.ioctl(result, &data),
+                Ok(o) => unexpected(o, reply),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn poll(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        ph: PollNotifier,
+        events: PollEvents,
+        flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        let Some((t, st)) = self.stream_of(fh.0) else {
+            // A stored file is always ready, as on a local file system.
+            return reply.poll(
+                PollEvents::POLLIN
+                    | PollEvents::POLLOUT
+                    | PollEvents::POLLRDNORM
+                    | PollEvents::POLLWRNORM,
+            );
+        };
+        let (core, caller) = (self.core.clone(), self.caller(req));
+        let events = events.bits();
+        let notify = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
+        if notify {
+            *st.notifier.lock().unwrap() = Some(ph);
+        }
+        self.core.rt.spawn(async move {
+            let op = Op::Poll {
+                events,
+                wait: false,
+            };
+            let r = match stream::call(&core.domains, &t, &caller, op).await {
+                Ok(Rs::Ready(r)) => r,
+                Ok(o) => return unexpected(o, reply),
+                Err(e) => return reply.error(errno(&e)),
+            };
+            reply.poll(PollEvents::from_bits_truncate(r));
+            let hup = (libc::POLLERR | libc::POLLHUP) as u32;
+            // Not ready: one waiter per open tells the kernel when it is.
+            if notify
+                && r & (events | hup) == 0
+                && st.wanted.fetch_or(events, Ordering::Relaxed) == 0
+            {
+                stream::poll_waiter(&core.domains, t, caller, st).await;
+            }
+        });
+    }
+
     fn fallocate(
         &self,
         _req: &Request,
@@ -1586,7 +1830,7 @@ impl Filesystem for WispFs {
 /// O_APPEND writes bypass the page cache too: the server places them at its own end of
 /// file, which may not be where this kernel believes the end is.
 fn fopen_flags(attr: &Attr, cache: bool, mode: OpenMode, append: bool, same: bool) -> FopenFlags {
-    if attr.kind == Kind::Pipe {
+    if matches!(attr.kind, Kind::Pipe | Kind::Device) {
         FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NONSEEKABLE | FopenFlags::FOPEN_STREAM
     } else if !cache || append {
         FopenFlags::FOPEN_DIRECT_IO
@@ -1712,6 +1956,10 @@ pub fn mount(rt: tokio::runtime::Handle, opts: MountOptions) -> Result<Mounted, 
         next_fh: AtomicU64::new(1),
         known: Mutex::new(HashMap::new()),
         notifier: notifier.clone(),
+        host: opts.host.clone(),
+        key: opts.key.clone(),
+        call_timeout: opts.call_timeout.min(Duration::from_secs(15)),
+        agents: Mutex::new(HashMap::new()),
     };
     let mut config = Config::default();
     config.mount_options = vec![

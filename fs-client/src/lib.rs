@@ -23,6 +23,7 @@ mod cache;
 mod domains;
 mod fs;
 mod notify;
+mod stream;
 
 pub use domains::DomainSource;
 pub use fs::{mount, MountError, MountOptions, Mounted};

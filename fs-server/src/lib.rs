@@ -893,6 +893,28 @@ impl FsServer {
     }
 
     fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        if name == PDEV_XATTR {
+            let mut t = self.store.begin()?;
+            let mut rec = t.get(ino)?;
+            match rec.kind {
+                Kind::Device => {}
+                Kind::File if self.objects.stat(ino).map_err(io_err)?.size == 0 => {
+                    rec.kind = Kind::Device;
+                    let _ = self.objects.remove(ino);
+                }
+                _ => {
+                    return Err(WireError::new(
+                        libc::EINVAL,
+                        "only an empty regular file or a pseudo-device can be attached to",
+                    ))
+                }
+            }
+            rec.ctime = Time::now();
+            t.set_xattr(ino, name, value)?;
+            t.put(ino, &rec)?;
+            t.commit()?;
+            return Ok(());
+        }
         if name == PIPE_XATTR {
             let mut t = self.store.begin()?;
             let mut rec = t.get(ino)?;
@@ -1229,6 +1251,27 @@ impl FsServer {
                 })?;
                 Response::Ok
             }
+            Request::PipePoll {
+                ino,
+                mode,
+                events,
+                wait,
+            } => {
+                if self.store.get(ino)?.kind != Kind::Pipe {
+                    return Err(WireError::new(libc::EINVAL, "not a cluster pipe"));
+                }
+                let p = self.pipe(ino);
+                Response::Ready(if wait {
+                    p.wait_ready(
+                        mode.read,
+                        mode.write,
+                        events,
+                        std::time::Instant::now() + PIPE_WAIT,
+                    )
+                } else {
+                    p.ready(mode.read, mode.write)
+                })
+            }
             Request::Fsync { ino } => {
                 if self.store.get(ino)?.kind == Kind::File {
                     self.objects.sync(ino).map_err(io_err)?;
@@ -1333,6 +1376,7 @@ impl FsServer {
             | Request::MigrateOut { .. }
             | Request::MigrateIn { .. }
             | Request::JobStats
+            | Request::Pdev(_)
             | Request::Evict { .. }
             | Request::JobWinsize { .. } => {
                 return Err(WireError::new(

@@ -78,6 +78,9 @@ pub enum Kind {
     /// A cluster pipe (pseudodev): FIFO semantics between processes on any hosts. Shown to
     /// the kernel as a regular file opened in direct, non-seekable mode.
     Pipe,
+    /// A user pseudo-device: its operations go to a device server attached on some host
+    /// (the [`PDEV_XATTR`] value says which). Shown like a cluster pipe.
+    Device,
 }
 
 /// A point in time: seconds and nanoseconds since the epoch.
@@ -263,6 +266,17 @@ pub enum Request {
         ino: Ino,
         writer: bool,
     },
+    /// Readiness of a cluster pipe for an open of `mode` (poll(2) bits of `events`). With
+    /// `wait`, the server waits (bounded; then answers what it has) until one of `events`
+    /// (or POLLERR/POLLHUP) holds.
+    PipePoll {
+        ino: Ino,
+        mode: OpenMode,
+        events: u32,
+        wait: bool,
+    },
+    /// Agent: one operation on a pseudo-device attached on this host (see docs/pseudodev.md).
+    Pdev(PdevCall),
     /// Make the file's data and metadata durable on the server's disk.
     Fsync {
         ino: Ino,
@@ -357,6 +371,56 @@ pub enum Request {
         rows: u16,
         cols: u16,
     },
+}
+
+/// The process on whose behalf a pseudo-device operation is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PdevCaller {
+    pub host: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One pseudo-device operation, from the caller's wispd to the serving host's wispd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PdevCall {
+    /// The device, as its attachment named it (the value of [`PDEV_XATTR`]).
+    pub dev: u64,
+    /// The open (0 for `Open`, which answers a new one).
+    pub open: u64,
+    pub caller: PdevCaller,
+    pub op: PdevOp,
+}
+
+/// What a pseudo-device is asked. Blocking reads and writes wait on the serving host at
+/// most a few seconds, then answer EAGAIN and the caller asks again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PdevOp {
+    Open {
+        flags: i32,
+    },
+    Read {
+        size: u32,
+        nonblock: bool,
+    },
+    Write {
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        nonblock: bool,
+    },
+    Ioctl {
+        cmd: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        out_size: u32,
+    },
+    /// As [`Request::PipePoll`].
+    Poll {
+        events: u32,
+        wait: bool,
+    },
+    Close,
 }
 
 /// Everything a host needs to run a command as if it ran on the submitting host.
@@ -494,6 +558,18 @@ pub enum Response {
     },
     JobStats(Vec<JobStat>),
     Evicted(EvictReport),
+    /// poll(2) bits that hold now.
+    Ready(u32),
+    /// A pseudo-device open was accepted; later operations name it.
+    PdevOpened {
+        open: u64,
+    },
+    /// A pseudo-device's answer to an ioctl: its return value and output bytes.
+    Ioctl {
+        result: i32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// Counters a server keeps since it started.
@@ -522,6 +598,11 @@ pub enum Callback {
 /// The extended attribute that turns an empty regular file into a cluster pipe
 /// (`wisp mkpipe` sets it).
 pub const PIPE_XATTR: &[u8] = b"user.wisp.pipe";
+
+/// The extended attribute that turns an empty regular file into a pseudo-device, or
+/// re-points one: its value is `"<agent addr> <device id>"`, the serving host's wispd
+/// (set by that wispd when a device server attaches).
+pub const PDEV_XATTR: &[u8] = b"user.wisp.pdev";
 
 /// Largest name component, as on ext4.
 pub const NAME_MAX: usize = 255;

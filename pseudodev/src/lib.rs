@@ -14,4 +14,7 @@
 //! Architecture Invariant: this crate knows nothing of FUSE or the network; it is the
 //! semantics of the device, driven by whichever server hosts it.
 
+pub mod device;
+pub mod hub;
 pub mod pipe;
+pub mod wire;

@@ -218,6 +218,30 @@ impl Pipe {
         }
     }
 
+    /// poll(2) bits that hold for an open that reads (`read`) and/or writes (`write`):
+    /// POLLIN with data waiting; POLLHUP for a reader once every writer has gone (after
+    /// one came); POLLOUT with room for an atomic write; POLLERR for a writer with no reader.
+    pub fn ready(&self, read: bool, write: bool) -> u32 {
+        readiness(&self.st.lock().unwrap(), read, write)
+    }
+
+    /// Wait until one of `events` (or POLLERR/POLLHUP) holds, at most until `deadline`;
+    /// returns the bits that hold then.
+    pub fn wait_ready(&self, read: bool, write: bool, events: u32, deadline: Instant) -> u32 {
+        let want = events | (libc::POLLERR | libc::POLLHUP) as u32;
+        let mut g = self.st.lock().unwrap();
+        loop {
+            let r = readiness(&g, read, write);
+            if r & want != 0 {
+                return r;
+            }
+            match self.wait(g, deadline) {
+                Some(ng) => g = ng,
+                None => return r,
+            }
+        }
+    }
+
     /// Bytes waiting in the buffer.
     pub fn buffered(&self) -> usize {
         self.st.lock().unwrap().buf.len()
@@ -228,6 +252,26 @@ impl Pipe {
         let g = self.st.lock().unwrap();
         (g.readers, g.writers)
     }
+}
+
+fn readiness(g: &State, read: bool, write: bool) -> u32 {
+    let mut r = 0;
+    if read {
+        if !g.buf.is_empty() {
+            r |= libc::POLLIN | libc::POLLRDNORM;
+        }
+        if g.writers == 0 && g.opened_writers > 0 {
+            r |= libc::POLLHUP;
+        }
+    }
+    if write {
+        if g.readers == 0 {
+            r |= libc::POLLERR;
+        } else if CAPACITY - g.buf.len() >= PIPE_BUF {
+            r |= libc::POLLOUT | libc::POLLWRNORM;
+        }
+    }
+    r as u32
 }
 
 #[cfg(test)]
@@ -299,6 +343,28 @@ mod tests {
                 "a PIPE_BUF write was interleaved"
             );
         }
+    }
+
+    #[test]
+    fn readiness_follows_the_buffer_and_the_ends() {
+        let p = Arc::new(Pipe::new());
+        p.open_read(true, soon()).unwrap();
+        p.open_write(true, soon()).unwrap();
+        let pollin = libc::POLLIN as u32;
+        assert_eq!(p.ready(true, false) & pollin, 0);
+        assert_ne!(p.ready(false, true) & libc::POLLOUT as u32, 0);
+        let q = p.clone();
+        let t = std::thread::spawn(move || q.wait_ready(true, false, pollin, soon()));
+        p.write(b"x", false, soon()).unwrap();
+        assert_ne!(
+            t.join().unwrap() & pollin,
+            0,
+            "a waiting poll wakes on data"
+        );
+        p.close(false, true);
+        assert_ne!(p.ready(true, false) & libc::POLLHUP as u32, 0);
+        p.close(true, false);
+        assert_ne!(p.ready(false, true) & libc::POLLERR as u32, 0);
     }
 
     #[test]

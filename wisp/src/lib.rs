@@ -11,6 +11,7 @@ pub mod jobs_cli;
 pub mod make_cli;
 pub mod metrics;
 pub mod owner;
+pub mod pdev;
 pub mod registry_cli;
 
 /// The port a workstation's wispd is recorded at in the registry (`wispd --advertise`

@@ -39,6 +39,9 @@ enum Cmd {
     /// Make a cluster pipe at PATH (in /wisp): a FIFO that processes on any hosts can share,
     /// with local FIFO semantics (blocking, back-pressure, EOF, EPIPE, atomic PIPE_BUF writes).
     Mkpipe(Mkpipe),
+    /// Serve an example pseudo-device at PATH (in /wisp) from this host, until killed:
+    /// `wisp pdev counter PATH` (each open reads the next number, the reader's host and uid).
+    Pdev(PdevArgs),
     /// Run the demo: a simulated cluster on this machine showing the shared namespace,
     /// rexec builds, live migration and eviction, then a report; leaves nothing behind.
     Demo(DemoArgs),
@@ -70,6 +73,15 @@ struct DemoArgs {
     /// Name of the simulated cluster the demo makes (and removes).
     #[arg(long, default_value = "demo")]
     name: String,
+}
+
+#[derive(Parser, Debug)]
+struct PdevArgs {
+    /// Which example device: `counter`.
+    #[arg(value_parser = ["counter"])]
+    kind: String,
+    /// Path to attach to (in /wisp); made if missing.
+    path: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -293,6 +305,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mkpipe(m) => {
             wisp::mkpipe(&m.path)
                 .with_context(|| format!("cannot make a cluster pipe at {}", m.path.display()))?;
+        }
+        Cmd::Pdev(p) => {
+            let dev = wisp::pdev::Counter::default();
+            let at = wisp_pseudodev::device::Attached::attach(&p.path)?;
+            eprintln!(
+                "serving a {} at {} (device {})",
+                p.kind,
+                p.path.display(),
+                at.dev
+            );
+            at.serve(&dev)?;
         }
         Cmd::Status(st) => {
             let key = wisp::load_identity(st.identity.as_deref())?;

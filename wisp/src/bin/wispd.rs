@@ -101,9 +101,14 @@ struct Args {
     /// Prometheus metrics endpoint (GET /metrics); "none" to disable.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     metrics: String,
-    /// Do not accept foreign jobs on this host (the job agent is not started).
+    /// Do not accept foreign jobs on this host (the job agent is not started; the port
+    /// still serves this host's pseudo-devices).
     #[arg(long)]
     no_agent: bool,
+    /// Unix socket device servers of this host attach on (`@NAME`: abstract, private to
+    /// the host's network namespace; otherwise a path). See docs/pseudodev.md.
+    #[arg(long, value_name = "SOCKET", default_value = wisp_pseudodev::wire::DEFAULT_SOCKET)]
+    pdev_socket: String,
     /// Nice value of foreign jobs, so the owner's own work keeps priority.
     #[arg(long, default_value_t = 10)]
     job_nice: i32,
@@ -348,6 +353,14 @@ fn main() -> Result<()> {
     let owner = std::sync::Arc::new(owner);
     let mut agent_handle = None;
     let mut agent_at_exit = None;
+    let mut agent_svc = None;
+    let listen = format!(
+        "0.0.0.0:{}",
+        advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071")
+    );
+    // Device servers of this host attach here; other hosts reach them on the agent port.
+    let hub = wisp::pdev::start_hub(&args.pdev_socket, &args.mount, &advertise)
+        .with_context(|| format!("cannot listen for device servers on {}", args.pdev_socket))?;
     if !args.no_agent {
         // The job agent: runs foreign jobs (rexec), migrates them, evicts them when the
         // owner comes back.
@@ -371,20 +384,9 @@ fn main() -> Result<()> {
                 .preflush
                 .map(|s| Duration::from_secs_f64(s.clamp(0.1, 3600.0))),
         });
-        let listen = format!(
-            "0.0.0.0:{}",
-            advertise.rsplit_once(':').map(|(_, p)| p).unwrap_or("7071")
-        );
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&listen))
-            .with_context(|| format!("cannot listen for jobs on {listen}"))?;
-        let svc = std::sync::Arc::new(wisp_rexec::agent::AgentService(agent.clone()));
-        rt.spawn(wisp_proto::rpc::serve(
-            listener,
-            key.clone(),
-            svc,
-            std::future::pending::<()>(),
-        ));
+        agent_svc = Some(std::sync::Arc::new(wisp_rexec::agent::AgentService(
+            agent.clone(),
+        )));
         let (o2, below) = (owner.clone(), args.evict_below);
         // A registry client of its own for each policy loop (eviction, balancing).
         let loop_reg = |what: &str| -> Result<RegistryClient> {
@@ -427,6 +429,18 @@ fn main() -> Result<()> {
         ));
         tracing::info!(%listen, "accepting jobs");
     }
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&listen))
+        .with_context(|| format!("cannot listen for jobs and pseudo-devices on {listen}"))?;
+    rt.spawn(wisp_proto::rpc::serve(
+        listener,
+        key.clone(),
+        std::sync::Arc::new(wisp::pdev::HostService {
+            hub,
+            agent: agent_svc,
+        }),
+        std::future::pending::<()>(),
+    ));
     if args.metrics != "none" {
         let cs = mounted.stats.clone();
         let samples = std::sync::Arc::new(move || {
