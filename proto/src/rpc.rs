@@ -54,6 +54,14 @@ pub const LEASE: Duration = Duration::from_secs(20);
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Call id of keepalive pings (their replies are dropped).
 const KEEPALIVE_ID: u64 = u64::MAX;
+/// A keepalive ping that nothing (no frame at all) followed for this long makes the client
+/// try a fresh connection beside the silent one, every [`PROBE_EVERY`]; the first that
+/// completes its handshake replaces the old connection. So after a partition the client is
+/// back as soon as the network is (about a second), not when TCP's backed-off retransmits
+/// or the [`LEASE`] get around to it.
+pub const PROBE_AFTER: Duration = Duration::from_secs(4);
+/// How often a probe connection is attempted while the connection is silent.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 
 fn encode(m: &Message) -> Bytes {
     Bytes::from(postcard::to_allocvec(m).expect("messages always encode"))
@@ -474,6 +482,35 @@ impl RpcClient {
     }
 }
 
+/// Connect and authenticate once, within `limit`.
+async fn connect_once(
+    addr: &str,
+    key: &ClusterKey,
+    name: &str,
+    limit: Duration,
+) -> Result<Framed<TcpStream, SealedCodec>, String> {
+    let sock = tokio::time::timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("connect timed out after {limit:?}"))?
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let _ = sock.set_nodelay(true);
+    client_handshake(sock, key, name)
+        .await
+        .map(|(f, _)| f)
+        .map_err(|e| format!("handshake with server failed: {e}"))
+}
+
+/// Try a fresh connection every [`PROBE_EVERY`] until one completes its handshake.
+async fn probe(addr: String, key: ClusterKey, name: String) -> Framed<TcpStream, SealedCodec> {
+    loop {
+        match connect_once(&addr, &key, &name, Duration::from_secs(2)).await {
+            Ok(f) => return f,
+            Err(e) => debug!(%addr, "probe connection: {e}"),
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
 async fn connection_loop(
     inner: Arc<ClientInner>,
     key: ClusterKey,
@@ -482,23 +519,30 @@ async fn connection_loop(
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut generation = 0u64;
+    // A connection a probe already established, to use instead of connecting.
+    let mut next: Option<Framed<TcpStream, SealedCodec>> = None;
     loop {
-        let sock = match TcpStream::connect(&inner.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(addr = %inner.addr, "connect failed: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let _ = sock.set_nodelay(true);
-        let framed = match client_handshake(sock, &key, &name).await {
-            Ok((f, _)) => f,
-            Err(e) => {
-                warn!(addr = %inner.addr, "handshake with server failed: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+        let framed = match next.take() {
+            Some(f) => f,
+            None => {
+                let sock = match TcpStream::connect(&inner.addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(addr = %inner.addr, "connect failed: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                match client_handshake(sock, &key, &name).await {
+                    Ok((f, _)) => f,
+                    Err(e) => {
+                        warn!(addr = %inner.addr, "handshake with server failed: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
             }
         };
         backoff = Duration::from_millis(50);
@@ -517,7 +561,10 @@ async fn connection_loop(
             }
         }));
         inner.state.send_replace(ConnState::Up { tx: tx.clone() });
+        // When the oldest keepalive ping not yet followed by any frame was sent.
+        let unanswered: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::new(Mutex::new(None));
         let ktx = tx.clone();
+        let kun = unanswered.clone();
         let _keepalive = AbortOnDrop(tokio::spawn(async move {
             let ping = encode(&Message::Call {
                 id: KEEPALIVE_ID,
@@ -525,20 +572,59 @@ async fn connection_loop(
             });
             loop {
                 tokio::time::sleep(KEEPALIVE).await;
+                kun.lock()
+                    .unwrap()
+                    .get_or_insert_with(tokio::time::Instant::now);
                 if ktx.send(ping.clone()).await.is_err() {
                     return;
                 }
             }
         }));
+        let lease_end = |heard: tokio::time::Instant| heard + LEASE;
+        let mut heard = tokio::time::Instant::now();
+        let mut prober: Option<(
+            AbortOnDrop,
+            oneshot::Receiver<Framed<TcpStream, SealedCodec>>,
+        )> = None;
         loop {
-            let frame = match tokio::time::timeout(LEASE, stream.next()).await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(_) => {
-                    warn!(addr = %inner.addr, "nothing heard from the server for {} s; reconnecting", LEASE.as_secs());
-                    break;
+            let check = tokio::time::sleep(PROBE_EVERY);
+            let probed = async {
+                match prober.as_mut() {
+                    Some((_, rx)) => rx.await.ok(),
+                    None => std::future::pending().await,
                 }
             };
+            let frame = tokio::select! {
+                f = stream.next() => f,
+                Some(f) = probed => {
+                    warn!(addr = %inner.addr, "the server answers on a new connection while the old one is silent: switching to it");
+                    next = Some(f);
+                    break;
+                }
+                _ = check => {
+                    let now = tokio::time::Instant::now();
+                    if now >= lease_end(heard) {
+                        warn!(addr = %inner.addr, "nothing heard from the server for {} s; reconnecting", LEASE.as_secs());
+                        break;
+                    }
+                    let silent = unanswered.lock().unwrap().is_some_and(|t| now - t >= PROBE_AFTER);
+                    if silent && prober.is_none() {
+                        info!(addr = %inner.addr, "keepalive unanswered for {} s: probing with a new connection", PROBE_AFTER.as_secs());
+                        let (ptx, prx) = oneshot::channel();
+                        let (a, k, n) = (inner.addr.clone(), key.clone(), name.clone());
+                        let task = tokio::spawn(async move {
+                            let _ = ptx.send(probe(a, k, n).await);
+                        });
+                        prober = Some((AbortOnDrop(task), prx));
+                    }
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
+            heard = tokio::time::Instant::now();
+            *unanswered.lock().unwrap() = None;
+            // The old connection lives after all: a probe under way is dropped.
+            prober = None;
             let frame = match frame {
                 Ok(f) => f,
                 Err(e) => {
