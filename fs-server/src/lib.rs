@@ -67,6 +67,9 @@ pub struct FsServer {
     opens: Mutex<HashMap<Ino, HashMap<u64, OpenCount>>>,
     /// Serialises appends and truncates so O_APPEND writes from many hosts never interleave.
     append_lock: Mutex<()>,
+    /// Bytes of file data being written now, already counted against the free space (so
+    /// concurrent writes cannot together eat into the metadata reserve).
+    space_claimed: Mutex<u64>,
     counters: Counters,
     peers: Mutex<HashMap<u64, Arc<PeerHandle>>>,
     naming: RwLock<Option<NamingHandler>>,
@@ -103,6 +106,19 @@ const PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// 8..=256 MiB.
 pub fn space_reserve(fs_bytes: u64) -> u64 {
     (fs_bytes / 10).clamp(8 << 20, 256 << 20)
+}
+
+/// Space claimed by a write under way (see `FsServer::claim_space`).
+struct SpaceClaim<'a> {
+    claimed: &'a Mutex<u64>,
+    len: u64,
+}
+
+impl Drop for SpaceClaim<'_> {
+    fn drop(&mut self) {
+        let mut c = self.claimed.lock().unwrap();
+        *c = c.saturating_sub(self.len);
+    }
 }
 
 /// Which clients may hold cached copies (the server's half of the consistency protocol).
@@ -207,6 +223,7 @@ impl FsServer {
             data_dir: data_dir.into(),
             opens: Mutex::new(HashMap::new()),
             append_lock: Mutex::new(()),
+            space_claimed: Mutex::new(0),
             counters: Counters::default(),
             peers: Mutex::new(HashMap::new()),
             naming: RwLock::new(None),
@@ -826,7 +843,7 @@ impl FsServer {
         if rec.kind != Kind::File {
             return Err(WireError::new(libc::EISDIR, "not a regular file"));
         }
-        self.check_space(data.len() as u64)?;
+        let _claim = self.claim_space(data.len() as u64)?;
         if append {
             let _g = self.append_lock.lock().unwrap();
             self.objects.append(ino, data).map_err(io_err)?;
@@ -892,13 +909,15 @@ impl FsServer {
         Ok(s)
     }
 
-    /// Refuse `len` more bytes of file data with ENOSPC when they would eat into the
-    /// metadata's reserve ([`space_reserve`]).
-    fn check_space(&self, len: u64) -> R<()> {
+    /// Claim `len` more bytes of file data for one write, or refuse with ENOSPC when they
+    /// (with the writes under way) would eat into the metadata's reserve
+    /// ([`space_reserve`]). The claim ends when the returned guard is dropped.
+    fn claim_space(&self, len: u64) -> R<SpaceClaim<'_>> {
         let s = self.data_statvfs()?;
         let free = s.f_bavail.saturating_mul(s.f_frsize);
         let reserve = space_reserve(s.f_blocks.saturating_mul(s.f_frsize));
-        if free < reserve.saturating_add(len) {
+        let mut claimed = self.space_claimed.lock().unwrap();
+        if free < reserve.saturating_add(*claimed).saturating_add(len) {
             return Err(WireError::new(
                 libc::ENOSPC,
                 format!(
@@ -908,7 +927,11 @@ impl FsServer {
                 ),
             ));
         }
-        Ok(())
+        *claimed += len;
+        Ok(SpaceClaim {
+            claimed: &self.space_claimed,
+            len,
+        })
     }
 
     fn statfs(&self) -> R<Response> {
@@ -1343,9 +1366,11 @@ impl FsServer {
                 if self.store.get(ino)?.kind != Kind::File {
                     return Err(WireError::new(libc::ENODEV, "not a regular file"));
                 }
-                if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
-                    self.check_space(length)?;
-                }
+                let _claim = if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+                    Some(self.claim_space(length)?)
+                } else {
+                    None
+                };
                 self.objects
                     .fallocate(ino, mode, offset, length)
                     .map_err(io_err)?;

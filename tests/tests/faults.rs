@@ -18,6 +18,13 @@ fn sha(s: &Sim, host: &str, path: &str) -> String {
     )
 }
 
+/// The last lines of `host`'s daemon log, for failure messages.
+fn log_tail(s: &Sim, host: &str) -> String {
+    let log = std::fs::read_to_string(s.log_path(host)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// Take `host`'s network link down (or up) inside its namespace.
 fn link(s: &Sim, host: &str, up: bool) {
     s.ok(
@@ -346,8 +353,13 @@ fn workstation_partitioned_during_lazy_paging() {
     let s = sim("flazy", 3);
     s.lend(&["ws2", "ws3"]);
     let (runner, job) = start_ticker(&s, "lazy", 400, 150);
-    let m = s.wisp(&format!("migrate {job} --to ws3 --lazy"));
-    assert!(m.contains("-> ws3"), "{m}");
+    let (ok, m, err) = s.wisp_status(&format!("migrate {job} --to ws3 --lazy"));
+    assert!(
+        ok && m.contains("-> ws3"),
+        "wisp migrate: {m}{err}\njobs: {}\nws2 log:\n{}",
+        s.wisp("jobs"),
+        log_tail(&s, "ws2")
+    );
     // The job runs on ws3 and faults its pages in from /wisp: cut ws3 off for 4 s.
     link(&s, "ws3", false);
     std::thread::sleep(Duration::from_secs(4));
@@ -461,7 +473,8 @@ fn server_disk_full() {
     );
     assert!(
         code != 0 && err.contains("No space left"),
-        "a write to a full disk: exit {code}: {err}"
+        "a write to a full disk: exit {code}: {err}\nsrv1 log:\n{}",
+        log_tail(&s, "srv1")
     );
     // Space freed: writes go on.
     s.ok("ws1", "timeout 60 rm -f /wisp/d/fill /wisp/d/more");
