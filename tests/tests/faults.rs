@@ -351,7 +351,7 @@ fn workstation_partitioned_during_a_migration_flush() {
 /// swap file: the job stalls and then continues with its memory intact (never a zero
 /// page), or fails with a clear error.
 #[test]
-#[ignore = "fails: `wisp migrate --lazy` answered "no job 1 on this host" for a running job (see notes/issue-faults.md)"]
+#[ignore = "fails: `wisp migrate --lazy` answered no job 1 on this host for a running job (see notes/issue-faults.md)"]
 fn workstation_partitioned_during_lazy_paging() {
     let s = sim("flazy", 3);
     s.lend(&["ws2", "ws3"]);
