@@ -13,3 +13,5 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 cargo nextest run --release --locked --workspace --profile ci
+# Every network decoder fuzzed for a bounded time (fuzz/, docs/faults.md); a crash fails.
+scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -67,6 +67,9 @@ pub struct FsServer {
     opens: Mutex<HashMap<Ino, HashMap<u64, OpenCount>>>,
     /// Serialises appends and truncates so O_APPEND writes from many hosts never interleave.
     append_lock: Mutex<()>,
+    /// Bytes of file data being written now, already counted against the free space (so
+    /// concurrent writes cannot together eat into the metadata reserve).
+    space_claimed: Mutex<u64>,
     counters: Counters,
     peers: Mutex<HashMap<u64, Arc<PeerHandle>>>,
     naming: RwLock<Option<NamingHandler>>,
@@ -96,6 +99,27 @@ pub const RECOVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(3
 
 /// How long one pipe request may wait on the server before the client asks again.
 const PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Space on the data directory's file system that file data may never use: the metadata
+/// store (redb) takes it for its commits, so a disk filled by file writes cannot wedge or
+/// corrupt the metadata (writes get ENOSPC first). A tenth of the file system, clamped to
+/// 8..=256 MiB.
+pub fn space_reserve(fs_bytes: u64) -> u64 {
+    (fs_bytes / 10).clamp(8 << 20, 256 << 20)
+}
+
+/// Space claimed by a write under way (see `FsServer::claim_space`).
+struct SpaceClaim<'a> {
+    claimed: &'a Mutex<u64>,
+    len: u64,
+}
+
+impl Drop for SpaceClaim<'_> {
+    fn drop(&mut self) {
+        let mut c = self.claimed.lock().unwrap();
+        *c = c.saturating_sub(self.len);
+    }
+}
 
 /// Which clients may hold cached copies (the server's half of the consistency protocol).
 #[derive(Default)]
@@ -199,6 +223,7 @@ impl FsServer {
             data_dir: data_dir.into(),
             opens: Mutex::new(HashMap::new()),
             append_lock: Mutex::new(()),
+            space_claimed: Mutex::new(0),
             counters: Counters::default(),
             peers: Mutex::new(HashMap::new()),
             naming: RwLock::new(None),
@@ -818,6 +843,7 @@ impl FsServer {
         if rec.kind != Kind::File {
             return Err(WireError::new(libc::EISDIR, "not a regular file"));
         }
+        let _claim = self.claim_space(data.len() as u64)?;
         if append {
             let _g = self.append_lock.lock().unwrap();
             self.objects.append(ino, data).map_err(io_err)?;
@@ -872,7 +898,7 @@ impl FsServer {
         Ok(out)
     }
 
-    fn statfs(&self) -> R<Response> {
+    fn data_statvfs(&self) -> R<libc::statvfs> {
         let mut s: libc::statvfs = unsafe_zeroed_statvfs();
         let p = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
             .map_err(|_| WireError::new(libc::EINVAL, "data dir path"))?;
@@ -880,11 +906,44 @@ impl FsServer {
         if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
             return Err(io_err(std::io::Error::last_os_error()));
         }
+        Ok(s)
+    }
+
+    /// Claim `len` more bytes of file data for one write, or refuse with ENOSPC when they
+    /// (with the writes under way) would eat into the metadata's reserve
+    /// ([`space_reserve`]). The claim ends when the returned guard is dropped.
+    fn claim_space(&self, len: u64) -> R<SpaceClaim<'_>> {
+        let s = self.data_statvfs()?;
+        let free = s.f_bavail.saturating_mul(s.f_frsize);
+        let reserve = space_reserve(s.f_blocks.saturating_mul(s.f_frsize));
+        let mut claimed = self.space_claimed.lock().unwrap();
+        if free < reserve.saturating_add(*claimed).saturating_add(len) {
+            return Err(WireError::new(
+                libc::ENOSPC,
+                format!(
+                    "the file server's disk is full: {} MiB free, {} MiB kept for metadata",
+                    free >> 20,
+                    reserve >> 20
+                ),
+            ));
+        }
+        *claimed += len;
+        Ok(SpaceClaim {
+            claimed: &self.space_claimed,
+            len,
+        })
+    }
+
+    fn statfs(&self) -> R<Response> {
+        let s = self.data_statvfs()?;
         let used = self.store.inode_count()?;
         Ok(Response::StatFs {
             blocks: s.f_blocks * s.f_frsize / 4096,
             bfree: s.f_bfree * s.f_frsize / 4096,
-            bavail: s.f_bavail * s.f_frsize / 4096,
+            // What file data may still use: the metadata's reserve is not available.
+            bavail: (s.f_bavail * s.f_frsize)
+                .saturating_sub(space_reserve(s.f_blocks * s.f_frsize))
+                / 4096,
             files: used + s.f_ffree,
             ffree: s.f_ffree,
             bsize: 4096,
@@ -1350,6 +1409,11 @@ impl FsServer {
                 if self.store.get(ino)?.kind != Kind::File {
                     return Err(WireError::new(libc::ENODEV, "not a regular file"));
                 }
+                let _claim = if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+                    Some(self.claim_space(length)?)
+                } else {
+                    None
+                };
                 self.objects
                     .fallocate(ino, mode, offset, length)
                     .map_err(io_err)?;

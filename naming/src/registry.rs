@@ -626,7 +626,7 @@ impl Registry {
                         });
                     }
                 }
-                let exp = now + self.policy.lease_ttl_ms;
+                let exp = now.saturating_add(self.policy.lease_ttl_ms);
                 let mut out = Vec::new();
                 for id in leases {
                     let l = self.leases.get_mut(id).expect("checked above");
@@ -886,7 +886,7 @@ impl Registry {
                 .sum()
         };
         let grant = (n as usize).min(eligible.len().saturating_sub(reserved));
-        let exp = now + self.policy.lease_ttl_ms;
+        let exp = now.saturating_add(self.policy.lease_ttl_ms);
         let picked: Vec<(String, String)> = eligible[..grant]
             .iter()
             .map(|h| (h.name.clone(), h.addr.clone()))
@@ -1016,6 +1016,31 @@ mod tests {
 
     fn names(l: &[Lease]) -> Vec<&str> {
         l.iter().map(|l| l.host.as_str()).collect()
+    }
+
+    /// A command stamped at the end of time (found by fuzzing) neither overflows nor
+    /// panics: lease expiries saturate.
+    #[test]
+    fn far_future_time_stamps_saturate() {
+        let mut r = Registry::new(IdlePolicy::default());
+        // No host to grant: an error reply, but no panic.
+        let _ = r.apply(&at(
+            u64::MAX,
+            Command::AllocateHosts {
+                user: 1,
+                n: 1,
+                requester: "ws1".into(),
+                include_requester: false,
+            },
+        ));
+        let out = r.apply(&at(
+            u64::MAX,
+            Command::RenewLeases {
+                user: 1,
+                leases: vec![],
+            },
+        ));
+        assert!(out.is_ok(), "{out:?}");
     }
 
     #[test]

@@ -108,13 +108,16 @@ pub fn decode_snapshot(data: &[u8]) -> Result<Registry, String> {
             "snapshot version {version}, this build reads {SNAP_VERSION}"
         ));
     }
-    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
-    if data.len() != 16 + len + 8 {
+    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+    // Compared without adding to `len`: a length field near 2^64 must not wrap (found by
+    // the naming_wire fuzz target).
+    if (data.len() - 24) as u64 != len {
         return Err(format!(
             "snapshot length field {len} does not match {} bytes",
             data.len()
         ));
     }
+    let len = len as usize;
     let body = &data[16..16 + len];
     let sum = u64::from_le_bytes(data[16 + len..].try_into().expect("8 bytes"));
     if fnv1a(body) != sum {
@@ -629,6 +632,10 @@ mod tests {
         v2[4] = 2;
         assert!(decode_snapshot(&v2).unwrap_err().contains("version 2"));
         assert!(decode_snapshot(&d[..d.len() - 1]).is_err());
+        // A length field near 2^64 (found by fuzzing): refused, not wrapped around.
+        let mut huge = d.clone();
+        huge[8..16].copy_from_slice(&(u64::MAX - 7).to_le_bytes());
+        assert!(decode_snapshot(&huge).unwrap_err().contains("length field"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
