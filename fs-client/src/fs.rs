@@ -413,7 +413,7 @@ struct WispFs {
     notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>>,
     /// This host's name (callers of pseudo-devices are named by it).
     host: String,
-    key: ClusterKey,
+    key: Identity,
     call_timeout: Duration,
     /// Connections to the wispds serving pseudo-devices, by address.
     agents: Mutex<HashMap<String, RpcClient>>,

@@ -20,8 +20,8 @@ use wisp_rexec::build::{self, BuildHost};
 /// no idle host, make runs here with -j this host's CPUs. The leases are renewed while
 /// make runs and given back when it ends; the exit status is make's.
 ///
-/// Run it inside /wisp (like rexec), with WISP_REGISTRY and WISP_KEY set or --registry and
-/// --key given.
+/// Run it inside /wisp (like rexec), with WISP_REGISTRY and WISP_IDENTITY set or --registry
+/// and --identity given.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct MakeArgs {
@@ -37,9 +37,9 @@ pub struct MakeArgs {
     /// Registry servers, ADDR[,ADDR...] (default $WISP_REGISTRY).
     #[arg(long, value_name = "ADDRS")]
     registry: Option<String>,
-    /// Cluster key file (default $WISP_KEY, else /etc/wisp/cluster.key).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
+    /// This host's identity directory (default $WISP_IDENTITY, else /var/lib/wisp/identity).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
     /// Arguments for make (targets, variables, flags).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<OsString>,
@@ -66,7 +66,7 @@ fn rexec_path() -> PathBuf {
 /// CPUs it is pinned to); None when the host cannot run the probe.
 fn probe_cpus(rexec: &PathBuf, host: &str, key: &PathBuf, registry: &str) -> Result<u32, String> {
     let out = std::process::Command::new(rexec)
-        .args(["-T", "--host", host, "--key"])
+        .args(["-T", "--host", host, "--identity"])
         .arg(key)
         .args(["--registry", registry, "nproc"])
         .env_remove(build::BUILD_ENV)
@@ -81,12 +81,8 @@ fn probe_cpus(rexec: &PathBuf, host: &str, key: &PathBuf, registry: &str) -> Res
 }
 
 pub fn make(a: MakeArgs) -> Result<ExitCode> {
-    let key_path = a
-        .key
-        .clone()
-        .or_else(|| std::env::var_os("WISP_KEY").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/etc/wisp/cluster.key"));
-    let key = wisp_proto::key::ClusterKey::load(&key_path)?;
+    let key_path = crate::identity_dir(a.identity.as_deref());
+    let key = crate::load_identity(Some(&key_path))?;
     let registry = a
         .registry
         .clone()

@@ -22,7 +22,7 @@ use wisp_naming::{NamingConfig, NamingNode, NodeId};
 ///
 /// Example, three servers (run on each with its own id):
 ///
-///   wisp-server --data /srv/wisp --key /etc/wisp/cluster.key --listen 10.0.0.1:7070
+///   wisp-server --data /srv/wisp --identity /var/lib/wisp/identity --listen 10.0.0.1:7070
 ///     --registry-id 1 --registry-peers 1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070
 ///     --init-registry
 ///
