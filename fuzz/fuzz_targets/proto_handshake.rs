@@ -6,7 +6,14 @@
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;
 use wisp_proto::auth::{client_handshake, server_handshake};
-use wisp_proto::key::ClusterKey;
+use std::sync::OnceLock;
+use wisp_proto::identity::{throwaway, Identity};
+
+/// One enrolled identity for every run (making one writes a key pair to a temp dir).
+fn id() -> &'static Identity {
+    static ID: OnceLock<Identity> = OnceLock::new();
+    ID.get_or_init(|| throwaway("fuzz"))
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&side, peer_bytes)) = data.split_first() else {
@@ -19,14 +26,14 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let key = ClusterKey::from_bytes(&[9; 32]);
+        let key = id();
         let (mut peer, ours) = tokio::io::duplex(1 << 16);
         peer.write_all(peer_bytes).await.expect("buffered");
         peer.shutdown().await.expect("shutdown");
         if side & 1 == 0 {
-            let _ = server_handshake(ours, &key, 1).await;
+            let _ = server_handshake(ours, key, 1).await;
         } else {
-            let _ = client_handshake(ours, &key, "fuzz").await;
+            let _ = client_handshake(ours, key, "fuzz").await;
         }
         drop(peer);
     });
