@@ -84,6 +84,11 @@ pub struct Spec {
     pub server_args: Vec<String>,
     /// Log filter for the daemons (RUST_LOG syntax).
     pub log: String,
+    /// Hosts the servers trust for root (`wisp-server --trust-root`); root from any other
+    /// host is squashed to nobody. Default: every workstation (their wispd writes
+    /// migration images as root, and many tests act as root); tests of root squashing
+    /// leave some out.
+    pub trust_root: Vec<String>,
 }
 
 impl Spec {
@@ -97,6 +102,7 @@ impl Spec {
             wispd_args: vec![],
             server_args: vec![],
             log: "info".into(),
+            trust_root: (1..=workstations).map(|i| format!("ws{i}")).collect(),
         }
     }
 }
@@ -260,7 +266,14 @@ impl Cluster {
             data_root,
             bin_dir,
             wispd_args: spec.wispd_args.clone(),
-            server_args: spec.server_args.clone(),
+            server_args: {
+                let mut a = spec.server_args.clone();
+                if !spec.trust_root.is_empty() {
+                    a.push("--trust-root".into());
+                    a.push(spec.trust_root.join(","));
+                }
+                a
+            },
             log: spec.log.clone(),
         };
         match c.build(spec) {

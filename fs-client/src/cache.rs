@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use wisp_proto::msg::{Attr, Time};
+use wisp_proto::msg::{Attr, Cred, Time};
 
 /// Names and attributes.
 pub(crate) struct Meta {
@@ -268,6 +268,9 @@ pub(crate) struct Dirty {
     pub mtime: Time,
     pub since: Instant,
     pub bytes: u64,
+    /// Who wrote last (from the open it came through): the server checks the write-back
+    /// against this identity.
+    pub cred: Cred,
 }
 
 impl Dirty {
@@ -278,6 +281,7 @@ impl Dirty {
             mtime: Time::now(),
             since: Instant::now(),
             bytes: 0,
+            cred: Cred::ROOT,
         }
     }
 
@@ -440,13 +444,17 @@ impl WriteBack {
     ///
     /// A file's size as seen here is the larger of the server's and the end of the delayed
     /// writes, so a new entry needs no size from the server.
-    pub fn add(&self, ino: u64, offset: u64, data: &[u8]) -> u64 {
+    pub fn add(&self, ino: u64, offset: u64, data: &[u8], cred: &Cred) -> u64 {
         let mut s = self.state.lock().unwrap();
         if !s.files.contains_key(&ino) {
             let size = s.in_flight.get(&ino).map(|(size, _)| *size).unwrap_or(0);
             s.files.insert(ino, Dirty::new(size));
         }
-        let grew = s.files.get_mut(&ino).unwrap().add(offset, data);
+        let d = s.files.get_mut(&ino).unwrap();
+        if d.cred != *cred {
+            d.cred = cred.clone();
+        }
+        let grew = d.add(offset, data);
         s.total += grew;
         s.total
     }
@@ -475,6 +483,7 @@ impl WriteBack {
                 }
                 d.size = d.size.max(n.size);
                 d.mtime = n.mtime;
+                d.cred = n.cred;
             }
             s.total += d.bytes;
             s.files.insert(ino, d);

@@ -72,7 +72,7 @@ fn inos_mut(r: &mut Rq) -> Vec<&mut u64> {
         | Rq::ReadDir { ino, .. }
         | Rq::SetXattr { ino, .. }
         | Rq::GetXattr { ino, .. }
-        | Rq::ListXattr { ino }
+        | Rq::ListXattr { ino, .. }
         | Rq::RemoveXattr { ino, .. }
         | Rq::Fallocate { ino, .. } => vec![ino],
         _ => vec![],

@@ -141,6 +141,9 @@ struct Handle {
     pipe: bool,
     /// Writes may be delayed (the open was cacheable and write-back is on).
     delayed: bool,
+    /// Who opened it: reads, writes and write-backs through this open are made as them
+    /// (the server checks each), and a re-registration after reconnecting too.
+    cred: Cred,
 }
 
 /// What both the FUSE threads and the callback handler use: the connection and the caches.
@@ -184,6 +187,7 @@ impl Core {
         for batch in chunks.chunks(FLUSH_PARALLEL) {
             let calls = batch.iter().map(|(off, data)| {
                 self.domains.call(Rq::Write {
+                    cred: d.cred.clone(),
                     ino,
                     offset: *off,
                     data: data.to_vec(),
@@ -407,12 +411,55 @@ struct WispFs {
     notifier: Arc<OnceLock<std::sync::mpsc::SyncSender<notify::Job>>>,
 }
 
+/// The identity of the process behind a FUSE request, with its supplementary groups (the
+/// file server checks permissions against all of them).
 fn cred(req: &Request) -> Cred {
     Cred {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        groups: groups_of(req.pid(), req.uid(), req.gid()),
     }
+}
+
+/// How long a process's supplementary groups are reused before `/proc` is read again.
+const GROUPS_TTL: Duration = Duration::from_secs(2);
+
+type GroupsCache = HashMap<(u32, u32, u32), (std::time::Instant, Vec<u32>)>;
+
+/// Supplementary groups of `pid` (from `/proc/PID/status`), cached briefly per
+/// (pid, uid, gid). Empty when the process is gone (the request's uid and gid still count).
+fn groups_of(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+    static CACHE: OnceLock<Mutex<GroupsCache>> = OnceLock::new();
+    if pid == 0 {
+        return vec![];
+    }
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let now = std::time::Instant::now();
+    if let Some((at, g)) = cache.lock().unwrap().get(&(pid, uid, gid)) {
+        if now.duration_since(*at) < GROUPS_TTL {
+            return g.clone();
+        }
+    }
+    let groups: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    let mut c = cache.lock().unwrap();
+    if c.len() >= 4096 {
+        c.retain(|_, (at, _)| now.duration_since(*at) < GROUPS_TTL);
+        if c.len() >= 4096 {
+            c.clear();
+        }
+    }
+    c.insert((pid, uid, gid), (now, groups.clone()));
+    groups
 }
 
 fn systime(t: msg::Time) -> SystemTime {
@@ -527,21 +574,21 @@ impl WispFs {
         if first {
             return;
         }
-        let opens: Vec<(u64, OpenMode)> = self
+        let opens: Vec<(u64, OpenMode, Cred)> = self
             .handles
             .lock()
             .unwrap()
             .values()
             .filter(|h| !h.pipe && split(h.ino).0 == d)
-            .map(|h| (split(h.ino).1, h.mode))
+            .map(|h| (split(h.ino).1, h.mode, h.cred.clone()))
             .collect();
-        for (ino, mode) in &opens {
+        for (ino, mode, cred) in &opens {
             let mode = OpenMode {
                 truncate: false,
                 ..*mode
             };
             if let Err(e) = conn.rpc.call_blocking(Rq::Open {
-                cred: Cred::ROOT,
+                cred: cred.clone(),
                 ino: *ino,
                 mode,
             }) {
@@ -669,7 +716,23 @@ impl WispFs {
 
     /// A handle for an open answered `cache`; `clean`: no callback for the file arrived
     /// while the open was on its way (one that did keeps the file write-through).
-    fn new_handle(&self, ino: u64, flags: i32, pipe: bool, cache: bool, clean: bool) -> u64 {
+    /// The identity of the process that opened `fh`, or of this request's process.
+    fn handle_cred(&self, fh: FileHandle, req: &Request) -> Cred {
+        match self.handles.lock().unwrap().get(&fh.0) {
+            Some(h) => h.cred.clone(),
+            None => cred(req),
+        }
+    }
+
+    fn new_handle(
+        &self,
+        ino: u64,
+        flags: i32,
+        pipe: bool,
+        cache: bool,
+        clean: bool,
+        cred: Cred,
+    ) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mode = open_mode(flags);
         let append = flags & libc::O_APPEND != 0;
@@ -685,6 +748,7 @@ impl WispFs {
                 append,
                 pipe,
                 delayed,
+                cred,
             },
         );
         fh
@@ -1094,7 +1158,7 @@ impl Filesystem for WispFs {
                         return reply.error(e);
                     }
                 }
-                let fh = self.new_handle(ino.0, flags.0, pipe, cache, clean);
+                let fh = self.new_handle(ino.0, flags.0, pipe, cache, clean, cred(req));
                 reply.opened(
                     FileHandle(fh),
                     fopen_flags(
@@ -1113,7 +1177,7 @@ impl Filesystem for WispFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1123,18 +1187,17 @@ impl Filesystem for WispFs {
         reply: ReplyData,
     ) {
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        let pipe = self
-            .handles
-            .lock()
-            .unwrap()
-            .get(&fh.0)
-            .is_some_and(|h| h.pipe);
+        let (pipe, who) = match self.handles.lock().unwrap().get(&fh.0) {
+            Some(h) => (h.pipe, h.cred.clone()),
+            None => (false, cred(req)),
+        };
         // With delayed writes of ours, the server's bytes get ours laid over them, and no
         // write-back may be in flight meanwhile.
         let held = (!pipe && self.core.wb.holds(ino.0)).then(|| self.core.wb.stripe(ino.0));
         match self.call_pipe(
             pipe && !nonblock,
             Rq::Read {
+                cred: who,
                 ino: ino.0,
                 offset,
                 size,
@@ -1171,13 +1234,13 @@ impl Filesystem for WispFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let (append, pipe, delayed) = self
+        let (append, pipe, delayed, who) = self
             .handles
             .lock()
             .unwrap()
             .get(&fh.0)
-            .map(|h| (h.append, h.pipe, h.delayed))
-            .unwrap_or((flags.0 & libc::O_APPEND != 0, false, false));
+            .map(|h| (h.append, h.pipe, h.delayed, h.cred.clone()))
+            .unwrap_or_else(|| (flags.0 & libc::O_APPEND != 0, false, false, cred(req)));
         let nonblock = flags.0 & libc::O_NONBLOCK != 0;
         // Whether the file may still be written back later is decided under its stripe: a
         // callback that makes it write-through flips the flag first, then writes back
@@ -1188,7 +1251,7 @@ impl Filesystem for WispFs {
                 self.core
                     .wb
                     .cacheable(ino.0)
-                    .then(|| self.core.wb.add(ino.0, offset, data))
+                    .then(|| self.core.wb.add(ino.0, offset, data, &who))
             })
             .flatten();
         if let Some(total) = held {
@@ -1214,6 +1277,7 @@ impl Filesystem for WispFs {
         match self.call_pipe(
             pipe && !nonblock,
             Rq::Write {
+                cred: who,
                 ino: ino.0,
                 offset,
                 data: data.to_vec(),
@@ -1318,13 +1382,14 @@ impl Filesystem for WispFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         match self.call(Rq::ReadDir {
+            cred: cred(req),
             ino: ino.0,
             offset,
             max: 512,
@@ -1349,13 +1414,14 @@ impl Filesystem for WispFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         match self.call(Rq::ReadDir {
+            cred: cred(req),
             ino: ino.0,
             offset,
             max: 256,
@@ -1429,7 +1495,7 @@ impl Filesystem for WispFs {
         )
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let n = name.as_bytes();
         let cached = if self.core.cache_ok() {
             self.core.meta.xattr(ino.0, n)
@@ -1445,6 +1511,7 @@ impl Filesystem for WispFs {
             None => {
                 let e = self.core.meta.epoch();
                 let r = self.call(Rq::GetXattr {
+                    cred: cred(req),
                     ino: ino.0,
                     name: n.to_vec(),
                 });
@@ -1461,8 +1528,15 @@ impl Filesystem for WispFs {
         xattr_reply(r, size, reply)
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(self.call(Rq::ListXattr { ino: ino.0 }), size, reply)
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(
+            self.call(Rq::ListXattr {
+                cred: cred(req),
+                ino: ino.0,
+            }),
+            size,
+            reply,
+        )
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1529,7 +1603,14 @@ impl Filesystem for WispFs {
                 // it asks again at once: answered from here.
                 self.core.meta.put_attr(e, &attr);
                 let clean = !self.core.meta.invalidated_since(e, attr.ino);
-                let fh = self.new_handle(attr.ino, flags, attr.kind == Kind::Pipe, cache, clean);
+                let fh = self.new_handle(
+                    attr.ino,
+                    flags,
+                    attr.kind == Kind::Pipe,
+                    cache,
+                    clean,
+                    cred(req),
+                );
                 // The entry TTL is also the attribute TTL here: 0, so the name is checked again.
                 reply.created(
                     &ENTRY_TTL,
@@ -1552,9 +1633,9 @@ impl Filesystem for WispFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
@@ -1567,6 +1648,7 @@ impl Filesystem for WispFs {
             &[ino.0],
             &[],
             Rq::Fallocate {
+                cred: self.handle_cred(fh, req),
                 ino: ino.0,
                 offset,
                 length,

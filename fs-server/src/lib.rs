@@ -10,9 +10,10 @@
 //! it may host is plugged in as an opaque [`NamingHandler`].
 
 pub mod objects;
+pub mod perm;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -85,6 +86,11 @@ pub struct FsServer {
     /// what they held meanwhile (the server forgot who may hold delayed writes).
     restarted: bool,
     recovering_until: OnceLock<std::time::Instant>,
+    /// Hosts (authenticated peer names) whose uid 0 is root here; root from any other host
+    /// is squashed to nobody. `*` trusts every host.
+    trusted_root: RwLock<HashSet<String>>,
+    /// Requests refused for lack of permission (EACCES/EPERM from [`perm`]).
+    denied: AtomicU64,
 }
 
 /// Longest wait for another client to write back its delayed writes before a request
@@ -119,8 +125,12 @@ impl From<StoreError> for WireError {
 
 type R<T> = Result<T, WireError>;
 
+/// A name to make or remove: one component that is not `.` or `..`, without `/` or NUL,
+/// at most NAME_MAX bytes. Names never reach the server's own file system (contents are
+/// stored by inode number), so this is about the namespace's integrity.
 fn check_name(name: &[u8]) -> R<()> {
-    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".."
+    {
         return Err(WireError::new(
             libc::EINVAL,
             format!("invalid file name {:?}", String::from_utf8_lossy(name)),
@@ -208,6 +218,8 @@ impl FsServer {
             writer_opens: AtomicU64::new(0),
             restarted,
             recovering_until: OnceLock::new(),
+            trusted_root: RwLock::new(HashSet::new()),
+            denied: AtomicU64::new(0),
         };
         s.sweep()
             .map_err(|source| ServerError::Store { path: db, source })?;
@@ -267,6 +279,34 @@ impl FsServer {
             "domain opened"
         );
         Ok(())
+    }
+
+    /// Trust these hosts (peer names; `*` for every host) for root: their uid 0 acts as root
+    /// here. Root from any other host is squashed to nobody (65534). Replaces the list.
+    pub fn set_trusted_root(&self, hosts: impl IntoIterator<Item = String>) {
+        *self.trusted_root.write().unwrap() = hosts.into_iter().collect();
+    }
+
+    /// The identity to check a request of `peer` against: `cred` as the host asserts it,
+    /// with root squashed unless the host is trusted for root.
+    fn who(&self, peer: &PeerHandle, cred: &Cred) -> R<Cred> {
+        if cred.groups.len() > MAX_GROUPS {
+            return Err(WireError::new(
+                libc::EINVAL,
+                format!(
+                    "credential with {} supplementary groups (at most {MAX_GROUPS})",
+                    cred.groups.len()
+                ),
+            ));
+        }
+        let t = self.trusted_root.read().unwrap();
+        let trusted = t.contains("*") || t.contains(&peer.name);
+        Ok(perm::squash(cred, trusted))
+    }
+
+    /// Requests refused by the permission checks since the server started.
+    pub fn denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
     }
 
     /// Plug in the registry replica hosted by this server.
@@ -343,7 +383,7 @@ impl FsServer {
     fn new_child(
         &self,
         session: u64,
-        cred: Cred,
+        cred: &Cred,
         parent: Ino,
         name: &[u8],
         kind: Kind,
@@ -364,6 +404,7 @@ impl FsServer {
         if prec.nlink == 0 {
             return Err(WireError::new(libc::ENOENT, "directory was removed"));
         }
+        perm::check_search(&prec, cred)?;
         if let Some((existing, _)) = t.lookup(parent, name)? {
             if excl || kind != Kind::File {
                 return Err(WireError::new(
@@ -378,6 +419,13 @@ impl FsServer {
                 return Err(WireError::new(libc::EISDIR, "is a directory"));
             }
             return Ok((self.attr(existing, &rec)?, false));
+        }
+        perm::check_dir_write(&prec, cred)?;
+        if matches!(kind, Kind::CharDev | Kind::BlockDev) && cred.uid != 0 {
+            return Err(WireError::new(
+                libc::EPERM,
+                "only root may make device nodes",
+            ));
         }
         let ino = t.alloc_ino()?;
         self.watch(session, ino);
@@ -409,14 +457,14 @@ impl FsServer {
         Ok((self.attr(ino, &rec)?, true))
     }
 
-    fn unlink(&self, parent: Ino, name: &[u8], want_dir: bool) -> R<Ino> {
-        check_name(name)?;
+    fn unlink(&self, who: &Cred, parent: Ino, name: &[u8], want_dir: bool) -> R<Ino> {
         if name == b"." || name == b".." {
             return Err(WireError::new(
                 if want_dir { libc::EINVAL } else { libc::EISDIR },
                 "cannot remove . or ..",
             ));
         }
+        check_name(name)?;
         let mut t = self.store.begin()?;
         let mut prec = t.get(parent)?;
         if prec.kind != Kind::Dir {
@@ -429,6 +477,7 @@ impl FsServer {
             )
         })?;
         let mut crec = t.get(child)?;
+        perm::check_delete(&prec, &crec, who)?;
         if want_dir {
             if crec.kind != Kind::Dir {
                 return Err(WireError::new(libc::ENOTDIR, "not a directory"));
@@ -459,8 +508,10 @@ impl FsServer {
         Ok(child)
     }
 
+    #[allow(clippy::too_many_arguments)] // renameat2's arguments plus who asks
     fn rename(
         &self,
+        who: &Cred,
         parent: Ino,
         name: &[u8],
         np: Ino,
@@ -485,6 +536,7 @@ impl FsServer {
             )
         })?;
         let srec = t.get(src)?;
+        perm::check_delete(&t.get(parent)?, &srec, who)?;
         let dst = t.lookup(np, nn)?.map(|x| x.0);
         if dst == Some(src) {
             return Ok((src, dst)); // same inode: POSIX says do nothing
@@ -495,6 +547,23 @@ impl FsServer {
                 libc::ENOTDIR,
                 "target parent is not a directory",
             ));
+        }
+        perm::check_dir_write(&nprec0, who)?;
+        if let Some(d) = dst {
+            perm::check_delete(&nprec0, &t.get(d)?, who)?;
+        }
+        // A directory moving to another parent has its `..` rewritten: it needs write
+        // permission on it (as the kernel asks); so does the other one of an exchange.
+        if parent != np {
+            if srec.kind == Kind::Dir {
+                perm::check(&srec, who, perm::MAY_WRITE)?;
+            }
+            if let (Some(d), true) = (dst, flags & 2 != 0) {
+                let drec = t.get(d)?;
+                if drec.kind == Kind::Dir {
+                    perm::check(&drec, who, perm::MAY_WRITE)?;
+                }
+            }
         }
         // A directory may not move into itself or below itself.
         if srec.kind == Kind::Dir {
@@ -619,9 +688,10 @@ impl FsServer {
         Ok((src, dst))
     }
 
-    fn setattr(&self, ino: Ino, set: SetAttrs) -> R<Attr> {
+    fn setattr(&self, who: &Cred, ino: Ino, set: SetAttrs) -> R<Attr> {
         let mut t = self.store.begin()?;
         let mut rec = t.get(ino)?;
+        let new_perm = perm::check_setattr(&rec, who, &set)?;
         if let Some(size) = set.size {
             match rec.kind {
                 Kind::File => {
@@ -639,8 +709,8 @@ impl FsServer {
                 }
             }
         }
-        if let Some(mode) = set.mode {
-            rec.perm = (mode & 0o7777) as u16;
+        if let Some(p) = new_perm {
+            rec.perm = p;
         }
         if let Some(uid) = set.uid {
             rec.uid = uid;
@@ -681,8 +751,25 @@ impl FsServer {
     /// Register an open. Returns the attributes, whether the client may cache the file
     /// for this open, and the other sessions that held it open when write-sharing began
     /// (they must drop their cached pages).
-    fn open_file(&self, peer: u64, ino: Ino, mode: OpenMode) -> R<(Attr, bool, Vec<u64>)> {
+    /// `who` is checked for the access asked, unless it just created the file (`None`).
+    fn open_file(
+        &self,
+        peer: u64,
+        who: Option<&Cred>,
+        ino: Ino,
+        mode: OpenMode,
+    ) -> R<(Attr, bool, Vec<u64>)> {
         let mut rec = self.store.get(ino)?;
+        if let Some(who) = who {
+            let mut want = 0;
+            if mode.read {
+                want |= perm::MAY_READ;
+            }
+            if mode.write || mode.truncate {
+                want |= perm::MAY_WRITE;
+            }
+            perm::check(&rec, who, want)?;
+        }
         if rec.kind == Kind::Dir && mode.write {
             return Err(WireError::new(
                 libc::EISDIR,
@@ -789,6 +876,7 @@ impl FsServer {
 
     fn write(
         &self,
+        who: &Cred,
         ino: Ino,
         offset: u64,
         data: &[u8],
@@ -802,6 +890,7 @@ impl FsServer {
             ));
         }
         let rec = self.store.get(ino)?;
+        perm::check_io(&rec, who, perm::MAY_WRITE)?;
         if rec.kind == Kind::Pipe {
             let n = self
                 .pipe(ino)
@@ -837,11 +926,12 @@ impl FsServer {
         })
     }
 
-    fn readdir(&self, ino: Ino, offset: u64, max: u32) -> R<Vec<DirEntry>> {
+    fn readdir(&self, who: &Cred, ino: Ino, offset: u64, max: u32) -> R<Vec<DirEntry>> {
         let rec = self.store.get(ino)?;
         if rec.kind != Kind::Dir {
             return Err(WireError::new(libc::ENOTDIR, "not a directory"));
         }
+        perm::check(&rec, who, perm::MAY_READ)?;
         let max = max.clamp(1, 4096) as usize;
         let mut out = Vec::new();
         if offset < 1 {
@@ -892,7 +982,8 @@ impl FsServer {
         })
     }
 
-    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+    fn setxattr(&self, who: &Cred, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> R<()> {
+        perm::check_xattr(&self.store.get(ino)?, who, name, true)?;
         if name == PIPE_XATTR {
             let mut t = self.store.begin()?;
             let mut rec = t.get(ino)?;
@@ -945,7 +1036,13 @@ impl FsServer {
     fn dispatch(&self, peer: &Arc<PeerHandle>, req: Request) -> R<Response> {
         Ok(match req {
             Request::Ping => Response::Pong,
-            Request::Lookup { parent, name, .. } => {
+            Request::Lookup { cred, parent, name } => {
+                if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+                    return Err(WireError::new(
+                        libc::EINVAL,
+                        format!("invalid file name {:?}", String::from_utf8_lossy(&name)),
+                    ));
+                }
                 if name.len() > NAME_MAX {
                     return Err(WireError::new(
                         libc::ENAMETOOLONG,
@@ -959,6 +1056,7 @@ impl FsServer {
                 if prec.kind != Kind::Dir {
                     return Err(WireError::new(libc::ENOTDIR, "not a directory"));
                 }
+                perm::check_search(&prec, &self.who(peer, &cred)?)?;
                 let ino = match name.as_slice() {
                     b"." => parent,
                     b".." => prec.parent,
@@ -974,8 +1072,8 @@ impl FsServer {
                 Response::Entry(self.getattr(ino)?)
             }
             Request::GetAttr { ino } => Response::Attr(self.getattr(ino)?),
-            Request::SetAttr { ino, set, .. } => {
-                let a = self.setattr(ino, set)?;
+            Request::SetAttr { cred, ino, set } => {
+                let a = self.setattr(&self.who(peer, &cred)?, ino, set)?;
                 self.changed(peer, &[ino]);
                 Response::Attr(a)
             }
@@ -1000,7 +1098,7 @@ impl FsServer {
                 let a = self
                     .new_child(
                         peer.session,
-                        cred,
+                        &self.who(peer, &cred)?,
                         parent,
                         &name,
                         kind,
@@ -1022,7 +1120,7 @@ impl FsServer {
                 let a = self
                     .new_child(
                         peer.session,
-                        cred,
+                        &self.who(peer, &cred)?,
                         parent,
                         &name,
                         Kind::Dir,
@@ -1043,9 +1141,10 @@ impl FsServer {
                 excl,
                 mode_open,
             } => {
+                let who = self.who(peer, &cred)?;
                 let (attr, created) = self.new_child(
                     peer.session,
-                    cred,
+                    &who,
                     parent,
                     &name,
                     Kind::File,
@@ -1060,7 +1159,12 @@ impl FsServer {
                     // client's delayed writes go back first.
                     self.settle(peer, attr.ino)?;
                 }
-                let (attr, cache, sharers) = self.open_file(peer.session, attr.ino, mode_open)?;
+                let (attr, cache, sharers) = self.open_file(
+                    peer.session,
+                    (!created).then_some(&who),
+                    attr.ino,
+                    mode_open,
+                )?;
                 if mode_open.truncate && !created {
                     self.changed(peer, &[attr.ino]);
                 }
@@ -1083,7 +1187,7 @@ impl FsServer {
                 let a = self
                     .new_child(
                         peer.session,
-                        cred,
+                        &self.who(peer, &cred)?,
                         parent,
                         &name,
                         Kind::Symlink,
@@ -1097,12 +1201,13 @@ impl FsServer {
                 Response::Entry(a)
             }
             Request::Link {
+                cred,
                 ino,
                 new_parent,
                 new_name,
-                ..
             } => {
                 check_name(&new_name)?;
+                let who = self.who(peer, &cred)?;
                 let mut t = self.store.begin()?;
                 let mut rec = t.get(ino)?;
                 if rec.kind == Kind::Dir {
@@ -1115,6 +1220,7 @@ impl FsServer {
                 if prec.kind != Kind::Dir {
                     return Err(WireError::new(libc::ENOTDIR, "not a directory"));
                 }
+                perm::check_dir_write(&prec, &who)?;
                 if t.lookup(new_parent, &new_name)?.is_some() {
                     return Err(WireError::new(
                         libc::EEXIST,
@@ -1133,32 +1239,34 @@ impl FsServer {
                 self.changed(peer, &[ino, new_parent]);
                 Response::Entry(self.attr(ino, &rec)?)
             }
-            Request::Unlink { parent, name, .. } => {
-                let child = self.unlink(parent, &name, false)?;
+            Request::Unlink { cred, parent, name } => {
+                let child = self.unlink(&self.who(peer, &cred)?, parent, &name, false)?;
                 self.changed(peer, &[parent, child]);
                 Response::Ok
             }
-            Request::Rmdir { parent, name, .. } => {
-                let child = self.unlink(parent, &name, true)?;
+            Request::Rmdir { cred, parent, name } => {
+                let child = self.unlink(&self.who(peer, &cred)?, parent, &name, true)?;
                 self.changed(peer, &[parent, child]);
                 Response::Ok
             }
             Request::Rename {
+                cred,
                 parent,
                 name,
                 new_parent,
                 new_name,
                 flags,
-                ..
             } => {
-                let (src, dst) = self.rename(parent, &name, new_parent, &new_name, flags)?;
+                let who = self.who(peer, &cred)?;
+                let (src, dst) = self.rename(&who, parent, &name, new_parent, &new_name, flags)?;
                 let mut inos = vec![parent, new_parent, src];
                 inos.extend(dst);
                 self.changed(peer, &inos);
                 Response::Ok
             }
-            Request::Open { ino, mode, .. } => {
-                let (attr, cache, sharers) = self.open_file(peer.session, ino, mode)?;
+            Request::Open { cred, ino, mode } => {
+                let who = self.who(peer, &cred)?;
+                let (attr, cache, sharers) = self.open_file(peer.session, Some(&who), ino, mode)?;
                 if mode.truncate {
                     self.changed(peer, &[ino]);
                 }
@@ -1171,12 +1279,14 @@ impl FsServer {
                 Response::Ok
             }
             Request::Read {
+                cred,
                 ino,
                 offset,
                 size,
                 nonblock,
             } => {
                 let rec = self.store.get(ino)?;
+                perm::check_io(&rec, &self.who(peer, &cred)?, perm::MAY_READ)?;
                 if rec.kind == Kind::Pipe {
                     let d = self
                         .pipe(ino)
@@ -1204,13 +1314,15 @@ impl FsServer {
                 Response::Data(data)
             }
             Request::Write {
+                cred,
                 ino,
                 offset,
                 data,
                 append,
                 nonblock,
             } => {
-                let r = self.write(ino, offset, &data, append, nonblock)?;
+                let who = self.who(peer, &cred)?;
+                let r = self.write(&who, ino, offset, &data, append, nonblock)?;
                 if !matches!(&r, Response::Written { attr, .. } if attr.kind == Kind::Pipe) {
                     self.changed(peer, &[ino]);
                 }
@@ -1236,8 +1348,13 @@ impl FsServer {
                 self.store.sync()?;
                 Response::Ok
             }
-            Request::ReadDir { ino, offset, max } => {
-                let mut es = self.readdir(ino, offset, max)?;
+            Request::ReadDir {
+                cred,
+                ino,
+                offset,
+                max,
+            } => {
+                let mut es = self.readdir(&self.who(peer, &cred)?, ino, offset, max)?;
                 // Entries whose files another client may hold delayed writes for: have them
                 // written back, then read their attributes again.
                 let held: Vec<usize> = {
@@ -1259,34 +1376,39 @@ impl FsServer {
             }
             Request::StatFs => self.statfs()?,
             Request::SetXattr {
+                cred,
                 ino,
                 name,
                 value,
                 flags,
-                ..
             } => {
-                self.setxattr(ino, &name, &value, flags)?;
+                self.setxattr(&self.who(peer, &cred)?, ino, &name, &value, flags)?;
                 self.changed(peer, &[ino]);
                 Response::Ok
             }
-            Request::GetXattr { ino, name } => {
-                self.store.get(ino)?;
+            Request::GetXattr { cred, ino, name } => {
+                perm::check_xattr(&self.store.get(ino)?, &self.who(peer, &cred)?, &name, false)?;
                 Response::Xattr(
                     self.store
                         .get_xattr(ino, &name)?
                         .ok_or_else(|| WireError::new(libc::ENODATA, "no such xattr"))?,
                 )
             }
-            Request::ListXattr { ino } => {
+            Request::ListXattr { cred, ino } => {
                 self.store.get(ino)?;
+                let who = self.who(peer, &cred)?;
                 let mut out = Vec::new();
                 for n in self.store.list_xattrs(ino)? {
+                    if !perm::lists_xattr(&who, &n) {
+                        continue;
+                    }
                     out.extend_from_slice(&n);
                     out.push(0);
                 }
                 Response::Xattr(out)
             }
-            Request::RemoveXattr { ino, name, .. } => {
+            Request::RemoveXattr { cred, ino, name } => {
+                perm::check_xattr(&self.store.get(ino)?, &self.who(peer, &cred)?, &name, true)?;
                 let mut t = self.store.begin()?;
                 if !t.remove_xattr(ino, &name)? {
                     return Err(WireError::new(libc::ENODATA, "no such xattr"));
@@ -1299,12 +1421,15 @@ impl FsServer {
                 Response::Ok
             }
             Request::Fallocate {
+                cred,
                 ino,
                 offset,
                 length,
                 mode,
             } => {
-                if self.store.get(ino)?.kind != Kind::File {
+                let rec = self.store.get(ino)?;
+                perm::check_io(&rec, &self.who(peer, &cred)?, perm::MAY_WRITE)?;
+                if rec.kind != Kind::File {
                     return Err(WireError::new(libc::ENODEV, "not a regular file"));
                 }
                 self.objects
@@ -1574,7 +1699,7 @@ impl Service for FsServer {
             Request::Lookup { parent: ino, .. }
             | Request::ReadDir { ino, .. }
             | Request::GetXattr { ino, .. }
-            | Request::ListXattr { ino } => self.watch(peer.session, *ino),
+            | Request::ListXattr { ino, .. } => self.watch(peer.session, *ino),
             Request::GetAttr { ino }
             | Request::Read { ino, .. }
             | Request::Open { ino, .. }
@@ -1590,7 +1715,15 @@ impl Service for FsServer {
             Request::Write { ino, .. } => self.watch(peer.session, *ino),
             _ => {}
         }
-        let resp = self.dispatch(peer, req)?;
+        let resp = match self.dispatch(peer, req) {
+            Ok(r) => r,
+            Err(e) => {
+                if e.errno == libc::EACCES || e.errno == libc::EPERM {
+                    self.denied.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
         let s = peer.session;
         let mut interest = self.interest.lock().unwrap();
         match &resp {

@@ -58,6 +58,9 @@ impl Objects {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // An object is never a symlink: one planted in the data directory is refused
+            // (ELOOP), never followed out of it.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&p)
         {
             Ok(f) => f,
@@ -69,6 +72,7 @@ impl Objects {
                     .create(true)
                     .truncate(false)
                     .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(&p)?
             }
             Err(e) => return Err(e),
@@ -209,5 +213,27 @@ impl Objects {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_planted_as_an_object_is_never_followed() {
+        let dir = std::env::temp_dir().join(format!("wisp-objects-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let o = Objects::open(&dir).unwrap();
+        let p = o.path(0x42);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let secret = dir.join("outside");
+        std::fs::write(&secret, b"server secret").unwrap();
+        std::os::unix::fs::symlink(&secret, &p).unwrap();
+        let e = o.read(0x42, 0, 100).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert!(o.write(0x42, 0, b"x").is_err());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"server secret");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -111,10 +111,13 @@ pub fn run_sandboxed_in(
         }
     }
     let rseq = sys::glibc_rseq();
-    let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS)?;
+    // A mount namespace too, for a /proc of the job's own: it cannot see the host's
+    // processes, let alone signal or trace them (their pids do not exist in its namespace).
+    let init = sys::fork_with_flags(libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWNS)?;
     if init == 0 {
         // pid 1 of the new namespace: only async-signal-safe calls from here on.
         sys::child_join_cgroups(cgroup_procs);
+        sys::child_private_proc();
         match sys::fork_with_flags(0) {
             Ok(0) => sys::child_exec(fds, &exec),
             Ok(main) => sys::child_become_reaper(main, rseq),

@@ -572,6 +572,33 @@ pub fn child_join_cgroups(procs: &[i32]) {
     }
 }
 
+/// Child body, pid 1 of a new pid namespace in a new mount namespace: stop mounts made
+/// here from propagating out (slave), and mount a procfs of this pid namespace on /proc,
+/// so the job sees (and can name) only its own processes. Errors are ignored: the job
+/// then sees the host's /proc, as before (the sandbox test checks it).
+pub fn child_private_proc() {
+    let (root, dir, fs) = (b"/\0", b"/proc\0", b"proc\0");
+    // SAFETY: mount(2) with NUL-terminated static strings and null data; async-signal-safe.
+    unsafe {
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr() as *const libc::c_char,
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) == 0
+        {
+            libc::mount(
+                fs.as_ptr() as *const libc::c_char,
+                dir.as_ptr() as *const libc::c_char,
+                fs.as_ptr() as *const libc::c_char,
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            );
+        }
+    }
+}
+
 /// Child body: leave immediately with `code` (no atexit handlers, no unwinding).
 pub fn child_exit(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and never returns.

@@ -49,20 +49,33 @@ impl WireError {
     }
 }
 
-/// Identity of the process making a file system request, as the kernel gave it to FUSE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Identity of the process making a file system request, as the kernel gave it to FUSE,
+/// plus its supplementary groups (from `/proc/PID/status`). The file server checks
+/// permissions against it (after squashing root from hosts it does not trust for root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cred {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// Supplementary groups (at most [`MAX_GROUPS`]; the server refuses more).
+    pub groups: Vec<u32>,
 }
+
+/// Most supplementary groups a [`Cred`] may carry (Linux's NGROUPS_MAX).
+pub const MAX_GROUPS: usize = 65536;
 
 impl Cred {
     pub const ROOT: Cred = Cred {
         uid: 0,
         gid: 0,
         pid: 0,
+        groups: Vec::new(),
     };
+
+    /// Whether `gid` is the primary group or one of the supplementary groups.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
 }
 
 /// File type, as in `st_mode & S_IFMT`.
@@ -243,6 +256,7 @@ pub enum Request {
         mode: OpenMode,
     },
     Read {
+        cred: Cred,
         ino: Ino,
         offset: u64,
         size: u32,
@@ -250,6 +264,7 @@ pub enum Request {
     },
     /// With `append`, the data goes at the server's end of file and `offset` is ignored.
     Write {
+        cred: Cred,
         ino: Ino,
         offset: u64,
         #[serde(with = "serde_bytes")]
@@ -269,6 +284,7 @@ pub enum Request {
     },
     /// Entries after cookie `offset` (0 = from the start), at most `max` of them.
     ReadDir {
+        cred: Cred,
         ino: Ino,
         offset: u64,
         max: u32,
@@ -283,10 +299,12 @@ pub enum Request {
         flags: i32,
     },
     GetXattr {
+        cred: Cred,
         ino: Ino,
         name: Vec<u8>,
     },
     ListXattr {
+        cred: Cred,
         ino: Ino,
     },
     RemoveXattr {
@@ -296,6 +314,7 @@ pub enum Request {
     },
     /// `mode` as fallocate(2): 0 or FALLOC_FL_KEEP_SIZE / PUNCH_HOLE|KEEP_SIZE.
     Fallocate {
+        cred: Cred,
         ino: Ino,
         offset: u64,
         length: u64,
@@ -317,6 +336,9 @@ pub enum Request {
     JobSignal {
         job: u64,
         signal: i32,
+        /// The uid asking, as its host asserts it: only the job's owner or root may signal
+        /// a job (EPERM otherwise).
+        uid: u32,
     },
     /// Agent: the jobs running on this host.
     JobList,

@@ -41,8 +41,27 @@ use crate::msg::{Callback, Message, Request, Response, WireError};
 
 /// Most connections a server accepts at once.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Most calls in flight on one connection; the reader waits when it is reached.
+/// Most calls in flight on one connection; one more is answered at once with EBUSY
+/// (the reader never stops reading: callback replies must still get through).
 pub const MAX_INFLIGHT: usize = 256;
+
+/// errno EBUSY (Linux), for a call refused over [`MAX_INFLIGHT`].
+const EBUSY: i32 = 16;
+
+static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+static REFUSED_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Connections this process's servers closed at once because they held
+/// [`MAX_CONNECTIONS`] already.
+pub fn refused_connections() -> u64 {
+    REFUSED_CONNECTIONS.load(Ordering::Relaxed)
+}
+
+/// Calls this process's servers refused (EBUSY) because their connection had
+/// [`MAX_INFLIGHT`] calls in flight.
+pub fn refused_calls() -> u64 {
+    REFUSED_CALLS.load(Ordering::Relaxed)
+}
 /// How long a server waits for a client to answer a callback before giving up on it.
 pub const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection on which nothing arrives for this long is closed: a client that was
@@ -177,16 +196,20 @@ pub async fn serve<S: Service>(
     loop {
         // Reap finished connection tasks so the set does not grow without bound.
         while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (sock, addr) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => { warn!("accept failed: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
             },
+        };
+        // Over the limit, a connection is closed at once (its handshake fails) rather than
+        // left waiting unanswered; counted and logged.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            warn!(%addr, "refusing connection: already serving {MAX_CONNECTIONS} connections");
+            drop(sock);
+            continue;
         };
         let _ = sock.set_nodelay(true);
         let session = sessions.fetch_add(1, Ordering::Relaxed);
@@ -303,11 +326,21 @@ async fn run_server_conn<S: Service>(
                     .await;
             }
             Message::Call { id, req } => {
-                let permit = inflight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("never closed");
+                let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                    REFUSED_CALLS.fetch_add(1, Ordering::Relaxed);
+                    warn!(peer = %peer.name, "refusing a call: {MAX_INFLIGHT} calls already in flight on this connection");
+                    let _ = handle
+                        .tx
+                        .send(encode(&Message::Reply {
+                            id,
+                            resp: Err(WireError::new(
+                                EBUSY,
+                                format!("server busy: {MAX_INFLIGHT} calls already in flight on this connection"),
+                            )),
+                        }))
+                        .await;
+                    continue;
+                };
                 let service = service.clone();
                 let h = handle.clone();
                 tokio::spawn(async move {

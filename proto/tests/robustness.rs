@@ -101,6 +101,7 @@ fn samples() -> Vec<Message> {
         uid: 1000,
         gid: 1000,
         pid: 42,
+        groups: vec![27, 100],
     };
     let mode = OpenMode {
         read: true,
@@ -116,7 +117,7 @@ fn samples() -> Vec<Message> {
         Message::Call {
             id: 2,
             req: Request::Lookup {
-                cred,
+                cred: cred.clone(),
                 parent: ROOT_INO,
                 name: b"etc".to_vec(),
             },
@@ -124,6 +125,7 @@ fn samples() -> Vec<Message> {
         Message::Call {
             id: 3,
             req: Request::Write {
+                cred: cred.clone(),
                 ino: 9,
                 offset: 1 << 40,
                 data: vec![7; 300],

@@ -97,6 +97,7 @@ fn rpc_write_throughput() {
                     let mut i = t;
                     while i < total {
                         let req = Request::Write {
+                            cred: wisp_proto::msg::Cred::ROOT,
                             ino: 2,
                             offset: i << 20,
                             data: chunk.clone(),
@@ -156,6 +157,7 @@ where
         let start = Instant::now();
         for i in 0..total {
             let req = Request::Write {
+                cred: wisp_proto::msg::Cred::ROOT,
                 ino: 2,
                 offset: i << 20,
                 data: chunk.clone(),

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub host: String,
     /// Resource limits of each job's cgroup.
     pub limits: crate::cgroup::JobLimits,
+    /// The owner forbids foreign jobs on this host: every job whose home is another host is
+    /// refused (started or migrated here), whatever the eviction policy says.
+    pub no_foreign: bool,
 }
 
 /// The agent service.
@@ -84,6 +87,10 @@ pub struct AgentStats {
     pub pages_pushed: std::sync::atomic::AtomicU64,
     /// Milliseconds jobs spent frozen by migrations out of this host, summed.
     pub frozen_ms: std::sync::atomic::AtomicU64,
+    /// Signals refused because the asking uid was neither the job's owner nor root.
+    pub signals_refused: std::sync::atomic::AtomicU64,
+    /// Foreign jobs refused because the owner forbids them (`no_foreign`).
+    pub foreign_refused: std::sync::atomic::AtomicU64,
 }
 
 fn err(errno: i32, msg: impl Into<String>) -> WireError {
@@ -672,7 +679,20 @@ impl Agent {
         }
     }
 
-    fn signal(&self, job: u64, sig: i32) -> Result<Response, WireError> {
+    /// Signal `job` for `uid`: its owner or root only.
+    fn signal(&self, job: u64, sig: i32, uid: u32) -> Result<Response, WireError> {
+        if let Some(j) = self.jobs.lock().unwrap().get(&job) {
+            if uid != 0 && uid != j.info.uid {
+                self.stats.signals_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(err(
+                    libc::EPERM,
+                    format!(
+                        "uid {uid} may not signal job {job}: it belongs to uid {}; only its owner or root may",
+                        j.info.uid
+                    ),
+                ));
+            }
+        }
         let pid = match self.jobs.lock().unwrap().get(&job) {
             Some(Job {
                 moved: Some((host, addr)),
@@ -717,7 +737,7 @@ impl Service for AgentService {
                 pid: self.0.exec(spec)?,
             }),
             Request::JobWait { job } => self.0.wait(job),
-            Request::JobSignal { job, signal } => self.0.signal(job, signal),
+            Request::JobSignal { job, signal, uid } => self.0.signal(job, signal, uid),
             Request::JobList => Ok(Response::Jobs(self.0.jobs())),
             Request::MigrateOut {
                 job,

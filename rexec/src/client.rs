@@ -390,13 +390,18 @@ fn run_on(
             }
             while let Some(s) = rx.recv().await {
                 let agent = current.lock().unwrap().clone();
-                if let Ok(Response::Moved { .. }) =
-                    agent.call(Request::JobSignal { job, signal: s }).await
-                {
+                // SAFETY: getuid(2) cannot fail.
+                let uid = unsafe { libc::getuid() };
+                let req = Request::JobSignal {
+                    job,
+                    signal: s,
+                    uid,
+                };
+                if let Ok(Response::Moved { .. }) = agent.call(req.clone()).await {
                     // Raced with a migration: the waiter below switches hosts; try once more.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let agent = current.lock().unwrap().clone();
-                    let _ = agent.call(Request::JobSignal { job, signal: s }).await;
+                    let _ = agent.call(req).await;
                 }
             }
         })

@@ -84,12 +84,24 @@ impl Agent {
 
     /// Refuse a foreign job (started or migrated here) beyond `max_foreign`.
     pub(crate) fn admit_foreign(&self, job: u64, home: &str) -> Result<(), WireError> {
-        let Some(max) = self.evict_policy().max_foreign else {
-            return Ok(());
-        };
         if home == self.cfg.host {
             return Ok(());
         }
+        if self.cfg.no_foreign {
+            self.stats
+                .foreign_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(WireError::new(
+                libc::EPERM,
+                format!(
+                    "the owner of {} forbids foreign jobs here (wispd --no-foreign); job {job} from {home} refused",
+                    self.cfg.host
+                ),
+            ));
+        }
+        let Some(max) = self.evict_policy().max_foreign else {
+            return Ok(());
+        };
         // Suspended jobs and jobs being moved still take room here.
         let n = self
             .jobs

@@ -592,10 +592,19 @@ pub fn kill(a: KillArgs) -> Result<ExitCode> {
             .hosts
             .get(&job.current_host)
             .ok_or_else(|| anyhow!("job {name} runs on unknown host {}", job.current_host))?;
+        // SAFETY: getuid(2) cannot fail.
+        let uid = unsafe { libc::getuid() };
+        if uid != 0 && uid != job.owner_uid {
+            bail!(
+                "permission denied: job {name} belongs to uid {}; only its owner or root may signal it (you are uid {uid})",
+                job.owner_uid
+            );
+        }
         let agent = agent_client(&c, &key, &h.addr, "wisp-kill", Duration::from_secs(10));
         match c.rt.block_on(agent.call(Request::JobSignal {
             job: job.id,
             signal: sig,
+            uid,
         })) {
             Ok(Response::Ok) => {
                 println!("signal {sig} sent to job {name} on {}", h.name);

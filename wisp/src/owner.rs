@@ -139,6 +139,9 @@ pub struct OwnerMonitor {
     /// Devices being watched right now (0: none, fallback 3 applies).
     devices: Arc<AtomicU64>,
     started: u64,
+    /// The owner forbids foreign jobs (`wispd --no-foreign`): the host reports its owner
+    /// as present, so placement never lends it and eviction keeps foreign jobs away.
+    pub no_foreign: bool,
 }
 
 impl OwnerMonitor {
@@ -150,6 +153,7 @@ impl OwnerMonitor {
             last_input: Arc::new(AtomicU64::new(started)),
             devices: Arc::new(AtomicU64::new(0)),
             started,
+            no_foreign: false,
         };
         if let Some(pat) = devices {
             let (dir, prefix) = split_pattern(pat)?;
@@ -172,6 +176,9 @@ impl OwnerMonitor {
 
     /// Seconds the owner has been away, and where that came from (for logs).
     pub fn idle_secs(&self) -> (u64, &'static str) {
+        if self.no_foreign {
+            return (0, "foreign jobs forbidden (--no-foreign)");
+        }
         let now = now_secs();
         match read_override(&self.file) {
             Ok(Some(o)) => return (o.idle_secs(now), "override file"),

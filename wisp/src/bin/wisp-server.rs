@@ -68,6 +68,12 @@ struct Args {
     /// Prometheus metrics endpoint (GET /metrics); "none" to disable.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
     metrics: String,
+    /// Hosts whose root (uid 0) is root on this server, by the name they authenticate with
+    /// (HOST,HOST,...; `*` for every host). Root from any other host is squashed to nobody
+    /// (uid and gid 65534). Hosts whose wispd migrates jobs or makes domain mount points
+    /// need it. Default: none.
+    #[arg(long, value_name = "HOST,...", value_delimiter = ',')]
+    trust_root: Vec<String>,
 }
 
 /// Parse `1=10.0.0.1:7070,2=10.0.0.2:7070`.
@@ -161,6 +167,23 @@ fn main() -> Result<()> {
     let key = wisp_proto::key::ClusterKey::load(&args.key)?;
     let plan = replica_plan(&args)?;
     let server = Arc::new(wisp_fs_server::FsServer::open(&args.data)?);
+    let trusted: Vec<String> = args
+        .trust_root
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    for h in &trusted {
+        if h != "*"
+            && !h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!("bad --trust-root host {h:?}: a host name (letters, digits, - _ .) or *");
+        }
+    }
+    tracing::info!(hosts = ?trusted, "trusted for root (root from any other host is squashed to nobody)");
+    server.set_trusted_root(trusted);
     server.start_flusher();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -201,6 +224,9 @@ fn main() -> Result<()> {
                     ("wisp_server_written_bytes_total", "File bytes written by clients", "counter", st.bytes_written as f64),
                     ("wisp_server_callbacks_total", "Consistency callbacks sent to clients", "counter", st.callbacks as f64),
                     ("wisp_server_clients", "Connected clients", "gauge", st.clients as f64),
+                    ("wisp_server_denied_total", "Requests refused by the server's permission checks (EACCES/EPERM)", "counter", s2.denied() as f64),
+                    ("wisp_rpc_refused_connections_total", "Connections refused because the server held its maximum", "counter", wisp_proto::rpc::refused_connections() as f64),
+                    ("wisp_rpc_refused_calls_total", "Calls refused because their connection had its maximum in flight", "counter", wisp_proto::rpc::refused_calls() as f64),
                 ]
             });
             let addr = args.metrics.clone();

@@ -98,6 +98,12 @@ struct Args {
     /// Do not accept foreign jobs on this host (the job agent is not started).
     #[arg(long)]
     no_agent: bool,
+    /// The owner forbids foreign jobs here: the agent runs this host's own jobs but refuses
+    /// every job from another host (rexec or migration, EPERM), and the host reports its
+    /// owner as present, so the registry never lends it out and eviction sends foreign
+    /// jobs away.
+    #[arg(long)]
+    no_foreign: bool,
     /// Nice value of foreign jobs, so the owner's own work keeps priority.
     #[arg(long, default_value_t = 10)]
     job_nice: i32,
@@ -278,10 +284,11 @@ fn main() -> Result<()> {
         "none" | "" => None,
         p => Some(p),
     };
-    let owner = OwnerMonitor::start(
+    let mut owner = OwnerMonitor::start(
         args.owner_file.clone().unwrap_or_else(|| owner_file(&name)),
         devices,
     )?;
+    owner.no_foreign = args.no_foreign;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -341,6 +348,7 @@ fn main() -> Result<()> {
             mount: args.mount.clone(),
             nice: args.job_nice,
             allow_root: true,
+            no_foreign: args.no_foreign,
             key: wisp_proto::key::ClusterKey::load(&args.key)?,
             host: name.clone(),
             limits: wisp_rexec::cgroup::JobLimits {
@@ -482,6 +490,10 @@ fn main() -> Result<()> {
                     ("wisp_agent_pages_pushed_total", "Pages pushed in the background by the lazy pager", "counter", st.pages_pushed.load(Relaxed) as f64),
                     ("wisp_agent_suspensions_total", "Jobs stopped because they could not migrate when the owner came back", "counter", st.suspensions.load(Relaxed) as f64),
                     ("wisp_agent_frozen_seconds_total", "Time jobs were stopped by migrations out of here", "counter", st.frozen_ms.load(Relaxed) as f64 / 1e3),
+                    ("wisp_agent_signals_refused_total", "Job signals refused: the asking uid was neither the job's owner nor root", "counter", st.signals_refused.load(Relaxed) as f64),
+                    ("wisp_agent_foreign_refused_total", "Foreign jobs refused because the owner forbids them (--no-foreign)", "counter", st.foreign_refused.load(Relaxed) as f64),
+                    ("wisp_rpc_refused_connections_total", "Connections refused because a server of this process held its maximum", "counter", wisp_proto::rpc::refused_connections() as f64),
+                    ("wisp_rpc_refused_calls_total", "Calls refused because their connection had its maximum in flight", "counter", wisp_proto::rpc::refused_calls() as f64),
                 ]);
             }
             v
