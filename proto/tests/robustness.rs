@@ -136,7 +136,7 @@ fn samples() -> Vec<Message> {
         Message::Call {
             id: 4,
             req: Request::SetAttr {
-                cred,
+                cred: cred.clone(),
                 ino: 9,
                 set: SetAttrs {
                     mode: Some(0o600),
