@@ -280,6 +280,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     }
 }
 
+/// How long a read of the swap file is retried while it fails with an I/O error (the file
+/// server restarting, or unreachable): the faulting thread waits, it never gets a wrong
+/// or zero page. Past this the pager gives up and the job is killed with the reason.
+pub const IO_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Retry `op` while it fails with an I/O error, for at most [`IO_RETRY_FOR`].
+fn retrying<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match op() {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::UnexpectedEof
+                    && start.elapsed() < IO_RETRY_FOR =>
+            {
+                tracing::debug!("swap file read failed, retrying: {e}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl SwapReader {
     /// Open the swap file of the image in `dir` (metadata `meta`, whose payload has SHA-256
     /// `digest`); with `check`, verify that the image belongs to `check.tag` and that its
@@ -430,7 +454,7 @@ impl SwapReader {
         let mut b = vec![0u8; 64 * ENTRY as usize];
         loop {
             let at = SUM_HEADER + self.chunks.len() as u64 * ENTRY;
-            let n = f.read_at(&mut b, at).map_err(io(sp))?;
+            let n = retrying(|| f.read_at(&mut b, at)).map_err(io(sp))?;
             let whole = n / ENTRY as usize;
             for e in b[..whole * ENTRY as usize].chunks_exact(ENTRY as usize) {
                 let end = u64::from_le_bytes(e[..8].try_into().unwrap_or([0; 8]));
@@ -462,9 +486,8 @@ impl SwapReader {
             });
         }
         if self.key.is_none() {
-            return self
-                .pages
-                .read_exact_at(buf, off)
+            let pages = &self.pages;
+            return retrying(|| pages.read_exact_at(buf, off))
                 .map_err(|e| io(&self.path)(e).into());
         }
         let mut done = 0usize;
@@ -478,9 +501,8 @@ impl SwapReader {
             if self.cache.as_ref().map(|c| c.0) != Some(i) {
                 self.cache = None;
                 let mut data = vec![0u8; (cend - start) as usize];
-                self.pages
-                    .read_exact_at(&mut data, start)
-                    .map_err(io(&self.path))?;
+                let pages = &self.pages;
+                retrying(|| pages.read_exact_at(&mut data, start)).map_err(io(&self.path))?;
                 let key = self.key.as_ref().ok_or_else(|| ImageError::Altered {
                     path: self.path.clone(),
                     what: "no key".into(),

@@ -49,12 +49,45 @@ fn lazy_paging_survives_a_file_server_restart() {
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_secs(3)); // memory filled; the job sleeps
-    let m = s.wisp(&format!("migrate {job} --to ws3 --lazy"));
-    assert!(m.contains("-> ws3"), "{m}");
-    // The target runs the job and pages it in from the swap file: now the server goes.
+                                                // The migration returns once the source has streamed every page into the swap file,
+                                                // by which time the target may have paged it all in: the server is killed as soon as
+                                                // the job runs on the target, while its pages are still being written and paged in.
+    let cmd = format!(
+        "{} migrate {job} --to ws3 --lazy --cluster {}",
+        s.bin_dir.join("wisp").display(),
+        s.name
+    );
+    let migrate = std::thread::spawn(move || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .output()
+            .expect("run wisp migrate");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(s.log_path("ws3"))
+        .unwrap_or_default()
+        .contains("job arrived")
+    {
+        assert!(Instant::now() < deadline, "the job never arrived on ws3");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !std::fs::read_to_string(s.log_path("ws3"))
+            .unwrap_or_default()
+            .contains("all pages in"),
+        "every page was in before the server could be killed"
+    );
     s.kill_daemon("srv1", libc::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     s.start_daemon("srv1").unwrap();
+    let m = migrate.join().unwrap();
+    assert!(m.contains("-> ws3"), "{m}");
     let deadline = Instant::now() + Duration::from_secs(120);
     let got = loop {
         let (code, out, _) = s.run("ws1", "cat /wisp/pg/out");
@@ -63,8 +96,10 @@ fn lazy_paging_survives_a_file_server_restart() {
         }
         assert!(
             Instant::now() < deadline,
-            "the job never finished after the server restart: {:?}",
-            s.wisp("jobs")
+            "the job never finished after the server restart: {:?}\n--- ws2 (source) log:\n{}\n--- ws3 (target) log:\n{}",
+            s.wisp("jobs"),
+            log_tail(&s, "ws2"),
+            log_tail(&s, "ws3")
         );
         std::thread::sleep(Duration::from_millis(300));
     };
@@ -83,4 +118,11 @@ fn lazy_paging_survives_a_file_server_restart() {
     }
     let _ = std::fs::remove_file("/tmp/wisp-paging-job.py");
     let _ = std::fs::remove_file("/tmp/wisp-paging-want");
+}
+
+/// The last lines of a host's daemon log, for failure messages.
+fn log_tail(s: &wisp_tests::Sim, host: &str) -> String {
+    let text = std::fs::read_to_string(s.log_path(host)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
