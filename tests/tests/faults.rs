@@ -97,7 +97,6 @@ fn synced_file(s: &Sim, host: &str, path: &str, mib: u32) -> String {
 /// /wisp: the build ends (success or a clean failure, never a hang), a second make gives a
 /// correct program, and every fsynced file is intact.
 #[test]
-#[ignore = "not yet run to completion on the loaded dev machine (see notes/issue-faults.md)"]
 fn server_sigkill_during_a_rexec_build() {
     let mut s = sim("fbuild", 3);
     s.lend(&["ws2", "ws3"]);
@@ -151,7 +150,6 @@ fn server_sigkill_during_a_rexec_build() {
 /// a hang past the call bound), and once the link is back the client reconnects at once
 /// (not after the 20 s lease).
 #[test]
-#[ignore = "passed once in 30 s; a second run exceeded 400 s in its read-back checks (suspected: reads wait on callbacks to the replaced connection; see notes/issue-faults.md)"]
 fn workstation_partitioned_during_a_write() {
     let s = sim("fwrite", 2);
     let log = format!("/tmp/wisp-faults-{}-write.log", s.name);
@@ -304,7 +302,6 @@ fn copies(s: &Sim, tag: &str) -> usize {
 /// the swap file: the migration succeeds or fails, but exactly one copy of the job lives on
 /// and its output has no gap.
 #[test]
-#[ignore = "not yet run to completion on the loaded dev machine (see notes/issue-faults.md)"]
 fn workstation_partitioned_during_a_migration_flush() {
     let s = sim("fmigflush", 3);
     s.lend(&["ws2", "ws3"]);
@@ -352,7 +349,6 @@ fn workstation_partitioned_during_a_migration_flush() {
 /// swap file: the job stalls and then continues with its memory intact (never a zero
 /// page), or fails with a clear error.
 #[test]
-#[ignore = "fails: `wisp migrate --lazy` answered no job 1 on this host for a running job (see notes/issue-faults.md)"]
 fn workstation_partitioned_during_lazy_paging() {
     let s = sim("flazy", 3);
     s.lend(&["ws2", "ws3"]);
@@ -386,7 +382,6 @@ fn workstation_partitioned_during_lazy_paging() {
 /// One of three registry replicas loses its link: writes go on through the other two, and
 /// the replica catches up when it is back.
 #[test]
-#[ignore = "not yet run to completion on the loaded dev machine (see notes/issue-faults.md)"]
 fn registry_replica_partitioned() {
     let s = sim_with("freg", 2, |sp| sp.servers = 3);
     s.lend(&["ws2"]);
@@ -413,11 +408,11 @@ fn registry_replica_partitioned() {
     // rexec still leases hosts through the registry.
     let out = s.ok(
         "ws1",
-        "timeout 60 rexec --host ws1 echo through-the-registry",
+        "cd /wisp && timeout 60 rexec --host ws1 echo through-the-registry",
     );
     assert_eq!(out, "through-the-registry\n");
     link(&s, "srv3", true);
-    let out = s.ok("ws2", "timeout 60 rexec echo after");
+    let out = s.ok("ws2", "cd /wisp && timeout 60 rexec echo after");
     assert_eq!(out, "after\n");
 }
 
@@ -425,7 +420,6 @@ fn registry_replica_partitioned() {
 /// fsynced before is lost, and once space is freed the file system works on, also across
 /// a server restart (its metadata store was never wedged).
 #[test]
-#[ignore = "hangs: the registry replica sharing the full disk stops (openraft storage error) despite the reserve (see notes/issue-faults.md)"]
 fn server_disk_full() {
     let disk =
         std::path::PathBuf::from(format!("/var/tmp/wisp-faults-full-{}", std::process::id()));
