@@ -387,16 +387,21 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
-/// Create (truncate) an image file with mode 0600.
+/// Create (truncate) an image file with mode 0600, and make its creation durable at once:
+/// a streamed swap file is written while the job already runs on the target, and a file
+/// server that restarts must not forget the file (and the directory holding it) while
+/// its pages are still being written into it.
 pub fn create_private_file(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(io_err(path))
+        .map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(f)
 }
 
 /// Write `meta` as `dir/image.meta` atomically (temp file + fsync + rename); returns the
