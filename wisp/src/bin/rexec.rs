@@ -76,6 +76,24 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// True when `cmd` (a recipe given with -c) runs make itself while a parent make shares its
+/// jobserver with us (MAKEFLAGS names one).
+fn recursive_make(cmd: &OsString) -> bool {
+    let flags = std::env::var("MAKEFLAGS").unwrap_or_default();
+    if !flags.contains("--jobserver") {
+        return false;
+    }
+    let make = std::env::var("MAKE").unwrap_or_else(|_| "make".into());
+    let cmd = cmd.to_string_lossy();
+    cmd.split(|c: char| c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')'))
+        .any(|w| {
+            w == make
+                || std::path::Path::new(w)
+                    .file_name()
+                    .is_some_and(|f| f == "make")
+        })
+}
+
 fn main() -> ExitCode {
     let a = Args::parse();
     wisp::init_logging("warn");
@@ -90,6 +108,19 @@ fn main() -> ExitCode {
     if argv.is_empty() {
         eprintln!("rexec: no command given; try `rexec --help`");
         return ExitCode::from(2);
+    }
+    // A recursive make in a recipe (`$(MAKE) ...` under `make -j SHELL=rexec`) runs here:
+    // it must share its parent's jobserver, whose pipe exists only on this host (on
+    // another host the sub-make falls back to -j1 and the build goes serial). Its own
+    // recipes still go through rexec. Running a command locally is always correct (the
+    // files are the same everywhere), so a false match only costs distribution.
+    if let Some(c) = &a.command {
+        if a.host.is_none() && recursive_make(c) {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+            eprintln!("rexec: cannot run /bin/sh here: {e}");
+            return ExitCode::from(255);
+        }
     }
     let key = match wisp::load_identity(a.identity.as_deref()) {
         Ok(k) => k,
