@@ -419,6 +419,16 @@ struct WispFs {
     agents: Mutex<HashMap<String, RpcClient>>,
 }
 
+/// A write that failed: a pipe with no reader also gets the writer SIGPIPE, as the kernel
+/// does for local pipes.
+fn write_failed(e: &RpcError, pid: u32, reply: ReplyWrite) {
+    if e.errno() == libc::EPIPE {
+        // SAFETY: kill(2) on the pid the kernel gave us for this request.
+        unsafe { libc::kill(pid as i32, libc::SIGPIPE) };
+    }
+    reply.error(errno(e))
+}
+
 fn cred(req: &Request) -> Cred {
     Cred {
         uid: req.uid(),
@@ -1321,14 +1331,7 @@ impl Filesystem for WispFs {
                         reply.written(size)
                     }
                     Ok(o) => unexpected(o, reply),
-                    Err(e) => {
-                        if e.errno() == libc::EPIPE {
-                            // A pipe with no reader: like the kernel does for local pipes.
-                            // SAFETY: kill(2) on the pid the kernel gave us for this request.
-                            unsafe { libc::kill(caller.pid as i32, libc::SIGPIPE) };
-                        }
-                        reply.error(errno(&e))
-                    }
+                    Err(e) => write_failed(&e, caller.pid, reply),
                 }
             });
             return;
@@ -1387,14 +1390,7 @@ impl Filesystem for WispFs {
                 reply.written(size)
             }
             Ok(o) => unexpected(o, reply),
-            Err(e) => {
-                if e.errno() == libc::EPIPE {
-                    // A pipe with no reader: like the kernel does for local pipes.
-                    // SAFETY: kill(2) on the pid the kernel gave us for this request.
-                    unsafe { libc::kill(req.pid() as i32, libc::SIGPIPE) };
-                }
-                reply.error(errno(&e))
-            }
+            Err(e) => write_failed(&e, req.pid(), reply),
         }
     }
 
